@@ -1,0 +1,1 @@
+"""Offline calibration (installed as vllm_aquakv.calibration)."""

@@ -1,0 +1,88 @@
+"""Capture pre-RoPE keys and values of every layer of a Hugging Face decoder with forward hooks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_modules(model) -> list:
+    """The self-attention module of every decoder layer (Llama/Qwen2/Mistral-style models)."""
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(f"{type(model).__name__} has no model.layers[i].self_attn; aquakv supports Llama-style decoders")
+    return [layer.self_attn for layer in layers]
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a transformers config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+class KVCapture:
+    """Context manager: while active, every forward appends per-layer pre-RoPE K and V [T, H, h] (float32, CPU).
+
+    Keys are taken after k_proj (and after k_norm where the model has one, e.g. Qwen3), before rotary
+    embedding; values after v_proj.  Batch rows are concatenated along T.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        _, self.num_kv_heads, self.head_dim = kv_shape(model.config)
+        self.keys: list[list[torch.Tensor]] = []
+        self.values: list[list[torch.Tensor]] = []
+        self._handles = []
+
+    def _hook(self, store: list[torch.Tensor]):
+        def hook(_module, _inputs, output):
+            store.append(output.detach().float().reshape(-1, self.num_kv_heads, self.head_dim).cpu())
+        return hook
+
+    def __enter__(self) -> "KVCapture":
+        for attn in attention_modules(self.model):
+            k_mod = getattr(attn, "k_norm", None) or attn.k_proj
+            self.keys.append([])
+            self.values.append([])
+            self._handles.append(k_mod.register_forward_hook(self._hook(self.keys[-1])))
+            self._handles.append(attn.v_proj.register_forward_hook(self._hook(self.values[-1])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer K and V [T_total, H, h] captured so far; clears the buffers."""
+        ks = [torch.cat(x) for x in self.keys]
+        vs = [torch.cat(x) for x in self.values]
+        for buf in (*self.keys, *self.values):
+            buf.clear()
+        return ks, vs
+
+
+def tokenize_windows(tokenizer, docs: list[str], window: int, max_tokens: int) -> torch.Tensor:
+    """Concatenate docs (EOS-separated), cut into [N, window] token windows, at most ``max_tokens`` in all."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= max_tokens:
+            break
+    n = min(len(ids), max_tokens) // window
+    if n == 0:
+        raise ValueError(f"text too short: {len(ids)} tokens for one window of {window}")
+    return torch.tensor(ids[: n * window]).reshape(n, window)
+
+
+@torch.no_grad()
+def capture_kv(model, windows: torch.Tensor, progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run the model on token windows [N, T] one at a time; per-layer K, V [N*T, H, h] float32."""
+    from tqdm import tqdm
+
+    with KVCapture(model) as cap:
+        for row in tqdm(windows, desc="capture K/V", unit="window", disable=not progress):
+            model(row[None].to(model.device))
+        return cap.take()

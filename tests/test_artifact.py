@@ -1,0 +1,71 @@
+"""Artifact round trip and refusals: corrupt JSON, truncated tensors, wrong model, newer format."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from vllm_aquakv.artifact import ArtifactError, load_artifact, model_fingerprint, save_artifact
+from vllm_aquakv.calibration.models import make_tiny_llama
+from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny")), num_layers=3, kv_heads=2, head_dim=32)
+
+
+def calibrated(rng, config=AquaKVConfig()):
+    ks = [torch.randn(200, 2, 32, generator=rng) + i for i in range(3)]
+    vs = [torch.randn(200, 2, 32, generator=rng) for _ in range(3)]
+    return AquaKVCache.calibrate(config, ks, vs), ks, vs
+
+
+@pytest.mark.parametrize("config", [AquaKVConfig(), AquaKVConfig(key_predictor="lowrank:4", value_predictor="per_head",
+                                                                  layer0_grid="16bit", key_topology="anchor:2")])
+def test_roundtrip_decodes_identically(tiny_model, tmp_path, rng, config):
+    cache, ks, vs = calibrated(rng, config)
+    save_artifact(cache, str(tmp_path / "aquakv"), {"fingerprint": model_fingerprint(tiny_model)})
+    loaded, manifest = load_artifact(str(tmp_path / "aquakv"), tiny_model)
+    assert manifest["config"] == config.to_json()
+    a, b = cache.reconstruct(ks, vs), loaded.reconstruct(ks, vs)
+    assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+
+
+def test_refusals(tiny_model, tmp_path, rng):
+    cache, _, _ = calibrated(rng)
+    art = str(tmp_path / "aquakv")
+    save_artifact(cache, art, {"fingerprint": model_fingerprint(tiny_model)})
+    with pytest.raises(ArtifactError, match="no aquakv artifact"):
+        load_artifact(str(tmp_path / "missing"))
+    # another model (same shape, other weights)
+    other = make_tiny_llama(str(tmp_path / "other"), num_layers=3, kv_heads=2, head_dim=32, seed=1)
+    with pytest.raises(ArtifactError, match="fitted on another model"):
+        load_artifact(art, other)
+    # corrupt manifest
+    bad = str(tmp_path / "bad")
+    shutil.copytree(art, bad)
+    with open(os.path.join(bad, "manifest.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_artifact(bad)
+    # truncated tensors
+    shutil.rmtree(bad)
+    shutil.copytree(art, bad)
+    path = os.path.join(bad, "adapters.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="safetensors"):
+        load_artifact(bad)
+    # newer format, and a predictor of the wrong shape
+    shutil.rmtree(bad)
+    shutil.copytree(art, bad)
+    man = json.load(open(os.path.join(bad, "manifest.json")))
+    json.dump({**man, "format_version": 99}, open(os.path.join(bad, "manifest.json"), "w"))
+    with pytest.raises(ArtifactError, match="format_version"):
+        load_artifact(bad)
+    json.dump({**man, "model": {**man["model"], "num_kv_heads": 4}}, open(os.path.join(bad, "manifest.json"), "w"))
+    with pytest.raises(ArtifactError):
+        load_artifact(bad)

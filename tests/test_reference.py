@@ -1,0 +1,156 @@
+"""Reference semantics of the AQUA-KV cache: sinks/window, chain consistency, predictors, bit accounting."""
+
+import pytest
+import torch
+
+from vllm_aquakv.codec import HiggsCodec, rel_mse
+from vllm_aquakv.grids import grid_info
+from vllm_aquakv.predictors import LinearPredictor, RidgeStats
+from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+
+L, H, D = 4, 2, 32
+
+
+def correlated_kv(rng, T=400):
+    """Synthetic K/V with the structure AQUA-KV exploits: per-channel offsets, K_l ~ K_{l-1}, V_l ~ K_l."""
+    ks, vs = [], []
+    k = torch.randn(T, H * D, generator=rng) * 2 + torch.randn(H * D, generator=rng) * 5
+    v_prev = torch.randn(T, H * D, generator=rng)
+    for _ in range(L):
+        a = torch.eye(H * D) + 0.3 * torch.randn(H * D, H * D, generator=rng) / D**0.5
+        k = k @ a + 0.3 * torch.randn(T, H * D, generator=rng)
+        b = 0.5 * torch.randn(2 * H * D, H * D, generator=rng) / D**0.5
+        v = torch.cat([k, v_prev], 1) @ b + 0.3 * torch.randn(T, H * D, generator=rng)
+        ks.append(k.reshape(T, H, D))
+        vs.append(v.reshape(T, H, D))
+        v_prev = v
+    return ks, vs
+
+
+def test_sinks_and_window_are_exact_16bit(rng):
+    ks, vs = correlated_kv(rng, T=200)
+    cfg = AquaKVConfig(num_sink_tokens=4, window=16)
+    cache = AquaKVCache.calibrate(cfg, ks, vs)
+    k_hat, v_hat = cache.reconstruct(ks, vs)
+    exact = torch.cat([torch.arange(4), torch.arange(184, 200)])
+    middle = torch.arange(4, 184)
+    for x, x_hat in zip(ks + vs, k_hat + v_hat):
+        assert torch.equal(x_hat[exact], x[exact].to(torch.bfloat16).float())
+        assert not torch.allclose(x_hat[middle], x[middle], atol=1e-3)  # really quantized
+
+
+def test_short_sequence_is_all_exact(rng):
+    ks, vs = correlated_kv(rng, T=10)
+    cache = AquaKVCache(AquaKVConfig(num_sink_tokens=4, window=8), L, H, D)
+    k_hat, _ = cache.reconstruct(ks, vs)
+    assert all(torch.equal(a, b.to(torch.bfloat16).float()) for a, b in zip(k_hat, ks))
+
+
+def test_decoder_sees_what_encoder_saw(rng):
+    """The chain uses reconstructions: decoding from stored codes alone reproduces the encoder's prediction inputs."""
+    ks, vs = correlated_kv(rng)
+    cfg = AquaKVConfig(num_sink_tokens=0, window=0)
+    cache = AquaKVCache.calibrate(cfg, ks, vs)
+    state = cache.encode(ks, vs)
+    recon = cache.decode_codes(state)
+    # Re-derive every layer's residual codes from the decoded reconstructions: they must match the stored ones.
+    for (stream, layer), enc in state.codes.items():
+        x = (ks if stream == "k" else vs)[layer]
+        pred = cache.predictors[stream, layer].predict([recon[s] for s in cache.predictors[stream, layer].sources], x)
+        again = cache.codecs[stream, layer].encode(x - pred)
+        assert torch.equal(again.codes, enc.codes) and torch.equal(again.scales, enc.scales)
+
+
+def test_error_is_quantizer_error_of_the_residual(rng):
+    ks, vs = correlated_kv(rng)
+    cfg = AquaKVConfig(num_sink_tokens=0, window=0, layer0_grid="d2n16")
+    cache = AquaKVCache.calibrate(cfg, ks, vs)
+    state = cache.encode(ks, vs)
+    recon = cache.decode_codes(state)
+    grid_mse = grid_info("d2n16")["design_mse"]
+    for (stream, layer), pred_obj in cache.predictors.items():
+        x = (ks if stream == "k" else vs)[layer]
+        residual = x - pred_obj.predict([recon[s] for s in pred_obj.sources], x)
+        err = ((x - recon[stream, layer]) ** 2).sum() / (residual**2).sum()
+        assert err < 1.25 * grid_mse, (stream, layer, float(err))
+
+
+def test_predictors_beat_plain_higgs(rng):
+    ks, vs = correlated_kv(rng)
+    errs = {}
+    for name, kp, vp in [("none", "none", "none"), ("mean", "mean", "mean"), ("per_head", "per_head", "per_head"),
+                         ("lowrank", "lowrank:8", "lowrank:8"), ("dense", "dense", "dense")]:
+        cfg = AquaKVConfig(num_sink_tokens=0, window=0, key_predictor=kp, value_predictor=vp)
+        k_hat, v_hat = AquaKVCache.calibrate(cfg, ks, vs).reconstruct(ks, vs)
+        errs[name] = sum(rel_mse(torch.stack(a[1:]), torch.stack(b[1:])) for a, b in ((ks, k_hat), (vs, v_hat)))
+    assert errs["dense"] < errs["per_head"] < errs["mean"] < errs["none"], errs
+    assert errs["dense"] < errs["lowrank"] < errs["mean"], errs
+
+
+def test_no_predictor_reduces_to_higgs(rng):
+    ks, vs = correlated_kv(rng, T=50)
+    cfg = AquaKVConfig(num_sink_tokens=0, window=0, key_predictor="none", value_predictor="none", layer0_grid="d2n16")
+    k_hat, v_hat = AquaKVCache.calibrate(cfg, ks, vs).reconstruct(ks, vs)
+    codec = HiggsCodec(H, D, "d2n16")
+    for x, x_hat in zip(ks + vs, k_hat + v_hat):
+        assert torch.equal(x_hat, codec.quantize(x))
+
+
+def test_16bit_layer0(rng):
+    ks, vs = correlated_kv(rng, T=64)
+    cache = AquaKVCache.calibrate(AquaKVConfig(layer0_grid="16bit", num_sink_tokens=0, window=0), ks, vs)
+    k_hat, v_hat = cache.reconstruct(ks, vs)
+    assert torch.equal(k_hat[0], ks[0].to(torch.bfloat16).float())
+    assert not torch.equal(k_hat[1], ks[1].to(torch.bfloat16).float())
+
+
+def test_topologies():
+    cfg = AquaKVConfig(key_topology="anchor:4", value_topology="k_same")
+    assert cfg.sources("k", 0) == () and cfg.sources("k", 4) == () and cfg.sources("k", 6) == (("k", 4),)
+    assert cfg.sources("v", 5) == (("k", 5),)
+    paper = AquaKVConfig()
+    assert paper.sources("k", 3) == (("k", 2),) and paper.sources("v", 3) == (("k", 3), ("v", 2))
+    with pytest.raises(ValueError):
+        AquaKVConfig(key_topology="anchor:1")
+    with pytest.raises(ValueError):
+        AquaKVConfig(value_predictor="dense2")
+
+
+def test_ridge_fit_matches_float64_least_squares(rng):
+    x = [torch.randn(500, H, D, generator=rng, dtype=torch.float64) + 3]
+    w_true = torch.randn(H * D, H * D, generator=rng, dtype=torch.float64)
+    y = (x[0].reshape(500, -1) @ w_true + 1.5).reshape(500, H, D) + 0.01 * torch.randn(500, H, D, generator=rng)
+    stats = RidgeStats(per_head=False)
+    stats.update([x[0][:200]], y[:200])  # streamed in two parts
+    stats.update([x[0][200:]], y[200:])
+    pred = LinearPredictor.fit("dense", (("k", 0),), stats, ridge=0.0, shape=(H, D))
+    xa = torch.cat([x[0].reshape(500, -1), torch.ones(500, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(xa, y.reshape(500, -1)).solution
+    assert torch.allclose(pred.weight.double(), sol[:-1], atol=1e-3)
+    assert torch.allclose(pred.bias.double().flatten(), sol[-1], atol=1e-3)
+
+
+def test_per_head_and_full_rank_match_dense_on_block_diagonal_data(rng):
+    x = torch.randn(600, H, D, generator=rng)
+    w = torch.randn(H, D, D, generator=rng)
+    y = torch.einsum("thd,hde->the", x, w) + 0.01 * torch.randn(600, H, D, generator=rng)
+    preds = {}
+    for structure in ("dense", "per_head", f"lowrank:{H * D}"):
+        stats = RidgeStats(per_head=structure == "per_head")
+        stats.update([x], y)
+        preds[structure] = LinearPredictor.fit(structure, (("k", 0),), stats, 1e-6, (H, D)).predict([x], y)
+    assert torch.allclose(preds["per_head"], preds["dense"], atol=0.05)
+    assert torch.allclose(preds[f"lowrank:{H * D}"], preds["dense"], atol=1e-3)
+    assert rel_mse(y, preds["per_head"]) < 1e-3
+
+
+def test_bits_accounting_by_hand():
+    # SmolLM2 shape: 30 layers, 3 KV heads, head_dim 64; 2-bit 2-D grids + fp16 scale per head, layer 0 at 4 bits
+    cache = AquaKVCache(AquaKVConfig(num_sink_tokens=4, window=128), 30, 3, 64)
+    b = cache.bits(1024)
+    assert b["key_bits"] == b["value_bits"] == 2.25 and b["layer0_bits"] == 4.25
+    assert b["bits_per_value"] == pytest.approx((29 * 2.25 + 4.25) / 30)
+    assert b["exact_tokens"] == 132
+    per_stream = [(16 * 132 + r * (1024 - 132)) / 1024 for r in [4.25] + [2.25] * 29]
+    assert b["bits_total"] == pytest.approx(sum(per_stream) / 30)
+    assert cache.bits(100)["bits_total"] == 16.0  # everything still in the window

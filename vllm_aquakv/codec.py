@@ -1,0 +1,206 @@
+"""The HIGGS codec: the one quantizer used by calibration, the CPU serving path and the Triton kernels' twin.
+
+Encoding one token's K or V of one layer, x [num_kv_heads, head_dim] (a residual in AQUA-KV):
+
+1. Rotate each KV head: y = H (s * x) / sqrt(head_dim), with H the Sylvester Hadamard matrix and s fixed
+   random signs (one vector [head_dim] per codec, seeded, stored in the artifact).
+2. Flatten the heads to y [d = num_kv_heads * head_dim] and cut it into groups of ``group_size`` consecutive
+   values (default: head_dim, i.e. one group per (token, KV head)).  Scale of a group: its L2 norm, rounded
+   to fp16 (clamped to the fp16 range).
+3. Normalise z = y * sqrt(group_size) / scale, so coordinates are ~N(0, 1), and quantize consecutive
+   ``grid_dim``-tuples of z to the nearest point of the grid (``vllm_aquakv.grids``).
+4. Pack the grid indices (``code_bits`` each) into bytes, layout below.
+
+Decoding reverses it: grid lookup, times scale / sqrt(group_size), inverse rotation y -> s * H y / sqrt(h).
+
+Packed layout (THE definition; kernels read exactly this)
+---------------------------------------------------------
+Per token and stream (K or V) of a layer, the d values give m = d / grid_dim codes of b = code_bits bits.
+``codes`` is uint8 [d * b / (8 * grid_dim)] per token: code i occupies bits [i*b, (i+1)*b) of the byte string
+read as one little-endian bit string (bit j of the string is bit j % 8 of byte j // 8, least significant
+first).  So 4-bit codes are two per byte (code 2j in the low nibble of byte j), 8-bit codes one per byte,
+2-bit codes four per byte from the low bits up, and 6-bit codes four per three bytes.  Codes follow value
+order: head 0's values first.  ``scales`` is fp16 [d / group_size] per token, group order.  A byte of a
+token never holds codes of two different KV heads when b * head_dim / grid_dim is a multiple of 8, which
+every supported (grid, head_dim >= 16) pair satisfies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .grids import GRID_SPECS, grid_bits_per_value, grid_code_bits, load_grid, nearest
+
+FP16_MAX = 65504.0
+
+
+def check_head_dim(head_dim: int) -> None:
+    """Refuse head sizes the Hadamard rotation cannot handle (powers of two from 16 to 512)."""
+    if head_dim < 16 or head_dim > 512 or head_dim & (head_dim - 1):
+        raise ValueError(
+            f"aquakv needs head_dim to be a power of two between 16 and 512 (Hadamard rotation); this model has "
+            f"head_dim={head_dim}. Use another --kv-cache-dtype for this model."
+        )
+
+
+def hadamard_signs(head_dim: int, seed: int) -> torch.Tensor:
+    """Fixed random +-1 signs [head_dim] (float32) of the randomized Hadamard rotation, from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (head_dim,), generator=gen) * 2 - 1).float()
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized fast Walsh-Hadamard transform over the last dim (a power of two): x @ H (Sylvester order)."""
+    n = x.shape[-1]
+    shape = x.shape
+    y = x.reshape(-1, n)
+    step = 1
+    while step < n:
+        y = y.view(-1, n // (2 * step), 2, step)  # [rows, blocks, pair half, step]
+        a, b = y[:, :, 0], y[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2)
+        step *= 2
+    return y.reshape(shape)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes [..., m] (each < 2**bits) into uint8 [..., m * bits / 8], LSB-first bit string."""
+    m = codes.shape[-1]
+    if (m * bits) % 8:
+        raise ValueError(f"{m} codes of {bits} bits do not fill whole bytes")
+    shifts = torch.arange(bits, device=codes.device)
+    bit_string = (codes.long()[..., None] >> shifts) & 1  # [..., m, bits]
+    bit_string = bit_string.reshape(*codes.shape[:-1], m * bits // 8, 8)
+    weights = 1 << torch.arange(8, device=codes.device)
+    return (bit_string * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: uint8 [..., m * bits / 8] -> int64 codes [..., m]."""
+    bit_string = (packed.long()[..., None] >> torch.arange(8, device=packed.device)) & 1  # [..., nbytes, 8]
+    bit_string = bit_string.reshape(*packed.shape[:-1], m, bits)
+    return (bit_string << torch.arange(bits, device=packed.device)).sum(-1)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Packed codes uint8 [..., code_bytes] and fp16 scales [..., num_groups], per token."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+
+class HiggsCodec:
+    """Randomized-Hadamard + per-group norm + vector-quantization codec for [..., num_kv_heads, head_dim] data.
+
+    ``grid`` names a grid of ``vllm_aquakv.grids``; ``group_size`` defaults to head_dim and must divide
+    head_dim or be a multiple of it that divides num_kv_heads * head_dim; ``rotate=False`` skips the
+    Hadamard rotation (for studies); ``signs`` overrides the seeded signs (e.g. loaded from an artifact).
+    """
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        grid: str = "d2n16",
+        group_size: int | None = None,
+        rotate: bool = True,
+        seed: int = 0,
+        signs: torch.Tensor | None = None,
+    ):
+        check_head_dim(head_dim)
+        if grid not in GRID_SPECS:
+            raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRID_SPECS)}")
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.d = num_kv_heads * head_dim
+        self.grid_name = grid
+        self.grid_dim, self.num_points = GRID_SPECS[grid]
+        self.code_bits = grid_code_bits(grid)
+        self.group_size = group_size or head_dim
+        g = self.group_size
+        if not (head_dim % g == 0 or (g % head_dim == 0 and self.d % g == 0)) or g % self.grid_dim:
+            raise ValueError(
+                f"group_size={g} must divide head_dim={head_dim} or be a multiple of it dividing "
+                f"num_kv_heads*head_dim={self.d}, and be a multiple of the grid dim {self.grid_dim}"
+            )
+        self.num_groups = self.d // g
+        self.num_codes = self.d // self.grid_dim
+        self.code_bytes = self.num_codes * self.code_bits // 8
+        self.rotate = rotate
+        self.seed = seed
+        self.signs = (signs if signs is not None else hadamard_signs(head_dim, seed)).float()
+        if tuple(self.signs.shape) != (head_dim,):
+            raise ValueError(f"signs must have shape ({head_dim},), got {tuple(self.signs.shape)}")
+        self.grid = load_grid(grid)
+
+    # ---- bit accounting -------------------------------------------------------------------------------
+    @property
+    def bits_per_value(self) -> float:
+        """Code bits plus scale bits per value: log2(points)/grid_dim + 16/group_size."""
+        return grid_bits_per_value(self.grid_name) + 16.0 / self.group_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Stored bytes per token for all KV heads of one stream: codes + fp16 scales."""
+        return self.code_bytes + 2 * self.num_groups
+
+    # ---- rotation ---------------------------------------------------------------------------------------
+    def rotate_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., num_kv_heads, head_dim] -> rotated, float32."""
+        x = x.float()
+        if not self.rotate:
+            return x
+        return fwht(x * self.signs.to(x.device)) / math.sqrt(self.head_dim)
+
+    def unrotate_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``rotate_heads``."""
+        if not self.rotate:
+            return y
+        return fwht(y) * self.signs.to(y.device) / math.sqrt(self.head_dim)
+
+    # ---- encode / decode --------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """Quantize x [..., num_kv_heads, head_dim] -> Encoded(codes [..., code_bytes], scales [..., num_groups])."""
+        lead = x.shape[:-2]
+        if tuple(x.shape[-2:]) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"expected [..., {self.num_kv_heads}, {self.head_dim}], got {tuple(x.shape)}")
+        y = self.rotate_heads(x).reshape(-1, self.num_groups, self.group_size)  # [N, groups, g]
+        scales = y.norm(dim=-1).clamp(max=FP16_MAX).to(torch.float16)  # [N, groups]
+        s = scales.float()[..., None]
+        z = torch.where(s > 0, y * math.sqrt(self.group_size) / torch.where(s > 0, s, 1.0), 0.0)
+        idx = nearest(z.reshape(-1, self.grid_dim), self.grid)  # [N * num_codes]
+        codes = pack_codes(idx.reshape(-1, self.num_codes), self.code_bits)
+        return Encoded(codes.reshape(*lead, self.code_bytes), scales.reshape(*lead, self.num_groups))
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        """Encoded -> reconstruction [..., num_kv_heads, head_dim], float32."""
+        lead = enc.codes.shape[:-1]
+        idx = unpack_codes(enc.codes.reshape(-1, self.code_bytes), self.code_bits, self.num_codes)
+        z = self.grid.to(idx.device)[idx].reshape(-1, self.num_groups, self.group_size)  # [N, groups, g]
+        y = z * (enc.scales.reshape(-1, self.num_groups, 1).float() / math.sqrt(self.group_size))
+        x = self.unrotate_heads(y.reshape(-1, self.num_kv_heads, self.head_dim))
+        return x.reshape(*lead, self.num_kv_heads, self.head_dim)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)): the reconstruction the decoder will see, float32."""
+        return self.decode(self.encode(x))
+
+    def describe(self) -> dict:
+        """JSON-able settings (signs are stored separately as a tensor)."""
+        return {
+            "grid": self.grid_name,
+            "group_size": self.group_size,
+            "rotate": self.rotate,
+            "seed": self.seed,
+            "code_bits": self.code_bits,
+            "bits_per_value": self.bits_per_value,
+        }
+
+
+def rel_mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """||x - x_hat||^2 / ||x||^2 over all elements (float64)."""
+    x, x_hat = x.double(), x_hat.double()
+    return float(((x - x_hat) ** 2).sum() / (x**2).sum().clamp(min=1e-300))

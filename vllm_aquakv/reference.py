@@ -1,0 +1,269 @@
+"""Reference semantics of the whole AQUA-KV cache, in plain torch: the ground truth for every later test.
+
+For one sequence of T tokens the cache holds, for every layer l and stream s in (k, v):
+
+- codes + scales of the residual r = x - P_{s,l}(sources), for EVERY token, where the predictor's sources are
+  *reconstructions* (prediction + dequantized residual) of earlier streams of the same token, exactly what a
+  decoder can rebuild (see ``AquaKVConfig.sources``);
+- a 16-bit copy of the first ``num_sink_tokens`` tokens (attention sinks) and of the last ``window`` tokens
+  (the recent window); attention reads those instead of the reconstruction.  Because every token's codes
+  depend only on that token, "compress when the token leaves the window" and "write codes at once and keep
+  a 16-bit copy while it is in the window" store the same thing; the latter is what the paged cache does.
+- layer 0 has no cross-layer source: it is quantized directly (``layer0_grid``, by default at 4 bits, with
+  the per-channel mean as its only predictor) or kept in 16-bit (``layer0_grid="16bit"``).
+
+Keys are pre-RoPE throughout.  ``AquaKVCache.calibrate`` fits the predictors layer by layer with quantization
+in the loop (each layer's predictor sees the reconstructions the decoder will see).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .codec import Encoded, HiggsCodec, check_head_dim
+from .grids import GRID_SPECS
+from .predictors import LinearPredictor, RidgeStats, Source, parse_structure
+
+KEY_TOPOLOGIES = ("chain", "anchor:G", "none")
+VALUE_TOPOLOGIES = ("k_same+v_prev", "k_same", "v_prev", "none")
+STREAMS = ("k", "v")
+
+
+@dataclass(frozen=True)
+class AquaKVConfig:
+    """Settings of an AQUA-KV cache (all JSON-able; saved in the artifact manifest)."""
+
+    key_grid: str = "d2n16"
+    value_grid: str = "d2n16"
+    layer0_grid: str = "d2n256"  # or "16bit"
+    group_size: int | None = None  # None: head_dim (one fp16 scale per token and KV head)
+    rotate: bool = True
+    seed: int = 0
+    num_sink_tokens: int = 4
+    window: int = 128
+    key_predictor: str = "dense"
+    value_predictor: str = "dense"
+    key_topology: str = "chain"  # chain | anchor:G | none
+    value_topology: str = "k_same+v_prev"  # k_same+v_prev | k_same | v_prev | none
+    ridge: float = 1e-3
+    exact_dtype: str = "bfloat16"  # dtype of the 16-bit sinks / window / layers
+
+    def __post_init__(self):
+        for g in (self.key_grid, self.value_grid):
+            if g not in GRID_SPECS:
+                raise ValueError(f"unknown grid {g!r}; choose one of {sorted(GRID_SPECS)}")
+        if self.layer0_grid != "16bit" and self.layer0_grid not in GRID_SPECS:
+            raise ValueError(f"layer0_grid must be '16bit' or one of {sorted(GRID_SPECS)}, got {self.layer0_grid!r}")
+        parse_structure(self.key_predictor)
+        parse_structure(self.value_predictor)
+        name, _, arg = self.key_topology.partition(":")
+        if self.key_topology not in ("chain", "none") and not (name == "anchor" and arg.isdigit() and int(arg) >= 2):
+            raise ValueError(f"key_topology must be chain, none or anchor:G (G >= 2), got {self.key_topology!r}")
+        if self.value_topology not in VALUE_TOPOLOGIES:
+            raise ValueError(f"value_topology must be one of {VALUE_TOPOLOGIES}, got {self.value_topology!r}")
+        if self.num_sink_tokens < 0 or self.window < 0:
+            raise ValueError("num_sink_tokens and window must be >= 0")
+        if self.exact_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"exact_dtype must be bfloat16, float16 or float32, got {self.exact_dtype!r}")
+
+    def sources(self, stream: str, layer: int) -> tuple[Source, ...]:
+        """Which reconstructed streams predict (stream, layer); () for layer 0 and topology 'none'."""
+        if layer == 0:
+            return ()
+        if stream == "k":
+            if self.key_topology == "chain":
+                return (("k", layer - 1),)
+            if self.key_topology.startswith("anchor:"):
+                group = int(self.key_topology.split(":")[1])
+                anchor = layer - layer % group
+                return () if anchor == layer else (("k", anchor),)
+            return ()
+        return {
+            "k_same+v_prev": (("k", layer), ("v", layer - 1)),
+            "k_same": (("k", layer),),
+            "v_prev": (("v", layer - 1),),
+            "none": (),
+        }[self.value_topology]
+
+    def grid(self, stream: str, layer: int) -> str:
+        """Grid name of (stream, layer), or '16bit'."""
+        if layer == 0:
+            return self.layer0_grid
+        return self.key_grid if stream == "k" else self.value_grid
+
+    def to_json(self) -> dict:
+        """Plain dict for the manifest."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AquaKVConfig":
+        """Inverse of to_json; unknown keys are an error (a newer artifact format)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown aquakv config keys {sorted(unknown)}: artifact from a newer vllm-aquakv?")
+        return cls(**data)
+
+
+@dataclass
+class CacheState:
+    """What the cache stores for one sequence of ``length`` tokens."""
+
+    length: int
+    codes: dict[tuple[str, int], Encoded]  # (stream, layer) -> per-token codes/scales (quantized layers)
+    exact_positions: torch.Tensor  # int64 [n_exact]: sink and window token positions
+    exact: dict[tuple[str, int], torch.Tensor]  # (stream, layer) -> [n_exact, H, h] (all T for 16-bit layers)
+
+
+class AquaKVCache:
+    """The AQUA-KV cache of one model: config, per-(stream, layer) codecs and predictors."""
+
+    def __init__(self, config: AquaKVConfig, num_layers: int, num_kv_heads: int, head_dim: int,
+                 predictors: dict[tuple[str, int], LinearPredictor] | None = None,
+                 signs: torch.Tensor | None = None):
+        check_head_dim(head_dim)
+        self.config, self.num_layers, self.num_kv_heads, self.head_dim = config, num_layers, num_kv_heads, head_dim
+        self.exact_dtype = getattr(torch, config.exact_dtype)
+        self.codecs: dict[tuple[str, int], HiggsCodec | None] = {}
+        for stream, layer in self.keys():
+            grid = config.grid(stream, layer)
+            self.codecs[stream, layer] = None if grid == "16bit" else HiggsCodec(
+                num_kv_heads, head_dim, grid, config.group_size, config.rotate, config.seed, signs)
+        self.signs = next(c.signs for c in self.codecs.values() if c is not None)
+        self.predictors = predictors or {}
+
+    def keys(self) -> list[tuple[str, int]]:
+        """(stream, layer) in encoding order: k_0, v_0, k_1, v_1, ..."""
+        return [(s, l) for l in range(self.num_layers) for s in STREAMS]
+
+    # ---- encode / decode --------------------------------------------------------------------------------
+    def _exact_positions(self, length: int) -> torch.Tensor:
+        sinks = torch.arange(min(self.config.num_sink_tokens, length))
+        window = torch.arange(max(self.config.num_sink_tokens, length - self.config.window), length)
+        return torch.cat([sinks, window])
+
+    def _check_inputs(self, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+        want = (self.num_kv_heads, self.head_dim)
+        if len(ks) != self.num_layers or len(vs) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} layers of K and V, got {len(ks)} and {len(vs)}")
+        for x in (*ks, *vs):
+            if x.ndim != 3 or tuple(x.shape[1:]) != want or x.shape[0] != ks[0].shape[0]:
+                raise ValueError(f"every K/V must be [T, {want[0]}, {want[1]}] with the same T, got {tuple(x.shape)}")
+
+    def _sources(self, stream: str, layer: int, recon: dict) -> list[torch.Tensor]:
+        pred = self.predictors.get((stream, layer))
+        return [recon[s] for s in pred.sources] if pred is not None else []
+
+    def _predict(self, stream: str, layer: int, recon: dict, like: torch.Tensor) -> torch.Tensor:
+        pred = self.predictors.get((stream, layer))
+        if pred is None:
+            return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        return pred.predict(self._sources(stream, layer, recon), like)
+
+    def encode(self, ks: list[torch.Tensor], vs: list[torch.Tensor], fit_stats: bool = False) -> CacheState:
+        """Encode one sequence: ks/vs are per-layer pre-RoPE [T, num_kv_heads, head_dim] tensors."""
+        self._check_inputs(ks, vs)
+        length = ks[0].shape[0]
+        pos = self._exact_positions(length)
+        recon, codes, exact = {}, {}, {}
+        for stream, layer in self.keys():
+            x = (ks if stream == "k" else vs)[layer]
+            codec = self.codecs[stream, layer]
+            if codec is None:  # 16-bit layer: the decoder sees the 16-bit value everywhere
+                exact[stream, layer] = x.to(self.exact_dtype)
+                recon[stream, layer] = exact[stream, layer].float()
+                continue
+            prediction = self._predict(stream, layer, recon, x)
+            enc = codec.encode(x.float() - prediction)
+            codes[stream, layer] = enc
+            recon[stream, layer] = prediction + codec.decode(enc)
+            exact[stream, layer] = x[pos].to(self.exact_dtype)
+        return CacheState(length, codes, pos, exact)
+
+    def decode_codes(self, state: CacheState) -> dict[tuple[str, int], torch.Tensor]:
+        """Reconstruction from codes only (no sink/window override) for every (stream, layer): [T, H, h]."""
+        recon = {}
+        for stream, layer in self.keys():
+            if (stream, layer) not in state.codes:
+                recon[stream, layer] = state.exact[stream, layer].float()
+                continue
+            enc = state.codes[stream, layer]
+            residual = self.codecs[stream, layer].decode(enc)
+            recon[stream, layer] = self._predict(stream, layer, recon, residual) + residual
+        return recon
+
+    def decode(self, state: CacheState) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What attention reads: per-layer K, V [T, H, h] float32, 16-bit sinks and window merged in."""
+        recon = self.decode_codes(state)
+        for key, x in recon.items():
+            if key in state.codes:
+                x[state.exact_positions] = state.exact[key].float()
+        return ([recon["k", l] for l in range(self.num_layers)], [recon["v", l] for l in range(self.num_layers)])
+
+    def reconstruct(self, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> tuple[list, list]:
+        """decode(encode(ks, vs))."""
+        return self.decode(self.encode(ks, vs))
+
+    # ---- calibration (in memory; the calibration package streams the same steps) -----------------------
+    @classmethod
+    def calibrate(cls, config: AquaKVConfig, ks: list[torch.Tensor], vs: list[torch.Tensor],
+                  signs: torch.Tensor | None = None) -> "AquaKVCache":
+        """Fit every predictor by ridge regression on reconstructed sources, layer by layer, in order.
+
+        ks/vs: per-layer [T, H, h] K/V of the calibration tokens (one long sequence or many concatenated:
+        predictors are per token, so sequence boundaries do not matter).
+        """
+        num_kv_heads, head_dim = ks[0].shape[1:]
+        cache = cls(config, len(ks), num_kv_heads, head_dim, {}, signs)
+        cache._check_inputs(ks, vs)
+        recon = {}
+        for stream, layer in cache.keys():
+            x = (ks if stream == "k" else vs)[layer]
+            codec = cache.codecs[stream, layer]
+            if codec is None:
+                recon[stream, layer] = x.to(cache.exact_dtype).float()
+                continue
+            structure = config.key_predictor if stream == "k" else config.value_predictor
+            sources = config.sources(stream, layer)
+            stats = RidgeStats(per_head=parse_structure(structure)[0] == "per_head")
+            stats.update([recon[s] for s in sources], x)
+            cache.predictors[stream, layer] = LinearPredictor.fit(structure, sources, stats, config.ridge,
+                                                                  (num_kv_heads, head_dim))
+            prediction = cache._predict(stream, layer, recon, x)
+            recon[stream, layer] = prediction + codec.quantize(x.float() - prediction)
+        return cache
+
+    # ---- accounting ------------------------------------------------------------------------------------
+    def bits(self, context_len: int) -> dict:
+        """Exact storage accounting at ``context_len`` tokens, in bits per cached value.
+
+        ``bits_per_value``: codes + scales averaged over all quantized (stream, layer) pairs; ``fp16_layers``:
+        the (stream, layer) pairs kept in 16-bit; ``exact_tokens``: sinks + window tokens held in 16-bit;
+        ``bits_total``: everything stored (16-bit copies replace codes where they exist, as in the reference
+        semantics) averaged over all values of all layers.
+        """
+        rates = {key: (c.bits_per_value if c is not None else 16.0) for key, c in self.codecs.items()}
+        quantized = [r for key, r in rates.items() if self.codecs[key] is not None]
+        n_exact = len(self._exact_positions(context_len))
+        total = sum(
+            16.0 * context_len if self.codecs[key] is None else 16.0 * n_exact + r * (context_len - n_exact)
+            for key, r in rates.items()
+        ) / (len(rates) * context_len)
+        return {
+            "key_bits": rates["k", min(1, self.num_layers - 1)],
+            "value_bits": rates["v", min(1, self.num_layers - 1)],
+            "layer0_bits": rates["k", 0],
+            "bits_per_value": sum(quantized) / len(quantized) if quantized else 16.0,
+            "fp16_layers": [f"{s}{l}" for (s, l), c in self.codecs.items() if c is None],
+            "exact_tokens": n_exact,
+            "context_len": context_len,
+            "bits_total": total,
+        }
+
+    def describe(self) -> str:
+        """One-line JSON summary (settings and bits at 4k context)."""
+        return json.dumps({**self.config.to_json(), **self.bits(4096)})
