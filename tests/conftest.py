@@ -13,3 +13,35 @@ def rng():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def smollm2_calibrated(tmp_path_factory):
+    """SmolLM2-135M-Instruct (from its wheel) in a temp folder of links, calibrated with aquakv-calibrate (4k tokens)."""
+    import subprocess
+    import sys
+
+    from vllm_aquakv.calibration.models import smollm2_path
+
+    src = smollm2_path()
+    dst = tmp_path_factory.mktemp("smollm2")
+    for name in os.listdir(src):
+        if name != "aquakv":
+            os.symlink(os.path.join(src, name), dst / name)
+    subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", str(dst), "--tokens", "4096",
+                    "--seq-len", "512"], check=True)
+    return str(dst)
+
+
+def run_vllm(**args) -> dict:
+    """LLM(...) in a fresh process (tests/vllm_runner.py); returns its JSON result or raises with its log."""
+    import json
+    import subprocess
+    import sys
+
+    runner = os.path.join(os.path.dirname(__file__), "vllm_runner.py")
+    proc = subprocess.run([sys.executable, runner, json.dumps(args)], capture_output=True, text=True, timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"vLLM run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULT "):])

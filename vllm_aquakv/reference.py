@@ -172,17 +172,28 @@ class AquaKVCache:
         recon, codes, exact = {}, {}, {}
         for stream, layer in self.keys():
             x = (ks if stream == "k" else vs)[layer]
-            codec = self.codecs[stream, layer]
-            if codec is None:  # 16-bit layer: the decoder sees the 16-bit value everywhere
-                exact[stream, layer] = x.to(self.exact_dtype)
-                recon[stream, layer] = exact[stream, layer].float()
-                continue
-            prediction = self._predict(stream, layer, recon, x)
-            enc = codec.encode(x.float() - prediction)
-            codes[stream, layer] = enc
-            recon[stream, layer] = prediction + codec.decode(enc)
-            exact[stream, layer] = x[pos].to(self.exact_dtype)
+            stored, recon[stream, layer] = self.encode_stream(stream, layer, x, recon)
+            if isinstance(stored, Encoded):
+                codes[stream, layer] = stored
+                exact[stream, layer] = x[pos].to(self.exact_dtype)
+            else:  # 16-bit layer: the decoder sees the 16-bit value everywhere
+                exact[stream, layer] = stored
         return CacheState(length, codes, pos, exact)
+
+    def encode_stream(self, stream: str, layer: int, x: torch.Tensor, recon: dict) -> tuple[Encoded | torch.Tensor, torch.Tensor]:
+        """Encode one stream of tokens x [N, H, h] given the sources' reconstructions for the same tokens.
+
+        Returns (what is stored: Encoded codes, or the 16-bit tensor of a 16-bit layer; the reconstruction
+        the decoder will see, float32).  The one encoding rule shared by the reference, calibration, the
+        transformers hooks and the serving path.
+        """
+        codec = self.codecs[stream, layer]
+        if codec is None:
+            exact = x.to(self.exact_dtype)
+            return exact, exact.float()
+        prediction = self._predict(stream, layer, recon, x)
+        enc = codec.encode(x.float() - prediction)
+        return enc, prediction + codec.decode(enc)
 
     def decode_codes(self, state: CacheState) -> dict[tuple[str, int], torch.Tensor]:
         """Reconstruction from codes only (no sink/window override) for every (stream, layer): [T, H, h]."""
@@ -211,7 +222,7 @@ class AquaKVCache:
     # ---- calibration (in memory; the calibration package streams the same steps) -----------------------
     @classmethod
     def calibrate(cls, config: AquaKVConfig, ks: list[torch.Tensor], vs: list[torch.Tensor],
-                  signs: torch.Tensor | None = None) -> "AquaKVCache":
+                  signs: torch.Tensor | None = None, progress: bool = False) -> "AquaKVCache":
         """Fit every predictor by ridge regression on reconstructed sources, layer by layer, in order.
 
         ks/vs: per-layer [T, H, h] K/V of the calibration tokens (one long sequence or many concatenated:
@@ -220,8 +231,10 @@ class AquaKVCache:
         num_kv_heads, head_dim = ks[0].shape[1:]
         cache = cls(config, len(ks), num_kv_heads, head_dim, {}, signs)
         cache._check_inputs(ks, vs)
+        from tqdm import tqdm
+
         recon = {}
-        for stream, layer in cache.keys():
+        for stream, layer in tqdm(cache.keys(), desc="fit predictors", unit="stream", disable=not progress):
             x = (ks if stream == "k" else vs)[layer]
             codec = cache.codecs[stream, layer]
             if codec is None:

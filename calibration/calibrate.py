@@ -1,0 +1,127 @@
+"""aquakv-calibrate: fit AQUA-KV predictors for a local Hugging Face model and write the artifact.
+
+    aquakv-calibrate MODEL_DIR [--text wiki-train | --text-file a.txt ...] [--tokens 65536] [--out MODEL_DIR/aquakv]
+
+Captures pre-RoPE K/V with forward hooks on calibration text, fits the predictors layer by layer by ridge
+regression on reconstructed inputs (quantization in the loop), and writes ``adapters.safetensors`` +
+``manifest.json`` (see ``vllm_aquakv.artifact``).  Never downloads anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from ..artifact import default_artifact_dir, model_fingerprint, save_artifact
+from ..codec import rel_mse
+from ..grids import GRID_SPECS
+from ..reference import AquaKVCache, AquaKVConfig
+from .capture import capture_kv, tokenize_windows
+from .texts import TEXT_SETS, load_texts
+
+BITS_TO_GRID = {2: "d2n16", 3: "d2n64", 4: "d2n256"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI options (shared by aquakv-eval)."""
+    d = AquaKVConfig()
+    ap = argparse.ArgumentParser(prog="aquakv-calibrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="local Hugging Face model folder (Llama/Qwen2/Mistral-style decoder)")
+    ap.add_argument("--out", help="artifact folder (default: MODEL/aquakv, where serving looks)")
+    ap.add_argument("--text", default="wiki-train", choices=TEXT_SETS, help="built-in calibration text set")
+    ap.add_argument("--text-file", nargs="*", default=[], help="calibration text files (override --text)")
+    ap.add_argument("--tokens", type=int, default=65536, help="calibration tokens")
+    ap.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration sequence")
+    ap.add_argument("--key-bits", type=int, choices=sorted(BITS_TO_GRID), help="shortcut for --key-grid")
+    ap.add_argument("--value-bits", type=int, choices=sorted(BITS_TO_GRID), help="shortcut for --value-grid")
+    ap.add_argument("--key-grid", default=d.key_grid, choices=sorted(GRID_SPECS))
+    ap.add_argument("--value-grid", default=d.value_grid, choices=sorted(GRID_SPECS))
+    ap.add_argument("--layer0", default=d.layer0_grid, help="grid of layer 0 (no predictor) or '16bit'")
+    ap.add_argument("--group-size", type=int, default=None, help="values per fp16 scale (default head_dim)")
+    ap.add_argument("--sinks", type=int, default=d.num_sink_tokens, help="16-bit attention-sink tokens (evaluation)")
+    ap.add_argument("--window", type=int, default=d.window, help="16-bit recent-window tokens (evaluation)")
+    ap.add_argument("--key-predictor", default=d.key_predictor, help="none | mean | dense | per_head | lowrank:R")
+    ap.add_argument("--value-predictor", default=d.value_predictor, help="none | mean | dense | per_head | lowrank:R")
+    ap.add_argument("--key-topology", default=d.key_topology, help="chain | anchor:G | none")
+    ap.add_argument("--value-topology", default=d.value_topology, help="k_same+v_prev | k_same | v_prev | none")
+    ap.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge strength")
+    ap.add_argument("--seed", type=int, default=0, help="Hadamard sign seed")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap
+
+
+def config_from_args(args) -> AquaKVConfig:
+    """AquaKVConfig from parsed CLI options."""
+    return AquaKVConfig(
+        key_grid=BITS_TO_GRID[args.key_bits] if args.key_bits else args.key_grid,
+        value_grid=BITS_TO_GRID[args.value_bits] if args.value_bits else args.value_grid,
+        layer0_grid=args.layer0, group_size=args.group_size, seed=args.seed, num_sink_tokens=args.sinks,
+        window=args.window, key_predictor=args.key_predictor, value_predictor=args.value_predictor,
+        key_topology=args.key_topology, value_topology=args.value_topology, ridge=args.ridge)
+
+
+def load_model(model_dir: str, device: str):
+    """(model in float32 on ``device``, tokenizer) from a local folder; no hub access."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise SystemExit(f"aquakv-calibrate: {model_dir} is not a local Hugging Face model folder (no config.json)")
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).to(device).eval()
+    return model, tok
+
+
+def calibration_docs(args) -> tuple[list[str], str]:
+    """Calibration documents and a label for the manifest."""
+    if args.text_file:
+        return [open(f, encoding="utf-8").read() for f in args.text_file], "files:" + ",".join(
+            os.path.basename(f) for f in args.text_file)
+    return load_texts(args.text), args.text
+
+
+def layer_metrics(cache: AquaKVCache, ks, vs) -> dict:
+    """Per-layer relMSE of predictions (before residual coding) and of reconstructions, on the given K/V."""
+    state = cache.encode(ks, vs)
+    recon = cache.decode_codes(state)
+    out = {}
+    for (stream, layer), codec in cache.codecs.items():
+        x = (ks if stream == "k" else vs)[layer]
+        pred = cache.predictors.get((stream, layer))
+        prediction = pred.predict([recon[s] for s in pred.sources], x) if pred is not None else torch.zeros_like(x)
+        out[f"{stream}.{layer}"] = {"prediction_rel_mse": rel_mse(x, prediction),
+                                    "reconstruction_rel_mse": rel_mse(x, recon[stream, layer])}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``aquakv-calibrate``."""
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    t0 = time.time()
+    model, tok = load_model(args.model, args.device)
+    docs, label = calibration_docs(args)
+    windows = tokenize_windows(tok, docs, args.seq_len, args.tokens)
+    print(f"[aquakv-calibrate] {args.model}: {windows.numel()} tokens of {label} in {windows.shape[0]} sequences",
+          flush=True)
+    ks, vs = capture_kv(model, windows)
+    del model
+    cache = AquaKVCache.calibrate(config, ks, vs, progress=True)
+    metrics = layer_metrics(cache, ks, vs)
+    out = args.out or default_artifact_dir(args.model)
+    path = save_artifact(
+        cache, out, {"fingerprint": model_fingerprint(args.model), "path": os.path.abspath(args.model)},
+        calibration={"text": label, "tokens": int(windows.numel()), "seq_len": args.seq_len,
+                     "seconds": round(time.time() - t0, 1)},
+        metrics=metrics)
+    bits = cache.bits(4096)
+    k_err = sum(m["reconstruction_rel_mse"] for k, m in metrics.items() if k.startswith("k.")) / cache.num_layers
+    v_err = sum(m["reconstruction_rel_mse"] for k, m in metrics.items() if k.startswith("v.")) / cache.num_layers
+    print(f"[aquakv-calibrate] wrote {path}: {bits['bits_per_value']:.3f} bits/value (codes + scales); calibration "
+          f"relMSE keys {k_err:.4f}, values {v_err:.4f}; {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Run vLLM's LLM in a fresh process and print JSON (tests call it via subprocess: one engine per process).
+
+    python tests/vllm_runner.py '{"model": ..., "kv_cache_dtype": "aquakv", "prompt_token_ids": [[...]], "max_tokens": 32}'
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+
+    args = json.loads(sys.argv[1])
+    llm = LLM(model=args["model"], kv_cache_dtype=args["kv_cache_dtype"], enforce_eager=True,
+              dtype=args.get("dtype", "float32"), max_model_len=args.get("max_model_len", 2048),
+              block_size=args.get("block_size", 32), seed=0, **args.get("engine", {}))
+    cc = llm.llm_engine.vllm_config.cache_config
+    result = {"kv_tokens": cc.num_gpu_blocks * cc.block_size, "outputs": []}
+    prompts = [{"prompt_token_ids": ids} for ids in args.get("prompt_token_ids", [])]
+    if args.get("prompt_logprobs"):
+        outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+        result["prompt_logprobs"] = [[None if d is None else next(iter(d.values())).logprob for d in o.prompt_logprobs]
+                                     for o in outs]
+    else:
+        params = SamplingParams(max_tokens=args.get("max_tokens", 32), temperature=0, ignore_eos=True)
+        result["outputs"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+    print("RESULT " + json.dumps(result), flush=True)

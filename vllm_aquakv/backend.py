@@ -1,0 +1,134 @@
+"""The aquakv attention backend for vLLM: Backend / MetadataBuilder / Impl, as in vLLM's own triton_attn.py.
+
+vLLM gives each aquakv layer a uint8 page [num_blocks, num_kv_heads, block_size, slot_bytes] (see
+``vllm_aquakv.serving`` for the slot layout).  ``do_kv_cache_update`` encodes the step's new tokens into their
+slots (undo RoPE, predict from earlier layers' reconstructions, quantize the residual); ``forward`` reconstructs
+each request's context and attends.  The torch path serves on CPU (and on CUDA until the Triton kernels land).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+)
+
+from . import compat
+from .runtime import refuse_impl_features, serving_state
+from .serving import StepState, TorchServingPath
+
+
+@dataclass
+class AquaKVMetadata:
+    """Per-step metadata shared by every aquakv layer of the step."""
+
+    num_actual_tokens: int
+    query_start_loc: list[int]  # [num_reqs + 1]
+    seq_lens: list[int]  # [num_reqs], context length including this step's tokens
+    block_table: torch.Tensor  # [num_reqs, max_blocks]
+    slot_mapping: torch.Tensor  # [num_actual_tokens]
+    positions: torch.Tensor  # [num_actual_tokens]
+    path: TorchServingPath  # the process's serving path (artifact, codecs, predictors)
+
+    @property
+    def query_lens(self) -> list[int]:
+        return [b - a for a, b in zip(self.query_start_loc[:-1], self.query_start_loc[1:])]
+
+
+class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
+    """Builds AquaKVMetadata from vLLM's CommonAttentionMetadata once per step."""
+
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.state = serving_state(vllm_config)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> AquaKVMetadata:
+        cm = common_attn_metadata
+        n = cm.num_actual_tokens
+        return AquaKVMetadata(
+            num_actual_tokens=n,
+            query_start_loc=cm.query_start_loc_cpu.tolist(),
+            seq_lens=cm.seq_lens.cpu().tolist()[: cm.num_reqs],
+            block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping[:n],
+            positions=compat.token_positions(cm),
+            path=self.state.path,
+        )
+
+
+class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
+    """Per-layer attention: cache write and paged attention over reconstructed K/V."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **extra_impl_args):
+        refuse_impl_features(alibi_slopes=alibi_slopes, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                             attn_type=attn_type, decoder=AttentionType.DECODER,
+                             kv_sharing_target_layer_name=kv_sharing_target_layer_name, extra=extra_impl_args)
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        """Encode this step's new tokens into the paged cache."""
+        md = compat.current_metadata(layer.layer_name)
+        if md is None:
+            return
+        md.path.write(compat.layer_index(layer.layer_name), kv_cache, md.slot_mapping, key, value, md.positions,
+                      compat.step_scratch(StepState), md.query_lens)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        """Attention of this step's queries over the reconstructed cache; writes ``output`` in place."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("aquakv does not produce quantized attention output (fused output quant)")
+        if attn_metadata is None:  # profiling run
+            return output
+        md: AquaKVMetadata = attn_metadata
+        n = md.num_actual_tokens
+        out = md.path.attend(compat.layer_index(layer.layer_name), query[:n].view(n, self.num_heads, self.head_size), kv_cache, md.block_table,
+                          md.seq_lens, md.query_start_loc, self.scale, compat.step_scratch(StepState))
+        output[:n] = out.reshape(output[:n].shape).to(output.dtype)
+        return output
+
+
+class AquaKVBackend(AttentionBackend):
+    """AQUA-KV paged cache: residual codes + fp16 scales per (token, KV head) slot."""
+
+    accept_output_buffer = True
+    forward_includes_kv_cache_update = False
+    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes = [compat.AQUAKV]
+
+    @staticmethod
+    def get_name() -> str:
+        return compat.backend_enum_name()
+
+    @staticmethod
+    def get_impl_cls():
+        return AquaKVImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return AquaKVMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        """vLLM 0.26: the logical page view; the slot size follows from the layer's page bytes."""
+        return (num_blocks, num_kv_heads, block_size, -1)
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size >= 16 and head_size <= 512 and head_size & (head_size - 1) == 0
+
+
+for _name, _attr in {**compat.block_size_hooks(), **compat.kv_cache_layout_hooks()}.items():
+    setattr(AquaKVBackend, _name, _attr)

@@ -1,0 +1,145 @@
+"""Per-process serving state: find and verify the artifact, refuse what aquakv cannot serve, log the capacity.
+
+Artifact discovery, in order: ``--additional-config '{"aquakv_artifact": "/path/to/aquakv"}'``, the environment
+variable ``AQUAKV_ARTIFACT``, then ``MODEL/aquakv``.  Without an artifact the server refuses to start and prints the
+``aquakv-calibrate`` command, unless ``--additional-config '{"aquakv_no_predictor": true}'`` asks for plain HIGGS
+residual-free quantization (no predictors; lower quality).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import torch
+
+from .artifact import ArtifactError, default_artifact_dir, load_artifact
+from .reference import AquaKVCache, AquaKVConfig
+from .rope import Rope, UnsupportedModel
+from .serving import TorchServingPath
+
+_STATES: dict[str, "ServingState"] = {}
+_LOCK = threading.Lock()
+
+
+def _logger():
+    from vllm.logger import init_logger
+
+    return init_logger("vllm.aquakv")
+
+
+def _additional(vllm_config) -> dict:
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    return extra if isinstance(extra, dict) else {}
+
+
+class ServingState:
+    """The loaded artifact, the torch serving path and the model facts it was checked against."""
+
+    def __init__(self, vllm_config):
+        model_cfg = vllm_config.model_config
+        self.model_dir = model_cfg.model
+        extra = _additional(vllm_config)
+        if not os.path.isdir(self.model_dir):
+            raise UnsupportedModel(f"aquakv serves local model folders; {self.model_dir!r} is not a folder")
+        with open(os.path.join(self.model_dir, "config.json")) as f:
+            hf = json.load(f)
+        text_cfg = model_cfg.hf_text_config
+        num_layers = text_cfg.num_hidden_layers
+        num_kv_heads = model_cfg.get_total_num_kv_heads()
+        head_dim = model_cfg.get_head_size()
+        self.rope = Rope(hf.get("text_config", hf), head_dim)
+        art = extra.get("aquakv_artifact") or os.environ.get("AQUAKV_ARTIFACT") or default_artifact_dir(self.model_dir)
+        if extra.get("aquakv_no_predictor"):
+            cfg = AquaKVConfig(key_predictor="none", value_predictor="none", layer0_grid="d2n16")
+            self.cache, self.source = AquaKVCache(cfg, num_layers, num_kv_heads, head_dim), "no predictor (opt-in)"
+        else:
+            if not os.path.exists(os.path.join(art, "manifest.json")):
+                raise ArtifactError(
+                    f"no aquakv artifact at {art}. Calibrate this model first:\n    aquakv-calibrate {self.model_dir}\n"
+                    "or name one with --additional-config '{\"aquakv_artifact\": \"/path/to/aquakv\"}', or serve "
+                    "without predictors (lower quality) with --additional-config '{\"aquakv_no_predictor\": true}'")
+            self.cache, _ = load_artifact(art, self.model_dir)
+            self.source = art
+        c = self.cache
+        if (c.num_layers, c.num_kv_heads, c.head_dim) != (num_layers, num_kv_heads, head_dim):
+            raise ArtifactError(f"artifact {art} is for {c.num_layers} layers x {c.num_kv_heads} KV heads x head_dim "
+                                f"{c.head_dim}; the model has {num_layers} x {num_kv_heads} x {head_dim}: "
+                                f"aquakv-calibrate {self.model_dir}")
+        self.path = TorchServingPath(c, self.rope)
+        self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
+        self._log()
+
+    def capacity_ratio(self) -> float:
+        """bf16/fp16 bytes per (token, KV head) over aquakv's mean slot bytes across layers."""
+        dense = 2 * self.cache.head_dim * self.model_dtype.itemsize
+        mean_slot = sum(self.path.slot_bytes(l) for l in range(self.cache.num_layers)) / self.cache.num_layers
+        return dense / mean_slot
+
+    def _log(self) -> None:
+        bits = self.cache.bits(4096)
+        slots = sorted({self.path.slot_bytes(l) for l in range(self.cache.num_layers)})
+        _logger().info(
+            "aquakv: %s; %.3f bits/value (codes + scales), slot %s bytes per (token, KV head) vs %d in %s: "
+            "%.2fx the tokens of an unquantized cache; every token is stored as codes (no 16-bit sinks/window)",
+            self.source, bits["bits_per_value"], "/".join(map(str, slots)), 2 * self.cache.head_dim *
+            self.model_dtype.itemsize, str(self.model_dtype).replace("torch.", ""), self.capacity_ratio())
+
+
+def serving_state(vllm_config) -> ServingState:
+    """The process-wide ServingState for this model (built once)."""
+    key = str(vllm_config.model_config.model)
+    with _LOCK:
+        if key not in _STATES:
+            check_engine_config(vllm_config)
+            _STATES[key] = ServingState(vllm_config)
+        return _STATES[key]
+
+
+def check_engine_config(vllm_config) -> None:
+    """Refuse engine settings the backend cannot serve correctly."""
+    par = vllm_config.parallel_config
+    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+        raise UnsupportedModel("aquakv does not support tensor/pipeline parallelism yet (it needs shard-local "
+                               "adapters); serve with --tensor-parallel-size 1 --pipeline-parallel-size 1")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise UnsupportedModel("aquakv does not support speculative decoding; remove --speculative-config")
+    text = vllm_config.model_config.hf_text_config
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        raise UnsupportedModel("aquakv does not support sliding-window attention models")
+
+
+def check_selection(selected_backend, sel) -> None:
+    """Refusals at backend selection time: another --attention-backend, MLA, sinks, head sizes, dtypes."""
+    if selected_backend is not None and getattr(selected_backend, "name", None) not in ("AQUAKV", "CUSTOM"):
+        raise UnsupportedModel(f"--kv-cache-dtype aquakv uses its own attention backend; remove --attention-backend "
+                               f"{selected_backend.name}")
+    if getattr(sel, "use_mla", False) or getattr(sel, "use_sparse", False):
+        raise UnsupportedModel("aquakv does not support MLA / sparse attention models")
+    if getattr(sel, "has_sink", False):
+        raise UnsupportedModel("aquakv does not support models with learned attention sinks")
+    head = getattr(sel, "head_size", None)
+    if head is not None and not (16 <= head <= 512 and head & (head - 1) == 0):
+        raise UnsupportedModel(f"aquakv needs head_dim to be a power of two in [16, 512]; this model has {head}")
+    dtype = getattr(sel, "dtype", None)
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise UnsupportedModel(f"aquakv serves float16/bfloat16/float32 models, not {dtype}")
+
+
+def refuse_impl_features(alibi_slopes, sliding_window, logits_soft_cap, attn_type, decoder, kv_sharing_target_layer_name,
+                         extra: dict) -> None:
+    """Refuse per-layer attention features the aquakv Impl does not implement."""
+    for name, value in (("ALiBi", alibi_slopes), ("sliding window", sliding_window), ("logits soft cap", logits_soft_cap),
+                        ("KV sharing across layers", kv_sharing_target_layer_name), ("learned sinks", extra.get("sinks"))):
+        if value is not None:
+            raise UnsupportedModel(f"aquakv does not support {name} attention layers")
+    if attn_type != decoder:
+        raise UnsupportedModel(f"aquakv supports decoder self-attention only, not {attn_type}")
+
+
+def slot_bytes_for_layer(attention_layer, vllm_config) -> int:
+    """Bytes per (token, KV head) of an aquakv layer's page (called when vLLM sizes the KV cache)."""
+    from .compat import layer_index
+
+    return serving_state(vllm_config).path.slot_bytes(layer_index(attention_layer.layer_name))
