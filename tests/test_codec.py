@@ -42,8 +42,10 @@ def test_pack_layout_by_hand():
     assert pack_codes(torch.tensor([a, b, c, d]), 6).tolist() == [v & 255, v >> 8 & 255, v >> 16 & 255]
 
 
-def float64_codec(x, codec):
-    """Independent float64 HIGGS: explicit Hadamard matrix, brute-force nearest. x [N, H, h] -> (idx, x_hat)."""
+def float64_codec(x, codec, stored_scales):
+    """Independent float64 HIGGS: explicit Hadamard matrix, brute-force nearest. x [N, H, h] -> (idx, dist, x_hat,
+    scales). x_hat decodes with ``stored_scales`` (the codec's fp16 scales, which may differ by one fp16 ulp where
+    the float32 and float64 norms round differently)."""
     h, g, gd = codec.head_dim, codec.group_size, codec.grid_dim
     rot = torch.diag(codec.signs.double()) @ sylvester(h) / math.sqrt(h)  # x_row @ rot == rotation
     y = (x.double() @ rot) if codec.rotate else x.double()
@@ -53,9 +55,10 @@ def float64_codec(x, codec):
     grid = load_grid(codec.grid_name).double()
     dist = torch.cdist(z, grid)
     idx = dist.argmin(-1)
-    y_hat = (grid[idx].reshape(y.shape) * s / math.sqrt(g)).reshape(x.shape)
+    s_used = stored_scales.double().reshape(s.shape)
+    y_hat = (grid[idx].reshape(y.shape) * s_used / math.sqrt(g)).reshape(x.shape)
     x_hat = (y_hat @ rot.T) if codec.rotate else y_hat
-    return idx, dist, x_hat
+    return idx, dist, x_hat, s
 
 
 @pytest.mark.parametrize("grid,group,rotate", [("d2n16", None, True), ("d2n64", 32, True), ("d2n256", 128, True),
@@ -66,7 +69,9 @@ def test_codec_matches_float64_reference(grid, group, rotate, rng):
     enc = codec.encode(x)
     assert enc.codes.shape == (300, codec.code_bytes) and enc.scales.shape == (300, codec.num_groups)
     idx = unpack_codes(enc.codes, codec.code_bits, codec.num_codes).reshape(-1)
-    ref_idx, dist, ref_hat = float64_codec(x, codec)
+    ref_idx, dist, ref_hat, ref_scales = float64_codec(x, codec, enc.scales)
+    # fp16 scales equal up to one ulp (float32 vs float64 norm rounding)
+    assert torch.allclose(enc.scales.double().reshape(ref_scales.shape), ref_scales, rtol=1e-3, atol=0)
     same = idx == ref_idx
     assert same.float().mean() > 0.999
     # where float32 and float64 disagree, it is a near tie
