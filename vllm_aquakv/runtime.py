@@ -71,20 +71,17 @@ class ServingState:
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         self._log()
 
-    def capacity_ratio(self) -> float:
-        """bf16/fp16 bytes per (token, KV head) over aquakv's mean slot bytes across layers."""
-        dense = 2 * self.cache.head_dim * self.model_dtype.itemsize
-        mean_slot = sum(self.path.slot_bytes(l) for l in range(self.cache.num_layers)) / self.cache.num_layers
-        return dense / mean_slot
-
     def _log(self) -> None:
         bits = self.cache.bits(4096)
         slots = sorted({self.path.slot_bytes(l) for l in range(self.cache.num_layers)})
         _logger().info(
             "aquakv: %s; %.3f bits/value (codes + scales), slot %s bytes per (token, KV head) vs %d in %s: "
-            "%.2fx the tokens of an unquantized cache; every token is stored as codes (no 16-bit sinks/window)",
+            "%.2fx the tokens of a %s cache at equal memory (%.2fx vs bf16); every token is stored as codes "
+            "(no 16-bit sinks/window)",
             self.source, bits["bits_per_value"], "/".join(map(str, slots)), 2 * self.cache.head_dim *
-            self.model_dtype.itemsize, str(self.model_dtype).replace("torch.", ""), self.capacity_ratio())
+            self.model_dtype.itemsize, str(self.model_dtype).replace("torch.", ""),
+            self.path.capacity_ratio(self.model_dtype.itemsize), str(self.model_dtype).replace("torch.", ""),
+            self.path.capacity_ratio(2))
 
 
 def serving_state(vllm_config) -> ServingState:

@@ -91,6 +91,11 @@ class TorchServingPath:
         """Bytes per (token, KV head) of ``layer``'s paged cache."""
         return self.layouts[layer].slot_bytes
 
+    def capacity_ratio(self, dense_itemsize: int = 2) -> float:
+        """Tokens aquakv fits per token of an unquantized cache of ``dense_itemsize`` bytes per value, at equal memory."""
+        dense = 2 * self.cache.head_dim * dense_itemsize
+        return dense * self.cache.num_layers / sum(self.slot_bytes(l) for l in range(self.cache.num_layers))
+
     # ---- write ---------------------------------------------------------------------------------------
     def write(self, layer: int, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor, positions: torch.Tensor, step: StepState, query_lens: list[int]) -> None:

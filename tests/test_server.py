@@ -1,0 +1,47 @@
+"""A real `vllm serve --kv-cache-dtype aquakv` on 127.0.0.1 through the openai client: completions, chat, streaming,
+and the startup log (capacity, bits/value)."""
+
+import pytest
+
+from vllm_aquakv.demo import Server, log_facts
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_calibrated, tmp_path_factory):
+    log = str(tmp_path_factory.mktemp("server") / "server.log")
+    with Server(smollm2_calibrated, log, ["--kv-cache-dtype", "aquakv", "--block-size", "32"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url, api_key="unused")
+
+
+def test_completion(client, smollm2_calibrated):
+    out = client.completions.create(model=smollm2_calibrated, prompt="The capital of France is", max_tokens=8,
+                                    temperature=0)
+    assert "Paris" in out.choices[0].text
+    assert out.usage.completion_tokens == 8 or out.choices[0].finish_reason == "stop"
+
+
+def test_chat(client, smollm2_calibrated):
+    out = client.chat.completions.create(model=smollm2_calibrated, max_tokens=24, temperature=0,
+                                         messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in out.choices[0].message.content
+
+
+def test_streaming_equals_non_streaming(client, smollm2_calibrated):
+    kwargs = dict(model=smollm2_calibrated, prompt="Water is made of", max_tokens=16, temperature=0)
+    whole = client.completions.create(**kwargs).choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert len(pieces) > 1 and "".join(pieces) == whole
+
+
+def test_startup_log_reports_compressed_capacity(server):
+    facts = log_facts(open(server.log_path).read())
+    assert "aquakv" in facts and "bits/value" in facts["aquakv"]
+    # 1 GiB of 36/68-byte slots (3 KV heads, 30 layers): ~6.9x the 46,592 tokens bf16 gets in 1 GiB
+    assert facts["kv_tokens"] > 6 * 46592
