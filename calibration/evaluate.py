@@ -1,0 +1,209 @@
+"""aquakv-eval: perplexity of a model with its KV cache compressed, against the unquantized cache and baselines.
+
+    aquakv-eval MODEL [--artifact MODEL/aquakv] [--windows 8] [--ctx 1024] [--json out.json]
+
+Protocol (the same every time): held-out text (default wiki-heldout: every 5th Wikipedia article, disjoint from
+the calibration split), concatenated with EOS separators and cut into non-overlapping windows of ``--ctx`` tokens;
+each window is a fresh sequence; perplexity = exp(mean NLL of tokens 1..ctx-1 of every window); model in float32.
+
+Cache semantics, simulated exactly in one forward pass per window: query i reads key/value j (j <= i) from the
+16-bit copy when j < sinks or i - j < window, else from the reconstruction.  ``serving`` = sinks 0, window 0 (what
+vLLM serves today: every token through codes); ``paper`` = the artifact's sinks/window (default 4/128).
+
+Rows: unquantized; AQUA-KV (serving and paper semantics); HIGGS without predictors at the same grids; KIVI-style
+2-bit (keys per channel over groups of 128 tokens, values per token over groups of head_dim, asymmetric min-max,
+fp16 scale and zero per group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from ..artifact import default_artifact_dir, load_artifact
+from ..codec import rel_mse
+from ..reference import AquaKVCache
+from ..rope import Rope
+from .calibrate import load_model
+from .capture import attention_modules, tokenize_windows
+from .texts import TEXT_SETS, load_texts
+
+_ATTN_NAME = "aquakv_eval"
+
+
+def kivi_quantize(x: torch.Tensor, stream: str, bits: int = 2, key_group: int = 128) -> torch.Tensor:
+    """KIVI-style fake quantization of one layer's K or V [T, H, h] (float32 out)."""
+    levels = 2**bits - 1
+    if stream == "k":  # per channel, groups of key_group tokens
+        t = x.shape[0] - x.shape[0] % key_group
+        g = x[:t].reshape(-1, key_group, *x.shape[1:])  # [groups, G, H, h]
+        lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+    else:  # per token, groups of head_dim channels
+        g, t = x, x.shape[0]
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    lo, hi = lo.half().float(), hi.half().float()
+    scale = ((hi - lo) / levels).clamp(min=1e-8)
+    q = ((g - lo) / scale).round().clamp(0, levels) * scale + lo
+    out = x.clone().float()
+    out[:t] = q.reshape(t, *x.shape[1:])
+    return out  # a tail shorter than key_group stays exact (KIVI's full-precision residual)
+
+
+def kivi_bits(head_dim: int, bits: int = 2, key_group: int = 128) -> float:
+    """Bits per value of the KIVI baseline: mean of keys and values, codes + fp16 scale and zero per group."""
+    return bits + (32 / key_group + 32 / head_dim) / 2
+
+
+class MixedCache:
+    """Context manager: the model attends to K/V as a cache with 16-bit sinks/window would serve them.
+
+    ``reconstruct(stream, layer, x, recon)`` gives the stored-and-decoded version of x [T, H, h] (pre-RoPE),
+    e.g. ``AquaKVCache.encode_stream``'s second output.  Hooks record exact and reconstructed pre-RoPE K/V per
+    layer; a registered attention function mixes them per (query, key) pair.
+    """
+
+    def __init__(self, model, reconstruct, num_kv_heads: int, head_dim: int, sinks: int, window: int, rope: Rope):
+        self.model, self.reconstruct = model, reconstruct
+        self.h, self.d, self.sinks, self.window, self.rope = num_kv_heads, head_dim, sinks, window, rope
+        self.delta: dict[tuple[str, int], torch.Tensor] = {}  # recon - exact, pre-RoPE [T, H, h]
+        self.recon: dict[tuple[str, int], torch.Tensor] = {}
+        self.errors: dict[tuple[str, int], list[float]] = {}  # per-layer sums: [err, energy]
+        self._handles = []
+
+    def _hook(self, stream: str, layer: int):
+        def hook(_module, _inputs, output):
+            x = output.detach().float().reshape(-1, self.h, self.d)  # batch 1: [T, H, h]
+            if stream == "k" and layer == 0:
+                self.recon.clear()
+            rec = self.reconstruct(stream, layer, x, self.recon)
+            self.recon[stream, layer] = rec
+            self.delta[stream, layer] = rec - x
+            e = self.errors.setdefault((stream, layer), [0.0, 0.0])
+            e[0] += float(((rec - x) ** 2).sum())
+            e[1] += float((x**2).sum())
+        return hook
+
+    def _attention(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        # query [1, Hq, T, h]; key/value [1, H, T, h] exact (key post-RoPE)
+        layer, t = module.layer_idx, query.shape[2]
+        pos = torch.arange(t, device=query.device)
+        k_rec = key + self.rope.apply(self.delta["k", layer], pos).transpose(0, 1)[None].to(key.dtype)
+        v_rec = value + self.delta["v", layer].transpose(0, 1)[None].to(value.dtype)
+        group = query.shape[1] // key.shape[1]
+        rep = lambda x: x.repeat_interleave(group, dim=1)  # noqa: E731
+        s_exact = query @ rep(key).transpose(2, 3) * scaling  # [1, Hq, T, T]
+        s_rec = query @ rep(k_rec).transpose(2, 3) * scaling
+        i, j = pos[:, None], pos[None, :]
+        exact = (j < self.sinks) | (i - j < self.window)
+        scores = torch.where(exact, s_exact, s_rec).masked_fill(j > i, float("-inf"))
+        p = scores.softmax(-1)
+        out = (p * exact) @ rep(value) + (p * ~exact) @ rep(v_rec)
+        return out.transpose(1, 2).contiguous(), p
+
+    def __enter__(self) -> "MixedCache":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(_ATTN_NAME, self._attention)
+        self._previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation(_ATTN_NAME)
+        for layer, attn in enumerate(attention_modules(self.model)):
+            k_mod = getattr(attn, "k_norm", None) or attn.k_proj
+            self._handles.append(k_mod.register_forward_hook(self._hook("k", layer)))
+            self._handles.append(attn.v_proj.register_forward_hook(self._hook("v", layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self.model.set_attn_implementation(self._previous)
+
+    def layer_errors(self) -> dict[str, float]:
+        """relMSE of the reconstruction per 'k.l' / 'v.l' over everything evaluated."""
+        return {f"{s}.{l}": e / max(n, 1e-30) for (s, l), (e, n) in sorted(self.errors.items(), key=lambda kv: kv[0][::-1])}
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, ctx=None) -> float:
+    """exp(mean NLL) over tokens 1.. of each window [N, T], one forward per window, inside ``ctx`` if given."""
+    import contextlib
+
+    from tqdm import tqdm
+
+    nll, n = 0.0, 0
+    with ctx or contextlib.nullcontext():
+        for row in tqdm(windows, desc="perplexity", unit="window", leave=False):
+            logp = model(row[None].to(model.device)).logits[0].float().log_softmax(-1)
+            nll -= logp[:-1].gather(1, row[1:, None].to(model.device)).sum().item()
+            n += row.numel() - 1
+    return math.exp(nll / n)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``aquakv-eval``."""
+    ap = argparse.ArgumentParser(prog="aquakv-eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--artifact", help="artifact folder (default MODEL/aquakv)")
+    ap.add_argument("--text", default="wiki-heldout", choices=TEXT_SETS)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--json", help="write results here (and a .md twin)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    art = args.artifact or default_artifact_dir(args.model)
+    cache, manifest = load_artifact(art, args.model)
+    model, tok = load_model(args.model, args.device)
+    with open(os.path.join(args.model, "config.json")) as f:
+        hf = json.load(f)
+    rope = Rope(hf.get("text_config", hf), cache.head_dim)
+    windows = tokenize_windows(tok, load_texts(args.text), args.ctx, args.windows * args.ctx)
+    H, D, cfg = cache.num_kv_heads, cache.head_dim, cache.config
+
+    def aqua(c: AquaKVCache):
+        return lambda s, l, x, recon: c.encode_stream(s, l, x, recon)[1]
+
+    plain = perplexity(model, windows)
+    rows = [{"kv_cache_dtype": "auto (fp32)", "semantics": "-", "bits_per_value": 32.0, "ppl": plain}]
+    bpv = cache.bits(args.ctx)["bits_per_value"]
+    runs = [("aquakv", "serving", aqua(cache), 0, 0, bpv),
+            ("aquakv", "sinks only", aqua(cache), cfg.num_sink_tokens, 0, bpv),
+            ("aquakv", "window only", aqua(cache), 0, cfg.window, bpv),
+            ("aquakv", "paper", aqua(cache), cfg.num_sink_tokens, cfg.window, bpv)]
+    if not args.no_baselines:
+        higgs = AquaKVCache(type(cfg)(**{**cfg.to_json(), "key_predictor": "none", "value_predictor": "none"}),
+                            cache.num_layers, H, D, signs=cache.signs)
+        runs.append(("higgs-no-predictor", "serving", aqua(higgs), 0, 0, higgs.bits(args.ctx)["bits_per_value"]))
+        runs.append(("kivi-2bit", "serving", lambda s, l, x, recon: kivi_quantize(x, s), 0, 0, kivi_bits(D)))
+    per_layer = {}
+    for name, semantics, fn, sinks, window, bits in runs:
+        mixed = MixedCache(model, fn, H, D, sinks, window, rope)
+        ppl = perplexity(model, windows, mixed)
+        rows.append({"kv_cache_dtype": name, "semantics": f"{semantics} (sinks {sinks}, window {window})",
+                     "bits_per_value": bits, "ppl": ppl, "rel_ppl_delta": ppl / plain - 1})
+        per_layer[f"{name}/{semantics}"] = mixed.layer_errors()
+        print(f"{name:20s} {semantics:8s} bits {bits:.3f}  ppl {ppl:.4f}  ({100 * (ppl / plain - 1):+.2f}%)", flush=True)
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    md = [f"Held-out {args.text}: {windows.shape[0]} windows x {args.ctx} tokens ({tokens} predicted tokens), fp32.\n",
+          "| cache | semantics | bits/value | ppl | rel. delta |", "| --- | --- | --- | --- | --- |"]
+    md += [f"| {r['kv_cache_dtype']} | {r['semantics']} | {r['bits_per_value']:.3f} | {r['ppl']:.4f} | "
+           f"{100 * r.get('rel_ppl_delta', 0):+.2f}% |" for r in rows]
+    errs = per_layer["aquakv/serving"]
+    md += ["\nAQUA-KV per-layer relMSE of the reconstruction on the evaluated tokens:\n", "| layer | keys | values |",
+           "| --- | --- | --- |"]
+    md += [f"| {l} | {errs[f'k.{l}']:.4f} | {errs[f'v.{l}']:.4f} |" for l in range(cache.num_layers)]
+    print("\n".join(md))
+    if args.json:
+        from ..results import write_results
+
+        write_results(args.json, "eval", args.model, rows, "\n".join(md), per_layer=per_layer,
+                      config=manifest["config"], tokens=tokens, seconds=round(time.time() - t0, 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""aquakv-eval's simulated cache: exact limits (window covering everything = unquantized; no sinks/window = the
+transformers reference hooks = what vLLM serves) and the KIVI baseline against a float64 reimplementation."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from vllm_aquakv.calibration.evaluate import MixedCache, kivi_quantize, perplexity
+from vllm_aquakv.calibration.hf_cache import ReconstructedKV
+from vllm_aquakv.calibration.models import make_tiny_llama
+from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+from vllm_aquakv.rope import Rope
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_llama(str(tmp_path_factory.mktemp("tiny")), num_layers=3, kv_heads=2, head_dim=32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, model
+
+
+def test_mixed_cache_limits(tiny, rng):
+    path, model = tiny
+    cache = AquaKVCache(AquaKVConfig(key_predictor="none", value_predictor="none"), 3, 2, 32)
+    rope = Rope(json.load(open(os.path.join(path, "config.json"))), 32)
+    windows = torch.randint(0, 512, (2, 64), generator=rng)
+    recon = lambda s, l, x, r: cache.encode_stream(s, l, x, r)[1]  # noqa: E731
+    plain = perplexity(model, windows)
+    everything_exact = perplexity(model, windows, MixedCache(model, recon, 2, 32, sinks=0, window=64, rope=rope))
+    assert everything_exact == pytest.approx(plain, rel=1e-5)
+    all_codes = perplexity(model, windows, MixedCache(model, recon, 2, 32, sinks=0, window=0, rope=rope))
+    hooks = perplexity(model, windows, ReconstructedKV(model, cache))
+    assert all_codes == pytest.approx(hooks, rel=1e-4)
+    assert abs(all_codes / plain - 1) > 1e-3  # quantization is really in the loop
+    partial = perplexity(model, windows, MixedCache(model, recon, 2, 32, sinks=4, window=16, rope=rope))
+    assert partial != pytest.approx(all_codes, rel=1e-6) and partial != pytest.approx(plain, rel=1e-6)
+
+
+def test_kivi_matches_float64(rng):
+    x = torch.randn(256, 2, 64, generator=rng) * 3
+    for stream in "kv":
+        got = kivi_quantize(x, stream)
+        xd = x.double()
+        g = xd.reshape(2, 128, 2, 64) if stream == "k" else xd
+        dim = 1 if stream == "k" else -1
+        lo = g.amin(dim, keepdim=True).half().double()
+        hi = g.amax(dim, keepdim=True).half().double()
+        scale = (hi - lo) / 3
+        want = (((g - lo) / scale).round().clamp(0, 3) * scale + lo).reshape(x.shape)
+        assert torch.allclose(got.double(), want, atol=1e-4)
+        assert len(torch.unique(got[:, 0, 0] if stream == "k" else got[0, 0])) <= 4 * (2 if stream == "k" else 1)
