@@ -33,15 +33,4 @@ def smollm2_calibrated(tmp_path_factory):
     return str(dst)
 
 
-def run_vllm(**args) -> dict:
-    """LLM(...) in a fresh process (tests/vllm_runner.py); returns its JSON result or raises with its log."""
-    import json
-    import subprocess
-    import sys
-
-    runner = os.path.join(os.path.dirname(__file__), "vllm_runner.py")
-    proc = subprocess.run([sys.executable, runner, json.dumps(args)], capture_output=True, text=True, timeout=600)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"vLLM run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+from vllm_runner import run_vllm  # noqa: E402,F401  (re-exported for the tests)

@@ -136,6 +136,11 @@ class HiggsCodec:
             raise ValueError(f"signs must have shape ({head_dim},), got {tuple(self.signs.shape)}")
         self.grid = load_grid(grid)
 
+    def to(self, device) -> "HiggsCodec":
+        """Move signs and grid to ``device`` (in place); returns self."""
+        self.signs, self.grid = self.signs.to(device), self.grid.to(device)
+        return self
+
     # ---- bit accounting -------------------------------------------------------------------------------
     @property
     def bits_per_value(self) -> float:

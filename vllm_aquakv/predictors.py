@@ -130,6 +130,14 @@ class LinearPredictor:
             return cls(structure, sources, bias=bias.reshape(shape).float(), factors=(u.float(), v.float()), meta=meta)
         return cls(structure, sources, bias=bias.reshape(shape).float(), weight=w.float(), meta=meta)
 
+    def to(self, device) -> "LinearPredictor":
+        """Move the parameters to ``device`` (in place); returns self."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        self.bias, self.weight = move(self.bias), move(self.weight)
+        if self.factors is not None:
+            self.factors = tuple(move(f) for f in self.factors)
+        return self
+
     # ---- serialization (safetensors tensors + JSON) -----------------------------------------------------
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors to save under ``prefix`` (e.g. 'layers.3.key.')."""

@@ -136,6 +136,16 @@ class AquaKVCache:
         self.signs = next(c.signs for c in self.codecs.values() if c is not None)
         self.predictors = predictors or {}
 
+    def to(self, device) -> "AquaKVCache":
+        """Move codecs and predictors to ``device`` (in place); returns self."""
+        for codec in self.codecs.values():
+            if codec is not None:
+                codec.to(device)
+        for pred in self.predictors.values():
+            pred.to(device)
+        self.signs = self.signs.to(device)
+        return self
+
     def keys(self) -> list[tuple[str, int]]:
         """(stream, layer) in encoding order: k_0, v_0, k_1, v_1, ..."""
         return [(s, l) for l in range(self.num_layers) for s in STREAMS]

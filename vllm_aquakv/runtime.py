@@ -67,6 +67,9 @@ class ServingState:
             raise ArtifactError(f"artifact {art} is for {c.num_layers} layers x {c.num_kv_heads} KV heads x head_dim "
                                 f"{c.head_dim}; the model has {num_layers} x {num_kv_heads} x {head_dim}: "
                                 f"aquakv-calibrate {self.model_dir}")
+        device = getattr(getattr(vllm_config, "device_config", None), "device", None) or "cpu"
+        c.to(device)
+        self.rope.inv_freq = self.rope.inv_freq.to(device)
         self.path = TorchServingPath(c, self.rope)
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         self._log()
