@@ -13,6 +13,17 @@ def attention_modules(model) -> list:
     return [layer.self_attn for layer in layers]
 
 
+def install_kv_hooks(model, make_hook) -> list:
+    """Forward hooks on every layer's pre-RoPE key module (k_norm where the model has one, e.g. Qwen3, else k_proj)
+    and value module (v_proj); ``make_hook(stream, layer)`` returns the hook.  Returns the handles."""
+    handles = []
+    for layer, attn in enumerate(attention_modules(model)):
+        k_mod = getattr(attn, "k_norm", None) or attn.k_proj
+        handles.append(k_mod.register_forward_hook(make_hook("k", layer)))
+        handles.append(attn.v_proj.register_forward_hook(make_hook("v", layer)))
+    return handles
+
+
 def kv_shape(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a transformers config."""
     heads = config.num_attention_heads
@@ -40,12 +51,10 @@ class KVCapture:
         return hook
 
     def __enter__(self) -> "KVCapture":
-        for attn in attention_modules(self.model):
-            k_mod = getattr(attn, "k_norm", None) or attn.k_proj
-            self.keys.append([])
-            self.values.append([])
-            self._handles.append(k_mod.register_forward_hook(self._hook(self.keys[-1])))
-            self._handles.append(attn.v_proj.register_forward_hook(self._hook(self.values[-1])))
+        n = len(attention_modules(self.model))
+        self.keys, self.values = [[] for _ in range(n)], [[] for _ in range(n)]
+        self._handles = install_kv_hooks(
+            self.model, lambda stream, layer: self._hook((self.keys if stream == "k" else self.values)[layer]))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -30,7 +30,7 @@ from ..codec import rel_mse
 from ..reference import AquaKVCache
 from ..rope import Rope
 from .calibrate import load_model
-from .capture import attention_modules, tokenize_windows
+from .capture import install_kv_hooks, tokenize_windows
 from .texts import TEXT_SETS, load_texts
 
 _ATTN_NAME = "aquakv_eval"
@@ -111,10 +111,7 @@ class MixedCache:
         AttentionInterface.register(_ATTN_NAME, self._attention)
         self._previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(_ATTN_NAME)
-        for layer, attn in enumerate(attention_modules(self.model)):
-            k_mod = getattr(attn, "k_norm", None) or attn.k_proj
-            self._handles.append(k_mod.register_forward_hook(self._hook("k", layer)))
-            self._handles.append(attn.v_proj.register_forward_hook(self._hook("v", layer)))
+        self._handles = install_kv_hooks(self.model, self._hook)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import AquaKVCache
-from .capture import attention_modules
+from .capture import install_kv_hooks
 
 
 class ReconstructedKV:
@@ -34,10 +34,7 @@ class ReconstructedKV:
         return hook
 
     def __enter__(self) -> "ReconstructedKV":
-        for layer, attn in enumerate(attention_modules(self.model)):
-            k_mod = getattr(attn, "k_norm", None) or attn.k_proj
-            self._handles.append(k_mod.register_forward_hook(self._hook("k", layer)))
-            self._handles.append(attn.v_proj.register_forward_hook(self._hook("v", layer)))
+        self._handles = install_kv_hooks(self.model, self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
