@@ -74,9 +74,11 @@ def test_perplexity_through_vllm_equals_reference(smollm2_calibrated):
     res = run_vllm(model=smollm2_calibrated, kv_cache_dtype="aquakv", prompt_token_ids=windows, prompt_logprobs=True)
     vllm_nll = -sum(sum(lps[1:]) for lps in res["prompt_logprobs"])
     ref_ppl, vllm_ppl = math.exp(ref_nll / n), math.exp(vllm_nll / n)
+    print(f"perplexity over {n} held-out tokens: vLLM aquakv {vllm_ppl:.4f}, reference cache {ref_ppl:.4f}")
     assert abs(vllm_ppl / ref_ppl - 1) < 0.005, (vllm_ppl, ref_ppl)
     plain = run_vllm(model=smollm2_calibrated, kv_cache_dtype="auto", prompt_token_ids=windows, prompt_logprobs=True)
     plain_ppl = math.exp(-sum(sum(lps[1:]) for lps in plain["prompt_logprobs"]) / n)
+    print(f"vLLM auto {plain_ppl:.4f}")
     assert vllm_ppl > plain_ppl * 1.005  # the compressed cache is really in the loop
 
 
