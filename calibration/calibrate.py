@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     ks, vs = capture_kv(model, windows)
     del model
-    cache = AquaKVCache.calibrate(config, ks, vs, progress=True)
+    # tokens that stay 16-bit when served with sinks (the first of each sequence) do not enter the fit
+    fit_mask = (torch.arange(windows.numel()) % windows.shape[1]) >= config.num_sink_tokens
+    cache = AquaKVCache.calibrate(config, ks, vs, progress=True, fit_mask=fit_mask)
     metrics = layer_metrics(cache, ks, vs)
     out = args.out or default_artifact_dir(args.model)
     path = save_artifact(

@@ -154,3 +154,18 @@ def test_bits_accounting_by_hand():
     per_stream = [(16 * 132 + r * (1024 - 132)) / 1024 for r in [4.25] + [2.25] * 29]
     assert b["bits_total"] == pytest.approx(sum(per_stream) / 30)
     assert cache.bits(100)["bits_total"] == 16.0  # everything still in the window
+
+
+def test_fit_mask_excludes_outlier_tokens(rng):
+    ks, vs = correlated_kv(rng, T=300)
+    spiked = [k.clone() for k in ks]
+    for k in spiked:
+        k[::50] *= 100  # "sink" tokens with outsized keys, one per 50-token sequence
+    mask = torch.arange(300) % 50 != 0
+    cfg = AquaKVConfig(num_sink_tokens=0, window=0, key_predictor="mean", value_predictor="mean")
+    masked = AquaKVCache.calibrate(cfg, spiked, vs, fit_mask=mask)
+    biased = AquaKVCache.calibrate(cfg, spiked, vs)
+    for l in range(L):
+        want = ks[l][mask].mean(0)
+        assert torch.allclose(masked.predictors["k", l].bias, want, atol=1e-4)
+        assert not torch.allclose(biased.predictors["k", l].bias, want, atol=1e-1)

@@ -232,11 +232,14 @@ class AquaKVCache:
     # ---- calibration (in memory; the calibration package streams the same steps) -----------------------
     @classmethod
     def calibrate(cls, config: AquaKVConfig, ks: list[torch.Tensor], vs: list[torch.Tensor],
-                  signs: torch.Tensor | None = None, progress: bool = False) -> "AquaKVCache":
+                  signs: torch.Tensor | None = None, progress: bool = False,
+                  fit_mask: torch.Tensor | None = None) -> "AquaKVCache":
         """Fit every predictor by ridge regression on reconstructed sources, layer by layer, in order.
 
         ks/vs: per-layer [T, H, h] K/V of the calibration tokens (one long sequence or many concatenated:
-        predictors are per token, so sequence boundaries do not matter).
+        predictors are per token, so sequence boundaries do not matter).  ``fit_mask`` (bool [T]) selects the
+        tokens the regressions see, e.g. without the attention-sink tokens that stay 16-bit anyway and whose
+        outsized K/V would bias the fit for everything else.
         """
         num_kv_heads, head_dim = ks[0].shape[1:]
         cache = cls(config, len(ks), num_kv_heads, head_dim, {}, signs)
@@ -253,7 +256,8 @@ class AquaKVCache:
             structure = config.key_predictor if stream == "k" else config.value_predictor
             sources = config.sources(stream, layer)
             stats = RidgeStats(per_head=parse_structure(structure)[0] == "per_head")
-            stats.update([recon[s] for s in sources], x)
+            rows = slice(None) if fit_mask is None else fit_mask
+            stats.update([recon[s][rows] for s in sources], x[rows])
             cache.predictors[stream, layer] = LinearPredictor.fit(structure, sources, stats, config.ridge,
                                                                   (num_kv_heads, head_dim))
             prediction = cache._predict(stream, layer, recon, x)
