@@ -10,13 +10,14 @@ regression on reconstructed inputs (quantization in the loop), and writes ``adap
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import tempfile
 import time
 
 import torch
 
 from ..artifact import default_artifact_dir, model_fingerprint, save_artifact
-from ..codec import rel_mse
 from ..grids import GRID_SPECS
 from ..reference import AquaKVCache, AquaKVConfig
 from .capture import capture_kv, tokenize_windows
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge strength")
     ap.add_argument("--seed", type=int, default=0, help="Hadamard sign seed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--spill-dir", help="keep captured K/V in memory-mapped files under this folder instead of RAM "
+                                        "(large models: tokens x layers x 2 x kv_heads x head_dim x 4 bytes of disk)")
     return ap
 
 
@@ -82,20 +85,6 @@ def calibration_docs(args) -> tuple[list[str], str]:
     return load_texts(args.text), args.text
 
 
-def layer_metrics(cache: AquaKVCache, ks, vs) -> dict:
-    """Per-layer relMSE of predictions (before residual coding) and of reconstructions, on the given K/V."""
-    state = cache.encode(ks, vs)
-    recon = cache.decode_codes(state)
-    out = {}
-    for (stream, layer), codec in cache.codecs.items():
-        x = (ks if stream == "k" else vs)[layer]
-        pred = cache.predictors.get((stream, layer))
-        prediction = pred.predict([recon[s] for s in pred.sources], x) if pred is not None else torch.zeros_like(x)
-        out[f"{stream}.{layer}"] = {"prediction_rel_mse": rel_mse(x, prediction),
-                                    "reconstruction_rel_mse": rel_mse(x, recon[stream, layer])}
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``aquakv-calibrate``."""
     args = build_parser().parse_args(argv)
@@ -106,12 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     windows = tokenize_windows(tok, docs, args.seq_len, args.tokens)
     print(f"[aquakv-calibrate] {args.model}: {windows.numel()} tokens of {label} in {windows.shape[0]} sequences",
           flush=True)
-    ks, vs = capture_kv(model, windows)
-    del model
+    spill = (tempfile.TemporaryDirectory(prefix="aquakv-capture-", dir=args.spill_dir) if args.spill_dir
+             else contextlib.nullcontext())
+    with spill as spill_path:
+        ks, vs = capture_kv(model, windows, spill_dir=spill_path)
+        del model
+        _fit_and_save(args, config, ks, vs, windows, label, t0)
+
+
+def _fit_and_save(args, config, ks, vs, windows, label, t0) -> None:
+    """Fit on captured K/V (in RAM or memory-mapped), measure, write the artifact."""
     # tokens that stay 16-bit when served with sinks (the first of each sequence) do not enter the fit
     fit_mask = (torch.arange(windows.numel()) % windows.shape[1]) >= config.num_sink_tokens
     cache = AquaKVCache.calibrate(config, ks, vs, progress=True, fit_mask=fit_mask)
-    metrics = layer_metrics(cache, ks, vs)
+    metrics = cache.calibration_metrics
     out = args.out or default_artifact_dir(args.model)
     path = save_artifact(
         cache, out, {"fingerprint": model_fingerprint(args.model), "path": os.path.abspath(args.model)},

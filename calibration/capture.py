@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -87,11 +89,37 @@ def tokenize_windows(tokenizer, docs: list[str], window: int, max_tokens: int) -
 
 
 @torch.no_grad()
-def capture_kv(model, windows: torch.Tensor, progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Run the model on token windows [N, T] one at a time; per-layer K, V [N*T, H, h] float32."""
+def capture_kv(model, windows: torch.Tensor, progress: bool = True,
+               spill_dir: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run the model on token windows [N, T] one at a time; per-layer K, V [N*T, H, h] float32.
+
+    With ``spill_dir``, each layer's K and V go to a float32 memory-mapped file there as soon as a window is done,
+    so RAM holds one window's activations, not the whole calibration set (needed for large models).
+    """
+    import numpy as np
     from tqdm import tqdm
 
+    total = windows.numel()
+    stores = None
     with KVCapture(model) as cap:
-        for row in tqdm(windows, desc="capture K/V", unit="window", disable=not progress):
+        for i, row in enumerate(tqdm(windows, desc="capture K/V", unit="window", disable=not progress)):
             model(row[None].to(model.device))
-        return cap.take()
+            if spill_dir is None:
+                continue
+            ks, vs = cap.take()
+            if stores is None:
+                os.makedirs(spill_dir, exist_ok=True)
+                shape = (total, cap.num_kv_heads, cap.head_dim)
+                stores = [[np.lib.format.open_memmap(os.path.join(spill_dir, f"{s}{l}.npy"), mode="w+",
+                                                     dtype=np.float32, shape=shape) for l in range(len(ks))]
+                          for s in "kv"]
+            t0 = i * windows.shape[1]
+            for store, xs in zip(stores, (ks, vs)):
+                for mm, x in zip(store, xs):
+                    mm[t0:t0 + x.shape[0]] = x.numpy()
+        if spill_dir is None:
+            return cap.take()
+    for store in stores:
+        for mm in store:
+            mm.flush()
+    return tuple([torch.from_numpy(mm) for mm in store] for store in stores)

@@ -26,7 +26,6 @@ import time
 import torch
 
 from ..artifact import default_artifact_dir, load_artifact
-from ..codec import rel_mse
 from ..reference import AquaKVCache
 from ..rope import Rope
 from .calibrate import load_model

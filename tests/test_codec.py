@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vllm_aquakv.codec import HiggsCodec, Encoded, fwht, pack_codes, unpack_codes, rel_mse
+from vllm_aquakv.codec import HiggsCodec, fwht, pack_codes, unpack_codes, rel_mse
 from vllm_aquakv.grids import GRID_SPECS, grid_code_bits, grid_info, load_grid
 
 

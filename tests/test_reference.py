@@ -169,3 +169,21 @@ def test_fit_mask_excludes_outlier_tokens(rng):
         want = ks[l][mask].mean(0)
         assert torch.allclose(masked.predictors["k", l].bias, want, atol=1e-4)
         assert not torch.allclose(biased.predictors["k", l].bias, want, atol=1e-1)
+
+
+def test_calibrate_on_memory_mapped_capture_equals_in_ram(tmp_path, rng):
+    """--spill-dir path: capture to memory-mapped files gives the same K/V and the same fit as in RAM."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_aquakv.calibration.capture import capture_kv
+    from vllm_aquakv.calibration.models import make_tiny_llama
+
+    path = make_tiny_llama(str(tmp_path / "m"), num_layers=3, kv_heads=2, head_dim=32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    windows = torch.randint(0, 500, (3, 40), generator=rng)
+    ks, vs = capture_kv(model, windows, progress=False)
+    ks2, vs2 = capture_kv(model, windows, progress=False, spill_dir=str(tmp_path / "spill"))
+    assert all(torch.equal(a, b) for a, b in zip(ks + vs, ks2 + vs2)) and ks[0].shape == (120, 2, 32)
+    a, b = AquaKVCache.calibrate(AquaKVConfig(), ks, vs), AquaKVCache.calibrate(AquaKVConfig(), ks2, vs2)
+    assert all(torch.equal(a.predictors[k].bias, b.predictors[k].bias) for k in a.predictors)
+    assert set(a.calibration_metrics) == {f"{s}.{l}" for s in "kv" for l in range(3)}

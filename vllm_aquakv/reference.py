@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import Encoded, HiggsCodec, check_head_dim
+from .codec import Encoded, HiggsCodec, check_head_dim, rel_mse
 from .grids import GRID_SPECS
 from .predictors import LinearPredictor, RidgeStats, Source, parse_structure
 
@@ -135,6 +135,7 @@ class AquaKVCache:
                 num_kv_heads, head_dim, grid, config.group_size, config.rotate, config.seed, signs)
         self.signs = next(c.signs for c in self.codecs.values() if c is not None)
         self.predictors = predictors or {}
+        self.calibration_metrics: dict[str, dict] = {}  # filled by calibrate(): per 'k.l' / 'v.l' relMSE
 
     def to(self, device) -> "AquaKVCache":
         """Move codecs and predictors to ``device`` (in place); returns self."""
@@ -246,8 +247,14 @@ class AquaKVCache:
         cache._check_inputs(ks, vs)
         from tqdm import tqdm
 
+        last_use = {}  # drop each reconstruction after the last layer that reads it: memory O(1) layers for a chain
+        for stream, layer in cache.keys():
+            for src in config.sources(stream, layer):
+                last_use[src] = max(last_use.get(src, -1), layer)
         recon = {}
         for stream, layer in tqdm(cache.keys(), desc="fit predictors", unit="stream", disable=not progress):
+            for key in [k for k in recon if last_use.get(k, -1) < layer]:
+                del recon[key]
             x = (ks if stream == "k" else vs)[layer]
             codec = cache.codecs[stream, layer]
             if codec is None:
@@ -262,6 +269,8 @@ class AquaKVCache:
                                                                   (num_kv_heads, head_dim))
             prediction = cache._predict(stream, layer, recon, x)
             recon[stream, layer] = prediction + codec.quantize(x.float() - prediction)
+            cache.calibration_metrics[f"{stream}.{layer}"] = {
+                "prediction_rel_mse": rel_mse(x, prediction), "reconstruction_rel_mse": rel_mse(x, recon[stream, layer])}
         return cache
 
     # ---- accounting ------------------------------------------------------------------------------------
