@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge strength")
     ap.add_argument("--seed", type=int, default=0, help="Hadamard sign seed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--fit-without-sinks", action="store_true",
+                    help="leave the first --sinks tokens of every sequence out of the fits (for serving with 16-bit sinks)")
     ap.add_argument("--spill-dir", help="keep captured K/V in memory-mapped files under this folder instead of RAM "
                                         "(large models: tokens x layers x 2 x kv_heads x head_dim x 4 bytes of disk)")
     return ap
@@ -105,14 +107,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def _fit_and_save(args, config, ks, vs, windows, label, t0) -> None:
     """Fit on captured K/V (in RAM or memory-mapped), measure, write the artifact."""
-    # tokens that stay 16-bit when served with sinks (the first of each sequence) do not enter the fit
-    fit_mask = (torch.arange(windows.numel()) % windows.shape[1]) >= config.num_sink_tokens
+    # --fit-without-sinks: tokens that stay 16-bit when served with sinks (the first of each sequence) leave the fit.
+    # Off by default: vLLM quantizes every token today, sinks included, and they must be predicted well then.
+    fit_mask = ((torch.arange(windows.numel()) % windows.shape[1]) >= config.num_sink_tokens
+                if args.fit_without_sinks else None)
     cache = AquaKVCache.calibrate(config, ks, vs, progress=True, fit_mask=fit_mask)
     metrics = cache.calibration_metrics
     out = args.out or default_artifact_dir(args.model)
     path = save_artifact(
         cache, out, {"fingerprint": model_fingerprint(args.model), "path": os.path.abspath(args.model)},
         calibration={"text": label, "tokens": int(windows.numel()), "seq_len": args.seq_len,
+                     "fit_without_sinks": bool(args.fit_without_sinks),
                      "seconds": round(time.time() - t0, 1)},
         metrics=metrics)
     bits = cache.bits(4096)
