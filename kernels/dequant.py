@@ -9,6 +9,8 @@ Supports one scale per (token, KV head) (group_size == head_dim) and 1-, 2- or 4
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -46,8 +48,10 @@ def _dequant_paged_kernel(
     tl.store(out_ptr + t[:, None] * stride_out_t + head * stride_out_h + j[None, :], x, mask=t_mask[:, None])
 
 
-def sylvester_hadamard(n: int, device) -> torch.Tensor:
-    """The unnormalized Sylvester Hadamard matrix [n, n] (float32), the matrix form of ``codec.fwht``."""
+@functools.lru_cache(maxsize=None)
+def sylvester_hadamard(n: int, device: str) -> torch.Tensor:
+    """The unnormalized Sylvester Hadamard matrix [n, n] (float32) on ``device``, the matrix form of ``codec.fwht``
+    (built once per size and device)."""
     h = torch.ones(1, 1)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -66,7 +70,7 @@ def dequant_paged(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: in
     _, heads, page_block, _ = kv_cache.shape
     h = codec.head_dim
     out = torch.empty(seq_len, heads, h, dtype=torch.float32, device=kv_cache.device)
-    hadamard = sylvester_hadamard(h, kv_cache.device)
+    hadamard = sylvester_hadamard(h, str(kv_cache.device))
     grid = codec.grid.to(kv_cache.device).contiguous()
     signs = codec.signs.to(kv_cache.device).contiguous()
     launch = (triton.cdiv(seq_len, block_t), heads)

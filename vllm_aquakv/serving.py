@@ -77,8 +77,8 @@ class StepState:
 class TorchServingPath:
     """Cache write and paged attention for every layer, in plain torch."""
 
-    def __init__(self, cache: AquaKVCache, rope: Rope):
-        self.cache, self.rope = cache, rope
+    def __init__(self, cache: AquaKVCache, rope: Rope, use_kernels: bool = False):
+        self.cache, self.rope, self.use_kernels = cache, rope, use_kernels
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
                                    cache.exact_dtype) for l in range(cache.num_layers)]
         # the last layer whose predictors read (stream, layer): scratch is dropped after it
@@ -122,13 +122,20 @@ class TorchServingPath:
         pos = torch.arange(seq_len, device=kv_cache.device)
         slots = kv_cache[block_table[pos // block_size].long(), :, pos % block_size]  # [L, H, slot]
         parts = self.layouts[layer].unpack(slots)
-        for stream, part in zip("kv", parts):
+        offset = 0
+        for stream, part, part_bytes in zip("kv", parts, self.layouts[layer].parts):
             codec = self.cache.codecs[stream, layer]
             if codec is None:
                 recon[stream, layer] = part.float()
-                continue
-            residual = codec.decode(part)
-            recon[stream, layer] = self.cache._predict(stream, layer, recon, residual) + residual
+            else:
+                if self.use_kernels and codec.group_size == codec.head_dim:
+                    from .kernels.dequant import dequant_paged  # Triton: unpack + grid + scale + inverse Hadamard
+
+                    residual = dequant_paged(kv_cache, block_table, seq_len, codec, offset)
+                else:
+                    residual = codec.decode(part)
+                recon[stream, layer] = self.cache._predict(stream, layer, recon, residual) + residual
+            offset += sum(part_bytes)
 
     def attend(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: list[int], query_start_loc: list[int], scale: float, step: StepState) -> torch.Tensor:
