@@ -70,8 +70,7 @@ class ServingState:
         device = getattr(getattr(vllm_config, "device_config", None), "device", None) or "cpu"
         c.to(device)
         self.rope.inv_freq = self.rope.inv_freq.to(device)
-        # The Triton dequant kernel is not wired in yet: on the H100 the paged-steps test with it still disagrees with
-        # the CPU reference in 3 of 4 cases (not yet diagnosed), so CUDA serves with the verified torch path.
+        # The Triton dequant kernel is not wired in yet (see tests/test_serving_path.py): CUDA serves with the torch path.
         self.path = TorchServingPath(c, self.rope, use_kernels=False)
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         self._log()
