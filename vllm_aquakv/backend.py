@@ -20,6 +20,7 @@ from vllm.v1.attention.backend import (
 )
 
 from . import compat
+from .codec import head_dim_supported
 from .runtime import refuse_impl_features, serving_state
 from .serving import StepState, TorchServingPath
 
@@ -127,7 +128,7 @@ class AquaKVBackend(AttentionBackend):
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
-        return head_size >= 16 and head_size <= 512 and head_size & (head_size - 1) == 0
+        return head_dim_supported(head_size)
 
 
 for _name, _attr in {**compat.block_size_hooks(), **compat.kv_cache_layout_hooks()}.items():

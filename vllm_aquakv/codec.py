@@ -37,9 +37,14 @@ from .grids import GRID_SPECS, grid_bits_per_value, grid_code_bits, load_grid, n
 FP16_MAX = 65504.0
 
 
+def head_dim_supported(head_dim: int) -> bool:
+    """Whether the Hadamard rotation handles this head size (powers of two from 16 to 512)."""
+    return 16 <= head_dim <= 512 and head_dim & (head_dim - 1) == 0
+
+
 def check_head_dim(head_dim: int) -> None:
     """Refuse head sizes the Hadamard rotation cannot handle (powers of two from 16 to 512)."""
-    if head_dim < 16 or head_dim > 512 or head_dim & (head_dim - 1):
+    if not head_dim_supported(head_dim):
         raise ValueError(
             f"aquakv needs head_dim to be a power of two between 16 and 512 (Hadamard rotation); this model has "
             f"head_dim={head_dim}. Use another --kv-cache-dtype for this model."

@@ -15,6 +15,7 @@ import threading
 import torch
 
 from .artifact import ArtifactError, default_artifact_dir, load_artifact
+from .codec import head_dim_supported
 from .reference import AquaKVCache, AquaKVConfig
 from .rope import Rope, UnsupportedModel
 from .serving import TorchServingPath
@@ -78,13 +79,13 @@ class ServingState:
     def _log(self) -> None:
         bits = self.cache.bits(4096)
         slots = sorted({self.path.slot_bytes(l) for l in range(self.cache.num_layers)})
+        dtype = str(self.model_dtype).replace("torch.", "")
         _logger().info(
             "aquakv: %s; %.3f bits/value (codes + scales), slot %s bytes per (token, KV head) vs %d in %s: "
             "%.2fx the tokens of a %s cache at equal memory (%.2fx vs bf16); every token is stored as codes "
             "(no 16-bit sinks/window)",
             self.source, bits["bits_per_value"], "/".join(map(str, slots)), 2 * self.cache.head_dim *
-            self.model_dtype.itemsize, str(self.model_dtype).replace("torch.", ""),
-            self.path.capacity_ratio(self.model_dtype.itemsize), str(self.model_dtype).replace("torch.", ""),
+            self.model_dtype.itemsize, dtype, self.path.capacity_ratio(self.model_dtype.itemsize), dtype,
             self.path.capacity_ratio(2))
 
 
@@ -121,7 +122,7 @@ def check_selection(selected_backend, sel) -> None:
     if getattr(sel, "has_sink", False):
         raise UnsupportedModel("aquakv does not support models with learned attention sinks")
     head = getattr(sel, "head_size", None)
-    if head is not None and not (16 <= head <= 512 and head & (head - 1) == 0):
+    if head is not None and not head_dim_supported(head):
         raise UnsupportedModel(f"aquakv needs head_dim to be a power of two in [16, 512]; this model has {head}")
     dtype = getattr(sel, "dtype", None)
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -150,7 +150,7 @@ class TorchServingPath:
             v = recon["v", layer]
             q0, q1 = query_start_loc[r], query_start_loc[r + 1]
             out[q0:q1] = causal_attention(query[q0:q1].float(), k, v, scale, seq_len - (q1 - q0))
-            for key in [key for key in recon if self.last_use.get(key, -1) <= layer and key[1] <= layer]:
+            for key in [key for key in recon if self.last_use.get(key, -1) <= layer]:
                 del recon[key]  # no later layer reads it
         return out
 
