@@ -17,7 +17,7 @@ import time
 import torch
 
 from vllm_aquakv.calibration.calibrate import load_model
-from vllm_aquakv.calibration.capture import capture_kv, tokenize_windows
+from vllm_aquakv.calibration.capture import KeysInFrame, capture_kv, tokenize_windows
 from vllm_aquakv.calibration.evaluate import MixedCache, kivi_bits, kivi_quantize, perplexity
 from vllm_aquakv.calibration.models import smollm2_path
 from vllm_aquakv.calibration.texts import load_texts
@@ -41,6 +41,17 @@ CONFIGS = [
     ("K per-head anchor:4 3 bit, V dense from K_l", dict(key_predictor="per_head", key_topology="anchor:4",
                                                       value_topology="k_same", key_grid="d2n64")),
     ("K mean 3 bit, V dense from K_l", dict(key_predictor="mean", value_topology="k_same", key_grid="d2n64")),
+    # kernel-friendly: nothing crosses layers or KV heads, so one program per (sequence, KV head) decodes all it needs
+    ("K mean, V per-head from K_l", dict(key_predictor="mean", value_predictor="per_head", value_topology="k_same")),
+    ("K mean 3 bit, V per-head from K_l", dict(key_predictor="mean", value_predictor="per_head",
+                                               value_topology="k_same", key_grid="d2n64")),
+    # fused-kernel mode: keys quantized after RoPE, attention scores taken in the Hadamard domain (no key decode)
+    ("post-RoPE K none, V none", dict(key_rope="post", key_predictor="none", value_predictor="none")),
+    ("post-RoPE K mean, V mean", dict(key_rope="post", key_predictor="mean", value_predictor="mean")),
+    ("post-RoPE K mean, V per-head from K_l", dict(key_rope="post", key_predictor="mean", value_predictor="per_head",
+                                                    value_topology="k_same")),
+    ("post-RoPE K mean 3 bit, V per-head from K_l", dict(key_rope="post", key_predictor="mean", key_grid="d2n64",
+                                                          value_predictor="per_head", value_topology="k_same")),
 ]
 SHAPE_3B = dict(num_kv_heads=8, head_dim=128, num_q_heads=24)
 
@@ -50,6 +61,7 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--only", nargs="*", help="run only configurations whose label contains one of these")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "pareto_smollm2.json"))
     args = ap.parse_args()
     t0 = time.time()
@@ -64,7 +76,8 @@ def main():
 
     def evaluate(label, recon_fns, bits, cost, config):
         for (semantics, sinks, window), recon_fn in zip((("serving", 0, 0), ("paper", 4, 128)), recon_fns):
-            ppl = perplexity(model, windows, MixedCache(model, recon_fn, H, D, sinks, window, rope))
+            ppl = perplexity(model, windows, MixedCache(model, recon_fn, H, D, sinks, window, rope,
+                                                        config.get("key_rope", "pre")))
             rows.append({"label": label, "semantics": semantics, "bits_per_value": bits, "ppl": ppl,
                          "rel_ppl_delta": ppl / plain - 1, **cost, "config": config})
             print(f"{label:45s} {semantics:8s} {bits:.3f} bits  ppl {ppl:.3f} ({100 * (ppl / plain - 1):+.2f}%)  "
@@ -74,8 +87,11 @@ def main():
     # served in 16-bit (paper semantics), and are fitted when every token is quantized (serving semantics)
     no_sinks = torch.arange(ks[0].shape[0]) % 1024 >= 4
     for label, overrides in CONFIGS:
+        if args.only and not any(o in label for o in args.only):
+            continue
         config = AquaKVConfig(**overrides)
-        fns = [lambda s, l, x, r, c=AquaKVCache.calibrate(config, ks, vs, fit_mask=mask): c.encode_stream(s, l, x, r)[1]
+        k_frame = KeysInFrame(ks, rope, 1024, config.key_rope)
+        fns = [lambda s, l, x, r, c=AquaKVCache.calibrate(config, k_frame, vs, fit_mask=mask): c.encode_stream(s, l, x, r)[1]
                for mask in (None, no_sinks)]
         evaluate(label, fns, AquaKVCache(config, len(ks), H, D).bits(args.ctx)["bits_per_value"],
                  decode_cost(config, **SHAPE_3B), config.to_json())

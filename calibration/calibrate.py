@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -20,7 +21,8 @@ import torch
 from ..artifact import default_artifact_dir, model_fingerprint, save_artifact
 from ..grids import GRID_SPECS
 from ..reference import AquaKVCache, AquaKVConfig
-from .capture import capture_kv, tokenize_windows
+from ..rope import Rope
+from .capture import KeysInFrame, capture_kv, tokenize_windows
 from .texts import TEXT_SETS, load_texts
 
 BITS_TO_GRID = {2: "d2n16", 3: "d2n64", 4: "d2n256"}
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--value-predictor", default=d.value_predictor, help="none | mean | dense | per_head | lowrank:R")
     ap.add_argument("--key-topology", default=d.key_topology, help="chain | anchor:G | none")
     ap.add_argument("--value-topology", default=d.value_topology, help="k_same+v_prev | k_same | v_prev | none")
+    ap.add_argument("--key-rope", default=d.key_rope, choices=("pre", "post"),
+                    help="quantize keys before RoPE (paper) or after it (fused-kernel mode; key predictor none/mean)")
     ap.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge strength")
     ap.add_argument("--seed", type=int, default=0, help="Hadamard sign seed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,7 +69,15 @@ def config_from_args(args) -> AquaKVConfig:
         value_grid=BITS_TO_GRID[args.value_bits] if args.value_bits else args.value_grid,
         layer0_grid=args.layer0, group_size=args.group_size, seed=args.seed, num_sink_tokens=args.sinks,
         window=args.window, key_predictor=args.key_predictor, value_predictor=args.value_predictor,
-        key_topology=args.key_topology, value_topology=args.value_topology, ridge=args.ridge)
+        key_topology=args.key_topology, value_topology=args.value_topology, ridge=args.ridge,
+        key_rope=args.key_rope)
+
+
+def model_text_config(model_dir: str) -> dict:
+    """The model's config.json (its text_config for multimodal wrappers)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        hf = json.load(f)
+    return hf.get("text_config", hf)
 
 
 def load_model(model_dir: str, device: str):
@@ -111,6 +123,8 @@ def _fit_and_save(args, config, ks, vs, windows, label, t0) -> None:
     # Off by default: vLLM quantizes every token today, sinks included, and they must be predicted well then.
     fit_mask = ((torch.arange(windows.numel()) % windows.shape[1]) >= config.num_sink_tokens
                 if args.fit_without_sinks else None)
+    rope = Rope(model_text_config(args.model), ks[0].shape[-1])
+    ks = KeysInFrame(ks, rope, windows.shape[1], config.key_rope)
     cache = AquaKVCache.calibrate(config, ks, vs, progress=True, fit_mask=fit_mask)
     metrics = cache.calibration_metrics
     out = args.out or default_artifact_dir(args.model)

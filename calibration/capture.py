@@ -123,3 +123,24 @@ def capture_kv(model, windows: torch.Tensor, progress: bool = True,
         for mm in store:
             mm.flush()
     return tuple([torch.from_numpy(mm) for mm in store] for store in stores)
+
+
+class KeysInFrame:
+    """Captured pre-RoPE keys (per layer [N*T, H, h], windows of ``seq_len`` tokens from position 0) seen in the
+    artifact's key frame: unchanged for key_rope 'pre', rotated by each token's position for 'post'.  Layers are
+    rotated on access, so memory-mapped captures stay on disk."""
+
+    def __init__(self, ks: list[torch.Tensor], rope, seq_len: int, key_rope: str):
+        self.ks, self.rope, self.seq_len, self.post = ks, rope, seq_len, key_rope == "post"
+
+    def __len__(self) -> int:
+        return len(self.ks)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        k = self.ks[layer]
+        if not self.post:
+            return k
+        return self.rope.apply(k, torch.arange(k.shape[0], device=k.device) % self.seq_len)
+
+    def __iter__(self):
+        return (self[l] for l in range(len(self)))

@@ -18,9 +18,7 @@ fp16 scale and zero per group).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 
 import torch
@@ -28,7 +26,7 @@ import torch
 from ..artifact import default_artifact_dir, load_artifact
 from ..reference import AquaKVCache
 from ..rope import Rope
-from .calibrate import load_model
+from .calibrate import load_model, model_text_config
 from .capture import install_kv_hooks, tokenize_windows
 from .texts import TEXT_SETS, load_texts
 
@@ -61,14 +59,17 @@ def kivi_bits(head_dim: int, bits: int = 2, key_group: int = 128) -> float:
 class MixedCache:
     """Context manager: the model attends to K/V as a cache with 16-bit sinks/window would serve them.
 
-    ``reconstruct(stream, layer, x, recon)`` gives the stored-and-decoded version of x [T, H, h] (pre-RoPE),
-    e.g. ``AquaKVCache.encode_stream``'s second output.  Hooks record exact and reconstructed pre-RoPE K/V per
+    ``reconstruct(stream, layer, x, recon)`` gives the stored-and-decoded version of x [T, H, h], e.g.
+    ``AquaKVCache.encode_stream``'s second output; keys are handed to it pre-RoPE, or post-RoPE when
+    ``key_rope="post"`` (batch 1, positions 0..T-1).  Hooks record exact and reconstructed pre-RoPE K/V per
     layer; a registered attention function mixes them per (query, key) pair.
     """
 
-    def __init__(self, model, reconstruct, num_kv_heads: int, head_dim: int, sinks: int, window: int, rope: Rope):
+    def __init__(self, model, reconstruct, num_kv_heads: int, head_dim: int, sinks: int, window: int, rope: Rope,
+                 key_rope: str = "pre"):
         self.model, self.reconstruct = model, reconstruct
         self.h, self.d, self.sinks, self.window, self.rope = num_kv_heads, head_dim, sinks, window, rope
+        self.key_rope = key_rope
         self.delta: dict[tuple[str, int], torch.Tensor] = {}  # recon - exact, pre-RoPE [T, H, h]
         self.recon: dict[tuple[str, int], torch.Tensor] = {}
         self.errors: dict[tuple[str, int], list[float]] = {}  # per-layer sums: [err, energy]
@@ -79,8 +80,12 @@ class MixedCache:
             x = output.detach().float().reshape(-1, self.h, self.d)  # batch 1: [T, H, h]
             if stream == "k" and layer == 0:
                 self.recon.clear()
-            rec = self.reconstruct(stream, layer, x, self.recon)
-            self.recon[stream, layer] = rec
+            post = stream == "k" and self.key_rope == "post"
+            pos = torch.arange(x.shape[0], device=x.device)
+            rec = self.reconstruct(stream, layer, self.rope.apply(x, pos) if post else x, self.recon)
+            self.recon[stream, layer] = rec  # in the cache's frame: later predictors read it
+            if post:
+                rec = self.rope.undo(rec, pos)
             self.delta[stream, layer] = rec - x
             e = self.errors.setdefault((stream, layer), [0.0, 0.0])
             e[0] += float(((rec - x) ** 2).sum())
@@ -155,9 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     art = args.artifact or default_artifact_dir(args.model)
     cache, manifest = load_artifact(art, args.model)
     model, tok = load_model(args.model, args.device)
-    with open(os.path.join(args.model, "config.json")) as f:
-        hf = json.load(f)
-    rope = Rope(hf.get("text_config", hf), cache.head_dim)
+    rope = Rope(model_text_config(args.model), cache.head_dim)
     windows = tokenize_windows(tok, load_texts(args.text), args.ctx, args.windows * args.ctx)
     H, D, cfg = cache.num_kv_heads, cache.head_dim, cache.config
 
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(("kivi-2bit", "serving", lambda s, l, x, recon: kivi_quantize(x, s), 0, 0, kivi_bits(D)))
     per_layer = {}
     for name, semantics, fn, sinks, window, bits in runs:
-        mixed = MixedCache(model, fn, H, D, sinks, window, rope)
+        mixed = MixedCache(model, fn, H, D, sinks, window, rope, cfg.key_rope)
         ppl = perplexity(model, windows, mixed)
         n_exact = min(args.ctx, sinks + window)
         rows.append({"kv_cache_dtype": name, "semantics": f"{semantics} (sinks {sinks}, window {window})",

@@ -7,6 +7,7 @@ from vllm_aquakv.codec import HiggsCodec
 from vllm_aquakv.serving import SlotLayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = pytest.mark.skipif(DEVICE == "cpu", reason="real shapes: too slow for the interpreter, run on the GPU")
 
 
 @pytest.mark.parametrize("grid,head_dim,heads,page_block", [("d2n16", 64, 3, 16), ("d2n64", 32, 2, 32),
@@ -32,3 +33,69 @@ def test_dequant_paged_matches_torch_twin(grid, head_dim, heads, page_block, rng
         got = dequant_paged(cache, table, seq_len, codec, offset, block_t=16).cpu()
         want = codec.decode(enc)
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("head_dim,heads,q_heads,page_block,key_predictor,value_predictor,k_grid,v_grid", [
+    (32, 2, 6, 16, "mean", "per_head", "d2n16", "d2n64"),  # GQA 3:1, V from same-layer K, 6-bit value codes
+    (64, 1, 4, 32, "none", "mean", "d2n64", "d2n16"),  # GQA 4:1
+    (32, 2, 8, 16, "mean", "none", "d1n8", "d4n256"),
+    *[pytest.param(128, 8, q, page, "mean", "per_head", "d2n16", "d2n16", marks=ON_GPU)  # Llama-3B shapes
+      for q, page in ((24, 16), (32, 32), (24, 64), (32, 128))],
+    pytest.param(64, 8, 24, 16, "mean", "per_head", "d2n64", "d2n16", marks=ON_GPU),
+])
+def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block, key_predictor, value_predictor,
+                                            k_grid, v_grid, rng):
+    """The fused kernel (scores and value sums in the Hadamard domain, split-K partials, torch epilogue) against
+    TorchServingPath.attend on the same paged cache: ragged batch mixing a decode, a prefill chunk across block
+    boundaries and a long single-token decode; blocks handed out in random order."""
+    from vllm_aquakv.kernels.attention import fused_attention, fused_layer_or_reason, plan_attention
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.rope import Rope
+    from vllm_aquakv.serving import StepState, TorchServingPath
+
+    config = AquaKVConfig(key_rope="post", key_predictor=key_predictor, value_predictor=value_predictor,
+                          value_topology="k_same" if value_predictor == "per_head" else "none", key_grid=k_grid,
+                          value_grid=v_grid, layer0_grid=k_grid)
+    rope = Rope({"rope_theta": 10000.0}, head_dim)
+    T = 400
+    k_pre = torch.randn(T, heads, head_dim, generator=rng) * 2 + torch.randn(heads, head_dim, generator=rng) * 3
+    v = torch.einsum("thi,hio->tho", k_pre, torch.randn(heads, head_dim, head_dim, generator=rng) / head_dim ** 0.5)
+    v = v + 0.3 * torch.randn(T, heads, head_dim, generator=rng)
+    k_post = rope.apply(k_pre, torch.arange(T))
+    cache = AquaKVCache.calibrate(config, [k_post, k_post], [v, v]).to(DEVICE)
+    rope.inv_freq = rope.inv_freq.to(DEVICE)
+    path = TorchServingPath(cache, rope)
+    layer = 1
+    fused = fused_layer_or_reason(cache, path.layouts[layer], layer)
+    assert not isinstance(fused, str), fused
+    lens, new = [150, 37, 9], [1, 20, 9]  # context incl. this step's tokens; tokens this step
+    num_blocks = sum(-(-n // page_block) for n in lens) + 3
+    kv = torch.zeros(num_blocks, heads, page_block, path.slot_bytes(layer), dtype=torch.uint8, device=DEVICE)
+    perm = torch.randperm(num_blocks, generator=rng).to(torch.int32)
+    max_blocks = -(-max(lens) // page_block)
+    tables, at = [], 0
+    for n in lens:
+        nb = -(-n // page_block)
+        tables.append(torch.cat([perm[at:at + nb], torch.zeros(max_blocks - nb, dtype=torch.int32)]))
+        at += nb
+    block_table = torch.stack(tables).to(DEVICE)
+    for r, n in enumerate(lens):  # write every token of every request
+        pos = torch.arange(n)
+        slots = (block_table[r, pos // page_block].long().cpu() * page_block + pos % page_block).to(DEVICE)
+        key = k_post[pos].to(DEVICE) * (1 + r)
+        path.write(layer, kv, slots, key, v[pos].to(DEVICE), pos.to(DEVICE), StepState(), [n])
+    qsl = [0]
+    for q in new:
+        qsl.append(qsl[-1] + q)
+    query = torch.randn(qsl[-1], q_heads, head_dim, generator=rng).to(DEVICE)
+    scale = head_dim ** -0.5
+    want = path.attend(layer, query, kv, block_table, lens, qsl, scale, StepState()).cpu()
+    for min_programs in (1, 10_000):  # no split, and split-K over many segments
+        plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
+                              min_programs=min_programs)
+        got = fused_attention(query, kv, block_table, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                              torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan, fused, scale).cpu()
+        err = (got - want).norm() / want.norm()
+        tol = 1e-5 if DEVICE == "cpu" else 2e-2  # float32 in the interpreter; bfloat16 tensor-core inputs on a GPU
+        assert err < tol, (min_programs, err)
+        assert torch.allclose(got, want, atol=tol * 5 * want.abs().max().item()), (got - want).abs().max()

@@ -28,7 +28,9 @@ def attention64(q, k, v, scale, first_pos):
 
 @pytest.mark.parametrize("config", [AquaKVConfig(), AquaKVConfig(key_predictor="per_head", value_predictor="lowrank:8",
                                                                   key_topology="anchor:2", value_topology="k_same",
-                                                                  layer0_grid="16bit", key_grid="d2n64")])
+                                                                  layer0_grid="16bit", key_grid="d2n64"),
+                                    AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor="per_head",
+                                                 value_topology="k_same", value_grid="d2n64")])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("use_kernels", [False])
 def test_paged_steps_match_reference(config, block_size, use_kernels, rng):
@@ -39,6 +41,9 @@ def test_paged_steps_match_reference(config, block_size, use_kernels, rng):
     lens = [70, 45]  # two requests
     seqs = [correlated_kv(rng, T=t) for t in lens]
     calib = correlated_kv(rng, T=300)
+    post_frame = config.key_rope == "post"
+    if post_frame:  # the cache sees keys after RoPE
+        calib = ([Rope(ROPE_CFG, D).apply(k, torch.arange(300)) for k in calib[0]], calib[1])
     cache = AquaKVCache.calibrate(config, *calib)
     L = cache.num_layers
     rope = Rope(ROPE_CFG, D)
@@ -83,9 +88,10 @@ def test_paged_steps_match_reference(config, block_size, use_kernels, rng):
             for i, ((r, n), s) in enumerate(zip(reqs, starts)):
                 # reference: whole prefix through the reference cache, serving semantics (every token via codes)
                 ref_cache = AquaKVCache(cache.config, L, H, D, cache.predictors, cache.signs)
-                state = ref_cache.encode([k[:s + n] for k in pre[r]], [v[:s + n] for v in seqs[r][1]])
+                keys = post[r] if post_frame else pre[r]
+                state = ref_cache.encode([k[:s + n] for k in keys], [v[:s + n] for v in seqs[r][1]])
                 recon = ref_cache.decode_codes(state)
-                k_ref = rope.apply(recon["k", l], torch.arange(s + n))
+                k_ref = recon["k", l] if post_frame else rope.apply(recon["k", l], torch.arange(s + n))
                 want = attention64(queries[r][s:s + n], k_ref, recon["v", l], scale, s)
                 got = out[qsl[i]:qsl[i + 1]]
                 assert torch.allclose(got.double(), want, atol=2e-4, rtol=1e-3), (l, r, (got - want).abs().max())

@@ -1,18 +1,25 @@
 """Run vLLM's LLM in a fresh process and print JSON (tests call it via subprocess: one engine per process).
 
     python tests/vllm_runner.py '{"model": ..., "kv_cache_dtype": "aquakv", "prompt_token_ids": [[...]], "max_tokens": 32}'
+    python tests/vllm_runner.py @args.json
 """
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 
 def run_vllm(**args) -> dict:
     """LLM(...) in a fresh process (this file as a script); returns its JSON result or raises with its log."""
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(args)], capture_output=True, text=True,
-                          timeout=600)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:  # long prompt lists exceed the argv limit
+        json.dump(args, f)
+        f.flush()
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "@" + f.name], capture_output=True,
+                              text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"vLLM run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -24,13 +31,18 @@ if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    args = json.loads(sys.argv[1])
+    arg = sys.argv[1]
+    if arg.startswith("@"):
+        with open(arg[1:]) as f:
+            arg = f.read()
+    args = json.loads(arg)
     llm = LLM(model=args["model"], kv_cache_dtype=args["kv_cache_dtype"], enforce_eager=True,
               dtype=args.get("dtype", "float32"), max_model_len=args.get("max_model_len", 2048),
               block_size=args.get("block_size", 32), seed=0, **args.get("engine", {}))
     cc = llm.llm_engine.vllm_config.cache_config
     result = {"kv_tokens": cc.num_gpu_blocks * cc.block_size, "outputs": []}
     prompts = [{"prompt_token_ids": ids} for ids in args.get("prompt_token_ids", [])]
+    t0 = time.time()
     if args.get("prompt_logprobs"):
         outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
         result["prompt_logprobs"] = [[None if d is None else next(iter(d.values())).logprob for d in o.prompt_logprobs]
@@ -38,4 +50,10 @@ if __name__ == "__main__":
     else:
         params = SamplingParams(max_tokens=args.get("max_tokens", 32), temperature=0, ignore_eos=True)
         result["outputs"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+    result["generate_seconds"] = time.time() - t0
+    if args.get("also_prompt_logprobs"):  # prompt logprobs of the first N prompts, same engine
+        outs = llm.generate(prompts[: args["also_prompt_logprobs"]],
+                            SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+        result["prompt_logprobs"] = [[None if d is None else next(iter(d.values())).logprob for d in o.prompt_logprobs]
+                                     for o in outs]
     print("RESULT " + json.dumps(result), flush=True)

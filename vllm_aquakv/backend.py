@@ -21,6 +21,7 @@ from vllm.v1.attention.backend import (
 
 from . import compat
 from .codec import head_dim_supported
+from .kernels.attention import AttentionPlan, fused_attention, plan_attention
 from .runtime import refuse_impl_features, serving_state
 from .serving import StepState, TorchServingPath
 
@@ -35,7 +36,10 @@ class AquaKVMetadata:
     block_table: torch.Tensor  # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
     positions: torch.Tensor  # [num_actual_tokens]
+    seq_lens_dev: torch.Tensor  # [num_reqs] int32 on the device (fused kernel)
+    query_start_loc_dev: torch.Tensor  # [num_reqs + 1] int32 on the device
     path: TorchServingPath  # the process's serving path (artifact, codecs, predictors)
+    plan: AttentionPlan | None = None  # the fused kernel's launch plan, made by the step's first fused layer
 
     @property
     def query_lens(self) -> list[int]:
@@ -54,13 +58,16 @@ class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> AquaKVMetadata:
         cm = common_attn_metadata
         n = cm.num_actual_tokens
+        num_reqs = cm.num_reqs
         return AquaKVMetadata(
             num_actual_tokens=n,
-            query_start_loc=cm.query_start_loc_cpu.tolist(),
-            seq_lens=cm.seq_lens.cpu().tolist()[: cm.num_reqs],
+            query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].tolist(),
+            seq_lens=cm.seq_lens.cpu().tolist()[:num_reqs],
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping[:n],
             positions=compat.token_positions(cm),
+            seq_lens_dev=cm.seq_lens[:num_reqs],
+            query_start_loc_dev=cm.query_start_loc[: num_reqs + 1],
             path=self.state.path,
         )
 
@@ -95,8 +102,18 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
             return output
         md: AquaKVMetadata = attn_metadata
         n = md.num_actual_tokens
-        out = md.path.attend(compat.layer_index(layer.layer_name), query[:n].view(n, self.num_heads, self.head_size), kv_cache, md.block_table,
-                          md.seq_lens, md.query_start_loc, self.scale, compat.step_scratch(StepState))
+        index = compat.layer_index(layer.layer_name)
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        fused = md.path.fused.get(index)
+        if fused is not None:  # CUDA, post-RoPE artifact: scores and value sums straight from the codes
+            if md.plan is None:
+                md.plan = plan_attention(md.query_start_loc, max(md.seq_lens), self.num_heads, self.num_kv_heads,
+                                         query.device, dot_fp32=md.path.kernel_dot_fp32)
+            out = fused_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.plan,
+                                  fused, self.scale)
+        else:
+            out = md.path.attend(index, query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
+                                 compat.step_scratch(StepState))
         output[:n] = out.reshape(output[:n].shape).to(output.dtype)
         return output
 

@@ -10,7 +10,11 @@ Per decode step, attention of layer l must touch every cached token of layer l. 
 - FLOPs: attention itself (2 * G for QK and PV, G query heads per KV head), dequantization (~2), and the predictors
   applied per cached token: dense 2 * d_in, per-head 2 * h_in, low-rank 2 * R * (1 + d_in / d).  A value predictor
   whose only source is the same layer's keys is linear in the keys, so it can be applied once per query after the
-  softmax-weighted sum: it costs ~2 * G per value (one more PV-like product), not 2 * d_in.
+  softmax-weighted sum: it costs ~2 * G per value (one more PV-like product) when it is per head, and H times that
+  when it is dense (each query head then needs the weighted key sums of every KV head).
+- Keys: pre-RoPE keys must be decoded per cached token (inverse Hadamard, 2 * h FLOPs per key value on tensor cores,
+  then RoPE); post-RoPE keys (``key_rope="post"``) are scored in the Hadamard domain (q rotated once per query), so
+  they cost nothing beyond dequantization.  Values are always summed in the Hadamard domain and rotated once.
 """
 
 from __future__ import annotations
@@ -42,8 +46,12 @@ def decode_cost(config: AquaKVConfig, num_kv_heads: int, head_dim: int, num_q_he
     for stream in "kv":
         structure = config.key_predictor if stream == "k" else config.value_predictor
         sources = config.sources(stream, layer) if parse_structure(structure)[0] not in ("none", "mean") else ()
+        if stream == "k" and config.key_rope == "pre":
+            flops += 2.0 * h / 2  # per-token inverse Hadamard of the keys (half the values are keys)
+            notes.append("pre-RoPE keys decoded per token")
         if stream == "v" and sources == (("k", layer),):
-            flops += 2.0 * g / 2  # after the softmax: one PV-like product, half the values are V
+            heads = 1 if parse_structure(structure)[0] == "per_head" else num_kv_heads
+            flops += 2.0 * g * heads / 2  # after the softmax: PV-like products, half the values are V
             notes.append("V from same-layer K after softmax")
             continue
         flops += _predictor_flops(structure, len(sources), d, h) / 2

@@ -12,7 +12,9 @@ For one sequence of T tokens the cache holds, for every layer l and stream s in 
 - layer 0 has no cross-layer source: it is quantized directly (``layer0_grid``, by default at 4 bits, with
   the per-channel mean as its only predictor) or kept in 16-bit (``layer0_grid="16bit"``).
 
-Keys are pre-RoPE throughout.  ``AquaKVCache.calibrate`` fits the predictors layer by layer with quantization
+Keys are pre-RoPE (``key_rope="pre"``, the paper) or post-RoPE (``key_rope="post"``: the fast-kernel mode, whose
+attention scores are taken in the Hadamard domain without decoding keys; then keys have no cross-token predictor,
+only none or a per-channel mean).  The cache is frame-agnostic: callers hand it keys in the configured frame.  ``AquaKVCache.calibrate`` fits the predictors layer by layer with quantization
 in the loop (each layer's predictor sees the reconstructions the decoder will see).
 """
 
@@ -51,6 +53,7 @@ class AquaKVConfig:
     value_topology: str = "k_same+v_prev"  # k_same+v_prev | k_same | v_prev | none
     ridge: float = 1e-3
     exact_dtype: str = "bfloat16"  # dtype of the 16-bit sinks / window / layers
+    key_rope: str = "pre"  # keys quantized before RoPE (paper) or after it ("post": fused-kernel mode)
 
     def __post_init__(self):
         for g in (self.key_grid, self.value_grid):
@@ -67,6 +70,11 @@ class AquaKVConfig:
             raise ValueError(f"value_topology must be one of {VALUE_TOPOLOGIES}, got {self.value_topology!r}")
         if self.num_sink_tokens < 0 or self.window < 0:
             raise ValueError("num_sink_tokens and window must be >= 0")
+        if self.key_rope not in ("pre", "post"):
+            raise ValueError(f"key_rope must be 'pre' or 'post', got {self.key_rope!r}")
+        if self.key_rope == "post" and parse_structure(self.key_predictor)[0] not in ("none", "mean"):
+            raise ValueError("key_rope='post' keys are predicted by none or mean only (a position-dependent frame "
+                             f"defeats cross-layer predictors), got key_predictor={self.key_predictor!r}")
         if self.exact_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"exact_dtype must be bfloat16, float16 or float32, got {self.exact_dtype!r}")
 
@@ -75,6 +83,8 @@ class AquaKVConfig:
         if layer == 0:
             return ()
         if stream == "k":
+            if self.key_rope == "post":
+                return ()
             if self.key_topology == "chain":
                 return (("k", layer - 1),)
             if self.key_topology.startswith("anchor:"):

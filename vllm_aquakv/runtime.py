@@ -71,10 +71,36 @@ class ServingState:
         device = getattr(getattr(vllm_config, "device_config", None), "device", None) or "cpu"
         c.to(device)
         self.rope.inv_freq = self.rope.inv_freq.to(device)
-        # The Triton dequant kernel is not wired in yet (see tests/test_serving_path.py): CUDA serves with the torch path.
         self.path = TorchServingPath(c, self.rope, use_kernels=False)
+        self.kernel_note = "torch attention path (CPU)"
+        on_cuda = str(device).startswith("cuda")
+        if extra.get("aquakv_kernels", on_cuda):
+            if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
+                                       "set TRITON_INTERPRET=1, or drop aquakv_kernels")
+            self._enable_fused_kernel(num_layers)
+            precision = extra.get("aquakv_kernel_precision", "bf16")
+            if precision not in ("bf16", "fp32"):
+                raise UnsupportedModel(f"aquakv_kernel_precision must be 'bf16' or 'fp32', got {precision!r}")
+            self.path.kernel_dot_fp32 = precision == "fp32"
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         self._log()
+
+    def _enable_fused_kernel(self, num_layers: int) -> None:
+        """Serve every layer the fused Triton attention kernel can (kernels/attention.py); say which and why not."""
+        from .kernels.attention import fused_layer_or_reason
+
+        reasons = {}
+        for layer in range(num_layers):
+            fused = fused_layer_or_reason(self.cache, self.path.layouts[layer], layer)
+            if isinstance(fused, str):
+                reasons[layer] = fused
+            else:
+                self.path.fused[layer] = fused
+        self.kernel_note = f"fused Triton attention on {len(self.path.fused)}/{num_layers} layers"
+        if reasons:
+            first = next(iter(reasons.items()))
+            self.kernel_note += (f"; torch path (slow) on layers {sorted(reasons)}, e.g. layer {first[0]}: {first[1]}")
 
     def _log(self) -> None:
         bits = self.cache.bits(4096)
@@ -83,10 +109,10 @@ class ServingState:
         _logger().info(
             "aquakv: %s; %.3f bits/value (codes + scales), slot %s bytes per (token, KV head) vs %d in %s: "
             "%.2fx the tokens of a %s cache at equal memory (%.2fx vs bf16); every token is stored as codes "
-            "(no 16-bit sinks/window)",
+            "(no 16-bit sinks/window); %s",
             self.source, bits["bits_per_value"], "/".join(map(str, slots)), 2 * self.cache.head_dim *
             self.model_dtype.itemsize, dtype, self.path.capacity_ratio(self.model_dtype.itemsize), dtype,
-            self.path.capacity_ratio(2))
+            self.path.capacity_ratio(2), self.kernel_note)
 
 
 def serving_state(vllm_config) -> ServingState:

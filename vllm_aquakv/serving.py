@@ -69,7 +69,7 @@ class SlotLayout:
 
 @dataclass
 class StepState:
-    """Per-forward-step scratch shared by all layers: reconstructed pre-RoPE K/V of each request's whole context."""
+    """Per-forward-step scratch shared by all layers: reconstructed K/V of each request's whole context."""
 
     recon: list[dict[tuple[str, int], torch.Tensor]] = field(default_factory=list)  # per request
 
@@ -79,6 +79,8 @@ class TorchServingPath:
 
     def __init__(self, cache: AquaKVCache, rope: Rope, use_kernels: bool = False):
         self.cache, self.rope, self.use_kernels = cache, rope, use_kernels
+        self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
+        self.kernel_dot_fp32 = False  # float32 instead of bfloat16 tensor-core inputs in the fused kernel
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
                                    cache.exact_dtype) for l in range(cache.num_layers)]
         # the last layer whose predictors read (stream, layer): scratch is dropped after it
@@ -105,8 +107,9 @@ class TorchServingPath:
         for src in {s for stream in "kv" for s in getattr(self.cache.predictors.get((stream, layer)), "sources", ())}:
             if src[1] != layer:
                 sources[src] = torch.cat([r[src][-q:] for r, q in zip(step.recon, query_lens)])
-        k_pre = self.rope.undo(key[:n], positions[:n])
-        k_part, sources["k", layer] = self.cache.encode_stream("k", layer, k_pre, sources)
+        post = self.cache.config.key_rope == "post"
+        k_in = key[:n].float() if post else self.rope.undo(key[:n], positions[:n])  # the artifact's key frame
+        k_part, sources["k", layer] = self.cache.encode_stream("k", layer, k_in, sources)
         v_part, _ = self.cache.encode_stream("v", layer, value[:n].float(), sources)
         slots = self.layouts[layer].pack([k_part, v_part])  # [N, H, slot]
         valid = slot_mapping >= 0  # padded entries are -1
@@ -117,7 +120,8 @@ class TorchServingPath:
     # ---- read + attend --------------------------------------------------------------------------------
     def read_context(self, layer: int, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
                      recon: dict) -> None:
-        """Reconstruct one request's whole context of ``layer`` into ``recon`` (pre-RoPE K, V [seq_len, H, h])."""
+        """Reconstruct one request's whole context of ``layer`` into ``recon`` (K in the artifact's key frame, V;
+        [seq_len, H, h] each)."""
         block_size = kv_cache.shape[2]
         pos = torch.arange(seq_len, device=kv_cache.device)
         slots = kv_cache[block_table[pos // block_size].long(), :, pos % block_size]  # [L, H, slot]
@@ -146,7 +150,9 @@ class TorchServingPath:
         for r, seq_len in enumerate(seq_lens):
             recon = step.recon[r]
             self.read_context(layer, kv_cache, block_table[r], seq_len, recon)
-            k = self.rope.apply(recon["k", layer], torch.arange(seq_len, device=query.device))
+            k = recon["k", layer]
+            if self.cache.config.key_rope == "pre":
+                k = self.rope.apply(k, torch.arange(seq_len, device=query.device))
             v = recon["v", layer]
             q0, q1 = query_start_loc[r], query_start_loc[r + 1]
             out[q0:q1] = causal_attention(query[q0:q1].float(), k, v, scale, seq_len - (q1 - q0))

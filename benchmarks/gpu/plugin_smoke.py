@@ -1,11 +1,15 @@
-"""GPU smoke test of the plugin on vLLM 0.26 + CUDA (torch serving path; no Triton kernels yet).
+"""GPU smoke test of the plugin on vLLM 0.26 + CUDA: the fused Triton attention kernel vs the torch path vs auto.
 
-Builds a random-weight Llama-3.2-3B-shaped model on the GPU, calibrates an artifact on random token text
-(predictors are meaningless on random weights: this checks plumbing, not quality), then runs LLM(...) with
-kv_cache_dtype aquakv and auto at equal --gpu-memory-utilization and records vLLM's KV-cache token counts, the
-generated tokens and wall times.  Run on the device machine (see benchmarks/gpu/README.md):
+Builds a random-weight Llama-3.2-3B-shaped model on the GPU, calibrates a fused-kernel-mode artifact (post-RoPE
+keys, key mean, per-head value predictor from the same layer's keys) on random token text (predictors are
+meaningless on random weights: this checks plumbing and speed, not quality), then runs LLM(...) with
+kv_cache_dtype aquakv (fused kernel), aquakv with ``aquakv_kernels: false`` (torch path) and auto at equal
+--gpu-memory-utilization; records vLLM's KV-cache token counts, the greedy tokens (fused vs torch path) and the
+wall time of generate() for 3 short prompts + 32 prompts of 2,048 tokens (64 new tokens each; torch path:
+the 3 short prompts only).  Run on the device machine (see
+benchmarks/gpu/README.md):
 
-    python3 benchmarks/gpu/plugin_smoke.py $OUT
+    python3 benchmarks/gpu/plugin_smoke.py $OUT [--short] [--fp32-model]
 """
 
 import json
@@ -21,7 +25,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def main():
-    out_dir = sys.argv[1] if len(sys.argv) > 1 else "/tmp/out"
+    out_dir = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "/tmp/out"
     from vllm_runner import run_vllm
     from vllm_aquakv.calibration.models import make_tiny_llama
 
@@ -37,23 +41,50 @@ def main():
         f.write(" ".join("w" + str(int(i)) for i in torch.randint(0, 5000, (20000,), generator=g)))
     t1 = time.time()
     subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", model, "--text-file", words,
-                    "--tokens", "4096", "--seq-len", "512", "--device", "cuda"], check=True, cwd="/tmp")
+                    "--tokens", "4096", "--seq-len", "512", "--device", "cuda", "--key-rope", "post",
+                    "--key-predictor", "mean", "--value-predictor", "per_head", "--value-topology", "k_same",
+                    "--layer0", "d2n16"], check=True, cwd="/tmp")
     calibrated = time.time() - t1
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, 120000, (n,), generator=g).tolist() for n in (200, 333, 517)]
     result = {"model": "Llama-3.2-3B shape, random bf16 weights", "seconds_make_model": made,
               "seconds_calibrate": calibrated, "runs": {}}
-    for dtype in ("aquakv", "auto"):
+    batch = [torch.randint(10, 120000, (2048,), generator=g).tolist() for _ in range(32)]
+    if "--short" in sys.argv:  # correctness runs only: the three short prompts everywhere
+        batch = []
+    runs = {"aquakv": ("aquakv", {}), "aquakv-torch-path": ("aquakv", {"additional_config": {"aquakv_kernels": False}}),
+            "aquakv-fp32-kernel": ("aquakv", {"additional_config": {"aquakv_kernel_precision": "fp32"}}),
+            "auto": ("auto", {})}
+    os.environ["TRITON_F32_DEFAULT"] = "ieee"  # the fp32-kernel run: IEEE float32 dots, not tf32
+    model_dtype = "bfloat16"
+    if "--fp32-model" in sys.argv:  # float32 model: are fused-vs-torch gaps bf16 amplification of rounding noise?
+        model_dtype = "float32"
+        runs = {k: runs[k] for k in ("aquakv-fp32-kernel", "aquakv-torch-path")}
+    for name, (dtype, extra) in runs.items():
         t = time.time()
-        r = run_vllm(model=model, kv_cache_dtype=dtype, dtype="bfloat16", max_model_len=4096, block_size=16,
-                     prompt_token_ids=prompts, max_tokens=48,
-                     engine={"gpu_memory_utilization": 0.5, "skip_tokenizer_init": True})
+        # the torch path is too slow for the batch: it runs the three short prompts only
+        todo = prompts if name in ("aquakv-torch-path", "aquakv-fp32-kernel") else prompts + batch
+        r = run_vllm(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=4096, block_size=16,
+                     prompt_token_ids=todo, max_tokens=64, also_prompt_logprobs=3,
+                     engine={"gpu_memory_utilization": 0.5, "skip_tokenizer_init": True, **extra})
         r["seconds"] = time.time() - t
-        result["runs"][dtype] = r
-        print(dtype, "kv_tokens", r["kv_tokens"], "seconds", round(r["seconds"], 1), flush=True)
-    a, b = result["runs"]["aquakv"], result["runs"]["auto"]
-    result["capacity_ratio"] = a["kv_tokens"] / b["kv_tokens"]
-    result["same_greedy_tokens_as_auto"] = [x == y for x, y in zip(a["outputs"], b["outputs"])]
+        r["outputs"] = r["outputs"][:3]
+        result["runs"][name] = r
+        print(name, "kv_tokens", r["kv_tokens"], "seconds", round(r["seconds"], 1), "generate",
+              round(r["generate_seconds"], 2), f"({len(todo)} prompts)", flush=True)
+    def mean_abs(x, y):
+        d = [abs(p - q) for u, v in zip(x, y) for p, q in zip(u[1:], v[1:])]
+        return sum(d) / len(d)
+
+    t = result["runs"]["aquakv-torch-path"]
+    result["model_dtype"] = model_dtype
+    result["prompt_logprob_mean_abs_diff_vs_torch_path"] = {
+        name: mean_abs(r["prompt_logprobs"], t["prompt_logprobs"]) for name, r in result["runs"].items() if r is not t}
+    if "auto" in result["runs"]:
+        a, b = result["runs"]["aquakv"], result["runs"]["auto"]
+        result["capacity_ratio"] = a["kv_tokens"] / b["kv_tokens"]
+        result["fused_vs_torch_path_first_divergence"] = [
+            next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(a["outputs"], t["outputs"])]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "plugin_smoke.json"), "w") as f:
         json.dump(result, f, indent=1)

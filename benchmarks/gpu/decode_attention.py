@@ -1,0 +1,226 @@
+"""Decode-attention microbenchmark on the GPU: aquakv's fused kernel vs vLLM's TRITON_ATTN (bf16, fp8).
+
+Llama-3.2-3B attention shape (24 query / 8 KV heads, head_dim 128), paged blocks of 16 tokens handed out in random
+order, one layer, every sequence at the full context; batch 1/16/64 x context 4k/16k/32k.  Times are
+triton.testing.do_bench medians of one eager call as the backend makes it (aquakv: kernel + split-K combine +
+epilogue in torch; vLLM: ``unified_attention`` with the TRITON_ATTN builder's 3-D split settings).  The HBM floor is
+the bytes the call must read (the context's K/V or codes + scales) over the H100's peak 3.35 TB/s.  Also the
+prefill side at 4k prompts: aquakv cache write (torch: quantize + pack + scatter) + fused prefill attention vs
+vLLM's bf16 prefill attention.  Random codes and scales: timing only.
+
+    python3 benchmarks/gpu/decode_attention.py OUT_DIR      (needs vLLM 0.26 importable: see README.md here)
+"""
+
+import os
+import sys
+import time
+
+import torch
+import triton
+
+HQ, H, D, PAGE = 24, 8, 128, 16
+PEAK_BW = 3.35e12  # H100 SXM HBM3, bytes/s
+MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
+    "aquakv speed (K mean, V per-head from K_l, 2.25 b)": dict(key_predictor="mean", value_predictor="per_head",
+                                                                value_topology="k_same"),
+    "aquakv plain HIGGS (K, V no predictor, 2.25 b)": dict(key_predictor="none", value_predictor="none",
+                                                           value_topology="none"),
+    "aquakv speed, 3-bit keys (2.75 b)": dict(key_predictor="mean", value_predictor="per_head",
+                                              value_topology="k_same", key_grid="d2n64"),
+}
+
+
+def fused_setup(overrides):
+    """A 2-layer post-RoPE AquaKVCache with random predictors; returns (serving path, layer-1 FusedLayer)."""
+    from vllm_aquakv.kernels.attention import fused_layer_or_reason
+    from vllm_aquakv.predictors import LinearPredictor
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.rope import Rope
+    from vllm_aquakv.serving import TorchServingPath
+
+    cfg = AquaKVConfig(key_rope="post", layer0_grid="d2n16", **overrides)
+    preds = {("k", 1): LinearPredictor(cfg.key_predictor, (), bias=torch.randn(H, D))}
+    if cfg.value_predictor == "per_head":
+        preds["v", 1] = LinearPredictor("per_head", (("k", 1),), bias=torch.randn(H, D),
+                                        weight=torch.randn(H, D, D) / D ** 0.5)
+    cache = AquaKVCache(cfg, 2, H, D, preds).to("cuda")
+    rope = Rope({"rope_theta": 500000.0}, D)
+    rope.inv_freq = rope.inv_freq.cuda()
+    path = TorchServingPath(cache, rope)
+    fused = fused_layer_or_reason(cache, path.layouts[1], 1)
+    assert not isinstance(fused, str), fused
+    return path, fused
+
+
+def random_slots(num_blocks, layout):
+    """Random codes with valid fp16 scales in every slot: uint8 [num_blocks, H, PAGE, slot]."""
+    kv = torch.randint(0, 256, (num_blocks, H, PAGE, layout.slot_bytes), dtype=torch.uint8, device="cuda")
+    at = 0
+    for code_bytes, scale_bytes in layout.parts:
+        scales = (torch.rand(num_blocks, H, PAGE, scale_bytes // 2, device="cuda") * 10 + 1).half()
+        kv[..., at + code_bytes:at + code_bytes + scale_bytes] = scales.view(torch.uint8)
+        at += code_bytes + scale_bytes
+    return kv
+
+
+def vllm_triton_attention(batch, ctx, dtype, q, block_table, seq_lens, qsl):
+    """A closure running vLLM's unified_attention on a bf16 or fp8 paged cache, like TRITON_ATTN does."""
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+    num_blocks = batch * ctx // PAGE
+    k = torch.randn(num_blocks, PAGE, H, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(num_blocks, PAGE, H, D, device="cuda", dtype=torch.bfloat16)
+    if dtype == "fp8":
+        k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    out = torch.empty_like(q)
+    descale = torch.ones(batch, H, device="cuda")
+    threshold = 128 // H  # TritonAttentionMetadataBuilder: MIN_LAUNCH_GRID_SIZE_2D // num_kv_heads
+    segm = 16
+    seg_out = torch.empty(threshold, HQ, segm, D, device="cuda")
+    seg_max = torch.empty(threshold, HQ, segm, device="cuda")
+    seg_sum = torch.empty(threshold, HQ, segm, device="cuda")
+    max_q = int((qsl[1:] - qsl[:-1]).max())
+
+    def run():
+        unified_attention(q=q, k=k, v=v, out=out, cu_seqlens_q=qsl, max_seqlen_q=max_q, seqused_k=seq_lens,
+                          max_seqlen_k=ctx, softmax_scale=D ** -0.5, causal=True, window_size=(-1, -1),
+                          block_table=block_table, softcap=0, q_descale=None, k_descale=descale, v_descale=descale,
+                          seq_threshold_3D=threshold, num_par_softmax_segments=segm, softmax_segm_output=seg_out,
+                          softmax_segm_max=seg_max, softmax_segm_expsum=seg_sum)
+    return run, (k.numel() + v.numel()) * k.element_size()
+
+
+def decode_batch(batch: int, ctx: int):
+    """One decode step of ``batch`` sequences at context ``ctx``: block table (random block order), seq_lens, query
+    starts (host list and device tensor) and bf16 queries [batch, HQ, D]."""
+    nb = ctx // PAGE
+    block_table = torch.randperm(batch * nb, device="cuda", dtype=torch.int32).view(batch, nb)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    qsl_list = list(range(batch + 1))
+    qsl = torch.tensor(qsl_list, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
+    return block_table, seq_lens, qsl_list, qsl, q
+
+
+def bench(fn):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def main():
+    from vllm_aquakv.kernels.attention import fused_attention, plan_attention
+    from vllm_aquakv.results import write_results
+
+    out_dir = sys.argv[1] if len(sys.argv) > 1 else "/tmp/out"
+    t0 = time.time()
+    setups = {label: fused_setup(o) for label, o in MODES.items()}
+    sweep, best = tile_sweep(next(iter(setups.values())))
+    print("best launch settings", best, flush=True)
+    rows = []
+    for batch in (1, 16, 64):
+        for ctx in (4096, 16384, 32768):
+            nb = ctx // PAGE
+            block_table, seq_lens, qsl_list, qsl, q = decode_batch(batch, ctx)
+            base = {"batch": batch, "context": ctx}
+            ref_ms = None
+            for dtype in ("bf16", "fp8"):
+                run, nbytes = vllm_triton_attention(batch, ctx, dtype, q, block_table, seq_lens, qsl)
+                ms = bench(run)
+                ref_ms = ref_ms or ms
+                rows.append({**base, "kv_cache_dtype": f"{dtype} (vLLM TRITON_ATTN)", "ms": ms, "bytes": nbytes,
+                             "hbm_floor_ms": 1e3 * nbytes / PEAK_BW, "vs_bf16": ref_ms / ms})
+                del run
+                torch.cuda.empty_cache()
+            plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **best)
+            for label, (path, fused) in setups.items():
+                kv = random_slots(batch * nb, path.layouts[1])
+                ms = bench(lambda kv=kv: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5))
+                nbytes = kv.numel()
+                rows.append({**base, "kv_cache_dtype": label, "ms": ms, "bytes": nbytes, "segments": plan.segments,
+                             "hbm_floor_ms": 1e3 * nbytes / PEAK_BW, "vs_bf16": ref_ms / ms})
+                del kv
+                torch.cuda.empty_cache()
+            for r in rows[-2 - len(setups):]:
+                r["fraction_of_floor"] = r["hbm_floor_ms"] / r["ms"]
+                print(f"batch {batch:3d} ctx {ctx:6d} {r['kv_cache_dtype']:55s} {r['ms']:8.3f} ms  "
+                      f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor", flush=True)
+    prefill = prefill_overhead(setups, best)
+    md = ["Decode attention, one layer, Llama-3.2-3B shape (24 q / 8 KV heads, head_dim 128), paged blocks of 16, "
+          "random codes; median of triton.testing.do_bench; HBM floor = bytes read / 3.35 TB/s.\n",
+          "| batch | context | kv-cache-dtype | ms | vs bf16 | % of own HBM floor |", "| --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['batch']} | {r['context']} | {r['kv_cache_dtype']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x | "
+           f"{100 * r['fraction_of_floor']:.1f}% |" for r in rows]
+    md += ["\nPrefill of one 4096-token prompt, one layer:\n", "| step | ms |", "| --- | --- |"]
+    md += [f"| {k} | {v:.3f} |" for k, v in prefill.items()]
+    print("\n".join(md))
+    write_results(os.path.join(out_dir, "decode_attention_h100.json"), "decode_attention",
+                  "Llama-3.2-3B attention shape (random data)", rows, "\n".join(md), prefill_4k_ms=prefill,
+                  tile_sweep_batch64_ctx16k=sweep, seconds=round(time.time() - t0))
+
+
+def tile_sweep(setup) -> tuple[dict, dict]:
+    """Speed mode at batch 64, context 16k over key tile x warps x pipeline stages (ms each); returns
+    the timings and the fastest settings, which the tables then use."""
+    from triton.runtime.errors import OutOfResources
+
+    from vllm_aquakv.kernels.attention import fused_attention, plan_attention
+
+    path, fused = setup
+    batch, ctx = 64, 16384
+    block_table, seq_lens, qsl_list, qsl, q = decode_batch(batch, ctx)
+    kv = random_slots(batch * ctx // PAGE, path.layouts[1])
+    out, best = {}, (float("inf"), {})
+    for tile in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (1, 2):
+                kw = dict(tile=tile, num_warps=warps, num_stages=stages)
+                plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **kw)
+                key = f"tile{tile}_warps{warps}_stages{stages}"
+                try:
+                    ms = bench(lambda plan=plan: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused,
+                                                                  D ** -0.5))
+                except OutOfResources:
+                    out[key] = None
+                    continue
+                out[key] = ms
+                best = min(best, (ms, kw), key=lambda x: x[0])
+                print("sweep", key, round(ms, 3), "ms", flush=True)
+    return out, best[1]
+
+
+def prefill_overhead(setups, best) -> dict:
+    """4096-token prompt: aquakv write + fused prefill attention vs vLLM bf16 prefill attention (ms)."""
+    from vllm_aquakv.kernels.attention import fused_attention, plan_attention
+    from vllm_aquakv.serving import StepState
+
+    n = 4096
+    nb = n // PAGE
+    block_table = torch.randperm(nb, device="cuda", dtype=torch.int32).view(1, nb)
+    seq_lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    qsl_list = [0, n]
+    qsl = torch.tensor(qsl_list, dtype=torch.int32, device="cuda")
+    q = torch.randn(n, HQ, D, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(n, H, D, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn(n, H, D, device="cuda", dtype=torch.bfloat16)
+    slots = torch.arange(n, device="cuda")
+    slots = block_table[0, slots // PAGE].long() * PAGE + slots % PAGE
+    positions = torch.arange(n, device="cuda")
+    run, _ = vllm_triton_attention(1, n, "bf16", q, block_table, seq_lens, qsl)
+    out = {"bf16 attention (vLLM TRITON_ATTN)": bench(run)}
+    label, (path, fused) = next(iter(setups.items()))
+    kv = torch.zeros(nb, H, PAGE, path.slot_bytes(1), dtype=torch.uint8, device="cuda")
+    write = lambda: path.write(1, kv, slots, key, value, positions, StepState(), [n])  # noqa: E731
+    out["aquakv cache write (torch quantize + pack + scatter)"] = bench(write)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        write()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    plan = plan_attention(qsl_list, n, HQ, H, "cuda", **best)
+    out["aquakv fused prefill attention"] = bench(
+        lambda: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5))
+    return out
+
+
+if __name__ == "__main__":
+    main()
