@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="aquakv-calibrate", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="local Hugging Face model folder (Llama/Qwen2/Mistral-style decoder)")
     ap.add_argument("--out", help="artifact folder (default: MODEL/aquakv, where serving looks)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact in the output folder")
     ap.add_argument("--text", default="wiki-train", choices=TEXT_SETS, help="built-in calibration text set")
     ap.add_argument("--text-file", nargs="*", default=[], help="calibration text files (override --text)")
     ap.add_argument("--tokens", type=int, default=65536, help="calibration tokens")
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``aquakv-calibrate``."""
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    out = args.out or default_artifact_dir(args.model)
+    if os.path.exists(os.path.join(out, "manifest.json")) and not args.overwrite:
+        raise SystemExit(f"aquakv-calibrate: an artifact already exists at {out}; pass --overwrite to replace it "
+                         "(or --out DIR to write elsewhere)")
     t0 = time.time()
     model, tok = load_model(args.model, args.device)
     docs, label = calibration_docs(args)

@@ -69,3 +69,23 @@ def test_refusals(tiny_model, tmp_path, rng):
     json.dump({**man, "model": {**man["model"], "num_kv_heads": 4}}, open(os.path.join(bad, "manifest.json"), "w"))
     with pytest.raises(ArtifactError):
         load_artifact(bad)
+
+
+def test_calibrate_cli_post_rope_and_overwrite(tmp_path, rng):
+    """aquakv-calibrate end to end on a tiny model in the fused-kernel mode: the artifact loads with post-RoPE keys;
+    a second run refuses to replace it without --overwrite and replaces it with."""
+    from vllm_aquakv.calibration.calibrate import main
+
+    model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, kv_heads=2, head_dim=32)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 400, (3000,), generator=rng)))
+    args = [model, "--text-file", str(text), "--tokens", "512", "--seq-len", "128", "--key-rope", "post",
+            "--key-predictor", "none", "--value-predictor", "per_head", "--value-topology", "k_same"]
+    main(args)
+    cache, manifest = load_artifact(os.path.join(model, "aquakv"), model)
+    assert cache.config.key_rope == "post" and manifest["calibration"]["tokens"] == 512
+    assert cache.predictors["v", 1].sources == (("k", 1),)
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(args)
+    main(args + ["--overwrite", "--seed", "5"])
+    assert load_artifact(os.path.join(model, "aquakv"), model)[0].config.seed == 5

@@ -45,3 +45,32 @@ def test_startup_log_reports_compressed_capacity(server):
     assert "aquakv" in facts and "bits/value" in facts["aquakv"]
     # 1 GiB of 36/68-byte slots (3 KV heads, 30 layers): ~6.9x the 46,592 tokens bf16 gets in 1 GiB
     assert facts["kv_tokens"] > 6 * 46592
+
+
+def test_64_concurrent_streams_equal_sequential(client, smollm2_calibrated):
+    """64 streaming requests with mixed prompt and output lengths at once: none fails, each returns text, and most
+    equal the same request sent alone (greedy).  Not all: batching changes the float summation order of the model's
+    matmuls, a last-bit difference in a K/V can flip a 2-bit code, the paper's key chain re-draws that token's
+    noise in every later layer, and the greedy continuation can drift (measured 36/64 identical; the same test
+    with --kv-cache-dtype auto is in the issue note).  Exact batch invariance needs batch-invariant matmuls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_aquakv.calibration.texts import load_texts
+
+    words = " ".join(load_texts("wiki-heldout")).split()
+    requests = [(" ".join(words[i * 37:i * 37 + 5 + (i * 13) % 150]), 4 + (i * 7) % 21) for i in range(64)]
+
+    def stream(req):
+        prompt, n = req
+        chunks = client.completions.create(model=smollm2_calibrated, prompt=prompt, max_tokens=n, temperature=0,
+                                           stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(stream, requests))
+    alone = [client.completions.create(model=smollm2_calibrated, prompt=p, max_tokens=n, temperature=0).choices[0].text
+             for p, n in requests]
+    same = sum(a == b for a, b in zip(together, alone))
+    print(f"{same}/64 concurrent streams equal their sequential runs")
+    assert all(t for t in together)
+    assert same >= 24, [(a, b) for a, b in zip(together, alone) if a != b]

@@ -43,7 +43,7 @@ def main():
     subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", model, "--text-file", words,
                     "--tokens", "4096", "--seq-len", "512", "--device", "cuda", "--key-rope", "post",
                     "--key-predictor", "mean", "--value-predictor", "per_head", "--value-topology", "k_same",
-                    "--layer0", "d2n16"], check=True, cwd="/tmp")
+                    "--layer0", "d2n16", "--overwrite"], check=True, cwd="/tmp")
     calibrated = time.time() - t1
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, 120000, (n,), generator=g).tolist() for n in (200, 333, 517)]
