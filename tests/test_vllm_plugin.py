@@ -155,3 +155,27 @@ def test_fused_kernel_in_vllm_matches_torch_path(tmp_path):
     diffs = [abs(a - b) for x, y in zip(lps_k, lps_t) for a, b in zip(x[1:], y[1:])]
     assert max(diffs) < 2e-3, max(diffs)
     assert sum(a == b for a, b in zip(gen_k, gen_t)) >= 2, (gen_k, gen_t)  # float-order code flips may diverge one
+
+
+@pytest.mark.parametrize("case,match", [("attention_backend", "remove --attention-backend"),
+                                        ("rope_yarn", "rope types"), ("head_dim_96", "power of two")])
+def test_refuses_unservable_setups_at_startup(case, match, tmp_path):
+    """Startup refusals through the real engine (predictor-free mode, so no artifact is involved): another
+    --attention-backend, an unsupported rope scaling, a head size the Hadamard rotation cannot take."""
+    from vllm_aquakv.calibration.models import make_tiny_llama
+
+    head_dim = 96 if case == "head_dim_96" else 32
+    model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, hidden=4 * head_dim, heads=4, kv_heads=2,
+                            head_dim=head_dim)
+    if case == "rope_yarn":
+        cfg_path = os.path.join(model, "config.json")
+        cfg = json.load(open(cfg_path))
+        cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                                  "original_max_position_embeddings": 4096}
+        json.dump(cfg, open(cfg_path, "w"))
+    engine = {"additional_config": {"aquakv_no_predictor": True}}
+    if case == "attention_backend":
+        engine["attention_backend"] = "CPU_ATTN"
+    with pytest.raises(RuntimeError, match=match):
+        run_vllm(model=model, kv_cache_dtype="aquakv", dtype="float32", engine=engine, prompt_token_ids=[[5, 6, 7]],
+                 max_tokens=1)
