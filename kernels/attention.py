@@ -5,8 +5,8 @@ scale_t / sqrt(h) the token's dequantized Hadamard-domain residual), a score is
 
     q . k_t = q . b_k + (q A) . grid[code_t] * scale_t / sqrt(h)
 
-so the query is rotated once per program and every cached key costs a grid lookup and a dot product on tensor
-cores: no inverse Hadamard and no RoPE per cached token.  Values are summed in the Hadamard domain too
+so the query is rotated once per step (``rotate_queries``, one matmul per layer) and every cached key costs a grid
+lookup and a dot product on tensor cores: no inverse Hadamard and no RoPE per cached token.  Values are summed in the Hadamard domain too
 (sum_t p_t scale_t grid[code_t]) and rotated once per query; a per-head value predictor from the same layer's keys,
 v_t = b_v + k_t W + A^T y^v_t, is linear in k_t, so it is applied once per query to the softmax-weighted key sum.
 
@@ -14,6 +14,9 @@ One program handles BLOCK_Q query tokens of one sequence x the G query heads of 
 one segment of that sequence's causal key range (split-K for long decodes).  It writes unnormalized partials
 (running max, denominator, Hadamard-domain value and key sums); ``combine`` merges the segments and applies the
 per-query epilogue in torch.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
+
+Speed today (H100, benchmarks/results/decode_attention_h100.md): 0.44-0.51x vLLM's bf16 TRITON_ATTN at batch 64,
+5-6% of its own HBM floor: bound by code unpacking, grid gathers and layout conversions, not by bytes.
 """
 
 from __future__ import annotations
