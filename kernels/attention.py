@@ -216,6 +216,19 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
                       vc.code_bits)
 
 
+def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:
+    """Every layer's fused-kernel constants, or why not all layers can take the kernel.  All or nothing: a
+    torch-path layer may read another layer's reconstruction (e.g. values from V_{l-1}), which fused layers do
+    not produce."""
+    fused = {}
+    for layer, layout in enumerate(layouts):
+        f = fused_layer_or_reason(cache, layout, layer)
+        if isinstance(f, str):
+            return f"layer {layer}: {f}"
+        fused[layer] = f
+    return fused
+
+
 @dataclass
 class AttentionPlan:
     """How one step's queries are cut into programs (shared by every layer of the step)."""

@@ -99,3 +99,23 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
         tol = 1e-5 if DEVICE == "cpu" else 2e-2  # float32 in the interpreter; bfloat16 tensor-core inputs on a GPU
         assert err < tol, (min_programs, err)
         assert torch.allclose(got, want, atol=tol * 5 * want.abs().max().item()), (got - want).abs().max()
+
+
+def test_fused_kernel_is_all_or_nothing(rng):
+    """A post-RoPE artifact whose values read V_{l-1} cannot use the fused kernel on layers >= 1; then no layer does
+    (a torch-path layer would need the fused layer's reconstruction).  With values from K_l only, all layers do."""
+    from vllm_aquakv.kernels.attention import fused_layers_or_reason
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.serving import TorchServingPath
+
+    ks = [torch.randn(120, 2, 32, generator=rng) for _ in range(3)]
+    vs = [torch.randn(120, 2, 32, generator=rng) for _ in range(3)]
+    for topology, all_fused in (("k_same+v_prev", False), ("k_same", True)):
+        config = AquaKVConfig(key_rope="post", key_predictor="none", value_predictor="per_head",
+                              value_topology=topology, layer0_grid="d2n16")
+        cache = AquaKVCache.calibrate(config, ks, vs)
+        result = fused_layers_or_reason(cache, TorchServingPath(cache, None).layouts)
+        if all_fused:
+            assert sorted(result) == [0, 1, 2]
+        else:
+            assert isinstance(result, str) and "layer 1" in result and "not per-head from K_l" in result

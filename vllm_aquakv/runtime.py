@@ -87,20 +87,16 @@ class ServingState:
         self._log()
 
     def _enable_fused_kernel(self, num_layers: int) -> None:
-        """Serve every layer the fused Triton attention kernel can (kernels/attention.py); say which and why not."""
-        from .kernels.attention import fused_layer_or_reason
+        """Serve all layers with the fused Triton attention kernel (kernels/attention.py) if every layer can take
+        it, else all with the torch path; the startup log says which and why."""
+        from .kernels.attention import fused_layers_or_reason
 
-        reasons = {}
-        for layer in range(num_layers):
-            fused = fused_layer_or_reason(self.cache, self.path.layouts[layer], layer)
-            if isinstance(fused, str):
-                reasons[layer] = fused
-            else:
-                self.path.fused[layer] = fused
-        self.kernel_note = f"fused Triton attention on {len(self.path.fused)}/{num_layers} layers"
-        if reasons:
-            first = next(iter(reasons.items()))
-            self.kernel_note += (f"; torch path (slow) on layers {sorted(reasons)}, e.g. layer {first[0]}: {first[1]}")
+        fused = fused_layers_or_reason(self.cache, self.path.layouts)
+        if isinstance(fused, str):
+            self.kernel_note = f"torch attention path (slow): the fused Triton kernel cannot serve {fused}"
+        else:
+            self.path.fused.update(fused)
+            self.kernel_note = f"fused Triton attention on all {num_layers} layers"
 
     def _log(self) -> None:
         bits = self.cache.bits(4096)
