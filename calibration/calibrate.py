@@ -119,20 +119,19 @@ def main(argv: list[str] | None = None) -> None:
     with spill as spill_path:
         ks, vs = capture_kv(model, windows, spill_dir=spill_path)
         del model
-        _fit_and_save(args, config, ks, vs, windows, label, t0)
+        _fit_and_save(args, config, ks, vs, windows, label, out, t0)
 
 
-def _fit_and_save(args, config, ks, vs, windows, label, t0) -> None:
+def _fit_and_save(args, config, ks, vs, windows, label, out, t0) -> None:
     """Fit on captured K/V (in RAM or memory-mapped), measure, write the artifact."""
     # --fit-without-sinks: tokens that stay 16-bit when served with sinks (the first of each sequence) leave the fit.
     # Off by default: vLLM quantizes every token today, sinks included, and they must be predicted well then.
     fit_mask = ((torch.arange(windows.numel()) % windows.shape[1]) >= config.num_sink_tokens
                 if args.fit_without_sinks else None)
-    rope = Rope(model_text_config(args.model), ks[0].shape[-1])
-    ks = KeysInFrame(ks, rope, windows.shape[1], config.key_rope)
+    if config.key_rope == "post":  # the model's RoPE is only needed to rotate the captured keys
+        ks = KeysInFrame(ks, Rope(model_text_config(args.model), ks[0].shape[-1]), windows.shape[1], "post")
     cache = AquaKVCache.calibrate(config, ks, vs, progress=True, fit_mask=fit_mask)
     metrics = cache.calibration_metrics
-    out = args.out or default_artifact_dir(args.model)
     path = save_artifact(
         cache, out, {"fingerprint": model_fingerprint(args.model), "path": os.path.abspath(args.model)},
         calibration={"text": label, "tokens": int(windows.numel()), "seq_len": args.seq_len,

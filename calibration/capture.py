@@ -125,6 +125,16 @@ def capture_kv(model, windows: torch.Tensor, progress: bool = True,
     return tuple([torch.from_numpy(mm) for mm in store] for store in stores)
 
 
+def reconstruct_in_key_frame(reconstruct, stream: str, layer: int, x: torch.Tensor, recon: dict, rope, key_rope: str,
+                             positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``reconstruct(stream, layer, x, recon)`` on pre-RoPE x [T, H, h] in the artifact's key frame (keys rotated
+    to ``positions`` first when key_rope is 'post').  Returns (the reconstruction in that frame, which later
+    predictors read; the reconstruction back in the pre-RoPE frame of x)."""
+    post = stream == "k" and key_rope == "post"
+    rec = reconstruct(stream, layer, rope.apply(x, positions) if post else x, recon)
+    return rec, (rope.undo(rec, positions) if post else rec)
+
+
 class KeysInFrame:
     """Captured pre-RoPE keys (per layer [N*T, H, h], windows of ``seq_len`` tokens from position 0) seen in the
     artifact's key frame: unchanged for key_rope 'pre', rotated by each token's position for 'post'.  Layers are

@@ -27,7 +27,7 @@ from ..artifact import default_artifact_dir, load_artifact
 from ..reference import AquaKVCache
 from ..rope import Rope
 from .calibrate import load_model, model_text_config
-from .capture import install_kv_hooks, tokenize_windows
+from .capture import install_kv_hooks, reconstruct_in_key_frame, tokenize_windows
 from .texts import TEXT_SETS, load_texts
 
 _ATTN_NAME = "aquakv_eval"
@@ -80,12 +80,9 @@ class MixedCache:
             x = output.detach().float().reshape(-1, self.h, self.d)  # batch 1: [T, H, h]
             if stream == "k" and layer == 0:
                 self.recon.clear()
-            post = stream == "k" and self.key_rope == "post"
             pos = torch.arange(x.shape[0], device=x.device)
-            rec = self.reconstruct(stream, layer, self.rope.apply(x, pos) if post else x, self.recon)
-            self.recon[stream, layer] = rec  # in the cache's frame: later predictors read it
-            if post:
-                rec = self.rope.undo(rec, pos)
+            self.recon[stream, layer], rec = reconstruct_in_key_frame(self.reconstruct, stream, layer, x, self.recon,
+                                                                      self.rope, self.key_rope, pos)
             self.delta[stream, layer] = rec - x
             e = self.errors.setdefault((stream, layer), [0.0, 0.0])
             e[0] += float(((rec - x) ** 2).sum())

@@ -5,8 +5,9 @@ and values (v_proj) are replaced by what the aquakv cache stores and decodes for
 predictors fed from earlier layers' reconstructions.  Attention then reads reconstructed K/V for every token,
 which is exactly what ``vllm serve --kv-cache-dtype aquakv`` does (no 16-bit sinks/window).  Works with
 transformers' own KV cache and generate(), since each token's reconstruction depends only on that token.
-For an artifact with post-RoPE keys (``key_rope="post"``) pass ``rope``; batch 1 only, positions continue
-from one forward to the next (generate) and restart when the context manager is entered.
+For an artifact with post-RoPE keys (``key_rope="post"``) pass ``rope``; batch 1 only.  The first position of
+each forward is the model call's own: its ``cache_position`` (generate), else the length of its
+``past_key_values``, else 0 (a fresh sequence).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import AquaKVCache
-from .capture import install_kv_hooks
+from .capture import install_kv_hooks, reconstruct_in_key_frame
 
 
 class ReconstructedKV:
@@ -24,7 +25,7 @@ class ReconstructedKV:
         if cache.config.key_rope == "post" and rope is None:
             raise ValueError("an artifact with post-RoPE keys needs the model's Rope")
         self.model, self.cache, self.rope = model, cache, rope
-        self.start = 0  # position of this forward's first token
+        self.start = 0  # position of this forward's first token (set by a pre-hook on the model call)
         self.recon: dict[tuple[str, int], torch.Tensor] = {}  # this forward's tokens, per (stream, layer)
         self._handles = []
 
@@ -33,21 +34,25 @@ class ReconstructedKV:
             c = self.cache
             x = output.detach().float().reshape(-1, c.num_kv_heads, c.head_dim)  # [B*T, H, h]
             if stream == "k" and layer == 0:
-                if self.recon:
-                    self.start += self.recon["k", 0].shape[0]
                 self.recon.clear()  # a new forward pass starts at layer 0
-            post = stream == "k" and c.config.key_rope == "post"
             pos = torch.arange(self.start, self.start + x.shape[0], device=x.device)
-            _, self.recon[stream, layer] = c.encode_stream(stream, layer, self.rope.apply(x, pos) if post else x,
-                                                           self.recon)
-            rec = self.rope.undo(self.recon[stream, layer], pos) if post else self.recon[stream, layer]
+            self.recon[stream, layer], rec = reconstruct_in_key_frame(
+                lambda s, l, xs, r: c.encode_stream(s, l, xs, r)[1], stream, layer, x, self.recon, self.rope,
+                c.config.key_rope, pos)
             return rec.reshape(output.shape).to(output.dtype)
         return hook
 
+    def _first_position(self, _module, _args, kwargs):
+        cache_position, past = kwargs.get("cache_position"), kwargs.get("past_key_values")
+        if cache_position is not None:
+            self.start = int(cache_position.reshape(-1)[0])
+        else:
+            self.start = past.get_seq_length() if past is not None else 0
+
     def __enter__(self) -> "ReconstructedKV":
-        self.start = 0
         self.recon.clear()
         self._handles = install_kv_hooks(self.model, self._hook)
+        self._handles.append(self.model.register_forward_pre_hook(self._first_position, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:

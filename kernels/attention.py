@@ -300,6 +300,12 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     return combine(m, l, acc_v, acc_k if layer.v_weight is not None else None, layer, group)
 
 
+def _per_query_head(x: torch.Tensor, group: int) -> torch.Tensor:
+    """View [N, Hq, ...] as [N, H, G, ...] (query heads of one KV head together), so per-KV-head constants broadcast
+    without being copied per query head."""
+    return x.view(x.shape[0], x.shape[1] // group, group, *x.shape[2:])
+
+
 def rotate_queries(query: torch.Tensor, layer: FusedLayer, scale: float,
                    group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Queries [N, Hq, h] -> (q A scaled so that (q A) . grid[codes] * fp16 scale gives base-2 logits, contiguous
@@ -310,7 +316,7 @@ def rotate_queries(query: torch.Tensor, layer: FusedLayer, scale: float,
     q_rot = (q @ layer.rot) * (scale * LOG2E / math.sqrt(h))
     q_bias = None
     if layer.k_bias is not None:
-        q_bias = (q * layer.k_bias.repeat_interleave(group, 0)).sum(-1) * (scale * LOG2E)
+        q_bias = (_per_query_head(q, group) * layer.k_bias[:, None]).sum(-1).flatten(1) * (scale * LOG2E)
     return q_rot.contiguous(), q_bias
 
 
@@ -321,13 +327,13 @@ def combine(m: torch.Tensor, l: torch.Tensor, acc_v: torch.Tensor, acc_k: torch.
     weight = torch.exp2(m - m.amax(0, keepdim=True))  # [S, N, Hq]
     denom = (weight * l).sum(0)[..., None] * math.sqrt(h)  # [N, Hq, 1]; y = z * scale / sqrt(h)
     y_v = (weight[..., None] * acc_v).sum(0) / denom  # softmax-weighted Hadamard-domain value residual
-    out = y_v @ layer.rot.T  # back from the Hadamard domain: [N, Hq, h]
+    out = _per_query_head(y_v @ layer.rot.T, group)  # back from the Hadamard domain: [N, H, G, h]
     if layer.v_bias is not None:
-        out += layer.v_bias.repeat_interleave(group, 0)
+        out += layer.v_bias[:, None]
     if acc_k is not None:
         k_mean = (weight[..., None] * acc_k).sum(0) / denom @ layer.rot.T  # softmax-weighted keys [N, Hq, h]
+        k_mean = _per_query_head(k_mean, group)
         if layer.k_bias is not None:
-            k_mean += layer.k_bias.repeat_interleave(group, 0)
-        w = layer.v_weight.repeat_interleave(group, 0)  # [Hq, h, h]
-        out += torch.einsum("nqi,qio->nqo", k_mean, w)
-    return out
+            k_mean += layer.k_bias[:, None]
+        out += torch.einsum("nkgi,kio->nkgo", k_mean, layer.v_weight)  # per-head value predictor
+    return out.flatten(1, 2)

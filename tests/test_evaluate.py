@@ -23,20 +23,24 @@ def tiny(tmp_path_factory):
     return path, model
 
 
-def test_mixed_cache_limits(tiny, rng):
+@pytest.mark.parametrize("key_rope", ["pre", "post"])
+def test_mixed_cache_limits(tiny, rng, key_rope):
     path, model = tiny
-    cache = AquaKVCache(AquaKVConfig(key_predictor="none", value_predictor="none"), 3, 2, 32)
+    cache = AquaKVCache(AquaKVConfig(key_predictor="none", value_predictor="none", key_rope=key_rope), 3, 2, 32)
     rope = Rope(json.load(open(os.path.join(path, "config.json"))), 32)
     windows = torch.randint(0, 512, (2, 64), generator=rng)
     recon = lambda s, l, x, r: cache.encode_stream(s, l, x, r)[1]  # noqa: E731
     plain = perplexity(model, windows)
-    everything_exact = perplexity(model, windows, MixedCache(model, recon, 2, 32, sinks=0, window=64, rope=rope))
+    everything_exact = perplexity(model, windows, MixedCache(model, recon, 2, 32, sinks=0, window=64, rope=rope,
+                                                                 key_rope=key_rope))
     assert everything_exact == pytest.approx(plain, rel=1e-5)
-    all_codes = perplexity(model, windows, MixedCache(model, recon, 2, 32, sinks=0, window=0, rope=rope))
-    hooks = perplexity(model, windows, ReconstructedKV(model, cache))
+    all_codes = perplexity(model, windows, MixedCache(model, recon, 2, 32, sinks=0, window=0, rope=rope,
+                                                      key_rope=key_rope))
+    hooks = perplexity(model, windows, ReconstructedKV(model, cache, rope))
     assert all_codes == pytest.approx(hooks, rel=1e-4)
     assert abs(all_codes / plain - 1) > 1e-6  # quantization is really in the loop (a random model barely cares)
-    partial = perplexity(model, windows, MixedCache(model, recon, 2, 32, sinks=4, window=16, rope=rope))
+    partial = perplexity(model, windows, MixedCache(model, recon, 2, 32, sinks=4, window=16, rope=rope,
+                                                    key_rope=key_rope))
     assert partial != pytest.approx(all_codes, rel=1e-6) and partial != pytest.approx(plain, rel=1e-6)
 
 

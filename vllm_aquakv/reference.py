@@ -12,10 +12,11 @@ For one sequence of T tokens the cache holds, for every layer l and stream s in 
 - layer 0 has no cross-layer source: it is quantized directly (``layer0_grid``, by default at 4 bits, with
   the per-channel mean as its only predictor) or kept in 16-bit (``layer0_grid="16bit"``).
 
-Keys are pre-RoPE (``key_rope="pre"``, the paper) or post-RoPE (``key_rope="post"``: the fast-kernel mode, whose
-attention scores are taken in the Hadamard domain without decoding keys; then keys have no cross-token predictor,
-only none or a per-channel mean).  The cache is frame-agnostic: callers hand it keys in the configured frame.  ``AquaKVCache.calibrate`` fits the predictors layer by layer with quantization
-in the loop (each layer's predictor sees the reconstructions the decoder will see).
+Keys are pre-RoPE (``key_rope="pre"``, the paper) or post-RoPE (``key_rope="post"``: the fused-kernel mode, whose
+attention scores are taken in the Hadamard domain without decoding keys; then keys have no cross-layer predictor,
+only none or a per-channel mean).  The cache is frame-agnostic: callers hand it keys in the configured frame.
+``AquaKVCache.calibrate`` fits the predictors layer by layer with quantization in the loop (each layer's predictor
+sees the reconstructions the decoder will see).
 """
 
 from __future__ import annotations

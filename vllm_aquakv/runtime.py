@@ -71,7 +71,7 @@ class ServingState:
         device = getattr(getattr(vllm_config, "device_config", None), "device", None) or "cpu"
         c.to(device)
         self.rope.inv_freq = self.rope.inv_freq.to(device)
-        self.path = TorchServingPath(c, self.rope, use_kernels=False)
+        self.path = TorchServingPath(c, self.rope)
         self.kernel_note = "torch attention path (CPU)"
         on_cuda = str(device).startswith("cuda")
         if extra.get("aquakv_kernels", on_cuda):

@@ -77,8 +77,8 @@ class StepState:
 class TorchServingPath:
     """Cache write and paged attention for every layer, in plain torch."""
 
-    def __init__(self, cache: AquaKVCache, rope: Rope, use_kernels: bool = False):
-        self.cache, self.rope, self.use_kernels = cache, rope, use_kernels
+    def __init__(self, cache: AquaKVCache, rope: Rope):
+        self.cache, self.rope = cache, rope
         self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
         self.kernel_dot_fp32 = False  # float32 instead of bfloat16 tensor-core inputs in the fused kernel
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
@@ -126,20 +126,13 @@ class TorchServingPath:
         pos = torch.arange(seq_len, device=kv_cache.device)
         slots = kv_cache[block_table[pos // block_size].long(), :, pos % block_size]  # [L, H, slot]
         parts = self.layouts[layer].unpack(slots)
-        offset = 0
-        for stream, part, part_bytes in zip("kv", parts, self.layouts[layer].parts):
+        for stream, part in zip("kv", parts):
             codec = self.cache.codecs[stream, layer]
             if codec is None:
                 recon[stream, layer] = part.float()
-            else:
-                if self.use_kernels and codec.group_size == codec.head_dim:
-                    from .kernels.dequant import dequant_paged  # Triton: unpack + grid + scale + inverse Hadamard
-
-                    residual = dequant_paged(kv_cache, block_table, seq_len, codec, offset)
-                else:
-                    residual = codec.decode(part)
-                recon[stream, layer] = self.cache._predict(stream, layer, recon, residual) + residual
-            offset += sum(part_bytes)
+                continue
+            residual = codec.decode(part)
+            recon[stream, layer] = self.cache._predict(stream, layer, recon, residual) + residual
 
     def attend(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: list[int], query_start_loc: list[int], scale: float, step: StepState) -> torch.Tensor:
