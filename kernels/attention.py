@@ -5,18 +5,22 @@ scale_t / sqrt(h) the token's dequantized Hadamard-domain residual), a score is
 
     q . k_t = q . b_k + (q A) . grid[code_t] * scale_t / sqrt(h)
 
-so the query is rotated once per step (``rotate_queries``, one matmul per layer) and every cached key costs a grid
-lookup and a dot product on tensor cores: no inverse Hadamard and no RoPE per cached token.  Values are summed in the Hadamard domain too
-(sum_t p_t scale_t grid[code_t]) and rotated once per query; a per-head value predictor from the same layer's keys,
-v_t = b_v + k_t W + A^T y^v_t, is linear in k_t, so it is applied once per query to the softmax-weighted key sum.
+so the query is rotated once per step (``rotate_queries``, one matmul per layer) and every cached key costs a table
+lookup and a dot product on tensor cores: no inverse Hadamard and no RoPE per cached token.  Values are summed in the
+Hadamard domain too (sum_t p_t scale_t grid[code_t]) and rotated once per query; a per-head value predictor from the
+same layer's keys, v_t = b_v + k_t W + A^T y^v_t, is linear in k_t, so it is applied once per query to the
+softmax-weighted key sum.
+
+Decoding a code byte costs one or two gathers from a lane table of at most 256 entries (``lane_table``): a nibble
+or byte of codes indexes fp16 grid coordinates packed in one integer.  The coordinates of byte b land in *lanes*:
+lane i of a token holds the values at head positions L*b + i (L lanes), a [tokens, code bytes] tile.  A score is
+then the sum of L tensor-core dots of query lane i with key lane i, so no tile is ever joined or reshaped; the
+query and the rotation are permuted to lane order once per layer (``lane_order``).
 
 One program handles BLOCK_Q query tokens of one sequence x the G query heads of one KV head (rows = BLOCK_M), and
 one segment of that sequence's causal key range (split-K for long decodes).  It writes unnormalized partials
-(running max, denominator, Hadamard-domain value and key sums); ``combine`` merges the segments and applies the
-per-query epilogue in torch.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
-
-Speed today (H100, benchmarks/results/decode_attention_h100.md): 0.44-0.51x vLLM's bf16 TRITON_ATTN at batch 64,
-5-6% of its own HBM floor: bound by code unpacking, grid gathers and layout conversions, not by bytes.
+(running max, denominator, Hadamard-domain value and key sums, in lane order); ``combine`` merges the segments and
+applies the per-query epilogue in torch.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
 """
 
 from __future__ import annotations
@@ -28,69 +32,69 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import sylvester_hadamard
+from vllm_aquakv.codec import fwht
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _coordinate_pair(pair):
-    """Two float32 grid coordinates packed in one int64 (first in the low half)."""
-    lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
-    hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    return lo, hi
+def _half(bits):
+    """The low 16 bits of an integer tensor as float16."""
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def _load_codes(cache_ptr, base, t_mask, grid_ptr, PART_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr,
-                HEAD_DIM: tl.constexpr, GRID_DIM: tl.constexpr, CODE_BITS: tl.constexpr, TILE: tl.constexpr):
-    """Grid coordinates z [T, h] and fp16 scales [T] (float32) of one stream for the tokens at ``base`` [T].
-
-    Codes are read a unit at a time (1 byte, or 3 bytes for 3- and 6-bit codes) and split with shifts; the grid is
-    read as pairs of coordinates packed in one integer (``packed_grid``), so a 2-D point costs one gather."""
-    UNIT_BYTES: tl.constexpr = 3 if (CODE_BITS == 3 or CODE_BITS == 6) else 1
-    UNIT_CODES: tl.constexpr = 8 * UNIT_BYTES // CODE_BITS
-    NUM_UNITS: tl.constexpr = CODE_BYTES // UNIT_BYTES
-    NUM_CODES: tl.constexpr = HEAD_DIM // GRID_DIM
-    u = tl.arange(0, NUM_UNITS)
-    row = cache_ptr + base[:, None] + PART_OFFSET  # [T, 1] pointers to the stream's first code byte
-    if UNIT_BYTES == 1:
-        word = tl.load(row + u[None, :], mask=t_mask[:, None], other=0).to(tl.int32)  # [T, U]
-    else:
-        b = tl.arange(0, 4)
-        three = tl.load(row[:, :, None] + (u * 3)[None, :, None] + b[None, None, :],
-                        mask=t_mask[:, None, None] & (b < 3)[None, None, :], other=0).to(tl.int32)  # [T, U, 4]
-        word = tl.sum(three << (8 * b)[None, None, :], axis=2)  # [T, U]: 24 bits, little-endian
-    k = tl.arange(0, UNIT_CODES)
-    code = (word[:, :, None] >> (CODE_BITS * k)[None, None, :]) & ((1 << CODE_BITS) - 1)  # [T, U, codes per unit]
-    code = tl.reshape(code, [TILE, NUM_CODES])
-    if GRID_DIM == 1:
-        z = tl.load(grid_ptr + code)
-    elif GRID_DIM == 2:
-        lo, hi = _coordinate_pair(tl.load(grid_ptr + code))
-        z = tl.reshape(tl.join(lo, hi), [TILE, HEAD_DIM])
-    else:  # GRID_DIM == 4
-        z0, z1 = _coordinate_pair(tl.load(grid_ptr + 2 * code))
-        z2, z3 = _coordinate_pair(tl.load(grid_ptr + 2 * code + 1))
-        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [TILE, HEAD_DIM])
-    s_ptr = cache_ptr + base + PART_OFFSET + CODE_BYTES
-    s_lo = tl.load(s_ptr, mask=t_mask, other=0).to(tl.int16)
-    s_hi = tl.load(s_ptr + 1, mask=t_mask, other=0).to(tl.int16)
-    scale = ((s_hi << 8) | s_lo).to(tl.float16, bitcast=True).to(tl.float32)
-    return z, scale
+def _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr,
+                INDEX_BITS: tl.constexpr, ENTRY_VALUES: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """One stream's grid coordinates for the tokens at ``base`` [T] as lanes, each [T, CODE_BYTES] in DOT_DTYPE: lane i
+    holds the values at head positions LANES * b + i for code byte b (LANES = ENTRY_VALUES * 8 / INDEX_BITS; lanes
+    2, 3 repeat 0, 1 when LANES == 2)."""
+    b = tl.arange(0, CODE_BYTES)
+    byte = tl.load(cache_ptr + (base + CODE_OFFSET)[:, None] + b[None, :], mask=t_mask[:, None], other=0)
+    byte = byte.to(tl.int32)  # [T, B]
+    if INDEX_BITS == 8:  # a byte is one code: 2 or 4 coordinates
+        entry = tl.load(table_ptr + byte)
+        x0, x1 = _half(entry), _half(entry >> 16)
+        if ENTRY_VALUES == 4:
+            x2, x3 = _half(entry >> 32), _half(entry >> 48)
+        else:
+            x2, x3 = x0, x1
+    else:  # each nibble indexes 1 or 2 coordinates
+        lo = tl.load(table_ptr + (byte & 15))
+        hi = tl.load(table_ptr + (byte >> 4))
+        if ENTRY_VALUES == 2:
+            x0, x1, x2, x3 = _half(lo), _half(lo >> 16), _half(hi), _half(hi >> 16)
+        else:
+            x0, x1 = _half(lo), _half(hi)
+            x2, x3 = x0, x1
+    return x0.to(DOT_DTYPE), x1.to(DOT_DTYPE), x2.to(DOT_DTYPE), x3.to(DOT_DTYPE)
 
 
 @triton.jit
+def _lane_rows(ptr, rows, row_mask, ROW_LEN: tl.constexpr, LANE: tl.constexpr, WIDTH: tl.constexpr):
+    """Lane ``LANE`` ([M, WIDTH]) of lane-ordered rows ``ptr[rows, :ROW_LEN]``."""
+    w = tl.arange(0, WIDTH)
+    return tl.load(ptr + rows[:, None] * ROW_LEN + LANE * WIDTH + w[None, :], mask=row_mask[:, None], other=0.0)
+
+
+@triton.jit
+def _store_lane(ptr, rows, row_mask, x, ROW_LEN: tl.constexpr, LANE: tl.constexpr, WIDTH: tl.constexpr):
+    w = tl.arange(0, WIDTH)
+    tl.store(ptr + rows[:, None] * ROW_LEN + LANE * WIDTH + w[None, :], x, mask=row_mask[:, None])
+
+
+@triton.jit(do_not_specialize=["num_segments", "num_tokens", "stride_bt"])  # values that change every step
 def _fused_attention_kernel(
     q_ptr, q_bias_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, qblock_seq_ptr, qblock_first_ptr,
-    k_grid_ptr, v_grid_ptr,
+    k_table_ptr, v_table_ptr,
     m_ptr, l_ptr, acc_v_ptr, acc_k_ptr,
     num_segments, num_tokens,
     stride_block, stride_head, stride_token, stride_bt,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr,
-    K_CODE_BYTES: tl.constexpr, K_GRID_DIM: tl.constexpr, K_CODE_BITS: tl.constexpr,
-    V_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_GRID_DIM: tl.constexpr, V_CODE_BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, SLOT_ALIGN: tl.constexpr,
+    K_CODE_BYTES: tl.constexpr, K_INDEX_BITS: tl.constexpr, K_ENTRY_VALUES: tl.constexpr, K_LANES: tl.constexpr,
+    V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
+    V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     qblock = tl.program_id(0)
@@ -107,10 +111,13 @@ def _fused_attention_kernel(
     q_head = kv_head * G + rows % G
     row_mask = (rows < BLOCK_Q * G) & (tok < q_len)
     q_pos = context + tok
-    j = tl.arange(0, HEAD_DIM)
-    q_rows = (q_start + tok) * NUM_Q_HEADS + q_head  # [M] rows of the [N * Hq] rotated queries
-    q_rot = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + j[None, :], mask=row_mask[:, None], other=0.0)
-    q_rot = q_rot.to(DOT_DTYPE)  # [M, h]: q A scaled to base-2 logits per unit residual norm (``rotate_queries``)
+    q_rows = (q_start + tok) * NUM_Q_HEADS + q_head  # [M] rows of the [N * Hq, h] rotated, lane-ordered queries
+    # q A in key-lane order, scaled to base-2 logits per unit residual norm (``rotate_queries``): K_LANES x [M, B_k]
+    q0 = _lane_rows(q_ptr, q_rows, row_mask, HEAD_DIM, 0, K_CODE_BYTES)
+    q1 = _lane_rows(q_ptr, q_rows, row_mask, HEAD_DIM, 1, K_CODE_BYTES)
+    if K_LANES == 4:
+        q2 = _lane_rows(q_ptr, q_rows, row_mask, HEAD_DIM, 2, K_CODE_BYTES)
+        q3 = _lane_rows(q_ptr, q_rows, row_mask, HEAD_DIM, 3, K_CODE_BYTES)
     if HAS_K_BIAS:
         q_bias = tl.load(q_bias_ptr + q_rows, mask=row_mask, other=0.0)  # [M]: q . b_k in base-2 logits
 
@@ -123,16 +130,32 @@ def _fused_attention_kernel(
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_v = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc_k = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    v0 = tl.zeros([BLOCK_M, V_CODE_BYTES], tl.float32)  # Hadamard-domain value sums, one per value lane
+    v1 = tl.zeros([BLOCK_M, V_CODE_BYTES], tl.float32)
+    v2 = tl.zeros([BLOCK_M, V_CODE_BYTES], tl.float32)
+    v3 = tl.zeros([BLOCK_M, V_CODE_BYTES], tl.float32)
+    k0 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)  # key sums (V_FROM_K), one per key lane
+    k1 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
+    k2 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
+    k3 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
     for tile in range(tile_lo, tile_hi):
         t = tile * TILE + tl.arange(0, TILE)  # key positions [T]
         t_mask = t < kv_end
         blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
         base = blk * stride_block + kv_head * stride_head + (t % PAGE_BLOCK) * stride_token
-        z_k, scale_k = _load_codes(cache_ptr, base, t_mask, k_grid_ptr, 0, K_CODE_BYTES, HEAD_DIM, K_GRID_DIM,
-                                   K_CODE_BITS, TILE)
-        s = tl.dot(q_rot, tl.trans(z_k.to(DOT_DTYPE))) * scale_k[None, :]  # [M, T], base-2 logits
+        base = tl.multiple_of(base, SLOT_ALIGN)  # lets the code loads use whole words
+        scale_k = tl.load((cache_ptr + base + K_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
+                          other=0.0).to(tl.float32)
+        scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
+                          other=0.0).to(tl.float32)
+        x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS,
+                                     K_ENTRY_VALUES, DOT_DTYPE)
+        s = tl.dot(q0, tl.trans(x0))
+        s = tl.dot(q1, tl.trans(x1), s)
+        if K_LANES == 4:
+            s = tl.dot(q2, tl.trans(x2), s)
+            s = tl.dot(q3, tl.trans(x3), s)
+        s = s * scale_k[None, :]  # [M, T], base-2 logits
         if HAS_K_BIAS:
             s += q_bias[:, None]
         visible = (t[None, :] <= q_pos[:, None]) & t_mask[None, :]
@@ -142,46 +165,89 @@ def _fused_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-        z_v, scale_v = _load_codes(cache_ptr, base, t_mask, v_grid_ptr, V_OFFSET, V_CODE_BYTES, HEAD_DIM,
-                                   V_GRID_DIM, V_CODE_BITS, TILE)
-        acc_v = acc_v * alpha[:, None] + tl.dot((p * scale_v[None, :]).to(DOT_DTYPE), z_v.to(DOT_DTYPE))
         if V_FROM_K:
-            acc_k = acc_k * alpha[:, None] + tl.dot((p * scale_k[None, :]).to(DOT_DTYPE), z_k.to(DOT_DTYPE))
+            pk = (p * scale_k[None, :]).to(DOT_DTYPE)
+            k0 = tl.dot(pk, x0, k0 * alpha[:, None])
+            k1 = tl.dot(pk, x1, k1 * alpha[:, None])
+            if K_LANES == 4:
+                k2 = tl.dot(pk, x2, k2 * alpha[:, None])
+                k3 = tl.dot(pk, x3, k3 * alpha[:, None])
+        y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
+                                     V_ENTRY_VALUES, DOT_DTYPE)
+        pv = (p * scale_v[None, :]).to(DOT_DTYPE)
+        v0 = tl.dot(pv, y0, v0 * alpha[:, None])
+        v1 = tl.dot(pv, y1, v1 * alpha[:, None])
+        if V_LANES == 4:
+            v2 = tl.dot(pv, y2, v2 * alpha[:, None])
+            v3 = tl.dot(pv, y3, v3 * alpha[:, None])
 
-    # partials [segments, tokens, q heads, (h)]
+    # partials [segments, tokens, q heads, (h in lane order)]
     idx = (segment * num_tokens + q_start + tok) * NUM_Q_HEADS + q_head
     tl.store(m_ptr + idx, m_i, mask=row_mask)
     tl.store(l_ptr + idx, l_i, mask=row_mask)
-    tl.store(acc_v_ptr + idx[:, None] * HEAD_DIM + j[None, :], acc_v, mask=row_mask[:, None])
+    _store_lane(acc_v_ptr, idx, row_mask, v0, HEAD_DIM, 0, V_CODE_BYTES)
+    _store_lane(acc_v_ptr, idx, row_mask, v1, HEAD_DIM, 1, V_CODE_BYTES)
+    if V_LANES == 4:
+        _store_lane(acc_v_ptr, idx, row_mask, v2, HEAD_DIM, 2, V_CODE_BYTES)
+        _store_lane(acc_v_ptr, idx, row_mask, v3, HEAD_DIM, 3, V_CODE_BYTES)
     if V_FROM_K:
-        tl.store(acc_k_ptr + idx[:, None] * HEAD_DIM + j[None, :], acc_k, mask=row_mask[:, None])
+        _store_lane(acc_k_ptr, idx, row_mask, k0, HEAD_DIM, 0, K_CODE_BYTES)
+        _store_lane(acc_k_ptr, idx, row_mask, k1, HEAD_DIM, 1, K_CODE_BYTES)
+        if K_LANES == 4:
+            _store_lane(acc_k_ptr, idx, row_mask, k2, HEAD_DIM, 2, K_CODE_BYTES)
+            _store_lane(acc_k_ptr, idx, row_mask, k3, HEAD_DIM, 3, K_CODE_BYTES)
+
+
+@dataclass
+class LaneTable:
+    """How the kernel decodes one stream's code bytes (see ``lane_table``)."""
+
+    table: torch.Tensor  # [2**index_bits] int16/int32/int64: entry_values fp16 coordinates per entry
+    index_bits: int  # 4 (each nibble is looked up) or 8 (each byte)
+    entry_values: int  # coordinates per entry: 1, 2 or 4
+    lanes: int  # entry_values * 8 / index_bits: 2 or 4
+    code_bytes: int  # per (token, KV head); also the width of one lane
+
+
+def lane_table(grid: torch.Tensor, code_bits: int, head_dim: int) -> LaneTable | str:
+    """The lookup table that turns a nibble or byte of ``code_bits``-bit codes of ``grid`` [points, d] into fp16
+    coordinates (first coordinate in the low 16 bits), or why the kernel has none for this grid."""
+    d = grid.shape[1]
+    index_bits = 8 if code_bits == 8 else 4
+    per_index = index_bits // code_bits if code_bits in (2, 4, 8) else 0  # codes per looked-up nibble or byte
+    entry_values = per_index * d
+    if entry_values not in (1, 2, 4) or entry_values * 8 // index_bits not in (2, 4):
+        return (f"the fused kernel decodes 2- and 4-bit-per-value grids (d1n4, d2n16, d1n16, d2n256, d4n256), not "
+                f"{grid.shape[0]} points of dimension {d}")
+    index = torch.arange(2 ** index_bits, device=grid.device)
+    codes = (index[:, None] >> (code_bits * torch.arange(per_index, device=grid.device))) & (2 ** code_bits - 1)
+    values = grid.float()[codes].reshape(-1, entry_values).half().contiguous()  # [entries, values], LSB code first
+    table = values.view({1: torch.int16, 2: torch.int32, 4: torch.int64}[entry_values]).reshape(-1).contiguous()
+    return LaneTable(table, index_bits, entry_values, entry_values * 8 // index_bits,
+                     head_dim * code_bits // (8 * d))
+
+
+def lane_order(head_dim: int, lanes: int) -> torch.Tensor:
+    """Head positions in lane order: lane-ordered column i * W + b is position lanes * b + i (W = head_dim / lanes)."""
+    j = torch.arange(head_dim)
+    width = head_dim // lanes
+    return lanes * (j % width) + j // width
 
 
 @dataclass
 class FusedLayer:
     """One layer's constants for the fused kernel, on the serving device."""
 
-    rot: torch.Tensor  # [h, h] float32: A = diag(signs) H / sqrt(h); decode is y @ A^T
-    k_grid: torch.Tensor  # ``packed_grid``
-    v_grid: torch.Tensor
+    rot_k: torch.Tensor  # [h, h] float32: A = diag(signs) H / sqrt(h) with columns in key-lane order
+    rot_v: torch.Tensor  # the same in value-lane order; decode is y_lanes @ rot^T
+    k_lanes: LaneTable
+    v_lanes: LaneTable
     k_bias: torch.Tensor | None  # [H, h] post-RoPE key mean, or None
     v_bias: torch.Tensor | None  # [H, h]
     v_weight: torch.Tensor | None  # [H, h, h]: v = k W[head] + ... (per-head predictor from the same layer's keys)
-    k_code_bytes: int
-    k_grid_dim: int
-    k_code_bits: int
-    v_offset: int
-    v_code_bytes: int
-    v_grid_dim: int
-    v_code_bits: int
-
-
-def packed_grid(grid: torch.Tensor) -> torch.Tensor:
-    """Grid [points, d] as the kernel gathers it: [points] float32 for d = 1, else coordinate pairs packed in one
-    int64 each (float32 halves, first coordinate in the low half, little-endian): [points, d / 2].  (bfloat16 pairs
-    in an int32 crash Triton 3.6's TritonGPUOptimizeDotOperands pass on the H100.)"""
-    grid = grid.float().contiguous()
-    return grid.reshape(-1) if grid.shape[1] == 1 else grid.view(torch.int64).contiguous()
+    v_code_offset: int  # byte offsets in the slot (``serving.SlotLayout``)
+    k_scale_offset: int
+    v_scale_offset: int
 
 
 def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
@@ -193,11 +259,16 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
     if kc is None or vc is None:
         return f"layer {layer} is stored in 16 bits"
     for c in (kc, vc):
-        if c.group_size != c.head_dim or not c.rotate or c.code_bits not in (1, 2, 3, 4, 6, 8) or c.grid_dim > 4:
-            return ("the fused kernel needs one scale per (token, KV head), the Hadamard rotation, 1/2/3/4/6/8-bit "
-                    "codes and grids of dimension <= 4")
+        if c.group_size != c.head_dim or not c.rotate:
+            return "the fused kernel needs one scale per (token, KV head) and the Hadamard rotation"
     if not torch.equal(kc.signs, vc.signs):
         return "keys and values use different Hadamard signs"
+    tables = [lane_table(c.grid, c.code_bits, c.head_dim) for c in (kc, vc)]
+    for t in tables:
+        if isinstance(t, str):
+            return f"layer {layer}: {t}"
+        if kc.signs.device.type == "cuda" and t.code_bytes < 16:
+            return f"head_dim {kc.head_dim} at these bits gives lanes of {t.code_bytes} < 16 values (tensor cores)"
     kp, vp = cache.predictors.get(("k", layer)), cache.predictors.get(("v", layer))
     if kp is not None and kp.sources:
         return f"layer {layer}'s key predictor reads {kp.sources}"
@@ -207,13 +278,12 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
             return f"layer {layer}'s value predictor ({vp.structure} from {vp.sources}) is not per-head from K_l"
         v_weight = vp.weight.float().contiguous()  # [H, h, h]
     h = kc.head_dim
-    device = kc.signs.device
-    rot = (kc.signs.float()[:, None] * sylvester_hadamard(h, str(device))) / math.sqrt(h)
-    (k_code, k_scale), (v_code, _) = layout.parts
+    rot = kc.signs.float()[:, None] * fwht(torch.eye(h, device=kc.signs.device)) / math.sqrt(h)  # diag(s) H / sqrt(h)
+    k_lanes, v_lanes = tables
+    rot_k, rot_v = (rot[:, lane_order(h, t.lanes).to(rot.device)].contiguous() for t in tables)
     bias = lambda p: None if p is None or p.bias is None else p.bias.float().contiguous()  # noqa: E731
-    return FusedLayer(rot.contiguous(), packed_grid(kc.grid), packed_grid(vc.grid), bias(kp),
-                      bias(vp), v_weight, k_code, kc.grid_dim, kc.code_bits, k_code + k_scale, v_code, vc.grid_dim,
-                      vc.code_bits)
+    return FusedLayer(rot_k, rot_v, k_lanes, v_lanes, bias(kp), bias(vp), v_weight, layout.code_offsets[1],
+                      *layout.scale_offsets)
 
 
 def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:
@@ -240,13 +310,12 @@ class AttentionPlan:
     segments: int  # split-K segments per (query block, KV head)
     tile: int  # key tokens per inner-loop step
     num_warps: int = 4
-    num_stages: int = 1  # software pipelining off: 4x faster on the H100 (benchmarks/results/decode_attention_h100)
-    dot_fp32: bool = False  # float32 tensor-core inputs on CUDA (tf32, or IEEE with TRITON_F32_DEFAULT=ieee)
+    num_stages: int = 1  # software pipelining off: faster on the H100 (benchmarks/results/decode_attention_h100)
 
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int = 64, min_programs: int | None = None, num_warps: int = 4,
-                   num_stages: int = 1, dot_fp32: bool = False) -> AttentionPlan:
+                   num_stages: int = 1) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
     the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA; 1, i.e. no split, in the CPU
     interpreter) when there are few sequences (long decodes)."""
@@ -264,8 +333,7 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     programs = len(seq) * num_kv_heads
     segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-    return AttentionPlan(as_tensor(seq), as_tensor(first), block_q, block_m, segments, tile, num_warps, num_stages,
-                         dot_fp32)
+    return AttentionPlan(as_tensor(seq), as_tensor(first), block_q, block_m, segments, tile, num_warps, num_stages)
 
 
 def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -282,22 +350,49 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
                                       device=query.device)
     m, l, acc_v = part(), part(), part(h)
     acc_k = part(h) if layer.v_weight is not None else acc_v
-    interpret = query.device.type != "cuda"
-    q_rot, q_bias = rotate_queries(query, layer, scale, group)
+    interpret = query.device.type != "cuda"  # the interpreter takes float32 dots: the torch twin's arithmetic
+    q_rot, q_bias = rotate_queries(query, layer, scale, group, torch.float32 if interpret else torch.float16)
+    kl, vl = layer.k_lanes, layer.v_lanes
+    slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
     _fused_attention_kernel[(plan.q_seq.shape[0], heads, segments)](
         q_rot, q_bias if q_bias is not None else q_rot, kv_cache, block_table, seq_lens, query_start_loc, plan.q_seq,
-        plan.q_first, layer.k_grid, layer.v_grid,
+        plan.q_first, kl.table, vl.table,
         m, l, acc_v, acc_k,
         segments, n,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
         G=group, NUM_Q_HEADS=num_q_heads, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE=plan.tile, HEAD_DIM=h,
-        PAGE_BLOCK=page_block, K_CODE_BYTES=layer.k_code_bytes, K_GRID_DIM=layer.k_grid_dim,
-        K_CODE_BITS=layer.k_code_bits, V_OFFSET=layer.v_offset, V_CODE_BYTES=layer.v_code_bytes,
-        V_GRID_DIM=layer.v_grid_dim, V_CODE_BITS=layer.v_code_bits, HAS_K_BIAS=layer.k_bias is not None,
-        V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret or plan.dot_fp32 else tl.bfloat16,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        PAGE_BLOCK=page_block, SLOT_ALIGN=slot_align,
+        K_CODE_BYTES=kl.code_bytes, K_INDEX_BITS=kl.index_bits, K_ENTRY_VALUES=kl.entry_values, K_LANES=kl.lanes,
+        V_CODE_OFFSET=layer.v_code_offset, V_CODE_BYTES=vl.code_bytes, V_INDEX_BITS=vl.index_bits,
+        V_ENTRY_VALUES=vl.entry_values, V_LANES=vl.lanes, K_SCALE_OFFSET=layer.k_scale_offset,
+        V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
+        V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return combine(m, l, acc_v, acc_k if layer.v_weight is not None else None, layer, group)
+
+
+def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: int, num_kv_heads: int,
+            page_block: int) -> int:
+    """Compile the kernel for every distinct layer configuration, as decode and as prefill launches, so that no
+    request waits for Triton's JIT (seconds per variant).  Returns the number of variants compiled."""
+    seen = set()
+    for layer, f in fused.items():
+        key = (slot_bytes[layer], f.k_lanes.table.dtype, f.v_lanes.table.dtype, f.v_code_offset, f.k_bias is None,
+               f.v_weight is None)
+        if key in seen:
+            continue
+        seen.add(key)
+        h, device = f.rot_k.shape[0], f.rot_k.device
+        cache = torch.zeros(2, num_kv_heads, page_block, slot_bytes[layer], dtype=torch.uint8, device=device)
+        block_table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+        for new_tokens in (1, 2):  # a decode launch and a prefill launch
+            qsl = [0, new_tokens]
+            seq_lens = torch.tensor([page_block + 1], dtype=torch.int32, device=device)
+            plan = plan_attention(qsl, page_block + 1, num_q_heads, num_kv_heads, device)
+            query = torch.randn(new_tokens, num_q_heads, h, device=device)
+            fused_attention(query, cache, block_table, seq_lens, torch.tensor(qsl, dtype=torch.int32, device=device),
+                            plan, f, 1.0)
+    return len(seen)
 
 
 def _per_query_head(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -306,14 +401,14 @@ def _per_query_head(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1] // group, group, *x.shape[2:])
 
 
-def rotate_queries(query: torch.Tensor, layer: FusedLayer, scale: float,
-                   group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Queries [N, Hq, h] -> (q A scaled so that (q A) . grid[codes] * fp16 scale gives base-2 logits, contiguous
-    float32 [N, Hq, h]; q . b_k in base-2 logits [N, Hq] or None without a key mean).  One matmul per layer and
-    step instead of one per program."""
+def rotate_queries(query: torch.Tensor, layer: FusedLayer, scale: float, group: int,
+                   dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Queries [N, Hq, h] -> (q A in key-lane order, scaled so that (q A) . grid[codes] * fp16 scale gives base-2
+    logits, contiguous ``dtype`` [N, Hq, h]; q . b_k in base-2 logits [N, Hq] float32, or None without a key mean).
+    One matmul per layer and step instead of one per program."""
     h = query.shape[-1]
     q = query.float()
-    q_rot = (q @ layer.rot) * (scale * LOG2E / math.sqrt(h))
+    q_rot = ((q @ layer.rot_k) * (scale * LOG2E / math.sqrt(h))).to(dtype)
     q_bias = None
     if layer.k_bias is not None:
         q_bias = (_per_query_head(q, group) * layer.k_bias[:, None]).sum(-1).flatten(1) * (scale * LOG2E)
@@ -322,16 +417,17 @@ def rotate_queries(query: torch.Tensor, layer: FusedLayer, scale: float,
 
 def combine(m: torch.Tensor, l: torch.Tensor, acc_v: torch.Tensor, acc_k: torch.Tensor | None, layer: FusedLayer,
             group: int) -> torch.Tensor:
-    """Merge split-K partials (m, l [S, N, Hq]; acc [S, N, Hq, h]) and apply the per-query epilogue -> [N, Hq, h]."""
+    """Merge split-K partials (m, l [S, N, Hq]; acc [S, N, Hq, h] in lane order) and apply the per-query epilogue
+    -> [N, Hq, h]."""
     h = acc_v.shape[-1]
     weight = torch.exp2(m - m.amax(0, keepdim=True))  # [S, N, Hq]
     denom = (weight * l).sum(0)[..., None] * math.sqrt(h)  # [N, Hq, 1]; y = z * scale / sqrt(h)
     y_v = (weight[..., None] * acc_v).sum(0) / denom  # softmax-weighted Hadamard-domain value residual
-    out = _per_query_head(y_v @ layer.rot.T, group)  # back from the Hadamard domain: [N, H, G, h]
+    out = _per_query_head(y_v @ layer.rot_v.T, group)  # back from the Hadamard domain: [N, H, G, h]
     if layer.v_bias is not None:
         out += layer.v_bias[:, None]
     if acc_k is not None:
-        k_mean = (weight[..., None] * acc_k).sum(0) / denom @ layer.rot.T  # softmax-weighted keys [N, Hq, h]
+        k_mean = (weight[..., None] * acc_k).sum(0) / denom @ layer.rot_k.T  # softmax-weighted keys [N, Hq, h]
         k_mean = _per_query_head(k_mean, group)
         if layer.k_bias is not None:
             k_mean += layer.k_bias[:, None]

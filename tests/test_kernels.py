@@ -3,45 +3,19 @@
 import pytest
 import torch
 
-from vllm_aquakv.codec import HiggsCodec
-from vllm_aquakv.serving import SlotLayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = pytest.mark.skipif(DEVICE == "cpu", reason="real shapes: too slow for the interpreter, run on the GPU")
 
 
-@pytest.mark.parametrize("grid,head_dim,heads,page_block", [("d2n16", 64, 3, 16), ("d2n64", 32, 2, 32),
-                                                            ("d2n256", 128, 2, 16), ("d4n256", 64, 1, 32),
-                                                            ("d1n8", 32, 2, 16)])
-def test_dequant_paged_matches_torch_twin(grid, head_dim, heads, page_block, rng):
-    from vllm_aquakv.kernels.dequant import dequant_paged
-
-    k_codec = HiggsCodec(heads, head_dim, grid, seed=int(torch.randint(0, 99, (1,), generator=rng)))
-    v_codec = HiggsCodec(heads, head_dim, "d2n16", seed=3)
-    layout = SlotLayout(k_codec, v_codec, heads, head_dim, torch.bfloat16)
-    seq_len, num_blocks = 45, 8
-    k = torch.randn(seq_len, heads, head_dim, generator=rng) * 3 + torch.randn(heads, head_dim, generator=rng)
-    v = torch.randn(seq_len, heads, head_dim, generator=rng)
-    slots = layout.pack([k_codec.encode(k), v_codec.encode(v)])  # [T, H, slot]
-    cache = torch.zeros(num_blocks, heads, page_block, layout.slot_bytes, dtype=torch.uint8)
-    table = torch.randperm(num_blocks, generator=rng)[: -(-seq_len // page_block)].to(torch.int32)
-    pos = torch.arange(seq_len)
-    cache[table[pos // page_block].long(), :, pos % page_block] = slots
-    cache, table = cache.to(DEVICE), table.to(DEVICE)
-    k_enc, v_enc = layout.unpack(slots)
-    for codec, enc, offset in ((k_codec, k_enc, 0), (v_codec, v_enc, sum(layout.parts[0]))):
-        got = dequant_paged(cache, table, seq_len, codec, offset, block_t=16).cpu()
-        want = codec.decode(enc)
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
-
-
 @pytest.mark.parametrize("head_dim,heads,q_heads,page_block,key_predictor,value_predictor,k_grid,v_grid", [
-    (32, 2, 6, 16, "mean", "per_head", "d2n16", "d2n64"),  # GQA 3:1, V from same-layer K, 6-bit value codes
-    (64, 1, 4, 32, "none", "mean", "d2n64", "d2n16"),  # GQA 4:1
-    (32, 2, 8, 16, "mean", "none", "d1n8", "d4n256"),
+    (64, 2, 6, 16, "mean", "per_head", "d2n16", "d2n256"),  # GQA 3:1, V from same-layer K, 4-bit values (2 lanes)
+    (64, 1, 4, 32, "none", "mean", "d1n16", "d2n16"),  # GQA 4:1, nibble-indexed scalar keys
+    (64, 2, 8, 16, "mean", "none", "d1n4", "d4n256"),  # two scalar codes per nibble; byte-indexed 4-D values
+    (64, 3, 9, 128, "mean", "per_head", "d2n256", "d2n256"),  # SmolLM2's layer 0 (4 bits, 2 lanes), vLLM CPU blocks
     *[pytest.param(128, 8, q, page, "mean", "per_head", "d2n16", "d2n16", marks=ON_GPU)  # Llama-3B shapes
       for q, page in ((24, 16), (32, 32), (24, 64), (32, 128))],
-    pytest.param(64, 8, 24, 16, "mean", "per_head", "d2n64", "d2n16", marks=ON_GPU),
+    pytest.param(64, 8, 24, 16, "mean", "per_head", "d2n256", "d2n16", marks=ON_GPU),
 ])
 def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block, key_predictor, value_predictor,
                                             k_grid, v_grid, rng):
@@ -96,7 +70,8 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
         got = fused_attention(query, kv, block_table, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                               torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan, fused, scale).cpu()
         err = (got - want).norm() / want.norm()
-        tol = 1e-5 if DEVICE == "cpu" else 2e-2  # float32 in the interpreter; bfloat16 tensor-core inputs on a GPU
+        tol = 1e-5 if DEVICE == "cpu" else 3e-3  # float32 dots in the interpreter; float16 queries and probabilities
+        # on the GPU (the grids are float16 values in both)
         assert err < tol, (min_programs, err)
         assert torch.allclose(got, want, atol=tol * 5 * want.abs().max().item()), (got - want).abs().max()
 

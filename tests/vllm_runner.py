@@ -49,7 +49,16 @@ if __name__ == "__main__":
                                      for o in outs]
     else:
         params = SamplingParams(max_tokens=args.get("max_tokens", 32), temperature=0, ignore_eos=True)
-        result["outputs"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+        if args.get("profile"):  # where generate() spends its time (the engine runs in this process)
+            import torch
+
+            with torch.profiler.profile() as prof:
+                result["outputs"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+            table = prof.key_averages()
+            result["profile"] = {key: table.table(sort_by=key, row_limit=args["profile"], max_name_column_width=70)
+                                 for key in ("self_cpu_time_total", "self_device_time_total")}
+        else:
+            result["outputs"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     result["generate_seconds"] = time.time() - t0
     if args.get("also_prompt_logprobs"):  # prompt logprobs of the first N prompts, same engine
         outs = llm.generate(prompts[: args["also_prompt_logprobs"]],

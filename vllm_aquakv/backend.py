@@ -108,7 +108,7 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
         if fused is not None:  # CUDA, post-RoPE artifact: scores and value sums straight from the codes
             if md.plan is None:
                 md.plan = plan_attention(md.query_start_loc, max(md.seq_lens), self.num_heads, self.num_kv_heads,
-                                         query.device, dot_fp32=md.path.kernel_dot_fp32)
+                                         query.device)
             out = fused_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.plan,
                                   fused, self.scale)
         else:

@@ -69,12 +69,13 @@ def _load_all() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_grid(name: str) -> torch.Tensor:
-    """The shipped grid ``name`` as a float32 tensor [points, dim]."""
+    """The shipped grid ``name`` as a float32 tensor [points, dim], its coordinates rounded to float16 so that the
+    CUDA kernel's fp16 lookup tables hold exactly the values the torch path decodes with."""
     dim, points = _spec(name)
     tensors, _ = _load_all()
     if name not in tensors:
         raise KeyError(f"grid {name!r} is not in {GRID_FILE}; regenerate with `python -m vllm_aquakv.grids --write`")
-    grid = tensors[name].float()
+    grid = tensors[name].half().float()
     if tuple(grid.shape) != (points, dim):
         raise ValueError(f"grid {name!r} in {GRID_FILE} has shape {tuple(grid.shape)}, expected {(points, dim)}")
     return grid

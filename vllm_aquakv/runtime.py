@@ -78,25 +78,31 @@ class ServingState:
             if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
                                        "set TRITON_INTERPRET=1, or drop aquakv_kernels")
-            self._enable_fused_kernel(num_layers)
-            precision = extra.get("aquakv_kernel_precision", "bf16")
-            if precision not in ("bf16", "fp32"):
-                raise UnsupportedModel(f"aquakv_kernel_precision must be 'bf16' or 'fp32', got {precision!r}")
-            self.path.kernel_dot_fp32 = precision == "fp32"
+            self._enable_fused_kernel(num_layers, text_cfg.num_attention_heads, num_kv_heads,
+                                      vllm_config.cache_config.block_size, on_cuda)
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         self._log()
 
-    def _enable_fused_kernel(self, num_layers: int) -> None:
+    def _enable_fused_kernel(self, num_layers: int, num_q_heads: int, num_kv_heads: int, block_size: int,
+                             compile_now: bool) -> None:
         """Serve all layers with the fused Triton attention kernel (kernels/attention.py) if every layer can take
-        it, else all with the torch path; the startup log says which and why."""
-        from .kernels.attention import fused_layers_or_reason
+        it, else all with the torch path; the startup log says which and why.  On CUDA, compile the kernel's
+        variants now rather than during the first requests."""
+        import time
+
+        from .kernels.attention import fused_layers_or_reason, warm_up
 
         fused = fused_layers_or_reason(self.cache, self.path.layouts)
         if isinstance(fused, str):
             self.kernel_note = f"torch attention path (slow): the fused Triton kernel cannot serve {fused}"
-        else:
-            self.path.fused.update(fused)
-            self.kernel_note = f"fused Triton attention on all {num_layers} layers"
+            return
+        self.path.fused.update(fused)
+        self.kernel_note = f"fused Triton attention on all {num_layers} layers"
+        if compile_now:
+            t0 = time.time()
+            variants = warm_up(fused, [self.path.slot_bytes(l) for l in range(num_layers)], num_q_heads, num_kv_heads,
+                               block_size)
+            self.kernel_note += f" ({variants} layer variants compiled in {time.time() - t0:.1f} s)"
 
     def _log(self) -> None:
         bits = self.cache.bits(4096)

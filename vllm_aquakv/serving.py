@@ -7,8 +7,9 @@ chunked prefill, prefix-cache hits and decode see exactly the same K/V, and a pr
 ``AquaKVCache`` evaluated with ``num_sink_tokens=0, window=0``.
 
 Paged layout: vLLM hands each layer a uint8 cache [num_blocks, num_kv_heads, block_size, slot_bytes]; the slot of
-one (token, KV head) is ``[K codes | K fp16 scales | V codes | V fp16 scales]`` (codes packed as in
-``vllm_aquakv.codec``), or ``[K | V]`` in the 16-bit dtype for a 16-bit layer.
+one (token, KV head) is ``[K codes | V codes | K fp16 scales | V fp16 scales]`` (codes packed as in
+``vllm_aquakv.codec``; codes first so that they start 4-byte aligned for the kernel's word loads), or ``[K | V]`` in
+the 16-bit dtype for a 16-bit layer.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ from .rope import Rope
 
 
 class SlotLayout:
-    """Byte layout of one (token, KV head) slot of one layer."""
+    """Byte layout of one (token, KV head) slot of one layer: every stream's codes (or 16-bit values), then every
+    stream's fp16 scales."""
 
     def __init__(self, k_codec: HiggsCodec | None, v_codec: HiggsCodec | None, num_kv_heads: int, head_dim: int,
                  exact_dtype: torch.dtype):
         self.codecs = (k_codec, v_codec)
         self.num_kv_heads, self.head_dim, self.exact_dtype = num_kv_heads, head_dim, exact_dtype
         self.parts = [self._part_bytes(c) for c in self.codecs]  # [(code_bytes, scale_bytes)] per stream
-        self.slot_bytes = sum(a + b for a, b in self.parts)
+        (k_code, k_scale), (v_code, v_scale) = self.parts
+        self.code_offsets = (0, k_code)
+        self.scale_offsets = (k_code + v_code, k_code + v_code + k_scale)
+        self.slot_bytes = k_code + v_code + k_scale + v_scale
 
     def _part_bytes(self, codec: HiggsCodec | None) -> tuple[int, int]:
         if codec is None:
@@ -42,28 +47,28 @@ class SlotLayout:
 
     def pack(self, parts: list[Encoded | torch.Tensor]) -> torch.Tensor:
         """[K, V] (Encoded per token, or 16-bit [N, H, h]) -> uint8 slots [N, H, slot_bytes]."""
-        out = []
+        codes, scales = [], []
         for codec, part in zip(self.codecs, parts):
             if codec is None:
                 n = part.shape[0]
-                out.append(part.to(self.exact_dtype).contiguous().view(torch.uint8).reshape(n, self.num_kv_heads, -1))
+                codes.append(part.to(self.exact_dtype).contiguous().view(torch.uint8).reshape(n, self.num_kv_heads, -1))
             else:
                 n = part.codes.shape[0]
-                out.append(part.codes.reshape(n, self.num_kv_heads, -1))  # [N, H, code bytes per head]
-                out.append(part.scales.contiguous().view(torch.uint8).reshape(n, self.num_kv_heads, -1))
-        return torch.cat(out, dim=-1)
+                codes.append(part.codes.reshape(n, self.num_kv_heads, -1))  # [N, H, code bytes per head]
+                scales.append(part.scales.contiguous().view(torch.uint8).reshape(n, self.num_kv_heads, -1))
+        return torch.cat(codes + scales, dim=-1)
 
     def unpack(self, slots: torch.Tensor) -> list[Encoded | torch.Tensor]:
         """uint8 slots [N, H, slot_bytes] -> [K, V] as Encoded or 16-bit [N, H, h]."""
-        n, parts, at = slots.shape[0], [], 0
-        for codec, (code_bytes, scale_bytes) in zip(self.codecs, self.parts):
+        n, parts = slots.shape[0], []
+        for codec, (code_bytes, scale_bytes), at, sat in zip(self.codecs, self.parts, self.code_offsets,
+                                                             self.scale_offsets):
             raw = slots[..., at:at + code_bytes]
             if codec is None:
                 parts.append(raw.contiguous().view(self.exact_dtype).reshape(n, self.num_kv_heads, self.head_dim))
             else:
-                scales = slots[..., at + code_bytes:at + code_bytes + scale_bytes].contiguous().view(torch.float16)
+                scales = slots[..., sat:sat + scale_bytes].contiguous().view(torch.float16)
                 parts.append(Encoded(raw.reshape(n, -1), scales.reshape(n, -1)))
-            at += code_bytes + scale_bytes
         return parts
 
 
@@ -80,7 +85,6 @@ class TorchServingPath:
     def __init__(self, cache: AquaKVCache, rope: Rope):
         self.cache, self.rope = cache, rope
         self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
-        self.kernel_dot_fp32 = False  # float32 instead of bfloat16 tensor-core inputs in the fused kernel
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
                                    cache.exact_dtype) for l in range(cache.num_layers)]
         # the last layer whose predictors read (stream, layer): scratch is dropped after it

@@ -25,8 +25,8 @@ MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
                                                                 value_topology="k_same"),
     "aquakv plain HIGGS (K, V no predictor, 2.25 b)": dict(key_predictor="none", value_predictor="none",
                                                            value_topology="none"),
-    "aquakv speed, 3-bit keys (2.75 b)": dict(key_predictor="mean", value_predictor="per_head",
-                                              value_topology="k_same", key_grid="d2n64"),
+    "aquakv speed, 4-bit keys (3.25 b)": dict(key_predictor="mean", value_predictor="per_head",
+                                              value_topology="k_same", key_grid="d2n256"),
 }
 
 
@@ -55,11 +55,9 @@ def fused_setup(overrides):
 def random_slots(num_blocks, layout):
     """Random codes with valid fp16 scales in every slot: uint8 [num_blocks, H, PAGE, slot]."""
     kv = torch.randint(0, 256, (num_blocks, H, PAGE, layout.slot_bytes), dtype=torch.uint8, device="cuda")
-    at = 0
-    for code_bytes, scale_bytes in layout.parts:
+    for (_, scale_bytes), at in zip(layout.parts, layout.scale_offsets):
         scales = (torch.rand(num_blocks, H, PAGE, scale_bytes // 2, device="cuda") * 10 + 1).half()
-        kv[..., at + code_bytes:at + code_bytes + scale_bytes] = scales.view(torch.uint8)
-        at += code_bytes + scale_bytes
+        kv[..., at:at + scale_bytes] = scales.view(torch.uint8)
     return kv
 
 
@@ -160,8 +158,8 @@ def main():
 
 
 def tile_sweep(setup) -> tuple[dict, dict]:
-    """Speed mode at batch 64, context 16k over key tile x warps x pipeline stages (ms each); returns
-    the timings and the fastest settings, which the tables then use."""
+    """Speed mode at batch 64, context 16k over key tile x warps x pipeline stages, then programs per launch for the
+    fastest (ms each); returns the timings and the fastest settings, which the tables then use."""
     from triton.runtime.errors import OutOfResources
 
     from vllm_aquakv.kernels.attention import fused_attention, plan_attention
@@ -171,21 +169,20 @@ def tile_sweep(setup) -> tuple[dict, dict]:
     block_table, seq_lens, qsl_list, qsl, q = decode_batch(batch, ctx)
     kv = random_slots(batch * ctx // PAGE, path.layouts[1])
     out, best = {}, (float("inf"), {})
-    for tile in (32, 64, 128):
-        for warps in (4, 8):
-            for stages in (1, 2):
-                kw = dict(tile=tile, num_warps=warps, num_stages=stages)
-                plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **kw)
-                key = f"tile{tile}_warps{warps}_stages{stages}"
-                try:
-                    ms = bench(lambda plan=plan: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused,
-                                                                  D ** -0.5))
-                except OutOfResources:
-                    out[key] = None
-                    continue
-                out[key] = ms
-                best = min(best, (ms, kw), key=lambda x: x[0])
-                print("sweep", key, round(ms, 3), "ms", flush=True)
+    grid = [dict(tile=t, num_warps=w, num_stages=s) for t in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
+    for kw in grid + [None] * 4:
+        if kw is None:  # then the number of programs (split-K) for the fastest launch settings
+            kw = dict(best[1], min_programs=(132, 528, 1056, 2112)[len(out) - len(grid)])
+        plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **kw)
+        key = "_".join(f"{k}{v}" for k, v in kw.items())
+        try:
+            ms = bench(lambda plan=plan: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5))
+        except OutOfResources:
+            out[key] = None
+            continue
+        out[key] = ms
+        best = min(best, (ms, kw), key=lambda x: x[0])
+        print("sweep", key, round(ms, 3), "ms", flush=True)
     return out, best[1]
 
 

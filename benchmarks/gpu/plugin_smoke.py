@@ -9,7 +9,10 @@ wall time of generate() for 3 short prompts + 32 prompts of 2,048 tokens (64 new
 the 3 short prompts only).  Run on the device machine (see
 benchmarks/gpu/README.md):
 
-    python3 benchmarks/gpu/plugin_smoke.py $OUT [--short] [--fp32-model]
+    python3 benchmarks/gpu/plugin_smoke.py $OUT [--short] [--fp32-model] [--profile]
+
+``--profile`` wraps the aquakv and auto generate() calls in the torch profiler and prints the top operators by CPU
+and by GPU self time.
 """
 
 import json
@@ -53,20 +56,21 @@ def main():
     if "--short" in sys.argv:  # correctness runs only: the three short prompts everywhere
         batch = []
     runs = {"aquakv": ("aquakv", {}), "aquakv-torch-path": ("aquakv", {"additional_config": {"aquakv_kernels": False}}),
-            "aquakv-fp32-kernel": ("aquakv", {"additional_config": {"aquakv_kernel_precision": "fp32"}}),
             "auto": ("auto", {})}
-    os.environ["TRITON_F32_DEFAULT"] = "ieee"  # the fp32-kernel run: IEEE float32 dots, not tf32
     model_dtype = "bfloat16"
     if "--fp32-model" in sys.argv:  # float32 model: are fused-vs-torch gaps bf16 amplification of rounding noise?
         model_dtype = "float32"
-        runs = {k: runs[k] for k in ("aquakv-fp32-kernel", "aquakv-torch-path")}
+        runs = {k: runs[k] for k in ("aquakv", "aquakv-torch-path")}
     for name, (dtype, extra) in runs.items():
         t = time.time()
         # the torch path is too slow for the batch: it runs the three short prompts only
-        todo = prompts if name in ("aquakv-torch-path", "aquakv-fp32-kernel") else prompts + batch
+        todo = prompts if name == "aquakv-torch-path" or model_dtype == "float32" else prompts + batch
+        profile = 25 if "--profile" in sys.argv and name in ("aquakv", "auto") else 0
         r = run_vllm(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=4096, block_size=16,
-                     prompt_token_ids=todo, max_tokens=64, also_prompt_logprobs=3,
+                     prompt_token_ids=todo, max_tokens=64, also_prompt_logprobs=3, profile=profile,
                      engine={"gpu_memory_utilization": 0.5, "skip_tokenizer_init": True, **extra})
+        for key, table in r.pop("profile", {}).items():
+            print(f"{name}: top operators by {key}\n{table}", flush=True)
         r["seconds"] = time.time() - t
         r["outputs"] = r["outputs"][:3]
         result["runs"][name] = r

@@ -1,0 +1,68 @@
+"""Compile the fused attention kernel for the H100 (sm_90a) without a GPU and print what ptxas says: registers,
+spills, shared memory.  Runs on the CPU machine (Triton's bundled ptxas); a quick check of a kernel change before
+spending device time.  Pointer arguments are compiled 16-byte aligned, as torch allocations are at launch.
+
+    python benchmarks/gpu/offline_compile.py [--tile 128] [--warps 4] [--stages 1] [--rows 16] [--maxnreg N]
+        [--plain] [--dump DIR]
+
+``--rows 16`` is a decode launch (one query token x G=3 heads, padded), 64 a prefill launch; ``--plain`` drops the
+key mean and the value predictor (plain HIGGS).  Shapes: Llama-3.2-3B (24 q / 8 KV heads, head_dim 128), d2n16 keys
+and values, blocks of 16.
+"""
+
+import argparse
+import os
+import subprocess
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vllm_aquakv.kernels import attention
+
+POINTERS = {"q_ptr": "*fp16", "q_bias_ptr": "*fp32", "cache_ptr": "*u8", "block_table_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "q_start_ptr": "*i32", "qblock_seq_ptr": "*i32", "qblock_first_ptr": "*i32",
+            "k_table_ptr": "*i32", "v_table_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_v_ptr": "*fp32",
+            "acc_k_ptr": "*fp32"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--maxnreg", type=int, default=None)
+    ap.add_argument("--plain", action="store_true")
+    ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
+    args = ap.parse_args()
+    fn = attention._fused_attention_kernel
+    names = fn.arg_names
+    const = dict(G=3, NUM_Q_HEADS=24, BLOCK_Q=1 if args.rows == 16 else args.rows // 3, BLOCK_M=args.rows,
+                 TILE=args.tile, HEAD_DIM=128, PAGE_BLOCK=16, SLOT_ALIGN=4, K_CODE_BYTES=32, K_INDEX_BITS=4,
+                 K_ENTRY_VALUES=2, K_LANES=4, V_CODE_OFFSET=32, V_CODE_BYTES=32, V_INDEX_BITS=4, V_ENTRY_VALUES=2,
+                 V_LANES=4, K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=not args.plain,
+                 V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16)
+    signature = {n: POINTERS.get(n, "i32") for n in names}
+    signature.update({k: "constexpr" for k in const})
+    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS})
+    options = {"num_warps": args.warps, "num_stages": args.stages}
+    if args.maxnreg:
+        options["maxnreg"] = args.maxnreg
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    out = args.dump or "/tmp/aquakv-offline-compile"
+    os.makedirs(out, exist_ok=True)
+    for ext in ("ttgir", "ptx"):
+        with open(os.path.join(out, f"kernel.{ext}"), "w") as f:
+            f.write(kernel.asm[ext])
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    res = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(out, "kernel.ptx"), "-o",
+                          os.path.join(out, "kernel.cubin")], capture_output=True, text=True)
+    info = [line.split("info    : ")[-1] for line in res.stderr.splitlines() if "registers" in line or "spill" in line]
+    print(f"tile {args.tile} warps {args.warps} stages {args.stages} rows {args.rows} maxnreg {args.maxnreg} "
+          f"plain {args.plain}: shared {kernel.metadata.shared} B; " + "; ".join(s.strip() for s in info))
+
+
+if __name__ == "__main__":
+    main()
