@@ -314,15 +314,17 @@ class AttentionPlan:
 
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
-                   tile: int = 64, min_programs: int | None = None, num_warps: int = 4,
+                   tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
                    num_stages: int = 1) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
     the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA; 1, i.e. no split, in the CPU
-    interpreter) when there are few sequences (long decodes)."""
+    interpreter) when there are few sequences (long decodes).  Key tiles: 128 tokens for decode-only steps, 64
+    with prefill rows (the fastest in benchmarks/results/decode_attention_h100's sweep)."""
     if min_programs is None:
         min_programs = 264 if torch.device(device).type == "cuda" else 1
     group = num_q_heads // num_kv_heads
     max_q = max(b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:]))
+    tile = tile or (128 if max_q == 1 else 64)
     block_m = max(16, triton.next_power_of_2(group)) if max_q == 1 else max(64, triton.next_power_of_2(group))
     block_q = 1 if max_q == 1 else block_m // group
     seq, first = [], []
