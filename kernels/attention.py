@@ -207,6 +207,8 @@ class LaneTable:
     entry_values: int  # coordinates per entry: 1, 2 or 4
     lanes: int  # entry_values * 8 / index_bits: 2 or 4
     code_bytes: int  # per (token, KV head); also the width of one lane
+    grid: torch.Tensor  # [points, d] float32 (the cache write searches it)
+    code_bits: int
 
 
 def lane_table(grid: torch.Tensor, code_bits: int, head_dim: int) -> LaneTable | str:
@@ -224,7 +226,7 @@ def lane_table(grid: torch.Tensor, code_bits: int, head_dim: int) -> LaneTable |
     values = grid.float()[codes].reshape(-1, entry_values).half().contiguous()  # [entries, values], LSB code first
     table = values.view({1: torch.int16, 2: torch.int32, 4: torch.int64}[entry_values]).reshape(-1).contiguous()
     return LaneTable(table, index_bits, entry_values, entry_values * 8 // index_bits,
-                     head_dim * code_bits // (8 * d))
+                     head_dim * code_bits // (8 * d), grid.float().contiguous(), code_bits)
 
 
 def lane_order(head_dim: int, lanes: int) -> torch.Tensor:
@@ -374,9 +376,12 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
 
 
 def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: int, num_kv_heads: int,
-            page_block: int) -> int:
-    """Compile the kernel for every distinct layer configuration, as decode and as prefill launches, so that no
-    request waits for Triton's JIT (seconds per variant).  Returns the number of variants compiled."""
+            page_block: int, dtype: torch.dtype) -> int:
+    """Compile the attention kernel (as decode and as prefill launches) and the cache write for every distinct layer
+    configuration, so that no request waits for Triton's JIT (seconds per variant).  Returns the number of layer
+    variants."""
+    from .cache_write import write_fused
+
     seen = set()
     for layer, f in fused.items():
         key = (slot_bytes[layer], f.k_lanes.table.dtype, f.v_lanes.table.dtype, f.v_code_offset, f.k_bias is None,
@@ -387,11 +392,13 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
         h, device = f.rot_k.shape[0], f.rot_k.device
         cache = torch.zeros(2, num_kv_heads, page_block, slot_bytes[layer], dtype=torch.uint8, device=device)
         block_table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+        kv = torch.randn(page_block + 1, num_kv_heads, h, device=device).to(dtype)
+        write_fused(f, cache, torch.arange(page_block + 1, device=device), kv, kv)
         for new_tokens in (1, 2):  # a decode launch and a prefill launch
             qsl = [0, new_tokens]
             seq_lens = torch.tensor([page_block + 1], dtype=torch.int32, device=device)
             plan = plan_attention(qsl, page_block + 1, num_q_heads, num_kv_heads, device)
-            query = torch.randn(new_tokens, num_q_heads, h, device=device)
+            query = torch.randn(new_tokens, num_q_heads, h, device=device).to(dtype)
             fused_attention(query, cache, block_table, seq_lens, torch.tensor(qsl, dtype=torch.int32, device=device),
                             plan, f, 1.0)
     return len(seen)

@@ -94,3 +94,55 @@ def test_fused_kernel_is_all_or_nothing(rng):
             assert sorted(result) == [0, 1, 2]
         else:
             assert isinstance(result, str) and "layer 1" in result and "not per-head from K_l" in result
+
+
+@pytest.mark.parametrize("head_dim,heads,page_block,key_predictor,value_predictor,k_grid,v_grid,n", [
+    (64, 2, 16, "mean", "per_head", "d2n16", "d2n256", 37),  # V from the decoded K_l; 4-bit values (2 lanes)
+    (64, 3, 32, "none", "mean", "d1n4", "d4n256", 20),  # scalar 2-bit keys, 4-D value codes
+    (64, 1, 16, "mean", "none", "d1n16", "d2n16", 9),
+    pytest.param(128, 8, 16, "mean", "per_head", "d2n16", "d2n16", 4096, marks=ON_GPU),
+    pytest.param(128, 8, 64, "mean", "per_head", "d2n256", "d2n16", 333, marks=ON_GPU),
+])
+def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predictor, value_predictor, k_grid, v_grid, n,
+                                        rng):
+    """The Triton cache write against TorchServingPath.write on the same new tokens, written to random slots (some
+    padded with -1): codes equal except at near-ties of float rounding order (<= 0.5% of bytes), scales equal to
+    fp16 rounding, and untouched slots stay untouched."""
+    from vllm_aquakv.kernels.attention import fused_layer_or_reason
+    from vllm_aquakv.kernels.cache_write import write_fused
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.serving import StepState, TorchServingPath
+
+    config = AquaKVConfig(key_rope="post", key_predictor=key_predictor, value_predictor=value_predictor,
+                          value_topology="k_same" if value_predictor == "per_head" else "none", key_grid=k_grid,
+                          value_grid=v_grid, layer0_grid=k_grid)
+    T = max(n, 300)
+    k = torch.randn(T, heads, head_dim, generator=rng) * 2 + torch.randn(heads, head_dim, generator=rng) * 3
+    v = torch.einsum("thi,hio->tho", k, torch.randn(heads, head_dim, head_dim, generator=rng) / head_dim ** 0.5)
+    v = v + 0.3 * torch.randn(T, heads, head_dim, generator=rng)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v]).to(DEVICE)
+    path = TorchServingPath(cache, None)
+    layer = 1
+    fused = fused_layer_or_reason(cache, path.layouts[layer], layer)
+    assert not isinstance(fused, str), fused
+    num_blocks = -(-n // page_block) + 4
+    slots = torch.randperm(num_blocks * page_block, generator=rng)[:n]
+    slots[torch.rand(n, generator=rng) < 0.1] = -1  # padding
+    slots = slots.to(DEVICE)
+    key, value = (x[:n].to(DEVICE, torch.bfloat16) for x in (k, v))
+    fill = torch.randint(0, 256, (num_blocks, heads, page_block, path.slot_bytes(layer)), generator=rng,
+                         dtype=torch.uint8).to(DEVICE)
+    want, got = fill.clone(), fill.clone()
+    path.write(layer, want, slots, key, value, torch.arange(n, device=DEVICE), StepState(), [n])
+    write_fused(fused, got, slots, key, value)
+    layout = path.layouts[layer]
+    codes = layout.scale_offsets[0]  # code bytes come first in a slot
+    differ = (got[..., :codes] != want[..., :codes]).float().mean().item()
+    assert differ <= 5e-3, differ
+    assert torch.equal(got[..., codes:], want[..., codes:]) or torch.allclose(
+        got[..., codes:].contiguous().view(torch.float16).float(),
+        want[..., codes:].contiguous().view(torch.float16).float(), rtol=2e-3), "scales differ"
+    written = torch.zeros(num_blocks * page_block, dtype=torch.bool, device=DEVICE)
+    written[slots[slots >= 0]] = True
+    untouched = ~written.view(num_blocks, page_block)[:, None, :].expand(-1, heads, -1)
+    assert torch.equal(got[untouched], fill[untouched])

@@ -22,6 +22,7 @@ from vllm.v1.attention.backend import (
 from . import compat
 from .codec import head_dim_supported
 from .kernels.attention import AttentionPlan, fused_attention, plan_attention
+from .kernels.cache_write import write_fused
 from .runtime import refuse_impl_features, serving_state
 from .serving import StepState, TorchServingPath
 
@@ -90,8 +91,13 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
         md = compat.current_metadata(layer.layer_name)
         if md is None:
             return
-        md.path.write(compat.layer_index(layer.layer_name), kv_cache, md.slot_mapping, key, value, md.positions,
-                      compat.step_scratch(StepState), md.query_lens)
+        index = compat.layer_index(layer.layer_name)
+        fused = md.path.fused.get(index)
+        if fused is not None:  # one Triton launch encodes the step's tokens into their slots
+            write_fused(fused, kv_cache, md.slot_mapping, key, value)
+            return
+        md.path.write(index, kv_cache, md.slot_mapping, key, value, md.positions, compat.step_scratch(StepState),
+                      md.query_lens)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

@@ -74,13 +74,13 @@ class ServingState:
         self.path = TorchServingPath(c, self.rope)
         self.kernel_note = "torch attention path (CPU)"
         on_cuda = str(device).startswith("cuda")
+        self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         if extra.get("aquakv_kernels", on_cuda):
             if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
                                        "set TRITON_INTERPRET=1, or drop aquakv_kernels")
             self._enable_fused_kernel(num_layers, text_cfg.num_attention_heads, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda)
-        self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         self._log()
 
     def _enable_fused_kernel(self, num_layers: int, num_q_heads: int, num_kv_heads: int, block_size: int,
@@ -101,7 +101,7 @@ class ServingState:
         if compile_now:
             t0 = time.time()
             variants = warm_up(fused, [self.path.slot_bytes(l) for l in range(num_layers)], num_q_heads, num_kv_heads,
-                               block_size)
+                               block_size, self.model_dtype)
             self.kernel_note += f" ({variants} layer variants compiled in {time.time() - t0:.1f} s)"
 
     def _log(self) -> None:

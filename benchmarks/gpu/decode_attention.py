@@ -6,9 +6,12 @@ triton.testing.do_bench medians of one eager call as the backend makes it (aquak
 epilogue in torch; vLLM: ``unified_attention`` with the TRITON_ATTN builder's 3-D split settings).  The HBM floor is
 the bytes the call must read (the context's K/V or codes + scales) over the H100's peak 3.35 TB/s.  Also the
 prefill side at 4k prompts: aquakv cache write (torch: quantize + pack + scatter) + fused prefill attention vs
-vLLM's bf16 prefill attention.  Random codes and scales: timing only.
+vLLM's bf16 prefill attention (cache write: the torch path and the Triton kernel).  Random codes and scales: timing
+only.
 
-    python3 benchmarks/gpu/decode_attention.py OUT_DIR      (needs vLLM 0.26 importable: see README.md here)
+    python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep]    (needs vLLM 0.26 importable: see README.md)
+
+``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults.
 """
 
 import os
@@ -110,10 +113,10 @@ def main():
     from vllm_aquakv.kernels.attention import fused_attention, plan_attention
     from vllm_aquakv.results import write_results
 
-    out_dir = sys.argv[1] if len(sys.argv) > 1 else "/tmp/out"
+    out_dir = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "/tmp/out"
     t0 = time.time()
     setups = {label: fused_setup(o) for label, o in MODES.items()}
-    sweep, best = tile_sweep(next(iter(setups.values())))
+    sweep, best = ({}, {}) if "--no-sweep" in sys.argv else tile_sweep(next(iter(setups.values())))
     print("best launch settings", best, flush=True)
     rows = []
     for batch in (1, 16, 64):
@@ -189,6 +192,7 @@ def tile_sweep(setup) -> tuple[dict, dict]:
 def prefill_overhead(setups, best) -> dict:
     """4096-token prompt: aquakv write + fused prefill attention vs vLLM bf16 prefill attention (ms)."""
     from vllm_aquakv.kernels.attention import fused_attention, plan_attention
+    from vllm_aquakv.kernels.cache_write import write_fused
     from vllm_aquakv.serving import StepState
 
     n = 4096
@@ -208,11 +212,9 @@ def prefill_overhead(setups, best) -> dict:
     label, (path, fused) = next(iter(setups.items()))
     kv = torch.zeros(nb, H, PAGE, path.slot_bytes(1), dtype=torch.uint8, device="cuda")
     write = lambda: path.write(1, kv, slots, key, value, positions, StepState(), [n])  # noqa: E731
-    out["aquakv cache write (torch quantize + pack + scatter)"] = bench(write)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        write()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    out["aquakv cache write, torch path"] = bench(write)
+    out["aquakv cache write, Triton (kernels/cache_write.py)"] = bench(
+        lambda: write_fused(fused, kv, slots, key, value))
     plan = plan_attention(qsl_list, n, HQ, H, "cuda", **best)
     out["aquakv fused prefill attention"] = bench(
         lambda: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5))

@@ -1,0 +1,205 @@
+"""Triton cache write for the fused-kernel mode: one launch per layer and step encodes the step's new keys and values
+straight into their paged slots.
+
+Per (token, KV head), the same rule as ``AquaKVCache.encode_stream`` with the codec's HIGGS encoding:
+
+    residual r = x - prediction            keys: the post-RoPE key mean; values: b_v + k_hat W[head] (or b_v)
+    y = r A  (A = diag(signs) H / sqrt(h), taken in lane order, see kernels/attention.py)
+    scale = fp16(||y||),  z = y sqrt(h) / scale,  code = nearest grid point of each grid_dim coordinates of z
+    packed LSB-first into the code bytes, scale into the slot's fp16 scale (``serving.SlotLayout``)
+
+where k_hat = b_k + decode(key codes) is the reconstructed key the value predictor reads.  Rotations and predictor
+products are IEEE float32 dots, so the codes equal the torch twin's (``TorchServingPath.write``) except where float
+rounding order decides between two nearly equidistant grid points.
+
+One program encodes BLOCK_N tokens of one KV head.  Lane i of a token holds the head positions L*b + i of code byte b
+(L lanes): the codes of byte b are then computed from the lanes directly, with no reshape.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import FusedLayer
+
+FP16_MAX = 65504.0
+
+
+@triton.jit
+def _pick(x0, x1, x2, x3, I: tl.constexpr):
+    """The I-th of four tensors (I a compile-time constant)."""
+    if I == 0:
+        return x0
+    elif I == 1:
+        return x1
+    elif I == 2:
+        return x2
+    else:
+        return x3
+
+
+@triton.jit
+def _rotate_lane(r, rot_ptr, LANE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr):
+    """Lane LANE of r A: r [N, h] @ rot[:, LANE * W:(LANE + 1) * W] -> [N, W] (rot in lane order, row-major)."""
+    rows = tl.arange(0, HEAD_DIM)
+    w = tl.arange(0, WIDTH)
+    a = tl.load(rot_ptr + rows[:, None] * HEAD_DIM + LANE * WIDTH + w[None, :])  # [h, W]
+    return tl.dot(r, a, input_precision="ieee")
+
+
+@triton.jit
+def _unrotate_lane(y, rot_ptr, LANE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr):
+    """Lane LANE's share of y A^T: y [N, W] @ rot[:, LANE * W:(LANE + 1) * W]^T -> [N, h]."""
+    cols = tl.arange(0, HEAD_DIM)
+    w = tl.arange(0, WIDTH)
+    a_t = tl.load(rot_ptr + cols[None, :] * HEAD_DIM + LANE * WIDTH + w[:, None])  # [W, h]
+    return tl.dot(y, a_t, input_precision="ieee")
+
+
+@triton.jit
+def _nearest(z0, z1, z2, z3, grid_ptr, D: tl.constexpr, POINTS: tl.constexpr):
+    """Index (int32) of the grid point nearest to the D-dimensional points (z0[, z1, z2, z3]) of the lanes:
+    argmax 2 z.c - |c|^2 as ``grids.nearest`` computes it; ties keep the lowest index."""
+    best = tl.full(z0.shape, float("-inf"), tl.float32)
+    index = tl.zeros(z0.shape, tl.int32)
+    for p in range(POINTS):
+        c0 = tl.load(grid_ptr + p * D)
+        dot = z0 * c0
+        norm = c0 * c0
+        if D >= 2:
+            c1 = tl.load(grid_ptr + p * D + 1)
+            dot += z1 * c1
+            norm += c1 * c1
+        if D == 4:
+            c2 = tl.load(grid_ptr + p * D + 2)
+            c3 = tl.load(grid_ptr + p * D + 3)
+            dot += z2 * c2 + z3 * c3
+            norm += c2 * c2 + c3 * c3
+        score = 2.0 * dot - norm
+        better = score > best
+        best = tl.where(better, score, best)
+        index = tl.where(better, p, index)
+    return index
+
+
+@triton.jit
+def _encode(r, rot_ptr, grid_ptr, HEAD_DIM: tl.constexpr, LANES: tl.constexpr, WIDTH: tl.constexpr,
+            CODE_BITS: tl.constexpr, D: tl.constexpr, POINTS: tl.constexpr):
+    """HIGGS-encode residuals r [N, h] (float32): code bytes [N, W] (int32), the fp16-rounded scale [N] (float32),
+    and the decoded Hadamard-domain residual as lanes (y_hat = grid[code] * scale / sqrt(h); lanes 2, 3 repeat 0, 1
+    when LANES == 2)."""
+    y0 = _rotate_lane(r, rot_ptr, 0, HEAD_DIM, WIDTH)
+    y1 = _rotate_lane(r, rot_ptr, 1, HEAD_DIM, WIDTH)
+    sq = tl.sum(y0 * y0, axis=1) + tl.sum(y1 * y1, axis=1)
+    if LANES == 4:
+        y2 = _rotate_lane(r, rot_ptr, 2, HEAD_DIM, WIDTH)
+        y3 = _rotate_lane(r, rot_ptr, 3, HEAD_DIM, WIDTH)
+        sq += tl.sum(y2 * y2, axis=1) + tl.sum(y3 * y3, axis=1)
+    else:
+        y2, y3 = y0, y1
+    scale = tl.minimum(tl.sqrt(sq), FP16_MAX).to(tl.float16).to(tl.float32)  # [N]
+    inv = tl.where(scale > 0, tl.sqrt(HEAD_DIM * 1.0) / tl.where(scale > 0, scale, 1.0), 0.0)[:, None]
+    z0, z1, z2, z3 = y0 * inv, y1 * inv, y2 * inv, y3 * inv
+    back = (scale / tl.sqrt(HEAD_DIM * 1.0))[:, None]
+    byte = tl.zeros(y0.shape, tl.int32)
+    h0, h1, h2, h3 = y0 * 0.0, y1 * 0.0, y2 * 0.0, y3 * 0.0  # decoded lanes
+    for c in tl.static_range(8 // CODE_BITS):  # the codes of one byte, lowest bits first
+        code = _nearest(_pick(z0, z1, z2, z3, c * D), _pick(z0, z1, z2, z3, c * D + 1 if D > 1 else 0),
+                        _pick(z0, z1, z2, z3, c * D + 2 if D > 2 else 0),
+                        _pick(z0, z1, z2, z3, c * D + 3 if D > 2 else 0), grid_ptr, D, POINTS)
+        byte |= code << (c * CODE_BITS)
+        for k in tl.static_range(D):  # lane c * D + k holds coordinate k of this code
+            value = tl.load(grid_ptr + code * D + k) * back
+            if c * D + k == 0:
+                h0 = value
+            elif c * D + k == 1:
+                h1 = value
+            elif c * D + k == 2:
+                h2 = value
+            else:
+                h3 = value
+    if LANES == 2:
+        h2, h3 = h0, h1
+    return byte, scale, h0, h1, h2, h3
+
+
+@triton.jit
+def _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET: tl.constexpr, SCALE_OFFSET: tl.constexpr,
+                  WIDTH: tl.constexpr):
+    w = tl.arange(0, WIDTH)
+    tl.store(cache_ptr + base[:, None] + CODE_OFFSET + w[None, :], byte.to(tl.uint8), mask=valid[:, None])
+    tl.store((cache_ptr + base + SCALE_OFFSET).to(tl.pointer_type(tl.float16)), scale.to(tl.float16), mask=valid)
+
+
+@triton.jit
+def _cache_write_kernel(
+    key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, k_bias_ptr, v_bias_ptr, v_weight_ptr,
+    k_grid_ptr, v_grid_ptr,
+    num_tokens, stride_kt, stride_kh, stride_vt, stride_vh, stride_block, stride_head, stride_token,
+    HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr, K_CODE_BITS: tl.constexpr, K_D: tl.constexpr,
+    K_POINTS: tl.constexpr, V_LANES: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_CODE_BITS: tl.constexpr,
+    V_D: tl.constexpr, V_POINTS: tl.constexpr, V_CODE_OFFSET: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
+    V_SCALE_OFFSET: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, V_FROM_K: tl.constexpr,
+):
+    head = tl.program_id(1)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(slot_ptr + n, mask=n < num_tokens, other=-1).to(tl.int64)
+    valid = (n < num_tokens) & (slot >= 0)  # padded tokens have slot -1
+    base = (slot // PAGE_BLOCK) * stride_block + head * stride_head + (slot % PAGE_BLOCK) * stride_token
+    j = tl.arange(0, HEAD_DIM)
+
+    r = tl.load(key_ptr + n[:, None] * stride_kt + head * stride_kh + j[None, :], mask=valid[:, None],
+                other=0.0).to(tl.float32)  # [N, h] post-RoPE keys
+    if HAS_K_BIAS:
+        k_bias = tl.load(k_bias_ptr + head * HEAD_DIM + j)
+        r -= k_bias[None, :]
+    byte, scale, h0, h1, h2, h3 = _encode(r, rot_k_ptr, k_grid_ptr, HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS,
+                                          K_D, K_POINTS)
+    _store_stream(cache_ptr, base, valid, byte, scale, 0, K_SCALE_OFFSET, K_CODE_BYTES)
+
+    r = tl.load(value_ptr + n[:, None] * stride_vt + head * stride_vh + j[None, :], mask=valid[:, None],
+                other=0.0).to(tl.float32)  # [N, h]
+    if HAS_V_BIAS:
+        r -= tl.load(v_bias_ptr + head * HEAD_DIM + j)[None, :]
+    if V_FROM_K:  # v prediction = (b_k + decoded key residual) W[head]
+        k_hat = _unrotate_lane(h0, rot_k_ptr, 0, HEAD_DIM, K_CODE_BYTES)
+        k_hat += _unrotate_lane(h1, rot_k_ptr, 1, HEAD_DIM, K_CODE_BYTES)
+        if K_LANES == 4:
+            k_hat += _unrotate_lane(h2, rot_k_ptr, 2, HEAD_DIM, K_CODE_BYTES)
+            k_hat += _unrotate_lane(h3, rot_k_ptr, 3, HEAD_DIM, K_CODE_BYTES)
+        if HAS_K_BIAS:
+            k_hat += k_bias[None, :]
+        w = tl.load(v_weight_ptr + head * HEAD_DIM * HEAD_DIM + j[:, None] * HEAD_DIM + j[None, :])  # [h, h]
+        r -= tl.dot(k_hat, w, input_precision="ieee")
+    byte, scale, h0, h1, h2, h3 = _encode(r, rot_v_ptr, v_grid_ptr, HEAD_DIM, V_LANES, V_CODE_BYTES, V_CODE_BITS,
+                                          V_D, V_POINTS)
+    _store_stream(cache_ptr, base, valid, byte, scale, V_CODE_OFFSET, V_SCALE_OFFSET, V_CODE_BYTES)
+
+
+def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, block_n: int = 16) -> None:
+    """Encode key (post-RoPE) and value [>= N, H, h] of the N = len(slot_mapping) new tokens into their slots of
+    kv_cache [num_blocks, H, page_block, slot] (uint8); slot -1 skips a token."""
+    n = slot_mapping.shape[0]
+    _, heads, page_block, _ = kv_cache.shape
+    h = key.shape[-1]
+    kl, vl = layer.k_lanes, layer.v_lanes
+    dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
+    _cache_write_kernel[(triton.cdiv(n, block_n), heads)](
+        key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v,
+        layer.k_bias if layer.k_bias is not None else dummy, layer.v_bias if layer.v_bias is not None else dummy,
+        layer.v_weight if layer.v_weight is not None else dummy, kl.grid, vl.grid,
+        n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        HEAD_DIM=h, PAGE_BLOCK=page_block, BLOCK_N=block_n,
+        K_LANES=kl.lanes, K_CODE_BYTES=kl.code_bytes, K_CODE_BITS=kl.code_bits, K_D=kl.grid.shape[1],
+        K_POINTS=kl.grid.shape[0], V_LANES=vl.lanes, V_CODE_BYTES=vl.code_bytes, V_CODE_BITS=vl.code_bits,
+        V_D=vl.grid.shape[1], V_POINTS=vl.grid.shape[0], V_CODE_OFFSET=layer.v_code_offset,
+        K_SCALE_OFFSET=layer.k_scale_offset, V_SCALE_OFFSET=layer.v_scale_offset,
+        HAS_K_BIAS=layer.k_bias is not None, HAS_V_BIAS=layer.v_bias is not None,
+        V_FROM_K=layer.v_weight is not None,
+    )
+
