@@ -251,6 +251,17 @@ class FusedLayer:
     k_scale_offset: int
     v_scale_offset: int
 
+    def value_prediction_terms(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For the cache write: the value prediction b_v + (b_k + y_k A^T) W as (c [H, h] = b_v + b_k W, or None
+        without any; M [H, h, h] = A^T W with rows in key-lane order, so that the prediction is c + y_k M)."""
+        c = self.v_bias
+        if self.v_weight is None:
+            return c, None
+        if self.k_bias is not None:
+            kw = torch.einsum("hi,hio->ho", self.k_bias, self.v_weight)
+            c = kw if c is None else c + kw
+        return c, torch.einsum("ij,hio->hjo", self.rot_k, self.v_weight).contiguous()
+
 
 def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
     """The fused kernel's constants for ``layer`` of an AquaKVCache (on its device), or why the layer cannot use it."""

@@ -8,7 +8,8 @@ Per (token, KV head), the same rule as ``AquaKVCache.encode_stream`` with the co
     scale = fp16(||y||),  z = y sqrt(h) / scale,  code = nearest grid point of each grid_dim coordinates of z
     packed LSB-first into the code bytes, scale into the slot's fp16 scale (``serving.SlotLayout``)
 
-where k_hat = b_k + decode(key codes) is the reconstructed key the value predictor reads.  Rotations and predictor
+where k_hat = b_k + decode(key codes) is the reconstructed key the value predictor reads; the kernel takes the value
+prediction as b_v + b_k W + y_k (A^T W), with the decoded key residual y_k in lanes (``value_prediction_terms``).  Rotations and predictor
 products are IEEE float32 dots, so the codes equal the torch twin's (``TorchServingPath.write``) except where float
 rounding order decides between two nearly equidistant grid points.
 
@@ -24,7 +25,8 @@ import triton.language as tl
 
 from .attention import FusedLayer
 
-FP16_MAX = 65504.0
+FP16_MAX = tl.constexpr(65504.0)  # largest float16
+PRECISION = tl.constexpr("tf32x3")  # three tf32 tensor-core products: float32 accuracy
 
 
 @triton.jit
@@ -46,16 +48,16 @@ def _rotate_lane(r, rot_ptr, LANE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: 
     rows = tl.arange(0, HEAD_DIM)
     w = tl.arange(0, WIDTH)
     a = tl.load(rot_ptr + rows[:, None] * HEAD_DIM + LANE * WIDTH + w[None, :])  # [h, W]
-    return tl.dot(r, a, input_precision="ieee")
+    return tl.dot(r, a, input_precision=PRECISION)
 
 
 @triton.jit
-def _unrotate_lane(y, rot_ptr, LANE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr):
-    """Lane LANE's share of y A^T: y [N, W] @ rot[:, LANE * W:(LANE + 1) * W]^T -> [N, h]."""
+def _lane_times(y, m_ptr, LANE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr):
+    """y [N, W] @ M[LANE * W:(LANE + 1) * W, :] -> [N, h] (M [h, h] row-major, rows in lane order)."""
     cols = tl.arange(0, HEAD_DIM)
     w = tl.arange(0, WIDTH)
-    a_t = tl.load(rot_ptr + cols[None, :] * HEAD_DIM + LANE * WIDTH + w[:, None])  # [W, h]
-    return tl.dot(y, a_t, input_precision="ieee")
+    m = tl.load(m_ptr + (LANE * WIDTH + w[:, None]) * HEAD_DIM + cols[None, :])  # [W, h]
+    return tl.dot(y, m, input_precision=PRECISION)
 
 
 @triton.jit
@@ -135,7 +137,7 @@ def _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET: tl.constexpr
 
 @triton.jit
 def _cache_write_kernel(
-    key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, k_bias_ptr, v_bias_ptr, v_weight_ptr,
+    key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, k_bias_ptr, v_bias_ptr, v_from_k_ptr,
     k_grid_ptr, v_grid_ptr,
     num_tokens, stride_kt, stride_kh, stride_vt, stride_vh, stride_block, stride_head, stride_token,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -154,26 +156,22 @@ def _cache_write_kernel(
     r = tl.load(key_ptr + n[:, None] * stride_kt + head * stride_kh + j[None, :], mask=valid[:, None],
                 other=0.0).to(tl.float32)  # [N, h] post-RoPE keys
     if HAS_K_BIAS:
-        k_bias = tl.load(k_bias_ptr + head * HEAD_DIM + j)
-        r -= k_bias[None, :]
+        r -= tl.load(k_bias_ptr + head * HEAD_DIM + j)[None, :]
     byte, scale, h0, h1, h2, h3 = _encode(r, rot_k_ptr, k_grid_ptr, HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS,
                                           K_D, K_POINTS)
     _store_stream(cache_ptr, base, valid, byte, scale, 0, K_SCALE_OFFSET, K_CODE_BYTES)
 
     r = tl.load(value_ptr + n[:, None] * stride_vt + head * stride_vh + j[None, :], mask=valid[:, None],
                 other=0.0).to(tl.float32)  # [N, h]
-    if HAS_V_BIAS:
+    if HAS_V_BIAS:  # b_v + b_k W
         r -= tl.load(v_bias_ptr + head * HEAD_DIM + j)[None, :]
-    if V_FROM_K:  # v prediction = (b_k + decoded key residual) W[head]
-        k_hat = _unrotate_lane(h0, rot_k_ptr, 0, HEAD_DIM, K_CODE_BYTES)
-        k_hat += _unrotate_lane(h1, rot_k_ptr, 1, HEAD_DIM, K_CODE_BYTES)
+    if V_FROM_K:  # + (decoded key residual, Hadamard domain) A^T W, as lanes times M = A^T W
+        m_ptr = v_from_k_ptr + head * HEAD_DIM * HEAD_DIM
+        r -= _lane_times(h0, m_ptr, 0, HEAD_DIM, K_CODE_BYTES)
+        r -= _lane_times(h1, m_ptr, 1, HEAD_DIM, K_CODE_BYTES)
         if K_LANES == 4:
-            k_hat += _unrotate_lane(h2, rot_k_ptr, 2, HEAD_DIM, K_CODE_BYTES)
-            k_hat += _unrotate_lane(h3, rot_k_ptr, 3, HEAD_DIM, K_CODE_BYTES)
-        if HAS_K_BIAS:
-            k_hat += k_bias[None, :]
-        w = tl.load(v_weight_ptr + head * HEAD_DIM * HEAD_DIM + j[:, None] * HEAD_DIM + j[None, :])  # [h, h]
-        r -= tl.dot(k_hat, w, input_precision="ieee")
+            r -= _lane_times(h2, m_ptr, 2, HEAD_DIM, K_CODE_BYTES)
+            r -= _lane_times(h3, m_ptr, 3, HEAD_DIM, K_CODE_BYTES)
     byte, scale, h0, h1, h2, h3 = _encode(r, rot_v_ptr, v_grid_ptr, HEAD_DIM, V_LANES, V_CODE_BYTES, V_CODE_BITS,
                                           V_D, V_POINTS)
     _store_stream(cache_ptr, base, valid, byte, scale, V_CODE_OFFSET, V_SCALE_OFFSET, V_CODE_BYTES)
@@ -188,10 +186,11 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
     h = key.shape[-1]
     kl, vl = layer.k_lanes, layer.v_lanes
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
+    v_bias, v_from_k = layer.value_prediction_terms()
     _cache_write_kernel[(triton.cdiv(n, block_n), heads)](
         key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v,
-        layer.k_bias if layer.k_bias is not None else dummy, layer.v_bias if layer.v_bias is not None else dummy,
-        layer.v_weight if layer.v_weight is not None else dummy, kl.grid, vl.grid,
+        layer.k_bias if layer.k_bias is not None else dummy, v_bias if v_bias is not None else dummy,
+        v_from_k if v_from_k is not None else dummy, kl.grid, vl.grid,
         n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         HEAD_DIM=h, PAGE_BLOCK=page_block, BLOCK_N=block_n,
@@ -199,7 +198,6 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
         K_POINTS=kl.grid.shape[0], V_LANES=vl.lanes, V_CODE_BYTES=vl.code_bytes, V_CODE_BITS=vl.code_bits,
         V_D=vl.grid.shape[1], V_POINTS=vl.grid.shape[0], V_CODE_OFFSET=layer.v_code_offset,
         K_SCALE_OFFSET=layer.k_scale_offset, V_SCALE_OFFSET=layer.v_scale_offset,
-        HAS_K_BIAS=layer.k_bias is not None, HAS_V_BIAS=layer.v_bias is not None,
-        V_FROM_K=layer.v_weight is not None,
+        HAS_K_BIAS=layer.k_bias is not None, HAS_V_BIAS=v_bias is not None, V_FROM_K=v_from_k is not None,
     )
 

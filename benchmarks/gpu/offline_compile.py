@@ -3,7 +3,11 @@ spills, shared memory.  Runs on the CPU machine (Triton's bundled ptxas); a quic
 spending device time.  Pointer arguments are compiled 16-byte aligned, as torch allocations are at launch.
 
     python benchmarks/gpu/offline_compile.py [--tile 128] [--warps 4] [--stages 1] [--rows 16] [--maxnreg N]
-        [--plain] [--dump DIR]
+        [--plain] [--dump DIR] [--write]
+
+``--write`` compiles the cache write (kernels/cache_write.py, 16 tokens per program) instead of the attention.
+To check against the GPU image's Triton (3.6), install it beside the venv's and put it first on the path:
+``pip install --target /tmp/t36 triton==3.6.0 --no-deps; PYTHONPATH=/tmp/t36 python benchmarks/gpu/offline_compile.py``.
 
 ``--rows 16`` is a decode launch (one query token x G=3 heads, padded), 64 a prefill launch; ``--plain`` drops the
 key mean and the value predictor (plain HIGGS).  Shapes: Llama-3.2-3B (24 q / 8 KV heads, head_dim 128), d2n16 keys
@@ -18,12 +22,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vllm_aquakv.kernels import attention
+from vllm_aquakv.kernels import attention, cache_write
 
 POINTERS = {"q_ptr": "*fp16", "q_bias_ptr": "*fp32", "cache_ptr": "*u8", "block_table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "q_start_ptr": "*i32", "qblock_seq_ptr": "*i32", "qblock_first_ptr": "*i32",
             "k_table_ptr": "*i32", "v_table_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_v_ptr": "*fp32",
             "acc_k_ptr": "*fp32"}
+
+WRITE_POINTERS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u8",
+                  "rot_k_ptr": "*fp32", "rot_v_ptr": "*fp32", "k_bias_ptr": "*fp32", "v_bias_ptr": "*fp32",
+                  "v_from_k_ptr": "*fp32", "k_grid_ptr": "*fp32", "v_grid_ptr": "*fp32"}
+WRITE_CONSTANTS = dict(HEAD_DIM=128, PAGE_BLOCK=16, BLOCK_N=16, K_LANES=4, K_CODE_BYTES=32, K_CODE_BITS=4, K_D=2,
+                       K_POINTS=16, V_LANES=4, V_CODE_BYTES=32, V_CODE_BITS=4, V_D=2, V_POINTS=16, V_CODE_OFFSET=32,
+                       K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=True, HAS_V_BIAS=True, V_FROM_K=True)
 
 
 def main():
@@ -35,18 +46,20 @@ def main():
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
+    ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    fn = attention._fused_attention_kernel
+    fn = cache_write._cache_write_kernel if args.write else attention._fused_attention_kernel
     names = fn.arg_names
-    const = dict(G=3, NUM_Q_HEADS=24, BLOCK_Q=1 if args.rows == 16 else args.rows // 3, BLOCK_M=args.rows,
+    pointers = WRITE_POINTERS if args.write else POINTERS
+    const = WRITE_CONSTANTS if args.write else dict(G=3, NUM_Q_HEADS=24, BLOCK_Q=1 if args.rows == 16 else args.rows // 3, BLOCK_M=args.rows,
                  TILE=args.tile, HEAD_DIM=128, PAGE_BLOCK=16, SLOT_ALIGN=4, K_CODE_BYTES=32, K_INDEX_BITS=4,
                  K_ENTRY_VALUES=2, K_LANES=4, V_CODE_OFFSET=32, V_CODE_BYTES=32, V_INDEX_BITS=4, V_ENTRY_VALUES=2,
                  V_LANES=4, K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=not args.plain,
                  V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16)
-    signature = {n: POINTERS.get(n, "i32") for n in names}
+    signature = {n: pointers.get(n, "i32") for n in names}
     signature.update({k: "constexpr" for k in const})
     src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS})
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in pointers})
     options = {"num_warps": args.warps, "num_stages": args.stages}
     if args.maxnreg:
         options["maxnreg"] = args.maxnreg
