@@ -36,11 +36,12 @@ if __name__ == "__main__":
         with open(arg[1:]) as f:
             arg = f.read()
     args = json.loads(arg)
-    llm = LLM(model=args["model"], kv_cache_dtype=args["kv_cache_dtype"], enforce_eager=True,
+    llm = LLM(model=args["model"], kv_cache_dtype=args["kv_cache_dtype"], enforce_eager=args.get("enforce_eager", True),
               dtype=args.get("dtype", "float32"), max_model_len=args.get("max_model_len", 2048),
               block_size=args.get("block_size", 32), seed=0, **args.get("engine", {}))
     cc = llm.llm_engine.vllm_config.cache_config
-    result = {"kv_tokens": cc.num_gpu_blocks * cc.block_size, "outputs": []}
+    result = {"kv_tokens": cc.num_gpu_blocks * cc.block_size, "outputs": [],
+              "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)}
     prompts = [{"prompt_token_ids": ids} for ids in args.get("prompt_token_ids", [])]
     t0 = time.time()
     if args.get("prompt_logprobs"):

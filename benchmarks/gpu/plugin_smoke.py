@@ -12,7 +12,8 @@ benchmarks/gpu/README.md):
     python3 benchmarks/gpu/plugin_smoke.py $OUT [--short] [--fp32-model] [--profile]
 
 ``--profile`` wraps the aquakv and auto generate() calls in the torch profiler and prints the top operators by CPU
-and by GPU self time.
+and by GPU self time.  ``--graphs`` runs aquakv and auto as a user's ``vllm serve`` would (torch.compile and CUDA
+graphs, no enforce_eager) beside the eager aquakv run, and compares their greedy tokens.
 """
 
 import json
@@ -57,6 +58,9 @@ def main():
         batch = []
     runs = {"aquakv": ("aquakv", {}), "aquakv-torch-path": ("aquakv", {"additional_config": {"aquakv_kernels": False}}),
             "auto": ("auto", {})}
+    if "--graphs" in sys.argv:
+        runs = {"aquakv": ("aquakv", {}), "aquakv-graphs": ("aquakv", {"enforce_eager": False}),
+                "auto-graphs": ("auto", {"enforce_eager": False})}
     model_dtype = "bfloat16"
     if "--fp32-model" in sys.argv:  # float32 model: are fused-vs-torch gaps bf16 amplification of rounding noise?
         model_dtype = "float32"
@@ -66,9 +70,10 @@ def main():
         # the torch path is too slow for the batch: it runs the three short prompts only
         todo = prompts if name == "aquakv-torch-path" or model_dtype == "float32" else prompts + batch
         profile = 25 if "--profile" in sys.argv and name in ("aquakv", "auto") else 0
+        eager = extra.pop("enforce_eager", True)
         r = run_vllm(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=4096, block_size=16,
                      prompt_token_ids=todo, max_tokens=64, also_prompt_logprobs=3, profile=profile,
-                     engine={"gpu_memory_utilization": 0.5, "skip_tokenizer_init": True, **extra})
+                     enforce_eager=eager, engine={"gpu_memory_utilization": 0.5, "skip_tokenizer_init": True, **extra})
         for key, table in r.pop("profile", {}).items():
             print(f"{name}: top operators by {key}\n{table}", flush=True)
         r["seconds"] = time.time() - t
@@ -80,8 +85,17 @@ def main():
         d = [abs(p - q) for u, v in zip(x, y) for p, q in zip(u[1:], v[1:])]
         return sum(d) / len(d)
 
-    t = result["runs"]["aquakv-torch-path"]
     result["model_dtype"] = model_dtype
+    if "--graphs" in sys.argv:
+        a = result["runs"]["aquakv"]
+        result["graphs_vs_eager_first_divergence"] = [
+            next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p))
+            for p, q in zip(result["runs"]["aquakv-graphs"]["outputs"], a["outputs"])]
+        result["graphs_vs_eager_prompt_logprob_mean_abs_diff"] = mean_abs(
+            result["runs"]["aquakv-graphs"]["prompt_logprobs"], a["prompt_logprobs"])
+        finish(out_dir, result)
+        return
+    t = result["runs"]["aquakv-torch-path"]
     result["prompt_logprob_mean_abs_diff_vs_torch_path"] = {
         name: mean_abs(r["prompt_logprobs"], t["prompt_logprobs"]) for name, r in result["runs"].items() if r is not t}
     if "auto" in result["runs"]:
@@ -89,6 +103,10 @@ def main():
         result["capacity_ratio"] = a["kv_tokens"] / b["kv_tokens"]
         result["fused_vs_torch_path_first_divergence"] = [
             next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(a["outputs"], t["outputs"])]
+    finish(out_dir, result)
+
+
+def finish(out_dir: str, result: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "plugin_smoke.json"), "w") as f:
         json.dump(result, f, indent=1)
