@@ -19,8 +19,8 @@ query and the rotation are permuted to lane order once per layer (``lane_order``
 
 One program handles BLOCK_Q query tokens of one sequence x the G query heads of one KV head (rows = BLOCK_M), and
 one segment of that sequence's causal key range (split-K for long decodes).  It writes unnormalized partials
-(running max, denominator, Hadamard-domain value and key sums, in lane order); ``combine`` merges the segments and
-applies the per-query epilogue in torch.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
+(running max, denominator, Hadamard-domain value and key sums, in lane order); ``_combine_kernel`` merges the
+segments and applies the per-query epilogue.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
 """
 
 from __future__ import annotations
@@ -198,6 +198,53 @@ def _fused_attention_kernel(
             _store_lane(acc_k_ptr, idx, row_mask, k3, HEAD_DIM, 3, K_CODE_BYTES)
 
 
+@triton.jit
+def _combine_kernel(
+    m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, rot_v_ptr, rot_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr, out_ptr,
+    num_segments, num_tokens, stride_out_n, stride_out_h,
+    G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+    HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """Merge the split-K partials of one token's G query heads of one KV head and apply the epilogue: softmax
+    normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value predictor
+    ((b_k + y_k A^T) W), written in the output's dtype."""
+    n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    r = tl.arange(0, ROWS)
+    row_mask = r < G
+    j = tl.arange(0, HEAD_DIM)
+    idx = n * NUM_Q_HEADS + kv_head * G + r  # [R] rows of the [N * Hq] partials
+    seg = num_tokens * NUM_Q_HEADS
+    m_max = tl.full([ROWS], -1.0e30, tl.float32)
+    for s in range(num_segments):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30))
+    denom = tl.zeros([ROWS], tl.float32)
+    y_v = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    y_k = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for s in range(num_segments):
+        w = tl.exp2(tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30) - m_max)
+        denom += w * tl.load(l_ptr + s * seg + idx, mask=row_mask, other=0.0)
+        rows = (s * seg + idx)[:, None] * HEAD_DIM + j[None, :]
+        y_v += w[:, None] * tl.load(acc_v_ptr + rows, mask=row_mask[:, None], other=0.0)
+        if V_FROM_K:
+            y_k += w[:, None] * tl.load(acc_k_ptr + rows, mask=row_mask[:, None], other=0.0)
+    inv = 1.0 / (tl.where(row_mask, denom, 1.0) * tl.sqrt(HEAD_DIM * 1.0))  # y = z * scale / sqrt(h)
+    a_t = tl.load(rot_v_ptr + j[None, :] * HEAD_DIM + j[:, None]).to(DOT_DTYPE)  # [h (lane order), h] = A^T
+    out = tl.dot((y_v * inv[:, None]).to(DOT_DTYPE), a_t)  # [R, h]
+    if HAS_V_BIAS:
+        out += tl.load(v_bias_ptr + kv_head * HEAD_DIM + j)[None, :]
+    if V_FROM_K:
+        a_t = tl.load(rot_k_ptr + j[None, :] * HEAD_DIM + j[:, None]).to(DOT_DTYPE)
+        k_mean = tl.dot((y_k * inv[:, None]).to(DOT_DTYPE), a_t)  # softmax-weighted keys [R, h]
+        if HAS_K_BIAS:
+            k_mean += tl.load(k_bias_ptr + kv_head * HEAD_DIM + j)[None, :]
+        w_head = tl.load(v_weight_ptr + kv_head * HEAD_DIM * HEAD_DIM + j[:, None] * HEAD_DIM + j[None, :])
+        out += tl.dot(k_mean.to(DOT_DTYPE), w_head.to(DOT_DTYPE))
+    q_head = kv_head * G + r
+    tl.store(out_ptr + n * stride_out_n + q_head[:, None] * stride_out_h + j[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
 @dataclass
 class LaneTable:
     """How the kernel decodes one stream's code bytes (see ``lane_table``)."""
@@ -352,11 +399,13 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
 
 
 def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, plan: AttentionPlan, layer: FusedLayer,
-                    scale: float) -> torch.Tensor:
+                    query_start_loc: torch.Tensor, plan: AttentionPlan, layer: FusedLayer, scale: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of query [N, Hq, h] (post-RoPE, any float dtype) over the paged aquakv cache
-    kv_cache [num_blocks, H, page_block, slot] (uint8) -> [N, Hq, h] float32.  block_table [R, max_blocks],
-    seq_lens [R] (context incl. this step's tokens) and query_start_loc [R + 1] are int32 on the device."""
+    kv_cache [num_blocks, H, page_block, slot] (uint8) -> out [N, Hq, h] (any float dtype and strides with a
+    contiguous last dim; float32 if not given).  block_table [R, max_blocks], seq_lens [R] (context incl. this step's
+    tokens) and query_start_loc [R + 1] are int32 on the device.  Two launches: the attention kernel writes split-K
+    partials, ``_combine_kernel`` merges them into ``out``."""
     n, num_q_heads, h = query.shape
     _, heads, page_block, _ = kv_cache.shape
     group = num_q_heads // heads
@@ -383,7 +432,18 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    return combine(m, l, acc_v, acc_k if layer.v_weight is not None else None, layer, group)
+    if out is None:
+        out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
+    dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
+    _combine_kernel[(n, heads)](
+        m, l, acc_v, acc_k, layer.rot_v, layer.rot_k, dummy if layer.v_bias is None else layer.v_bias,
+        dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_weight is None else layer.v_weight, out,
+        segments, n, out.stride(0), out.stride(1),
+        G=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=h, ROWS=max(16, triton.next_power_of_2(group)),
+        HAS_V_BIAS=layer.v_bias is not None, HAS_K_BIAS=layer.k_bias is not None,
+        V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
+    )
+    return out
 
 
 def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: int, num_kv_heads: int,
@@ -433,23 +493,3 @@ def rotate_queries(query: torch.Tensor, layer: FusedLayer, scale: float, group: 
     if layer.k_bias is not None:
         q_bias = (_per_query_head(q, group) * layer.k_bias[:, None]).sum(-1).flatten(1) * (scale * LOG2E)
     return q_rot.contiguous(), q_bias
-
-
-def combine(m: torch.Tensor, l: torch.Tensor, acc_v: torch.Tensor, acc_k: torch.Tensor | None, layer: FusedLayer,
-            group: int) -> torch.Tensor:
-    """Merge split-K partials (m, l [S, N, Hq]; acc [S, N, Hq, h] in lane order) and apply the per-query epilogue
-    -> [N, Hq, h]."""
-    h = acc_v.shape[-1]
-    weight = torch.exp2(m - m.amax(0, keepdim=True))  # [S, N, Hq]
-    denom = (weight * l).sum(0)[..., None] * math.sqrt(h)  # [N, Hq, 1]; y = z * scale / sqrt(h)
-    y_v = (weight[..., None] * acc_v).sum(0) / denom  # softmax-weighted Hadamard-domain value residual
-    out = _per_query_head(y_v @ layer.rot_v.T, group)  # back from the Hadamard domain: [N, H, G, h]
-    if layer.v_bias is not None:
-        out += layer.v_bias[:, None]
-    if acc_k is not None:
-        k_mean = (weight[..., None] * acc_k).sum(0) / denom @ layer.rot_k.T  # softmax-weighted keys [N, Hq, h]
-        k_mean = _per_query_head(k_mean, group)
-        if layer.k_bias is not None:
-            k_mean += layer.k_bias[:, None]
-        out += torch.einsum("nkgi,kio->nkgo", k_mean, layer.v_weight)  # per-head value predictor
-    return out.flatten(1, 2)

@@ -115,11 +115,11 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
             if md.plan is None:
                 md.plan = plan_attention(md.query_start_loc, max(md.seq_lens), self.num_heads, self.num_kv_heads,
                                          query.device)
-            out = fused_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.plan,
-                                  fused, self.scale)
-        else:
-            out = md.path.attend(index, query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
-                                 compat.step_scratch(StepState))
+            fused_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.plan, fused,
+                            self.scale, out=output[:n].view(n, self.num_heads, self.head_size))
+            return output
+        out = md.path.attend(index, query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
+                             compat.step_scratch(StepState))
         output[:n] = out.reshape(output[:n].shape).to(output.dtype)
         return output
 
