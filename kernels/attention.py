@@ -297,17 +297,20 @@ class FusedLayer:
     v_code_offset: int  # byte offsets in the slot (``serving.SlotLayout``)
     k_scale_offset: int
     v_scale_offset: int
+    write_v_bias: torch.Tensor | None = None  # cache write: b_v + b_k W [H, h] (``value_prediction_terms``)
+    write_v_from_k: torch.Tensor | None = None  # cache write: A^T W [H, h, h], rows in key-lane order
 
-    def value_prediction_terms(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """For the cache write: the value prediction b_v + (b_k + y_k A^T) W as (c [H, h] = b_v + b_k W, or None
-        without any; M [H, h, h] = A^T W with rows in key-lane order, so that the prediction is c + y_k M)."""
-        c = self.v_bias
-        if self.v_weight is None:
-            return c, None
-        if self.k_bias is not None:
-            kw = torch.einsum("hi,hio->ho", self.k_bias, self.v_weight)
-            c = kw if c is None else c + kw
-        return c, torch.einsum("ij,hio->hjo", self.rot_k, self.v_weight).contiguous()
+
+def value_prediction_terms(rot_k, k_bias, v_bias, v_weight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """For the cache write: the value prediction b_v + (b_k + y_k A^T) W as (c [H, h] = b_v + b_k W, or None
+    without any; M [H, h, h] = A^T W with rows in key-lane order, so that the prediction is c + y_k M)."""
+    c = v_bias
+    if v_weight is None:
+        return c, None
+    if k_bias is not None:
+        kw = torch.einsum("hi,hio->ho", k_bias, v_weight)
+        c = kw if c is None else c + kw
+    return c, torch.einsum("ij,hio->hjo", rot_k, v_weight).contiguous()
 
 
 def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
@@ -342,8 +345,9 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
     k_lanes, v_lanes = tables
     rot_k, rot_v = (rot[:, lane_order(h, t.lanes).to(rot.device)].contiguous() for t in tables)
     bias = lambda p: None if p is None or p.bias is None else p.bias.float().contiguous()  # noqa: E731
-    return FusedLayer(rot_k, rot_v, k_lanes, v_lanes, bias(kp), bias(vp), v_weight, layout.code_offsets[1],
-                      *layout.scale_offsets)
+    k_bias, v_bias = bias(kp), bias(vp)
+    return FusedLayer(rot_k, rot_v, k_lanes, v_lanes, k_bias, v_bias, v_weight, layout.code_offsets[1],
+                      *layout.scale_offsets, *value_prediction_terms(rot_k, k_bias, v_bias, v_weight))
 
 
 def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:

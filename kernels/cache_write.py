@@ -9,7 +9,8 @@ Per (token, KV head), the same rule as ``AquaKVCache.encode_stream`` with the co
     packed LSB-first into the code bytes, scale into the slot's fp16 scale (``serving.SlotLayout``)
 
 where k_hat = b_k + decode(key codes) is the reconstructed key the value predictor reads; the kernel takes the value
-prediction as b_v + b_k W + y_k (A^T W), with the decoded key residual y_k in lanes (``value_prediction_terms``).  Rotations and predictor
+prediction as b_v + b_k W + y_k (A^T W), with the decoded key residual y_k in lanes (``value_prediction_terms``,
+computed once per layer).  Rotations and predictor
 products are IEEE float32 dots, so the codes equal the torch twin's (``TorchServingPath.write``) except where float
 rounding order decides between two nearly equidistant grid points.
 
@@ -186,7 +187,7 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
     h = key.shape[-1]
     kl, vl = layer.k_lanes, layer.v_lanes
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
-    v_bias, v_from_k = layer.value_prediction_terms()
+    v_bias, v_from_k = layer.write_v_bias, layer.write_v_from_k
     _cache_write_kernel[(triton.cdiv(n, block_n), heads)](
         key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v,
         layer.k_bias if layer.k_bias is not None else dummy, v_bias if v_bias is not None else dummy,
