@@ -143,15 +143,17 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
     k_code, v_code = layout.parts[0][0], layout.parts[1][0]
     k_scale = layout.scale_offsets[0]
     # keys: codes equal except at near-ties of float rounding order; scales within one fp16 ulp
+    scale = lambda x, at: x[:, at:at + 2].contiguous().view(torch.float16).float()  # noqa: E731
     differ = (got_w[:, :k_code] != want_w[:, :k_code]).float().mean().item()
     assert differ <= 5e-3, differ
-    scales = [x[:, k_scale:k_scale + 2].contiguous().view(torch.float16).float() for x in (got_w, want_w)]
-    assert torch.allclose(*scales, rtol=2e-3, atol=0), (scales[0] - scales[1]).abs().max()
-    # values: equal wherever the key codes are (a flipped key code changes that token's value prediction)
+    assert torch.allclose(scale(got_w, k_scale), scale(want_w, k_scale), rtol=2e-3, atol=0)
+    # values: the same, wherever the key codes are equal (a flipped key code changes that token's value prediction)
     same_key = (got_w[:, :k_code] == want_w[:, :k_code]).all(1)
     assert same_key.float().mean() > 0.98, same_key.float().mean()
-    v_bytes = list(range(k_code, k_code + v_code)) + list(range(layout.scale_offsets[1], layout.slot_bytes))
-    v_differ = (got_w[same_key][:, v_bytes] != want_w[same_key][:, v_bytes]).any(1).float().mean().item()
-    assert v_differ <= 1e-2, v_differ
+    got_v, want_v = got_w[same_key], want_w[same_key]
+    v_differ = (got_v[:, k_code:k_code + v_code] != want_v[:, k_code:k_code + v_code]).float().mean().item()
+    assert v_differ <= 5e-3, v_differ
+    v_scale = layout.scale_offsets[1]
+    assert torch.allclose(scale(got_v, v_scale), scale(want_v, v_scale), rtol=2e-3, atol=0)
     untouched = ~written
     assert torch.equal(got[untouched], fill[untouched])
