@@ -160,10 +160,13 @@ def test_fused_kernel_in_vllm_matches_torch_path(tmp_path):
 
 
 @pytest.mark.parametrize("case,match", [("attention_backend", "remove --attention-backend"),
-                                        ("rope_yarn", "rope types"), ("head_dim_96", "power of two")])
+                                        ("rope_yarn", "rope types"), ("head_dim_96", "power of two"),
+                                        ("sliding_window", "sliding window attention layers.*another --kv-cache-dtype"),
+                                        ("speculative", "remove --speculative-config")])
 def test_refuses_unservable_setups_at_startup(case, match, tmp_path):
     """Startup refusals through the real engine (predictor-free mode, so no artifact is involved): another
-    --attention-backend, an unsupported rope scaling, a head size the Hadamard rotation cannot take."""
+    --attention-backend, an unsupported rope scaling, a head size the Hadamard rotation cannot take, a model with
+    sliding-window layers, speculative decoding (n-gram drafts)."""
     from vllm_aquakv.calibration.models import make_tiny_llama
 
     head_dim = 96 if case == "head_dim_96" else 32
@@ -175,7 +178,15 @@ def test_refuses_unservable_setups_at_startup(case, match, tmp_path):
         cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
                                   "original_max_position_embeddings": 4096}
         json.dump(cfg, open(cfg_path, "w"))
+    if case == "sliding_window":
+        cfg_path = os.path.join(model, "config.json")
+        cfg = json.load(open(cfg_path))
+        cfg.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+        json.dump(cfg, open(cfg_path, "w"))
     engine = {"additional_config": {"aquakv_no_predictor": True}}
+    if case == "speculative":
+        engine["speculative_config"] = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2,
+                                        "prompt_lookup_min": 1}
     if case == "attention_backend":
         engine["attention_backend"] = "CPU_ATTN"
     with pytest.raises(RuntimeError, match=match):

@@ -163,9 +163,11 @@ def refuse_impl_features(alibi_slopes, sliding_window, logits_soft_cap, attn_typ
     for name, value in (("ALiBi", alibi_slopes), ("sliding window", sliding_window), ("logits soft cap", logits_soft_cap),
                         ("KV sharing across layers", kv_sharing_target_layer_name), ("learned sinks", extra.get("sinks"))):
         if value is not None:
-            raise UnsupportedModel(f"aquakv does not support {name} attention layers")
+            raise UnsupportedModel(f"aquakv does not support {name} attention layers, which this model has; serve it "
+                                   "with another --kv-cache-dtype (e.g. auto or fp8)")
     if attn_type != decoder:
-        raise UnsupportedModel(f"aquakv supports decoder self-attention only, not {attn_type}")
+        raise UnsupportedModel(f"aquakv supports decoder self-attention only, not {attn_type}; serve this model with "
+                               "another --kv-cache-dtype (e.g. auto or fp8)")
 
 
 def slot_bytes_for_layer(attention_layer, vllm_config) -> int:
