@@ -69,6 +69,27 @@ def test_refusals(tiny_model, tmp_path, rng):
     json.dump({**man, "model": {**man["model"], "num_kv_heads": 4}}, open(os.path.join(bad, "manifest.json"), "w"))
     with pytest.raises(ArtifactError):
         load_artifact(bad)
+    # grids: an artifact from before the fp16 rounding (float32 grid within fp16 rounding, its own digest) loads; a
+    # different grid, or a digest that does not match the stored grid, is refused
+    from safetensors.torch import load_file, save_file
+
+    from vllm_aquakv.artifact import _grid_hash
+
+    name = next(iter(man["grids"]))
+    grid = load_file(os.path.join(art, "adapters.safetensors"))[f"grid.{name}"]
+    for stored, digest_of, ok in ((grid * (1 + 1e-5), "stored", True), (grid * 1.01, "stored", False),
+                                  (grid * (1 + 1e-5), "shipped", False)):
+        shutil.rmtree(bad)
+        shutil.copytree(art, bad)
+        tensors = {**load_file(os.path.join(bad, "adapters.safetensors")), f"grid.{name}": stored.contiguous()}
+        save_file(tensors, os.path.join(bad, "adapters.safetensors"))
+        digest = _grid_hash(stored if digest_of == "stored" else grid)
+        json.dump({**man, "grids": {**man["grids"], name: digest}}, open(os.path.join(bad, "manifest.json"), "w"))
+        if ok:
+            load_artifact(bad)
+        else:
+            with pytest.raises(ArtifactError, match="differs from this vllm-aquakv's grids"):
+                load_artifact(bad)
 
 
 def test_calibrate_cli_post_rope_and_overwrite(tmp_path, rng):

@@ -76,8 +76,8 @@ def model_fingerprint(model_dir: str) -> str:
     return h.hexdigest()
 
 
-def _grid_hash(name: str) -> str:
-    return hashlib.sha256(load_grid(name).numpy().tobytes()).hexdigest()
+def _grid_hash(grid: torch.Tensor) -> str:
+    return hashlib.sha256(grid.contiguous().numpy().tobytes()).hexdigest()
 
 
 def save_artifact(cache: AquaKVCache, out_dir: str, model_info: dict, calibration: dict | None = None,
@@ -101,7 +101,7 @@ def save_artifact(cache: AquaKVCache, out_dir: str, model_info: dict, calibratio
         "model": {"num_layers": cache.num_layers, "num_kv_heads": cache.num_kv_heads, "head_dim": cache.head_dim,
                   **model_info},
         "predictors": predictors,
-        "grids": {name: _grid_hash(name) for name in grids},
+        "grids": {name: _grid_hash(tensors[f"grid.{name}"]) for name in grids},
         "bits": cache.bits(4096),
         "calibration": calibration or {},
         "metrics": metrics or {},
@@ -143,7 +143,10 @@ def load_artifact(art_dir: str, model_dir: str | None = None) -> tuple[AquaKVCac
         m = manifest["model"]
         num_layers, num_kv_heads, head_dim = int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"])
         for name, digest in manifest["grids"].items():
-            if not torch.equal(tensors[f"grid.{name}"], load_grid(name)) or _grid_hash(name) != digest:
+            # the stored grid is intact, and it is the shipped grid; artifacts written before the grids were rounded
+            # to fp16 (2026-11-25) hold the float32 grid, which decodes the same codes to within fp16 rounding
+            stored = tensors[f"grid.{name}"]
+            if _grid_hash(stored) != digest or not torch.equal(stored.half().float(), load_grid(name)):
                 raise ArtifactError(f"grid {name} in {art_dir} differs from this vllm-aquakv's grids: {hint}")
         predictors = {}
         for key, desc in manifest["predictors"].items():
