@@ -83,6 +83,28 @@ def _store_lane(ptr, rows, row_mask, x, ROW_LEN: tl.constexpr, LANE: tl.constexp
     tl.store(ptr + rows[:, None] * ROW_LEN + LANE * WIDTH + w[None, :], x, mask=row_mask[:, None])
 
 
+@triton.jit
+def _store_lanes(ptr, rows, row_mask, a0, a1, a2, a3, ROW_LEN: tl.constexpr, LANES: tl.constexpr,
+                 WIDTH: tl.constexpr):
+    """Store LANES lane accumulators ([M, WIDTH] each) as lane-ordered rows ``ptr[rows, :ROW_LEN]``."""
+    _store_lane(ptr, rows, row_mask, a0, ROW_LEN, 0, WIDTH)
+    _store_lane(ptr, rows, row_mask, a1, ROW_LEN, 1, WIDTH)
+    if LANES == 4:
+        _store_lane(ptr, rows, row_mask, a2, ROW_LEN, 2, WIDTH)
+        _store_lane(ptr, rows, row_mask, a3, ROW_LEN, 3, WIDTH)
+
+
+@triton.jit
+def _accumulate_lanes(weights, x0, x1, x2, x3, a0, a1, a2, a3, alpha, LANES: tl.constexpr):
+    """Online-softmax update of LANES lane sums: a_i <- a_i * alpha + weights [M, T] @ x_i [T, W]."""
+    a0 = tl.dot(weights, x0, a0 * alpha[:, None])
+    a1 = tl.dot(weights, x1, a1 * alpha[:, None])
+    if LANES == 4:
+        a2 = tl.dot(weights, x2, a2 * alpha[:, None])
+        a3 = tl.dot(weights, x3, a3 * alpha[:, None])
+    return a0, a1, a2, a3
+
+
 @triton.jit(do_not_specialize=["num_segments", "num_tokens", "stride_bt"])  # values that change every step
 def _fused_attention_kernel(
     q_ptr, q_bias_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, qblock_seq_ptr, qblock_first_ptr,
@@ -166,36 +188,20 @@ def _fused_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
         if V_FROM_K:
-            pk = (p * scale_k[None, :]).to(DOT_DTYPE)
-            k0 = tl.dot(pk, x0, k0 * alpha[:, None])
-            k1 = tl.dot(pk, x1, k1 * alpha[:, None])
-            if K_LANES == 4:
-                k2 = tl.dot(pk, x2, k2 * alpha[:, None])
-                k3 = tl.dot(pk, x3, k3 * alpha[:, None])
+            k0, k1, k2, k3 = _accumulate_lanes((p * scale_k[None, :]).to(DOT_DTYPE), x0, x1, x2, x3, k0, k1, k2, k3,
+                                               alpha, K_LANES)
         y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
                                      V_ENTRY_VALUES, DOT_DTYPE)
-        pv = (p * scale_v[None, :]).to(DOT_DTYPE)
-        v0 = tl.dot(pv, y0, v0 * alpha[:, None])
-        v1 = tl.dot(pv, y1, v1 * alpha[:, None])
-        if V_LANES == 4:
-            v2 = tl.dot(pv, y2, v2 * alpha[:, None])
-            v3 = tl.dot(pv, y3, v3 * alpha[:, None])
+        v0, v1, v2, v3 = _accumulate_lanes((p * scale_v[None, :]).to(DOT_DTYPE), y0, y1, y2, y3, v0, v1, v2, v3,
+                                           alpha, V_LANES)
 
     # partials [segments, tokens, q heads, (h in lane order)]
     idx = (segment * num_tokens + q_start + tok) * NUM_Q_HEADS + q_head
     tl.store(m_ptr + idx, m_i, mask=row_mask)
     tl.store(l_ptr + idx, l_i, mask=row_mask)
-    _store_lane(acc_v_ptr, idx, row_mask, v0, HEAD_DIM, 0, V_CODE_BYTES)
-    _store_lane(acc_v_ptr, idx, row_mask, v1, HEAD_DIM, 1, V_CODE_BYTES)
-    if V_LANES == 4:
-        _store_lane(acc_v_ptr, idx, row_mask, v2, HEAD_DIM, 2, V_CODE_BYTES)
-        _store_lane(acc_v_ptr, idx, row_mask, v3, HEAD_DIM, 3, V_CODE_BYTES)
+    _store_lanes(acc_v_ptr, idx, row_mask, v0, v1, v2, v3, HEAD_DIM, V_LANES, V_CODE_BYTES)
     if V_FROM_K:
-        _store_lane(acc_k_ptr, idx, row_mask, k0, HEAD_DIM, 0, K_CODE_BYTES)
-        _store_lane(acc_k_ptr, idx, row_mask, k1, HEAD_DIM, 1, K_CODE_BYTES)
-        if K_LANES == 4:
-            _store_lane(acc_k_ptr, idx, row_mask, k2, HEAD_DIM, 2, K_CODE_BYTES)
-            _store_lane(acc_k_ptr, idx, row_mask, k3, HEAD_DIM, 3, K_CODE_BYTES)
+        _store_lanes(acc_k_ptr, idx, row_mask, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES)
 
 
 @triton.jit
@@ -459,8 +465,10 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
 
     seen = set()
     for layer, f in fused.items():
-        key = (slot_bytes[layer], f.k_lanes.table.dtype, f.v_lanes.table.dtype, f.v_code_offset, f.k_bias is None,
-               f.v_weight is None)
+        lanes = [(t.index_bits, t.entry_values, t.code_bytes, t.code_bits, tuple(t.grid.shape))
+                 for t in (f.k_lanes, f.v_lanes)]
+        key = (slot_bytes[layer], *lanes, f.v_code_offset, f.k_scale_offset, f.v_scale_offset, f.k_bias is None,
+               f.v_bias is None, f.v_weight is None)  # every compile-time setting of both kernels
         if key in seen:
             continue
         seen.add(key)

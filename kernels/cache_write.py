@@ -24,9 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_aquakv import codec
+
 from .attention import FusedLayer
 
-FP16_MAX = tl.constexpr(65504.0)  # largest float16
+FP16_MAX = tl.constexpr(codec.FP16_MAX)  # largest float16, as the codec clamps scales
 PRECISION = tl.constexpr("tf32x3")  # three tf32 tensor-core products: float32 accuracy
 
 

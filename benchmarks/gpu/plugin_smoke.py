@@ -88,9 +88,8 @@ def main():
     result["model_dtype"] = model_dtype
     if "--graphs" in sys.argv:
         a = result["runs"]["aquakv"]
-        result["graphs_vs_eager_first_divergence"] = [
-            next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p))
-            for p, q in zip(result["runs"]["aquakv-graphs"]["outputs"], a["outputs"])]
+        result["graphs_vs_eager_first_divergence"] = first_divergence(result["runs"]["aquakv-graphs"]["outputs"],
+                                                                      a["outputs"])
         result["graphs_vs_eager_prompt_logprob_mean_abs_diff"] = mean_abs(
             result["runs"]["aquakv-graphs"]["prompt_logprobs"], a["prompt_logprobs"])
         finish(out_dir, result)
@@ -101,9 +100,13 @@ def main():
     if "auto" in result["runs"]:
         a, b = result["runs"]["aquakv"], result["runs"]["auto"]
         result["capacity_ratio"] = a["kv_tokens"] / b["kv_tokens"]
-        result["fused_vs_torch_path_first_divergence"] = [
-            next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(a["outputs"], t["outputs"])]
+        result["fused_vs_torch_path_first_divergence"] = first_divergence(a["outputs"], t["outputs"])
     finish(out_dir, result)
+
+
+def first_divergence(outputs: list[list[int]], others: list[list[int]]) -> list[int]:
+    """Per prompt, the index of the first generated token where the two runs differ (the length if none)."""
+    return [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(outputs, others)]
 
 
 def finish(out_dir: str, result: dict) -> None:
