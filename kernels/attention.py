@@ -5,8 +5,8 @@ scale_t / sqrt(h) the token's dequantized Hadamard-domain residual), a score is
 
     q . k_t = q . b_k + (q A) . grid[code_t] * scale_t / sqrt(h)
 
-so the query is rotated once per step (``rotate_queries``, one matmul per layer) and every cached key costs a table
-lookup and a dot product on tensor cores: no inverse Hadamard and no RoPE per cached token.  Values are summed in the
+so each program rotates its queries once (exact +-1 products of diag(s) H on tensor cores, in the query's dtype) and
+every cached key costs a table lookup and a dot product on tensor cores: no inverse Hadamard and no RoPE per cached token.  Values are summed in the
 Hadamard domain too (sum_t p_t scale_t grid[code_t]) and rotated once per query; a per-head value predictor from the
 same layer's keys, v_t = b_v + k_t W + A^T y^v_t, is linear in k_t, so it is applied once per query to the
 softmax-weighted key sum.
@@ -35,6 +35,9 @@ import triton.language as tl
 from vllm_aquakv.codec import fwht
 
 LOG2E = 1.4426950408889634
+# the query rotation's dot inputs: 16-bit queries as they are (+-1 products are exact), float32 as tf32x3; the
+# interpreter takes float32 (its 16-bit dots are wrong in Triton 3.9)
+_QUERY_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -71,10 +74,13 @@ def _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET: tl.constexpr, C
 
 
 @triton.jit
-def _lane_rows(ptr, rows, row_mask, ROW_LEN: tl.constexpr, LANE: tl.constexpr, WIDTH: tl.constexpr):
-    """Lane ``LANE`` ([M, WIDTH]) of lane-ordered rows ``ptr[rows, :ROW_LEN]``."""
+def times_lane(x, mat_ptr, LANE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+    """Lane LANE of x M: x [N, h] @ mat[:, LANE * W:(LANE + 1) * W] -> [N, W] float32 (mat [h, h] row-major with
+    columns in lane order, cast to x's dtype)."""
+    rows = tl.arange(0, HEAD_DIM)
     w = tl.arange(0, WIDTH)
-    return tl.load(ptr + rows[:, None] * ROW_LEN + LANE * WIDTH + w[None, :], mask=row_mask[:, None], other=0.0)
+    a = tl.load(mat_ptr + rows[:, None] * HEAD_DIM + LANE * WIDTH + w[None, :]).to(x.dtype)  # [h, W]
+    return tl.dot(x, a, input_precision=PRECISION)
 
 
 @triton.jit
@@ -107,17 +113,17 @@ def _accumulate_lanes(weights, x0, x1, x2, x3, a0, a1, a2, a3, alpha, LANES: tl.
 
 @triton.jit(do_not_specialize=["num_segments", "num_tokens", "stride_bt"])  # values that change every step
 def _fused_attention_kernel(
-    q_ptr, q_bias_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, qblock_seq_ptr, qblock_first_ptr,
-    k_table_ptr, v_table_ptr,
+    q_ptr, sign_k_ptr, k_bias_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, qblock_seq_ptr,
+    qblock_first_ptr, k_table_ptr, v_table_ptr,
     m_ptr, l_ptr, acc_v_ptr, acc_k_ptr,
-    num_segments, num_tokens,
-    stride_block, stride_head, stride_token, stride_bt,
+    num_segments, num_tokens, logit_scale,
+    stride_qn, stride_qh, stride_block, stride_head, stride_token, stride_bt,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, SLOT_ALIGN: tl.constexpr,
     K_CODE_BYTES: tl.constexpr, K_INDEX_BITS: tl.constexpr, K_ENTRY_VALUES: tl.constexpr, K_LANES: tl.constexpr,
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
     V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-    HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr, Q_PRECISION: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -133,15 +139,19 @@ def _fused_attention_kernel(
     q_head = kv_head * G + rows % G
     row_mask = (rows < BLOCK_Q * G) & (tok < q_len)
     q_pos = context + tok
-    q_rows = (q_start + tok) * NUM_Q_HEADS + q_head  # [M] rows of the [N * Hq, h] rotated, lane-ordered queries
-    # q A in key-lane order, scaled to base-2 logits per unit residual norm (``rotate_queries``): K_LANES x [M, B_k]
-    q0 = _lane_rows(q_ptr, q_rows, row_mask, HEAD_DIM, 0, K_CODE_BYTES)
-    q1 = _lane_rows(q_ptr, q_rows, row_mask, HEAD_DIM, 1, K_CODE_BYTES)
+    j = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_qn + q_head[:, None] * stride_qh + j[None, :],
+                mask=row_mask[:, None], other=0.0).to(Q_DTYPE)  # [M, h] post-RoPE queries
+    # q A in key-lane order (A = diag(s) H / sqrt(h)), scaled so that a dot with grid coordinates times the fp16 scale
+    # (y = z * scale / sqrt(h)) gives base-2 logits: q (diag(s) H)[:, lane] * logit_scale / h, K_LANES x [M, B_k]
+    q_scale = logit_scale / HEAD_DIM
+    q0 = (times_lane(q, sign_k_ptr, 0, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
+    q1 = (times_lane(q, sign_k_ptr, 1, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
     if K_LANES == 4:
-        q2 = _lane_rows(q_ptr, q_rows, row_mask, HEAD_DIM, 2, K_CODE_BYTES)
-        q3 = _lane_rows(q_ptr, q_rows, row_mask, HEAD_DIM, 3, K_CODE_BYTES)
-    if HAS_K_BIAS:
-        q_bias = tl.load(q_bias_ptr + q_rows, mask=row_mask, other=0.0)  # [M]: q . b_k in base-2 logits
+        q2 = (times_lane(q, sign_k_ptr, 2, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
+        q3 = (times_lane(q, sign_k_ptr, 3, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
+    if HAS_K_BIAS:  # q . b_k in base-2 logits [M]
+        q_bias = tl.sum(q.to(tl.float32) * tl.load(k_bias_ptr + kv_head * HEAD_DIM + j)[None, :], axis=1) * logit_scale
 
     # this segment's share of the causal key range [0, last query position + 1)
     kv_end = context + tl.minimum(first + BLOCK_Q, q_len)
@@ -204,22 +214,24 @@ def _fused_attention_kernel(
         _store_lanes(acc_k_ptr, idx, row_mask, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments", "num_tokens"])  # values that change every step
 def _combine_kernel(
     m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, rot_v_ptr, rot_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr, out_ptr,
     num_segments, num_tokens, stride_out_n, stride_out_h,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
     HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Merge the split-K partials of one token's G query heads of one KV head and apply the epilogue: softmax
-    normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value predictor
-    ((b_k + y_k A^T) W), written in the output's dtype."""
-    n = tl.program_id(0)
+    """Merge the split-K partials of ROWS // G tokens x the G query heads of one KV head and apply the epilogue:
+    softmax normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value
+    predictor ((b_k + y_k A^T) W), written in the output's dtype.  Several tokens per program share the loads of
+    the [h, h] matrices (prefill steps have thousands of tokens)."""
     kv_head = tl.program_id(1)
     r = tl.arange(0, ROWS)
-    row_mask = r < G
+    tok = tl.program_id(0) * (ROWS // G) + r // G
+    q_head = kv_head * G + r % G
+    row_mask = (r < (ROWS // G) * G) & (tok < num_tokens)
     j = tl.arange(0, HEAD_DIM)
-    idx = n * NUM_Q_HEADS + kv_head * G + r  # [R] rows of the [N * Hq] partials
+    idx = tok * NUM_Q_HEADS + q_head  # [R] rows of the [N * Hq] partials
     seg = num_tokens * NUM_Q_HEADS
     m_max = tl.full([ROWS], -1.0e30, tl.float32)
     for s in range(num_segments):
@@ -246,8 +258,7 @@ def _combine_kernel(
             k_mean += tl.load(k_bias_ptr + kv_head * HEAD_DIM + j)[None, :]
         w_head = tl.load(v_weight_ptr + kv_head * HEAD_DIM * HEAD_DIM + j[:, None] * HEAD_DIM + j[None, :])
         out += tl.dot(k_mean.to(DOT_DTYPE), w_head.to(DOT_DTYPE))
-    q_head = kv_head * G + r
-    tl.store(out_ptr + n * stride_out_n + q_head[:, None] * stride_out_h + j[None, :],
+    tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_out_n + q_head[:, None] * stride_out_h + j[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
@@ -295,6 +306,7 @@ class FusedLayer:
 
     rot_k: torch.Tensor  # [h, h] float32: A = diag(signs) H / sqrt(h) with columns in key-lane order
     rot_v: torch.Tensor  # the same in value-lane order; decode is y_lanes @ rot^T
+    sign_k: torch.Tensor  # [h, h] float32: rot_k * sqrt(h), entries exactly +-1 (query rotation in any dtype)
     k_lanes: LaneTable
     v_lanes: LaneTable
     k_bias: torch.Tensor | None  # [H, h] post-RoPE key mean, or None
@@ -352,7 +364,8 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
     rot_k, rot_v = (rot[:, lane_order(h, t.lanes).to(rot.device)].contiguous() for t in tables)
     bias = lambda p: None if p is None or p.bias is None else p.bias.float().contiguous()  # noqa: E731
     k_bias, v_bias = bias(kp), bias(vp)
-    return FusedLayer(rot_k, rot_v, k_lanes, v_lanes, k_bias, v_bias, v_weight, layout.code_offsets[1],
+    sign_k = (rot_k * math.sqrt(h)).round().contiguous()
+    return FusedLayer(rot_k, rot_v, sign_k, k_lanes, v_lanes, k_bias, v_bias, v_weight, layout.code_offsets[1],
                       *layout.scale_offsets, *value_prediction_terms(rot_k, k_bias, v_bias, v_weight))
 
 
@@ -381,6 +394,17 @@ class AttentionPlan:
     tile: int  # key tokens per inner-loop step
     num_warps: int = 4
     num_stages: int = 1  # software pipelining off: faster on the H100 (benchmarks/results/decode_attention_h100)
+    _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
+
+    def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
+        """(running max, denominator) [segments, N, Hq] and (value sums, key sums) [segments, N, Hq, h] float32
+        scratch, allocated once per step: every layer of the step has the same shapes."""
+        key = (num_tokens, num_q_heads, head_dim, str(device))
+        if self._partials is None or self._partials[0] != key:
+            part = lambda *shape: torch.empty(self.segments, num_tokens, num_q_heads, *shape,  # noqa: E731
+                                              dtype=torch.float32, device=device)
+            self._partials = (key, (part(), part(), part(head_dim), part(head_dim)))
+        return self._partials[1]
 
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
@@ -420,40 +444,59 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     _, heads, page_block, _ = kv_cache.shape
     group = num_q_heads // heads
     segments = plan.segments
-    part = lambda *shape: torch.empty(segments, n, num_q_heads, *shape, dtype=torch.float32,  # noqa: E731
-                                      device=query.device)
-    m, l, acc_v = part(), part(), part(h)
-    acc_k = part(h) if layer.v_weight is not None else acc_v
+    m, l, acc_v, acc_k = plan.partials(n, num_q_heads, h, query.device)
     interpret = query.device.type != "cuda"  # the interpreter takes float32 dots: the torch twin's arithmetic
-    q_rot, q_bias = rotate_queries(query, layer, scale, group, torch.float32 if interpret else torch.float16)
     kl, vl = layer.k_lanes, layer.v_lanes
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
+    dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
+    q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
     _fused_attention_kernel[(plan.q_seq.shape[0], heads, segments)](
-        q_rot, q_bias if q_bias is not None else q_rot, kv_cache, block_table, seq_lens, query_start_loc, plan.q_seq,
-        plan.q_first, kl.table, vl.table,
+        query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias, kv_cache, block_table, seq_lens,
+        query_start_loc, plan.q_seq, plan.q_first, kl.table, vl.table,
         m, l, acc_v, acc_k,
-        segments, n,
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
+        segments, n, scale * LOG2E,
+        query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        block_table.stride(0),
         G=group, NUM_Q_HEADS=num_q_heads, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE=plan.tile, HEAD_DIM=h,
         PAGE_BLOCK=page_block, SLOT_ALIGN=slot_align,
         K_CODE_BYTES=kl.code_bytes, K_INDEX_BITS=kl.index_bits, K_ENTRY_VALUES=kl.entry_values, K_LANES=kl.lanes,
         V_CODE_OFFSET=layer.v_code_offset, V_CODE_BYTES=vl.code_bytes, V_INDEX_BITS=vl.index_bits,
         V_ENTRY_VALUES=vl.entry_values, V_LANES=vl.lanes, K_SCALE_OFFSET=layer.k_scale_offset,
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
-        V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16,
+        Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
     if out is None:
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
-    dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
-    _combine_kernel[(n, heads)](
+    rows = _combine_rows(n, group)
+    _combine_kernel[(triton.cdiv(n, rows // group), heads)](
         m, l, acc_v, acc_k, layer.rot_v, layer.rot_k, dummy if layer.v_bias is None else layer.v_bias,
         dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_weight is None else layer.v_weight, out,
         segments, n, out.stride(0), out.stride(1),
-        G=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=h, ROWS=max(16, triton.next_power_of_2(group)),
+        G=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=h, ROWS=rows,
         HAS_V_BIAS=layer.v_bias is not None, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
     )
     return out
+
+
+def compiled_variants() -> int | None:
+    """How many compiled variants the fused kernels hold in this process (None if this Triton does not say): the
+    same number before and after serving means no request waited for Triton's JIT."""
+    from .cache_write import _cache_write_kernel
+
+    try:
+        return sum(len(c[0]) for k in (_fused_attention_kernel, _combine_kernel, _cache_write_kernel)
+                   for c in k.device_caches.values())
+    except (AttributeError, TypeError, IndexError):
+        return None
+
+
+def _combine_rows(num_tokens: int, group: int) -> int:
+    """Rows (tokens x query heads of one KV head) per combine program: 16 for decode-sized steps, 32 for prefill
+    (more tokens share each program's loads of the [h, h] epilogue matrices)."""
+    return max(16 if num_tokens * group < 256 else 32, triton.next_power_of_2(group))
 
 
 def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: int, num_kv_heads: int,
@@ -473,35 +516,17 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
             continue
         seen.add(key)
         h, device = f.rot_k.shape[0], f.rot_k.device
-        cache = torch.zeros(2, num_kv_heads, page_block, slot_bytes[layer], dtype=torch.uint8, device=device)
-        block_table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
-        kv = torch.randn(page_block + 1, num_kv_heads, h, device=device).to(dtype)
-        write_fused(f, cache, torch.arange(page_block + 1, device=device), kv, kv)
-        for new_tokens in (1, 2):  # a decode launch and a prefill launch
+        context = 257  # tokens: enough prefill rows for the wide combine launch (``_combine_rows``)
+        blocks = triton.cdiv(context, page_block)
+        cache = torch.zeros(blocks, num_kv_heads, page_block, slot_bytes[layer], dtype=torch.uint8, device=device)
+        block_table = torch.arange(blocks, dtype=torch.int32, device=device)[None]
+        kv = torch.randn(context, num_kv_heads, h, device=device).to(dtype)
+        write_fused(f, cache, torch.arange(context, device=device), kv, kv)
+        for new_tokens in (1, 2, context):  # decode, short and long prefill launches
             qsl = [0, new_tokens]
-            seq_lens = torch.tensor([page_block + 1], dtype=torch.int32, device=device)
-            plan = plan_attention(qsl, page_block + 1, num_q_heads, num_kv_heads, device)
+            seq_lens = torch.tensor([context], dtype=torch.int32, device=device)
+            plan = plan_attention(qsl, context, num_q_heads, num_kv_heads, device)
             query = torch.randn(new_tokens, num_q_heads, h, device=device).to(dtype)
             fused_attention(query, cache, block_table, seq_lens, torch.tensor(qsl, dtype=torch.int32, device=device),
-                            plan, f, 1.0)
+                            plan, f, 1.0, out=torch.empty_like(query))  # vLLM's output buffer has the model dtype
     return len(seen)
-
-
-def _per_query_head(x: torch.Tensor, group: int) -> torch.Tensor:
-    """View [N, Hq, ...] as [N, H, G, ...] (query heads of one KV head together), so per-KV-head constants broadcast
-    without being copied per query head."""
-    return x.view(x.shape[0], x.shape[1] // group, group, *x.shape[2:])
-
-
-def rotate_queries(query: torch.Tensor, layer: FusedLayer, scale: float, group: int,
-                   dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Queries [N, Hq, h] -> (q A in key-lane order, scaled so that (q A) . grid[codes] * fp16 scale gives base-2
-    logits, contiguous ``dtype`` [N, Hq, h]; q . b_k in base-2 logits [N, Hq] float32, or None without a key mean).
-    One matmul per layer and step instead of one per program."""
-    h = query.shape[-1]
-    q = query.float()
-    q_rot = ((q @ layer.rot_k) * (scale * LOG2E / math.sqrt(h))).to(dtype)
-    q_bias = None
-    if layer.k_bias is not None:
-        q_bias = (_per_query_head(q, group) * layer.k_bias[:, None]).sum(-1).flatten(1) * (scale * LOG2E)
-    return q_rot.contiguous(), q_bias

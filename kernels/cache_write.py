@@ -26,7 +26,7 @@ import triton.language as tl
 
 from vllm_aquakv import codec
 
-from .attention import FusedLayer
+from .attention import FusedLayer, times_lane
 
 FP16_MAX = tl.constexpr(codec.FP16_MAX)  # largest float16, as the codec clamps scales
 PRECISION = tl.constexpr("tf32x3")  # three tf32 tensor-core products: float32 accuracy
@@ -43,15 +43,6 @@ def _pick(x0, x1, x2, x3, I: tl.constexpr):
         return x2
     else:
         return x3
-
-
-@triton.jit
-def _rotate_lane(r, rot_ptr, LANE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr):
-    """Lane LANE of r A: r [N, h] @ rot[:, LANE * W:(LANE + 1) * W] -> [N, W] (rot in lane order, row-major)."""
-    rows = tl.arange(0, HEAD_DIM)
-    w = tl.arange(0, WIDTH)
-    a = tl.load(rot_ptr + rows[:, None] * HEAD_DIM + LANE * WIDTH + w[None, :])  # [h, W]
-    return tl.dot(r, a, input_precision=PRECISION)
 
 
 @triton.jit
@@ -95,12 +86,12 @@ def _encode(r, rot_ptr, grid_ptr, HEAD_DIM: tl.constexpr, LANES: tl.constexpr, W
     """HIGGS-encode residuals r [N, h] (float32): code bytes [N, W] (int32), the fp16-rounded scale [N] (float32),
     and the decoded Hadamard-domain residual as lanes (y_hat = grid[code] * scale / sqrt(h); lanes 2, 3 repeat 0, 1
     when LANES == 2)."""
-    y0 = _rotate_lane(r, rot_ptr, 0, HEAD_DIM, WIDTH)
-    y1 = _rotate_lane(r, rot_ptr, 1, HEAD_DIM, WIDTH)
+    y0 = times_lane(r, rot_ptr, 0, HEAD_DIM, WIDTH, PRECISION)
+    y1 = times_lane(r, rot_ptr, 1, HEAD_DIM, WIDTH, PRECISION)
     sq = tl.sum(y0 * y0, axis=1) + tl.sum(y1 * y1, axis=1)
     if LANES == 4:
-        y2 = _rotate_lane(r, rot_ptr, 2, HEAD_DIM, WIDTH)
-        y3 = _rotate_lane(r, rot_ptr, 3, HEAD_DIM, WIDTH)
+        y2 = times_lane(r, rot_ptr, 2, HEAD_DIM, WIDTH, PRECISION)
+        y3 = times_lane(r, rot_ptr, 3, HEAD_DIM, WIDTH, PRECISION)
         sq += tl.sum(y2 * y2, axis=1) + tl.sum(y3 * y3, axis=1)
     else:
         y2, y3 = y0, y1
@@ -138,7 +129,7 @@ def _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET: tl.constexpr
     tl.store((cache_ptr + base + SCALE_OFFSET).to(tl.pointer_type(tl.float16)), scale.to(tl.float16), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # changes every step
 def _cache_write_kernel(
     key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, k_bias_ptr, v_bias_ptr, v_from_k_ptr,
     k_grid_ptr, v_grid_ptr,

@@ -42,7 +42,8 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     layer = 1
     fused = fused_layer_or_reason(cache, path.layouts[layer], layer)
     assert not isinstance(fused, str), fused
-    lens, new = [150, 37, 9], [1, 20, 9]  # context incl. this step's tokens; tokens this step
+    lens, new = [150, 97, 9], [1, 80, 9]  # context incl. this step's tokens; tokens this step (>= 256 query rows:
+    # the combine kernel's wide prefill launch)
     num_blocks = sum(-(-n // page_block) for n in lens) + 3
     kv = torch.zeros(num_blocks, heads, page_block, path.slot_bytes(layer), dtype=torch.uint8, device=DEVICE)
     perm = torch.randperm(num_blocks, generator=rng).to(torch.int32)
@@ -61,7 +62,11 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     qsl = [0]
     for q in new:
         qsl.append(qsl[-1] + q)
-    query = torch.randn(qsl[-1], q_heads, head_dim, generator=rng).to(DEVICE)
+    # queries as vLLM hands them over: a strided view of the fused qkv projection, in the model's dtype (bfloat16 on
+    # the GPU; the interpreter case with 3 KV heads checks bfloat16 too)
+    dtype = torch.bfloat16 if DEVICE == "cuda" or heads == 3 else torch.float32
+    qkv = torch.randn(qsl[-1], q_heads + 2 * heads, head_dim, generator=rng).to(DEVICE, dtype)
+    query = qkv[:, :q_heads]
     scale = head_dim ** -0.5
     want = path.attend(layer, query, kv, block_table, lens, qsl, scale, StepState()).cpu()
     for min_programs in (1, 10_000):  # no split, and split-K over many segments

@@ -50,17 +50,34 @@ if __name__ == "__main__":
                                      for o in outs]
     else:
         params = SamplingParams(max_tokens=args.get("max_tokens", 32), temperature=0, ignore_eos=True)
-        if args.get("profile"):  # where generate() spends its time (the engine runs in this process)
-            import torch
-
-            with torch.profiler.profile() as prof:
-                result["outputs"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
-            table = prof.key_averages()
-            result["profile"] = {key: table.table(sort_by=key, row_limit=args["profile"], max_name_column_width=70)
-                                 for key in ("self_cpu_time_total", "self_device_time_total")}
-        else:
-            result["outputs"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+        result["outputs"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     result["generate_seconds"] = time.time() - t0
+    attention = sys.modules.get("vllm_aquakv.kernels.attention")
+    if attention is not None and args["kv_cache_dtype"] == "aquakv":  # Triton JIT during generate() (GPU runs)
+        from vllm_aquakv.runtime import _STATES
+
+        result["triton_variants"] = {"after_startup": [getattr(s, "compiled_at_startup", None) for s in
+                                                       _STATES.values()], "after_generate": attention.compiled_variants()}
+    if args.get("profile"):  # where generate() spends its time (the engine runs in this process): run it again
+        import cProfile
+        import io
+        import pstats
+
+        import torch
+
+        rows = args["profile"]
+        with torch.profiler.profile() as prof:
+            llm.generate(prompts, params)
+        table = prof.key_averages()
+        result["profile"] = {key: table.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+                             for key in ("self_cpu_time_total", "self_device_time_total")}
+        result["profile"]["device_seconds_total"] = f"{sum(e.self_device_time_total for e in table) / 1e6:.3f}"
+        py = cProfile.Profile()
+        t1 = time.time()
+        py.runcall(llm.generate, prompts, params)
+        text = io.StringIO()
+        pstats.Stats(py, stream=text).sort_stats("cumulative").print_stats(rows)
+        result["profile"]["python_cumulative"] = f"wall {time.time() - t1:.2f} s under cProfile\n" + text.getvalue()
     if args.get("also_prompt_logprobs"):  # prompt logprobs of the first N prompts, same engine
         outs = llm.generate(prompts[: args["also_prompt_logprobs"]],
                             SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))

@@ -33,18 +33,34 @@ class AquaKVMetadata:
 
     num_actual_tokens: int
     query_start_loc: list[int]  # [num_reqs + 1]
-    seq_lens: list[int]  # [num_reqs], context length including this step's tokens
+    max_seq_len: int  # the longest context of the step (may be an upper bound)
     block_table: torch.Tensor  # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
-    positions: torch.Tensor  # [num_actual_tokens]
-    seq_lens_dev: torch.Tensor  # [num_reqs] int32 on the device (fused kernel)
+    seq_lens_dev: torch.Tensor  # [num_reqs] int32 on the device: context length including this step's tokens
     query_start_loc_dev: torch.Tensor  # [num_reqs + 1] int32 on the device
     path: TorchServingPath  # the process's serving path (artifact, codecs, predictors)
+    common: object = None  # vLLM's CommonAttentionMetadata (for the torch path's positions)
     plan: AttentionPlan | None = None  # the fused kernel's launch plan, made by the step's first fused layer
+    _seq_lens: list[int] | None = None
+    _positions: torch.Tensor | None = None
 
     @property
     def query_lens(self) -> list[int]:
         return [b - a for a, b in zip(self.query_start_loc[:-1], self.query_start_loc[1:])]
+
+    @property
+    def seq_lens(self) -> list[int]:
+        """Context lengths on the host (torch path only: copying them waits for the device)."""
+        if self._seq_lens is None:
+            self._seq_lens = self.seq_lens_dev.cpu().tolist()
+        return self._seq_lens
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Absolute positions [num_actual_tokens] (torch path only: the fused kernels take post-RoPE keys)."""
+        if self._positions is None:
+            self._positions = compat.token_positions(self.common)
+        return self._positions
 
 
 class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
@@ -60,16 +76,17 @@ class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
         cm = common_attn_metadata
         n = cm.num_actual_tokens
         num_reqs = cm.num_reqs
+        # no host copy of device tensors here: the fused path launches without waiting for the device
         return AquaKVMetadata(
             num_actual_tokens=n,
             query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].tolist(),
-            seq_lens=cm.seq_lens.cpu().tolist()[:num_reqs],
+            max_seq_len=int(cm.max_seq_len),
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping[:n],
-            positions=compat.token_positions(cm),
             seq_lens_dev=cm.seq_lens[:num_reqs],
             query_start_loc_dev=cm.query_start_loc[: num_reqs + 1],
             path=self.state.path,
+            common=cm,
         )
 
 
@@ -113,7 +130,7 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
         fused = md.path.fused.get(index)
         if fused is not None:  # CUDA, post-RoPE artifact: scores and value sums straight from the codes
             if md.plan is None:
-                md.plan = plan_attention(md.query_start_loc, max(md.seq_lens), self.num_heads, self.num_kv_heads,
+                md.plan = plan_attention(md.query_start_loc, md.max_seq_len, self.num_heads, self.num_kv_heads,
                                          query.device)
             fused_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.plan, fused,
                             self.scale, out=output[:n].view(n, self.num_heads, self.head_size))

@@ -90,7 +90,7 @@ class ServingState:
         variants now rather than during the first requests."""
         import time
 
-        from .kernels.attention import fused_layers_or_reason, warm_up
+        from .kernels.attention import compiled_variants, fused_layers_or_reason, warm_up
 
         fused = fused_layers_or_reason(self.cache, self.path.layouts)
         if isinstance(fused, str):
@@ -103,6 +103,7 @@ class ServingState:
             variants = warm_up(fused, [self.path.slot_bytes(l) for l in range(num_layers)], num_q_heads, num_kv_heads,
                                block_size, self.model_dtype)
             self.kernel_note += f" ({variants} layer variants compiled in {time.time() - t0:.1f} s)"
+            self.compiled_at_startup = compiled_variants()
 
     def _log(self) -> None:
         bits = self.cache.bits(4096)

@@ -136,7 +136,9 @@ def main():
             plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **best)
             for label, (path, fused) in setups.items():
                 kv = random_slots(batch * nb, path.layouts[1])
-                ms = bench(lambda kv=kv: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5))
+                out = torch.empty_like(q)  # the model dtype, as vLLM's output buffer
+                ms = bench(lambda kv=kv: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5,
+                                                         out=out))
                 nbytes = kv.numel()
                 rows.append({**base, "kv_cache_dtype": label, "ms": ms, "bytes": nbytes, "segments": plan.segments,
                              "hbm_floor_ms": 1e3 * nbytes / PEAK_BW, "vs_bf16": ref_ms / ms})
@@ -179,7 +181,8 @@ def tile_sweep(setup) -> tuple[dict, dict]:
         plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **kw)
         key = "_".join(f"{k}{v}" for k, v in kw.items())
         try:
-            ms = bench(lambda plan=plan: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5))
+            ms = bench(lambda plan=plan: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5,
+                                                         out=torch.empty_like(q)))
         except OutOfResources:
             out[key] = None
             continue
@@ -217,7 +220,7 @@ def prefill_overhead(setups, best) -> dict:
         lambda: write_fused(fused, kv, slots, key, value))
     plan = plan_attention(qsl_list, n, HQ, H, "cuda", **best)
     out["aquakv fused prefill attention"] = bench(
-        lambda: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5))
+        lambda: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5, out=torch.empty_like(q)))
     return out
 
 

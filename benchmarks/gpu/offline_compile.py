@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 
 from vllm_aquakv.kernels import attention, cache_write
 
-POINTERS = {"q_ptr": "*fp16", "q_bias_ptr": "*fp32", "cache_ptr": "*u8", "block_table_ptr": "*i32",
+POINTERS = {"q_ptr": "*bf16", "sign_k_ptr": "*fp32", "k_bias_ptr": "*fp32", "cache_ptr": "*u8", "block_table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "q_start_ptr": "*i32", "qblock_seq_ptr": "*i32", "qblock_first_ptr": "*i32",
             "k_table_ptr": "*i32", "v_table_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_v_ptr": "*fp32",
             "acc_k_ptr": "*fp32"}
@@ -55,8 +55,9 @@ def main():
                  TILE=args.tile, HEAD_DIM=128, PAGE_BLOCK=16, SLOT_ALIGN=4, K_CODE_BYTES=32, K_INDEX_BITS=4,
                  K_ENTRY_VALUES=2, K_LANES=4, V_CODE_OFFSET=32, V_CODE_BYTES=32, V_INDEX_BITS=4, V_ENTRY_VALUES=2,
                  V_LANES=4, K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=not args.plain,
-                 V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16)
-    signature = {n: pointers.get(n, "i32") for n in names}
+                 V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16, Q_DTYPE=triton.language.bfloat16,
+                 Q_PRECISION="tf32")
+    signature = {n: pointers.get(n, "fp32" if n == "logit_scale" else "i32") for n in names}
     signature.update({k: "constexpr" for k in const})
     src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in pointers})

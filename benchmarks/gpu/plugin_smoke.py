@@ -11,9 +11,10 @@ benchmarks/gpu/README.md):
 
     python3 benchmarks/gpu/plugin_smoke.py $OUT [--short] [--fp32-model] [--profile]
 
-``--profile`` wraps the aquakv and auto generate() calls in the torch profiler and prints the top operators by CPU
-and by GPU self time.  ``--graphs`` runs aquakv and auto as a user's ``vllm serve`` would (torch.compile and CUDA
-graphs, no enforce_eager) beside the eager aquakv run, and compares their greedy tokens.
+``--profile`` (aquakv and auto only, prefix caching off) repeats each generate() under the torch profiler (top
+operators by CPU and by GPU self time, total GPU time) and under cProfile (Python functions by cumulative time).
+``--graphs`` runs aquakv and auto as a user's ``vllm serve`` would (torch.compile and CUDA graphs, no
+enforce_eager) beside the eager aquakv run, and compares their greedy tokens.
 """
 
 import json
@@ -61,6 +62,8 @@ def main():
     if "--graphs" in sys.argv:
         runs = {"aquakv": ("aquakv", {}), "aquakv-graphs": ("aquakv", {"enforce_eager": False}),
                 "auto-graphs": ("auto", {"enforce_eager": False})}
+    if "--profile" in sys.argv:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
+        runs = {k: (d, {**e, "enable_prefix_caching": False}) for k, (d, e) in runs.items() if k != "aquakv-torch-path"}
     model_dtype = "bfloat16"
     if "--fp32-model" in sys.argv:  # float32 model: are fused-vs-torch gaps bf16 amplification of rounding noise?
         model_dtype = "float32"
@@ -69,13 +72,13 @@ def main():
         t = time.time()
         # the torch path is too slow for the batch: it runs the three short prompts only
         todo = prompts if name == "aquakv-torch-path" or model_dtype == "float32" else prompts + batch
-        profile = 25 if "--profile" in sys.argv and name in ("aquakv", "auto") else 0
+        profile = 40 if "--profile" in sys.argv else 0
         eager = extra.pop("enforce_eager", True)
         r = run_vllm(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=4096, block_size=16,
                      prompt_token_ids=todo, max_tokens=64, also_prompt_logprobs=3, profile=profile,
                      enforce_eager=eager, engine={"gpu_memory_utilization": 0.5, "skip_tokenizer_init": True, **extra})
-        for key, table in r.pop("profile", {}).items():
-            print(f"{name}: top operators by {key}\n{table}", flush=True)
+        for key, table in r.get("profile", {}).items():
+            print(f"{name}: {key}\n{table}", flush=True)
         r["seconds"] = time.time() - t
         r["outputs"] = r["outputs"][:3]
         result["runs"][name] = r
@@ -92,6 +95,9 @@ def main():
                                                                       a["outputs"])
         result["graphs_vs_eager_prompt_logprob_mean_abs_diff"] = mean_abs(
             result["runs"]["aquakv-graphs"]["prompt_logprobs"], a["prompt_logprobs"])
+        finish(out_dir, result)
+        return
+    if "--profile" in sys.argv:
         finish(out_dir, result)
         return
     t = result["runs"]["aquakv-torch-path"]

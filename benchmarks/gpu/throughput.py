@@ -1,0 +1,144 @@
+"""`vllm bench throughput` per --kv-cache-dtype on one model and one request set at equal memory (issue 7's workload).
+
+On the GPU machine (see benchmarks/gpu/README.md), after the vLLM bundle and the staged plugin:
+
+    python3 benchmarks/gpu/throughput.py $OUT [--formats auto,aquakv,fp8] [--input-len 8192] [--output-len 512]
+        [--num-prompts 256] [--gpu-memory-utilization 0.9] [--model DIR]
+
+Without ``--model`` it builds shared/BASELINES.md's model (Llama-3.2-3B shape, random bf16 weights, 3-letter
+WordLevel tokenizer: ``make_model.py``) in /tmp, so its bf16/fp8 rows can be checked against BASELINES.md.  An aquakv
+row needs an artifact in MODEL/aquakv: if there is none, one is calibrated on the GPU in the speed default (post-RoPE
+keys with their mean, per-head value predictor from the same layer's keys, 2-bit d2n16 codes; on random weights and
+random words, so it measures speed, not quality).  Each format runs ``vllm bench throughput --dataset-name random
+--random-range-ratio 0`` with vLLM's defaults otherwise (torch.compile, CUDA graphs, chunked prefill, prefix caching),
+and the row records vLLM's logged KV-cache tokens, its maximum concurrency, engine start time and throughput.
+Writes throughput_<in>_<out>.json + .md (shared RESULTS.md shape) under $OUT.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+
+def make_inputs(model: str | None) -> tuple[str, str]:
+    """The model folder (built if not given) and its description."""
+    if model:
+        return model, os.path.basename(model.rstrip("/"))
+    model = "/tmp/llama3b-bench"
+    if not os.path.exists(os.path.join(model, "config.json")):
+        subprocess.run([sys.executable, os.path.join(HERE, "make_model.py"), model, "3b"], check=True)
+    return model, "Llama-3.2-3B shape, random bf16 weights (benchmarks/gpu/make_model.py, as shared/BASELINES.md)"
+
+
+def ensure_artifact(model: str) -> float:
+    """Calibrate the speed-default artifact into MODEL/aquakv if it is missing; returns the seconds it took."""
+    if os.path.exists(os.path.join(model, "aquakv", "manifest.json")):
+        return 0.0
+    import itertools
+    import random
+    import string
+
+    words = ["".join(w) for w in itertools.islice(itertools.product(string.ascii_lowercase, repeat=3), 17000)]
+    rng = random.Random(0)
+    text = os.path.join("/tmp", "bench-calibration.txt")
+    with open(text, "w") as f:
+        f.write(" ".join(rng.choice(words) for _ in range(20000)))
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", model, "--text-file", text,
+                    "--tokens", "4096", "--seq-len", "512", "--device", "cuda", "--key-rope", "post",
+                    "--key-predictor", "mean", "--value-predictor", "per_head", "--value-topology", "k_same",
+                    "--layer0", "d2n16"], check=True, cwd="/tmp")
+    return time.time() - t0
+
+
+def bench(model: str, dtype: str, args, out_dir: str) -> dict:
+    """One `vllm bench throughput` run; its row (throughput, KV tokens, engine start) or the failure."""
+    max_len = args.input_len + args.output_len + 64
+    tag = f"{dtype}_{args.input_len}_{args.output_len}"
+    result_json = os.path.join(out_dir, f"tp_{tag}.json")
+    cmd = ["vllm", "bench", "throughput", "--model", model, "--dataset-name", "random",
+           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+           "--num-prompts", str(args.num_prompts), "--random-range-ratio", "0", "--kv-cache-dtype", dtype,
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len", str(max_len),
+           "--output-json", result_json]
+    t0 = time.time()
+    with open(os.path.join(out_dir, f"log_{tag}.txt"), "w") as log:
+        try:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    with open(os.path.join(out_dir, f"log_{tag}.txt")) as f:
+        text = f.read()
+    found = lambda pattern: (re.findall(pattern, text) or [None])[-1]  # noqa: E731
+    row = {"kv_cache_dtype": dtype, "input_len": args.input_len, "output_len": args.output_len,
+           "num_prompts": args.num_prompts, "rc": rc, "wall_s": round(time.time() - t0, 1),
+           "kv_tokens": int(found(r"KV cache size: ([\d,]+) tokens").replace(",", "")) if found(
+               r"KV cache size: ([\d,]+) tokens") else None,
+           "max_concurrency": float(found(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x") or "nan"),
+           "engine_init_s": float(found(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+)") or
+                                  "nan"),
+           "backend": found(r"Using (\w+) (?:attention )?backend"), "cudagraph_mode": found(r"cudagraph_mode=(\w+)")}
+    if rc == 0 and os.path.exists(result_json):
+        with open(result_json) as f:
+            res = json.load(f)
+        row["elapsed_s"] = res["elapsed_time"]
+        row["total_tokens_per_s"] = res["tokens_per_second"]
+        row["output_tokens_per_s"] = res["num_requests"] * args.output_len / res["elapsed_time"]
+    else:
+        row["log_tail"] = text[-3000:]
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", nargs="?", default="/tmp/out")
+    ap.add_argument("--formats", default="auto,aquakv")
+    ap.add_argument("--input-len", type=int, default=8192)
+    ap.add_argument("--output-len", type=int, default=512)
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per format")
+    ap.add_argument("--model", default=None)
+    args = ap.parse_args()
+    from vllm_aquakv.results import write_results
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    model, description = make_inputs(args.model)
+    formats = args.formats.split(",")
+    calibration_s = ensure_artifact(model) if "aquakv" in formats else 0.0
+    rows = []
+    for dtype in formats:
+        rows.append(bench(model, dtype, args, args.out_dir))
+        r = rows[-1]
+        print(f"{dtype}: rc {r['rc']} KV tokens {r['kv_tokens']} output tok/s {r.get('output_tokens_per_s')} "
+              f"engine init {r['engine_init_s']} s wall {r['wall_s']} s", flush=True)
+    base = next((r for r in rows if r["kv_cache_dtype"] == "auto"), None)
+    for r in rows:
+        if base and base.get("kv_tokens") and r.get("kv_tokens"):
+            r["kv_tokens_vs_bf16"] = r["kv_tokens"] / base["kv_tokens"]
+        if base and base.get("output_tokens_per_s") and r.get("output_tokens_per_s"):
+            r["speedup_vs_bf16"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    md = [f"`vllm bench throughput`, random dataset, {args.input_len} in / {args.output_len} out, {args.num_prompts} "
+          f"prompts, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM defaults otherwise (torch.compile, "
+          f"CUDA graphs, chunked prefill, prefix caching). aquakv artifact: speed default (post-RoPE K mean, per-head "
+          f"V from K_l, 2-bit codes), calibrated on random words (speed only).\n",
+          "| kv-cache-dtype | KV tokens | vs bf16 | max concurrency | output tok/s | vs bf16 | engine init s | rc |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['kv_cache_dtype']} | {fmt(r['kv_tokens'], ',')} | {fmt(r.get('kv_tokens_vs_bf16'), '.2f')}x | "
+           f"{r['max_concurrency']:.1f} | {fmt(r.get('output_tokens_per_s'), ',.1f')} | "
+           f"{fmt(r.get('speedup_vs_bf16'), '.2f')}x | {r['engine_init_s']:.0f} | {r['rc']} |" for r in rows]
+    print("\n".join(md))
+    write_results(os.path.join(args.out_dir, f"throughput_h100_{args.input_len}_{args.output_len}.json"),
+                  "throughput", description, rows, "\n".join(md), calibration_seconds=round(calibration_s, 1))
+
+
+if __name__ == "__main__":
+    main()
