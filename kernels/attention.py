@@ -275,11 +275,13 @@ class LaneTable:
     code_bits: int
 
 
-def lane_table(grid: torch.Tensor, code_bits: int, head_dim: int) -> LaneTable | str:
+def lane_table(grid: torch.Tensor, code_bits: int, head_dim: int, index_bits: int | None = None) -> LaneTable | str:
     """The lookup table that turns a nibble or byte of ``code_bits``-bit codes of ``grid`` [points, d] into fp16
-    coordinates (first coordinate in the low 16 bits), or why the kernel has none for this grid."""
+    coordinates (first coordinate in the low 16 bits), or why the kernel has none for this grid.  ``index_bits``:
+    4 (nibbles) or 8 (bytes; 4-bit codes then take one lookup of 4 coordinates per byte instead of two of 2);
+    default 8 for 8-bit codes, else 4."""
     d = grid.shape[1]
-    index_bits = 8 if code_bits == 8 else 4
+    index_bits = index_bits or (8 if code_bits == 8 else 4)
     per_index = index_bits // code_bits if code_bits in (2, 4, 8) else 0  # codes per looked-up nibble or byte
     entry_values = per_index * d
     if entry_values not in (1, 2, 4) or entry_values * 8 // index_bits not in (2, 4):

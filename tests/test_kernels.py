@@ -1,5 +1,7 @@
 """Triton kernels against their torch twins (TRITON_INTERPRET=1 on CPU, real kernels on a GPU)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     """The fused kernel (scores and value sums in the Hadamard domain, split-K partials, torch epilogue) against
     TorchServingPath.attend on the same paged cache: ragged batch mixing a decode, a prefill chunk across block
     boundaries and a long single-token decode; blocks handed out in random order."""
-    from vllm_aquakv.kernels.attention import fused_attention, fused_layer_or_reason, plan_attention
+    from vllm_aquakv.kernels.attention import fused_attention, fused_layer_or_reason, lane_table, plan_attention
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
     from vllm_aquakv.rope import Rope
     from vllm_aquakv.serving import StepState, TorchServingPath
@@ -69,7 +71,11 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     query = qkv[:, :q_heads]
     scale = head_dim ** -0.5
     want = path.attend(layer, query, kv, block_table, lens, qsl, scale, StepState()).cpu()
-    for min_programs in (1, 10_000):  # no split, and split-K over many segments
+    kc, vc = cache.codecs["k", layer], cache.codecs["v", layer]
+    byte_tables = dataclasses.replace(fused, k_lanes=lane_table(kc.grid, kc.code_bits, head_dim, 8),
+                                      v_lanes=lane_table(vc.grid, vc.code_bits, head_dim, 8))
+    # no split, split-K over many segments, and the same codes decoded through byte-indexed tables
+    for min_programs, fused in ((1, fused), (10_000, fused), (1, byte_tables)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
         got = fused_attention(query, kv, block_table, torch.tensor(lens, dtype=torch.int32, device=DEVICE),

@@ -14,6 +14,7 @@ only.
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -30,17 +31,24 @@ MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
                                                            value_topology="none"),
     "aquakv speed, 4-bit keys (3.25 b)": dict(key_predictor="mean", value_predictor="per_head",
                                               value_topology="k_same", key_grid="d2n256"),
+    # the same codes decoded through byte-indexed tables (one lookup of 4 coordinates per code byte)
+    "aquakv speed, byte tables": dict(key_predictor="mean", value_predictor="per_head", value_topology="k_same",
+                                      index_bits=8),
+    "aquakv plain HIGGS, byte tables": dict(key_predictor="none", value_predictor="none", value_topology="none",
+                                            index_bits=8),
 }
 
 
 def fused_setup(overrides):
     """A 2-layer post-RoPE AquaKVCache with random predictors; returns (serving path, layer-1 FusedLayer)."""
-    from vllm_aquakv.kernels.attention import fused_layer_or_reason
+    from vllm_aquakv.kernels.attention import fused_layer_or_reason, lane_table
     from vllm_aquakv.predictors import LinearPredictor
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
     from vllm_aquakv.rope import Rope
     from vllm_aquakv.serving import TorchServingPath
 
+    overrides = dict(overrides)
+    index_bits = overrides.pop("index_bits", None)
     cfg = AquaKVConfig(key_rope="post", layer0_grid="d2n16", **overrides)
     preds = {("k", 1): LinearPredictor(cfg.key_predictor, (), bias=torch.randn(H, D))}
     if cfg.value_predictor == "per_head":
@@ -52,6 +60,10 @@ def fused_setup(overrides):
     path = TorchServingPath(cache, rope)
     fused = fused_layer_or_reason(cache, path.layouts[1], 1)
     assert not isinstance(fused, str), fused
+    if index_bits:
+        kc, vc = cache.codecs["k", 1], cache.codecs["v", 1]
+        fused = dataclasses.replace(fused, k_lanes=lane_table(kc.grid, kc.code_bits, D, index_bits),
+                                    v_lanes=lane_table(vc.grid, vc.code_bits, D, index_bits))
     return path, fused
 
 
