@@ -5,7 +5,8 @@ spending device time.  Pointer arguments are compiled 16-byte aligned, as torch 
     python benchmarks/gpu/offline_compile.py [--tile 128] [--warps 4] [--stages 1] [--rows 16] [--maxnreg N]
         [--plain] [--dump DIR] [--write]
 
-``--write`` compiles the cache write (kernels/cache_write.py, 16 tokens per program) instead of the attention.
+``--sass`` also prints the instruction mix of the kernel's innermost loop (one key tile) from the bundled
+``cuobjdump``: what the loop spends its issue slots on.  ``--write`` compiles the cache write (kernels/cache_write.py, 16 tokens per program) instead of the attention.
 To check against the GPU image's Triton (3.6), install it beside the venv's and put it first on the path:
 ``pip install --target /tmp/t36 triton==3.6.0 --no-deps; PYTHONPATH=/tmp/t36 python benchmarks/gpu/offline_compile.py``.
 
@@ -15,7 +16,9 @@ and values, blocks of 16.
 """
 
 import argparse
+import collections
 import os
+import re
 import subprocess
 
 import triton
@@ -47,6 +50,7 @@ def main():
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--sass", action="store_true", help="print the innermost loop's instruction mix")
     args = ap.parse_args()
     fn = cache_write._cache_write_kernel if args.write else attention._fused_attention_kernel
     names = fn.arg_names
@@ -76,6 +80,32 @@ def main():
     info = [line.split("info    : ")[-1] for line in res.stderr.splitlines() if "registers" in line or "spill" in line]
     print(f"tile {args.tile} warps {args.warps} stages {args.stages} rows {args.rows} maxnreg {args.maxnreg} "
           f"plain {args.plain}: shared {kernel.metadata.shared} B; " + "; ".join(s.strip() for s in info))
+    if args.sass:
+        cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+        sass = subprocess.run([cuobjdump, "-sass", os.path.join(out, "kernel.cubin")], capture_output=True,
+                              text=True, check=True).stdout
+        print(loop_mix(sass))
+
+
+def loop_mix(sass: str) -> str:
+    """Instruction counts (per warp) of the innermost loop: the body of the shortest backward branch."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+    loops = []
+    for addr, text in ins:
+        target = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            loops.append((addr - int(target.group(1), 16), int(target.group(1), 16), addr))
+    if not loops:
+        return "no loop found"
+    _, lo, hi = min(loops)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for a, t in ins if lo <= a <= hi)
+    total = sum(ops.values())
+    return f"innermost loop: {total} instructions per warp per tile\n" + "\n".join(
+        f"  {op:8s} {n:5d}  {100 * n / total:4.1f}%" for op, n in ops.most_common(16))
 
 
 if __name__ == "__main__":
