@@ -187,3 +187,25 @@ def test_calibrate_on_memory_mapped_capture_equals_in_ram(tmp_path, rng):
     a, b = AquaKVCache.calibrate(AquaKVConfig(), ks, vs), AquaKVCache.calibrate(AquaKVConfig(), ks2, vs2)
     assert all(torch.equal(a.predictors[k].bias, b.predictors[k].bias) for k in a.predictors)
     assert set(a.calibration_metrics) == {f"{s}.{l}" for s in "kv" for l in range(3)}
+
+
+def test_head_local_artifact_shards_by_head(rng):
+    """Tensor parallelism: a cache whose predictors read only their own KV head, cut to one head, encodes and decodes
+    that head exactly as the whole cache does; a dense predictor (mixes heads) refuses to be cut."""
+    ks, vs = correlated_kv(rng)
+    cfg = AquaKVConfig(num_sink_tokens=0, window=0, key_predictor="per_head", value_predictor="per_head",
+                       group_size=D)
+    cache = AquaKVCache.calibrate(cfg, ks, vs)
+    assert cache.shard_granularity() == "head"
+    whole_k, whole_v = cache.decode(cache.encode(ks, vs))
+    for head in range(H):
+        part = cache.shard(head, 1)
+        assert part.num_kv_heads == 1
+        k1, v1 = part.decode(part.encode([k[:, head:head + 1] for k in ks], [v[:, head:head + 1] for v in vs]))
+        for layer in range(L):
+            assert torch.equal(k1[layer], whole_k[layer][:, head:head + 1])
+            assert torch.equal(v1[layer], whole_v[layer][:, head:head + 1])
+    dense = AquaKVCache.calibrate(AquaKVConfig(num_sink_tokens=0, window=0), ks, vs)
+    assert dense.shard_granularity() is None
+    with pytest.raises(ValueError, match="mix KV heads"):
+        dense.shard(0, 1)

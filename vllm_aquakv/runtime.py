@@ -14,6 +14,7 @@ import threading
 
 import torch
 
+from . import compat
 from .artifact import ArtifactError, default_artifact_dir, load_artifact
 from .codec import head_dim_supported
 from .reference import AquaKVCache, AquaKVConfig
@@ -68,6 +69,20 @@ class ServingState:
             raise ArtifactError(f"artifact {art} is for {c.num_layers} layers x {c.num_kv_heads} KV heads x head_dim "
                                 f"{c.head_dim}; the model has {num_layers} x {num_kv_heads} x {head_dim}: "
                                 f"aquakv-calibrate {self.model_dir}")
+        self.shard_note = ""
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        if tp > 1:  # this rank serves its KV heads with its slice of a head-local artifact
+            if c.shard_granularity() != "head":
+                raise UnsupportedModel(
+                    f"--tensor-parallel-size {tp} needs a shard-local aquakv artifact (predictors that read only their "
+                    f"own KV head); {self.source} has {sorted({p.structure for p in c.predictors.values()})}. "
+                    f"Calibrate one with\n    aquakv-calibrate {self.model_dir} --key-predictor per_head "
+                    "--value-predictor per_head\nor serve with --tensor-parallel-size 1")
+            first, count = rank_kv_heads(num_kv_heads, tp, compat.tensor_parallel_rank())
+            self.cache = c = c.shard(first, count)
+            self.shard_note = f"; tensor-parallel rank {compat.tensor_parallel_rank()} of {tp}: KV heads " \
+                              f"{first}..{first + count - 1} of {num_kv_heads}"
+            num_kv_heads = count
         device = getattr(getattr(vllm_config, "device_config", None), "device", None) or "cpu"
         c.to(device)
         self.rope.inv_freq = self.rope.inv_freq.to(device)
@@ -79,7 +94,7 @@ class ServingState:
             if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
                                        "set TRITON_INTERPRET=1, or drop aquakv_kernels")
-            self._enable_fused_kernel(num_layers, text_cfg.num_attention_heads, num_kv_heads,
+            self._enable_fused_kernel(num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda)
         self._log()
 
@@ -112,10 +127,20 @@ class ServingState:
         _logger().info(
             "aquakv: %s; %.3f bits/value (codes + scales), slot %s bytes per (token, KV head) vs %d in %s: "
             "%.2fx the tokens of a %s cache at equal memory (%.2fx vs bf16); every token is stored as codes "
-            "(no 16-bit sinks/window); %s",
+            "(no 16-bit sinks/window); %s%s",
             self.source, bits["bits_per_value"], "/".join(map(str, slots)), 2 * self.cache.head_dim *
             self.model_dtype.itemsize, dtype, self.path.capacity_ratio(self.model_dtype.itemsize), dtype,
-            self.path.capacity_ratio(2), self.kernel_note)
+            self.path.capacity_ratio(2), self.kernel_note, self.shard_note)
+
+
+def rank_kv_heads(total: int, tp: int, rank: int) -> tuple[int, int]:
+    """(first KV head, count) of tensor-parallel ``rank`` of ``tp``, as vLLM's QKVParallelLinear splits them: an
+    equal share each, or one replicated head per rank when there are fewer heads than ranks."""
+    if total >= tp:
+        if total % tp:
+            raise UnsupportedModel(f"{total} KV heads do not split over --tensor-parallel-size {tp}")
+        return rank * (total // tp), total // tp
+    return rank // (tp // total), 1
 
 
 def serving_state(vllm_config) -> ServingState:
@@ -131,9 +156,9 @@ def serving_state(vllm_config) -> ServingState:
 def check_engine_config(vllm_config) -> None:
     """Refuse engine settings the backend cannot serve correctly."""
     par = vllm_config.parallel_config
-    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
-        raise UnsupportedModel("aquakv does not support tensor/pipeline parallelism yet (it needs shard-local "
-                               "adapters); serve with --tensor-parallel-size 1 --pipeline-parallel-size 1")
+    if par.pipeline_parallel_size > 1:  # tensor parallelism is checked against the artifact (ServingState)
+        raise UnsupportedModel("aquakv does not support pipeline parallelism (its predictors read earlier layers, "
+                               "which live on another stage); serve with --pipeline-parallel-size 1")
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise UnsupportedModel("aquakv does not support speculative decoding; remove --speculative-config")
     text = vllm_config.model_config.hf_text_config
