@@ -1,0 +1,141 @@
+"""`vllm bench serve` against a real `vllm serve` on 127.0.0.1 per --kv-cache-dtype: TTFT / TPOT percentiles at a
+fixed request rate, same model and requests, equal --gpu-memory-utilization (issue 7).
+
+On the GPU machine (see benchmarks/gpu/README.md), after the vLLM bundle and the staged plugin:
+
+    python3 benchmarks/gpu/serve.py $OUT [--formats auto,aquakv] [--input-len 8192] [--output-len 256]
+        [--num-prompts 64] [--request-rate 1] [--model DIR]
+
+The model and the aquakv artifact are made as in ``throughput.py`` (random Llama-3.2-3B-shaped weights, speed-default
+artifact: speed only).  For each format: start the server (vLLM's defaults otherwise), wait for /health, run
+``vllm bench serve --dataset-name random --random-range-ratio 0`` with Poisson arrivals at the given rate, stop the
+server.  Writes serve_h100_<in>_<out>.json + .md (shared RESULTS.md shape) under $OUT.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+METRICS = ("ttft", "tpot", "itl")
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll /health until the server answers 200, dies, or ``timeout`` seconds pass."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(2)
+    return False
+
+
+def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765) -> dict:
+    """Start `vllm serve` with ``dtype``, run `vllm bench serve` against it, stop it; returns the row."""
+    tag = f"{dtype}_{args.input_len}_{args.output_len}"
+    max_len = args.input_len + args.output_len + 64
+    row = {"kv_cache_dtype": dtype, "input_len": args.input_len, "output_len": args.output_len,
+           "num_prompts": args.num_prompts, "request_rate": args.request_rate}
+    with open(os.path.join(out_dir, f"server_{tag}.txt"), "w") as log:
+        server = subprocess.Popen(["vllm", "serve", model, "--host", "127.0.0.1", "--port", str(port),
+                                   "--kv-cache-dtype", dtype, "--gpu-memory-utilization",
+                                   str(args.gpu_memory_utilization), "--max-model-len", str(max_len)],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            t0 = time.time()
+            if not wait_healthy(port, server, args.start_timeout):
+                row["error"] = f"server did not become healthy (rc {server.poll()})"
+                return row
+            row["server_start_s"] = round(time.time() - t0, 1)
+            result = f"bench_{tag}.json"
+            cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+                   "--model", model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
+                   "--random-output-len", str(args.output_len), "--random-range-ratio", "0", "--num-prompts",
+                   str(args.num_prompts), "--request-rate", str(args.request_rate), "--seed", "0",
+                   "--ignore-eos", "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", "50,99",
+                   "--save-result", "--result-dir", out_dir, "--result-filename", result]
+            with open(os.path.join(out_dir, f"client_{tag}.txt"), "w") as client_log:
+                rc = subprocess.run(cmd, stdout=client_log, stderr=subprocess.STDOUT,
+                                    timeout=args.bench_timeout).returncode
+            row["rc"] = rc
+            if rc == 0:
+                with open(os.path.join(out_dir, result)) as f:
+                    res = json.load(f)
+                row.update({k: res[k] for k in ("completed", "failed", "output_throughput", "duration")
+                            if k in res})
+                for m in METRICS:
+                    for p in ("p50", "p99"):
+                        row[f"{p}_{m}_ms"] = res.get(f"{p}_{m}_ms")
+        except subprocess.TimeoutExpired:
+            row["error"] = f"vllm bench serve did not finish in {args.bench_timeout} s"
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+    with open(os.path.join(out_dir, f"server_{tag}.txt")) as f:
+        text = f.read()
+    tokens = [line for line in text.splitlines() if "KV cache size:" in line]
+    if tokens:
+        row["kv_tokens"] = int(tokens[-1].split("KV cache size:")[1].split("tokens")[0].replace(",", ""))
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", nargs="?", default="/tmp/out")
+    ap.add_argument("--formats", default="auto,aquakv")
+    ap.add_argument("--input-len", type=int, default=8192)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--request-rate", type=float, default=1.0)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--start-timeout", type=int, default=240)
+    ap.add_argument("--bench-timeout", type=int, default=300)
+    ap.add_argument("--model", default=None)
+    args = ap.parse_args()
+    from throughput import ensure_artifact, make_inputs
+
+    from vllm_aquakv.results import write_results
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    model, description = make_inputs(args.model)
+    if "aquakv" in args.formats.split(","):
+        ensure_artifact(model)
+    rows = []
+    for dtype in args.formats.split(","):
+        rows.append(serve_and_bench(model, dtype, args, args.out_dir))
+        print(json.dumps(rows[-1]), flush=True)
+    fmt = lambda x: "-" if x is None else f"{x:,.1f}"  # noqa: E731
+    md = [f"`vllm bench serve` against `vllm serve` on 127.0.0.1: random dataset, {args.input_len} in / "
+          f"{args.output_len} out (--ignore-eos), {args.num_prompts} prompts, Poisson arrivals at "
+          f"{args.request_rate} req/s, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM's defaults "
+          "otherwise. Times in ms.\n",
+          "| kv-cache-dtype | KV tokens | completed | failed | p50 TTFT | p99 TTFT | p50 TPOT | p99 TPOT | p99 ITL | "
+          "output tok/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['kv_cache_dtype']} | {fmt(r.get('kv_tokens')).removesuffix('.0')} | {r.get('completed', '-')} | "
+           f"{r.get('failed', '-')} | {fmt(r.get('p50_ttft_ms'))} | {fmt(r.get('p99_ttft_ms'))} | "
+           f"{fmt(r.get('p50_tpot_ms'))} | {fmt(r.get('p99_tpot_ms'))} | {fmt(r.get('p99_itl_ms'))} | "
+           f"{fmt(r.get('output_throughput'))} |" for r in rows]
+    print("\n".join(md))
+    write_results(os.path.join(args.out_dir, f"serve_h100_{args.input_len}_{args.output_len}.json"), "serve",
+                  description, rows, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
