@@ -123,7 +123,8 @@ def _fused_attention_kernel(
     K_CODE_BYTES: tl.constexpr, K_INDEX_BITS: tl.constexpr, K_ENTRY_VALUES: tl.constexpr, K_LANES: tl.constexpr,
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
     V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-    HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr, Q_PRECISION: tl.constexpr,
+    HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr,
+    Q_PRECISION: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -398,14 +399,17 @@ class AttentionPlan:
     num_stages: int = 1  # software pipelining off: faster on the H100 (benchmarks/results/decode_attention_h100)
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
-    def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
+    def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool,
+                 device) -> tuple[torch.Tensor, ...]:
         """(running max, denominator) [segments, N, Hq] and (value sums, key sums) [segments, N, Hq, h] float32
-        scratch, allocated once per step: every layer of the step has the same shapes."""
-        key = (num_tokens, num_q_heads, head_dim, str(device))
+        scratch, allocated once per step: every layer of the step has the same shapes.  Without ``key_sums`` (no
+        value predictor from keys) the key sums are the value sums' buffer, which the kernel then does not touch."""
+        key = (num_tokens, num_q_heads, head_dim, key_sums, str(device))
         if self._partials is None or self._partials[0] != key:
             part = lambda *shape: torch.empty(self.segments, num_tokens, num_q_heads, *shape,  # noqa: E731
                                               dtype=torch.float32, device=device)
-            self._partials = (key, (part(), part(), part(head_dim), part(head_dim)))
+            m, l, acc_v = part(), part(), part(head_dim)
+            self._partials = (key, (m, l, acc_v, part(head_dim) if key_sums else acc_v))
         return self._partials[1]
 
 
@@ -446,7 +450,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     _, heads, page_block, _ = kv_cache.shape
     group = num_q_heads // heads
     segments = plan.segments
-    m, l, acc_v, acc_k = plan.partials(n, num_q_heads, h, query.device)
+    m, l, acc_v, acc_k = plan.partials(n, num_q_heads, h, layer.v_weight is not None, query.device)
     interpret = query.device.type != "cuda"  # the interpreter takes float32 dots: the torch twin's arithmetic
     kl, vl = layer.k_lanes, layer.v_lanes
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)

@@ -78,10 +78,11 @@ class ServingState:
                     f"own KV head); {self.source} has {sorted({p.structure for p in c.predictors.values()})}. "
                     f"Calibrate one with\n    aquakv-calibrate {self.model_dir} --key-predictor per_head "
                     "--value-predictor per_head\nor serve with --tensor-parallel-size 1")
-            first, count = rank_kv_heads(num_kv_heads, tp, compat.tensor_parallel_rank())
+            rank = compat.tensor_parallel_rank()
+            first, count = rank_kv_heads(num_kv_heads, tp, rank)
             self.cache = c = c.shard(first, count)
-            self.shard_note = f"; tensor-parallel rank {compat.tensor_parallel_rank()} of {tp}: KV heads " \
-                              f"{first}..{first + count - 1} of {num_kv_heads}"
+            self.shard_note = f"; tensor-parallel rank {rank} of {tp}: KV heads {first}..{first + count - 1} of " \
+                              f"{num_kv_heads}"
             num_kv_heads = count
         device = getattr(getattr(vllm_config, "device_config", None), "device", None) or "cpu"
         c.to(device)

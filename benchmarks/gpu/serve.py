@@ -25,6 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
+from throughput import ensure_artifact, kv_tokens, make_inputs, workload_args  # noqa: E402
+
 METRICS = ("ttft", "tpot", "itl")
 
 
@@ -89,27 +91,17 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
     with open(os.path.join(out_dir, f"server_{tag}.txt")) as f:
-        text = f.read()
-    tokens = [line for line in text.splitlines() if "KV cache size:" in line]
-    if tokens:
-        row["kv_tokens"] = int(tokens[-1].split("KV cache size:")[1].split("tokens")[0].replace(",", ""))
+        row["kv_tokens"] = kv_tokens(f.read())
     return row
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out_dir", nargs="?", default="/tmp/out")
-    ap.add_argument("--formats", default="auto,aquakv")
-    ap.add_argument("--input-len", type=int, default=8192)
-    ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--num-prompts", type=int, default=64)
+    workload_args(ap, output_len=256, num_prompts=64)
     ap.add_argument("--request-rate", type=float, default=1.0)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--start-timeout", type=int, default=240)
     ap.add_argument("--bench-timeout", type=int, default=300)
-    ap.add_argument("--model", default=None)
     args = ap.parse_args()
-    from throughput import ensure_artifact, make_inputs
 
     from vllm_aquakv.results import write_results
 

@@ -58,6 +58,23 @@ def ensure_artifact(model: str) -> float:
     return time.time() - t0
 
 
+def kv_tokens(log: str) -> int | None:
+    """vLLM's logged "KV cache size: N tokens" (the last one) from an engine or server log."""
+    found = re.findall(r"KV cache size: ([\d,]+) tokens", log)
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def workload_args(ap: argparse.ArgumentParser, output_len: int, num_prompts: int) -> None:
+    """The arguments every GPU vLLM benchmark here shares: output folder, formats, request shape, memory, model."""
+    ap.add_argument("out_dir", nargs="?", default="/tmp/out")
+    ap.add_argument("--formats", default="auto,aquakv")
+    ap.add_argument("--input-len", type=int, default=8192)
+    ap.add_argument("--output-len", type=int, default=output_len)
+    ap.add_argument("--num-prompts", type=int, default=num_prompts)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--model", default=None)
+
+
 def bench(model: str, dtype: str, args, out_dir: str) -> dict:
     """One `vllm bench throughput` run; its row (throughput, KV tokens, engine start) or the failure."""
     max_len = args.input_len + args.output_len + 64
@@ -79,8 +96,7 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
     found = lambda pattern: (re.findall(pattern, text) or [None])[-1]  # noqa: E731
     row = {"kv_cache_dtype": dtype, "input_len": args.input_len, "output_len": args.output_len,
            "num_prompts": args.num_prompts, "rc": rc, "wall_s": round(time.time() - t0, 1),
-           "kv_tokens": int(found(r"KV cache size: ([\d,]+) tokens").replace(",", "")) if found(
-               r"KV cache size: ([\d,]+) tokens") else None,
+           "kv_tokens": kv_tokens(text),
            "max_concurrency": float(found(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x") or "nan"),
            "engine_init_s": float(found(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+)") or
                                   "nan"),
@@ -98,14 +114,8 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out_dir", nargs="?", default="/tmp/out")
-    ap.add_argument("--formats", default="auto,aquakv")
-    ap.add_argument("--input-len", type=int, default=8192)
-    ap.add_argument("--output-len", type=int, default=512)
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    workload_args(ap, output_len=512, num_prompts=256)
     ap.add_argument("--timeout", type=int, default=420, help="seconds per format")
-    ap.add_argument("--model", default=None)
     args = ap.parse_args()
     from vllm_aquakv.results import write_results
 
