@@ -12,7 +12,8 @@ same layer's keys, v_t = b_v + k_t W + A^T y^v_t, is linear in k_t, so it is app
 softmax-weighted key sum.
 
 Decoding a code byte costs one or two gathers from a lane table of at most 256 entries (``lane_table``): a nibble
-or byte of codes indexes fp16 grid coordinates packed in one integer.  The coordinates of byte b land in *lanes*:
+or byte of codes indexes fp16 grid coordinates packed in one integer.  (Experimental, off by default: 2-bit scalar
+codes decoded by PTX byte permutes from two registers, 1.5 instructions per value, ``_register_lanes``.)  The coordinates of byte b land in *lanes*:
 lane i of a token holds the values at head positions L*b + i (L lanes), a [tokens, code bytes] tile.  A score is
 then the sum of L tensor-core dots of query lane i with key lane i, so no tile is ever joined or reshaped; the
 query and the rotation are permuted to lane order once per layer (``lane_order``).
@@ -46,14 +47,67 @@ def _half(bits):
     return bits.to(tl.int16).to(tl.float16, bitcast=True)
 
 
+# 2-bit scalar codes -> fp16 levels in registers: PRMT picks bytes 2c, 2c + 1 of the 8-byte table of the 4 fp16
+# levels (lo = levels 0, 1; hi = levels 2, 3).  For x = (4 code bytes >> 2 j) & 0x03030303 (code j of byte k in bits
+# 8 k..8 k + 1), x * 0x22 + 0x10101010 puts the selector nibbles 2 c_k, 2 c_k + 1 at nibbles 2 k, 2 k + 1; PRMT reads
+# the low 4 nibbles, so bytes 2 and 3 take the selector shifted right by 16: 6 instructions per 4 values.  With
+# pack=4, $2 holds 4 code bytes (byte k = element k), $3 and $7 the first copies of lo and hi, and the output is 2
+# registers of 2 halves (element 0 in the low half).  Alone (a kernel that decodes and dots one tile) it matches
+# torch on the H100; inside _fused_attention_kernel, Triton 3.6 builds a kernel that reads shared memory out of
+# bounds (compute-sanitizer: a 512-byte ldmatrix-sized read in _accumulate_lanes) or returns wrong sums, with one
+# 4-output asm or four 1-output ones (2026-11-25, tests/test_kernels.py::test_register_decode_on_gpu).  So
+# lane_table() uses it only when asked (index_bits=2); the interpreter takes the integer-select twin, which is right.
+_PRMT_LANE = [tl.constexpr(f"""{{
+.reg .b32 x, s;
+shr.b32 x, $2, {2 * j};
+and.b32 x, x, 0x03030303;
+mad.lo.u32 s, x, 0x22, 0x10101010;
+prmt.b32 $0, $3, $7, s;
+shr.b32 s, s, 16;
+prmt.b32 $1, $3, $7, s;
+}}""") for j in range(4)]
+_PRMT_LANE0, _PRMT_LANE1, _PRMT_LANE2, _PRMT_LANE3 = _PRMT_LANE
+
+
+@triton.jit
+def _register_lane(byte, lo, hi, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r,r", [byte, lo, hi], dtype=tl.float16, is_pure=True,
+                                     pack=4)
+
+
+@triton.jit
+def _register_lanes(byte, table_ptr, USE_ASM: tl.constexpr):
+    """Four fp16 lanes [T, B] of 2-bit scalar codes byte [T, B] (uint8; code i of a byte in bits 2 i, 2 i + 1) through
+    the 4 levels in table_ptr[0:2] (int32: 2 fp16 each); PTX byte permutes on CUDA, integer selects elsewhere."""
+    lo = tl.load(table_ptr)
+    hi = tl.load(table_ptr + 1)
+    if USE_ASM:
+        x0 = _register_lane(byte, lo, hi, _PRMT_LANE0)
+        x1 = _register_lane(byte, lo, hi, _PRMT_LANE1)
+        x2 = _register_lane(byte, lo, hi, _PRMT_LANE2)
+        x3 = _register_lane(byte, lo, hi, _PRMT_LANE3)
+    else:
+        byte = byte.to(tl.int32)
+        c0, c1, c2, c3 = byte & 3, (byte >> 2) & 3, (byte >> 4) & 3, (byte >> 6) & 3
+        x0 = _half(tl.where(c0 >= 2, hi, lo) >> ((c0 & 1) * 16))
+        x1 = _half(tl.where(c1 >= 2, hi, lo) >> ((c1 & 1) * 16))
+        x2 = _half(tl.where(c2 >= 2, hi, lo) >> ((c2 & 1) * 16))
+        x3 = _half(tl.where(c3 >= 2, hi, lo) >> ((c3 & 1) * 16))
+    return x0, x1, x2, x3
+
+
 @triton.jit
 def _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr,
-                INDEX_BITS: tl.constexpr, ENTRY_VALUES: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                INDEX_BITS: tl.constexpr, ENTRY_VALUES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                USE_ASM: tl.constexpr):
     """One stream's grid coordinates for the tokens at ``base`` [T] as lanes, each [T, CODE_BYTES] in DOT_DTYPE: lane i
-    holds the values at head positions LANES * b + i for code byte b (LANES = ENTRY_VALUES * 8 / INDEX_BITS; lanes
-    2, 3 repeat 0, 1 when LANES == 2)."""
+    holds the values at head positions LANES * b + i for code byte b (LANES = ENTRY_VALUES * 8 / INDEX_BITS, or 4 for
+    the register decode INDEX_BITS == 2; lanes 2, 3 repeat 0, 1 when LANES == 2)."""
     b = tl.arange(0, CODE_BYTES)
     byte = tl.load(cache_ptr + (base + CODE_OFFSET)[:, None] + b[None, :], mask=t_mask[:, None], other=0)
+    if INDEX_BITS == 2:  # 2-bit scalar codes, decoded in registers
+        x0, x1, x2, x3 = _register_lanes(byte, table_ptr, USE_ASM)
+        return x0.to(DOT_DTYPE), x1.to(DOT_DTYPE), x2.to(DOT_DTYPE), x3.to(DOT_DTYPE)
     byte = byte.to(tl.int32)  # [T, B]
     if INDEX_BITS == 8:  # a byte is one code: 2 or 4 coordinates
         entry = tl.load(table_ptr + byte)
@@ -124,7 +178,7 @@ def _fused_attention_kernel(
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
     V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr,
-    Q_PRECISION: tl.constexpr,
+    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -182,7 +236,7 @@ def _fused_attention_kernel(
         scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
                           other=0.0).to(tl.float32)
         x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS,
-                                     K_ENTRY_VALUES, DOT_DTYPE)
+                                     K_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
         s = tl.dot(q0, tl.trans(x0))
         s = tl.dot(q1, tl.trans(x1), s)
         if K_LANES == 4:
@@ -202,7 +256,7 @@ def _fused_attention_kernel(
             k0, k1, k2, k3 = _accumulate_lanes((p * scale_k[None, :]).to(DOT_DTYPE), x0, x1, x2, x3, k0, k1, k2, k3,
                                                alpha, K_LANES)
         y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
-                                     V_ENTRY_VALUES, DOT_DTYPE)
+                                     V_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
         v0, v1, v2, v3 = _accumulate_lanes((p * scale_v[None, :]).to(DOT_DTYPE), y0, y1, y2, y3, v0, v1, v2, v3,
                                            alpha, V_LANES)
 
@@ -267,8 +321,9 @@ def _combine_kernel(
 class LaneTable:
     """How the kernel decodes one stream's code bytes (see ``lane_table``)."""
 
-    table: torch.Tensor  # [2**index_bits] int16/int32/int64: entry_values fp16 coordinates per entry
-    index_bits: int  # 4 (each nibble is looked up) or 8 (each byte)
+    table: torch.Tensor  # [2**index_bits] int16/int32/int64: entry_values fp16 coordinates per entry; [2] int32 (the
+    # 4 fp16 levels) for index_bits 2
+    index_bits: int  # 4 (each nibble is looked up), 8 (each byte) or 2 (4-level scalar codes decoded in registers)
     entry_values: int  # coordinates per entry: 1, 2 or 4
     lanes: int  # entry_values * 8 / index_bits: 2 or 4
     code_bytes: int  # per (token, KV head); also the width of one lane
@@ -280,8 +335,13 @@ def lane_table(grid: torch.Tensor, code_bits: int, head_dim: int, index_bits: in
     """The lookup table that turns a nibble or byte of ``code_bits``-bit codes of ``grid`` [points, d] into fp16
     coordinates (first coordinate in the low 16 bits), or why the kernel has none for this grid.  ``index_bits``:
     4 (nibbles) or 8 (bytes; 4-bit codes then take one lookup of 4 coordinates per byte instead of two of 2);
-    default 8 for 8-bit codes, else 4."""
+    default 8 for 8-bit codes, else 4.  2 (d1n4 only) decodes in registers, no table lookups: experimental, wrong
+    on the H100 with Triton 3.6 (see ``_PRMT_LANE``)."""
     d = grid.shape[1]
+    if code_bits == 2 and d == 1 and index_bits == 2:  # 4 scalar levels decoded in registers (experimental)
+        levels = grid.float().reshape(4).half().contiguous()
+        return LaneTable(levels.view(torch.int32).contiguous(), 2, 1, 4, head_dim // 4, grid.float().contiguous(),
+                         code_bits)
     index_bits = index_bits or (8 if code_bits == 8 else 4)
     per_index = index_bits // code_bits if code_bits in (2, 4, 8) else 0  # codes per looked-up nibble or byte
     entry_values = per_index * d
@@ -470,7 +530,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         V_ENTRY_VALUES=vl.entry_values, V_LANES=vl.lanes, K_SCALE_OFFSET=layer.k_scale_offset,
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16,
-        Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", num_warps=plan.num_warps,
+        Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
+        num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
     if out is None:

@@ -9,9 +9,10 @@ prefill side at 4k prompts: aquakv cache write (torch: quantize + pack + scatter
 vLLM's bf16 prefill attention (cache write: the torch path and the Triton kernel).  Random codes and scales: timing
 only.
 
-    python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep]    (needs vLLM 0.26 importable: see README.md)
+    python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD]    (needs vLLM 0.26: README.md)
 
-``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults.
+``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
+modes whose label contains one of the words.
 """
 
 import dataclasses
@@ -31,6 +32,12 @@ MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
                                                            value_topology="none"),
     "aquakv speed, 4-bit keys (3.25 b)": dict(key_predictor="mean", value_predictor="per_head",
                                               value_topology="k_same", key_grid="d2n256"),
+    # 2-bit scalar codes (d1n4): decoded in registers by byte permutes, no table lookups
+    "aquakv speed d1n4 (K mean, V per-head from K_l, 2.25 b)": dict(key_predictor="mean", value_predictor="per_head",
+                                                                     value_topology="k_same", key_grid="d1n4",
+                                                                     value_grid="d1n4"),
+    "aquakv plain HIGGS d1n4 (2.25 b)": dict(key_predictor="none", value_predictor="none", value_topology="none",
+                                             key_grid="d1n4", value_grid="d1n4"),
     # the same codes decoded through byte-indexed tables (one lookup of 4 coordinates per code byte)
     "aquakv speed, byte tables": dict(key_predictor="mean", value_predictor="per_head", value_topology="k_same",
                                       index_bits=8),
@@ -127,7 +134,8 @@ def main():
 
     out_dir = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "/tmp/out"
     t0 = time.time()
-    setups = {label: fused_setup(o) for label, o in MODES.items()}
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+    setups = {label: fused_setup(o) for label, o in MODES.items() if not only or any(w in label for w in only)}
     sweep, best = ({}, {}) if "--no-sweep" in sys.argv else tile_sweep(next(iter(setups.values())))
     print("best launch settings", best, flush=True)
     rows = []

@@ -11,7 +11,7 @@ To check against the GPU image's Triton (3.6), install it beside the venv's and 
 ``pip install --target /tmp/t36 triton==3.6.0 --no-deps; PYTHONPATH=/tmp/t36 python benchmarks/gpu/offline_compile.py``.
 
 ``--rows 16`` is a decode launch (one query token x G=3 heads, padded), 64 a prefill launch; ``--plain`` drops the
-key mean and the value predictor (plain HIGGS).  Shapes: Llama-3.2-3B (24 q / 8 KV heads, head_dim 128), d2n16 keys
+key mean and the value predictor (plain HIGGS); ``--d1n4`` compiles d1n4 codes (register decode).  Shapes: Llama-3.2-3B (24 q / 8 KV heads, head_dim 128), d2n16 keys
 and values, blocks of 16.
 """
 
@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--plain", action="store_true")
+    ap.add_argument("--d1n4", action="store_true", help="d1n4 keys and values (register decode)")
+    ap.add_argument("--no-asm", action="store_true", help="register decode by integer selects, not PTX")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--sass", action="store_true", help="print the innermost loop's instruction mix")
@@ -60,7 +62,9 @@ def main():
                  K_ENTRY_VALUES=2, K_LANES=4, V_CODE_OFFSET=32, V_CODE_BYTES=32, V_INDEX_BITS=4, V_ENTRY_VALUES=2,
                  V_LANES=4, K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=not args.plain,
                  V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16, Q_DTYPE=triton.language.bfloat16,
-                 Q_PRECISION="tf32")
+                 Q_PRECISION="tf32", USE_ASM=not args.no_asm)
+    if args.d1n4 and not args.write:  # 2-bit scalar codes decoded in registers
+        const.update(K_INDEX_BITS=2, K_ENTRY_VALUES=1, V_INDEX_BITS=2, V_ENTRY_VALUES=1)
     signature = {n: pointers.get(n, "fp32" if n == "logit_scale" else "i32") for n in names}
     signature.update({k: "constexpr" for k in const})
     src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()},

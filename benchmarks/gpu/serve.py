@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from throughput import ensure_artifact, kv_tokens, make_inputs, workload_args  # noqa: E402
+from throughput import kv_cache_args, kv_tokens, make_inputs, workload_args  # noqa: E402
 
 METRICS = ("ttft", "tpot", "itl")
 
@@ -54,7 +54,7 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
            "num_prompts": args.num_prompts, "request_rate": args.request_rate}
     with open(os.path.join(out_dir, f"server_{tag}.txt"), "w") as log:
         server = subprocess.Popen(["vllm", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-                                   "--kv-cache-dtype", dtype, "--gpu-memory-utilization",
+                                   *kv_cache_args(model, dtype), "--gpu-memory-utilization",
                                    str(args.gpu_memory_utilization), "--max-model-len", str(max_len)],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -107,8 +107,6 @@ def main():
 
     os.makedirs(args.out_dir, exist_ok=True)
     model, description = make_inputs(args.model)
-    if "aquakv" in args.formats.split(","):
-        ensure_artifact(model)
     rows = []
     for dtype in args.formats.split(","):
         rows.append(serve_and_bench(model, dtype, args, args.out_dir))

@@ -7,9 +7,9 @@ On the GPU machine (see benchmarks/gpu/README.md), after the vLLM bundle and the
 
 Without ``--model`` it builds shared/BASELINES.md's model (Llama-3.2-3B shape, random bf16 weights, 3-letter
 WordLevel tokenizer: ``make_model.py``) in /tmp, so its bf16/fp8 rows can be checked against BASELINES.md.  An aquakv
-row needs an artifact in MODEL/aquakv: if there is none, one is calibrated on the GPU in the speed default (post-RoPE
-keys with their mean, per-head value predictor from the same layer's keys, 2-bit d2n16 codes; on random weights and
-random words, so it measures speed, not quality).  Each format runs ``vllm bench throughput --dataset-name random
+format named in ``AQUAKV_PRESETS`` (``aquakv``, ``aquakv-plain-d1n4``) needs an artifact in MODEL/<format>: if there is
+none, one is calibrated on the GPU with the preset's settings (on random weights and random words, so it measures
+speed, not quality) and vLLM gets ``--kv-cache-dtype aquakv --additional-config '{"aquakv_artifact": ...}'``.  Each format runs ``vllm bench throughput --dataset-name random
 --random-range-ratio 0`` with vLLM's defaults otherwise (torch.compile, CUDA graphs, chunked prefill, prefix caching),
 and the row records vLLM's logged KV-cache tokens, its maximum concurrency, engine start time and throughput.
 Writes throughput_<in>_<out>.json + .md (shared RESULTS.md shape) under $OUT.
@@ -37,10 +37,24 @@ def make_inputs(model: str | None) -> tuple[str, str]:
     return model, "Llama-3.2-3B shape, random bf16 weights (benchmarks/gpu/make_model.py, as shared/BASELINES.md)"
 
 
-def ensure_artifact(model: str) -> float:
-    """Calibrate the speed-default artifact into MODEL/aquakv if it is missing; returns the seconds it took."""
-    if os.path.exists(os.path.join(model, "aquakv", "manifest.json")):
-        return 0.0
+# aquakv formats: name -> aquakv-calibrate settings; each gets its own artifact MODEL/<name>, named to vLLM with
+# --additional-config (all post-RoPE keys: the fused Triton kernels' mode)
+AQUAKV_PRESETS = {
+    # speed default until 2026-11-25: key mean, per-head value predictor from the same layer's keys, d2n16 codes
+    "aquakv": "--key-rope post --key-predictor mean --value-predictor per_head --value-topology k_same "
+              "--layer0 d2n16",
+    # no predictor, 2-bit scalar codes decoded in registers (kernels/attention.py _register_lanes)
+    "aquakv-plain-d1n4": "--key-rope post --key-predictor none --value-predictor none --key-topology none "
+                         "--value-topology none --key-grid d1n4 --value-grid d1n4 --layer0 d1n4",
+}
+
+
+def ensure_artifact(model: str, fmt: str = "aquakv") -> tuple[str, float]:
+    """The artifact folder MODEL/<fmt> of an aquakv format (``AQUAKV_PRESETS``), calibrated on the GPU if missing;
+    returns (folder, seconds the calibration took)."""
+    out = os.path.join(model, fmt)
+    if os.path.exists(os.path.join(out, "manifest.json")):
+        return out, 0.0
     import itertools
     import random
     import string
@@ -52,10 +66,17 @@ def ensure_artifact(model: str) -> float:
         f.write(" ".join(rng.choice(words) for _ in range(20000)))
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", model, "--text-file", text,
-                    "--tokens", "4096", "--seq-len", "512", "--device", "cuda", "--key-rope", "post",
-                    "--key-predictor", "mean", "--value-predictor", "per_head", "--value-topology", "k_same",
-                    "--layer0", "d2n16"], check=True, cwd="/tmp")
-    return time.time() - t0
+                    "--tokens", "4096", "--seq-len", "512", "--device", "cuda", "--out", out,
+                    *AQUAKV_PRESETS[fmt].split()], check=True, cwd="/tmp")
+    return out, time.time() - t0
+
+
+def kv_cache_args(model: str, fmt: str) -> list[str]:
+    """The vLLM arguments that select a format: ``--kv-cache-dtype`` (and the artifact of an aquakv preset)."""
+    if fmt not in AQUAKV_PRESETS:
+        return ["--kv-cache-dtype", fmt]
+    art, _ = ensure_artifact(model, fmt)
+    return ["--kv-cache-dtype", "aquakv", "--additional-config", json.dumps({"aquakv_artifact": art})]
 
 
 def kv_tokens(log: str) -> int | None:
@@ -82,7 +103,7 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
     result_json = os.path.join(out_dir, f"tp_{tag}.json")
     cmd = ["vllm", "bench", "throughput", "--model", model, "--dataset-name", "random",
            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-           "--num-prompts", str(args.num_prompts), "--random-range-ratio", "0", "--kv-cache-dtype", dtype,
+           "--num-prompts", str(args.num_prompts), "--random-range-ratio", "0", *kv_cache_args(model, dtype),
            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len", str(max_len),
            "--output-json", result_json]
     t0 = time.time()
@@ -122,7 +143,7 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     model, description = make_inputs(args.model)
     formats = args.formats.split(",")
-    calibration_s = ensure_artifact(model) if "aquakv" in formats else 0.0
+    calibration_s = sum(ensure_artifact(model, f)[1] for f in formats if f in AQUAKV_PRESETS)
     rows = []
     for dtype in formats:
         rows.append(bench(model, dtype, args, args.out_dir))
@@ -138,8 +159,8 @@ def main():
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     md = [f"`vllm bench throughput`, random dataset, {args.input_len} in / {args.output_len} out, {args.num_prompts} "
           f"prompts, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM defaults otherwise (torch.compile, "
-          f"CUDA graphs, chunked prefill, prefix caching). aquakv artifact: speed default (post-RoPE K mean, per-head "
-          f"V from K_l, 2-bit codes), calibrated on random words (speed only).\n",
+          f"CUDA graphs, chunked prefill, prefix caching). aquakv artifacts (calibrated on random words: speed only): "
+          + "; ".join(f"{k}: `{v}`" for k, v in AQUAKV_PRESETS.items() if k in formats) + ".\n",
           "| kv-cache-dtype | KV tokens | vs bf16 | max concurrency | output tok/s | vs bf16 | engine init s | rc |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['kv_cache_dtype']} | {fmt(r['kv_tokens'], ',')} | {fmt(r.get('kv_tokens_vs_bf16'), '.2f')}x | "
