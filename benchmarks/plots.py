@@ -1,0 +1,210 @@
+"""Regenerate the PNG plots from the result JSON under benchmarks/results/.
+
+    python benchmarks/plots.py [--results DIR] [--out DIR]   # defaults: both benchmarks/results/
+
+Writes throughput_h100.png, decode_attention_h100.png, serve_h100.png and quality_vs_bits.png. A plot whose JSON is
+missing is skipped with a message; a JSON that does not parse, or lacks a field the plot needs, exits 1.
+Every title names the machine and model from the JSON, the JSON file itself and the command that wrote it.
+"""
+
+import argparse
+import glob
+import io
+import json
+import os
+import sys
+import textwrap
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from PIL import Image  # noqa: E402  (a matplotlib dependency)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import ROOT, _num  # noqa: E402
+
+DPI = 100
+PLAIN = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 10 else f"{v:g}")  # 0.3, 1, 4,000,000
+MINOR = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else "")  # log axes: 2, 3, 5
+
+
+def load(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("rows"), list):
+        raise ValueError(f"{path} is not in the shared results shape (no 'rows' list)")
+    return d
+
+
+def _save(fig, what: str, data: list[tuple[str, dict]], out: str):
+    """Title: what was measured, machine, model, then each JSON file with the command(s) that wrote it."""
+    d0 = data[0][1]
+    lines = [what, f"{d0['machine']}  |  {d0['model']}"]
+    for path, d in data:
+        cmds = "; ".join(v for k, v in d.items() if k.startswith("command"))
+        caption = f"data: {os.path.relpath(path, ROOT)} (command: {cmds})"
+        lines.append(textwrap.fill(caption, 150, break_on_hyphens=False))
+    fig.suptitle("\n".join(lines), fontsize=8.5)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI)
+    plt.close(fig)
+    img = Image.open(buf).convert("RGB").quantize(256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
+    img.save(out, optimize=True)  # 256-colour PNG: a third of the size, colours kept within a few levels
+
+
+def _auto_first(rows):
+    return sorted(rows, key=lambda r: r["kv_cache_dtype"] != "auto")
+
+
+def _color(name: str) -> str:
+    return "dimgray" if name.startswith(("auto", "bf16")) else "tab:blue" if name.startswith("fp8") else "tab:orange"
+
+
+def throughput(paths, out):
+    d = load(paths[0])
+    rows = _auto_first(d["rows"])
+    names = [r["kv_cache_dtype"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), layout="constrained")
+    for ax, key, ylabel in zip(axes, ("output_tokens_per_s", "total_tokens_per_s", "kv_tokens"),
+                               ("output tokens/s", "total (input + output) tokens/s",
+                                "KV-cache capacity, tokens (vLLM's report)")):
+        base = rows[0].get(key) if names[0] == "auto" else None
+        vals = [r.get(key) for r in rows]
+        bars = ax.bar(names, [v or 0 for v in vals], color=[_color(n) for n in names])
+        ax.bar_label(bars, [_num(v, ",.0f") + (f"\n{v / base:.2f}x auto" if v and base else "") for v in vals],
+                     fontsize=8)
+        ax.set(xlabel="--kv-cache-dtype", ylabel=ylabel)
+        ax.yaxis.set_major_formatter(PLAIN)
+        ax.margins(y=0.2)
+    r0 = rows[0]
+    _save(fig, f"vllm bench throughput, {r0['input_len']} in / {r0['output_len']} out, {r0['num_prompts']} prompts",
+          [(paths[0], d)], out)
+
+
+def decode_attention(paths, out):
+    d = load(paths[0])
+    rows = d["rows"]
+    labels = list(dict.fromkeys(r["kv_cache_dtype"] for r in rows))
+    contexts = sorted({r["context"] for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(12, 5), layout="constrained", squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for i, lab in enumerate(labels):
+            pts = sorted((r["context"], r["ms"]) for r in rows if r["batch"] == b and r["kv_cache_dtype"] == lab)
+            bf16 = lab.startswith("bf16")
+            ax.plot(*zip(*pts), marker="s" if bf16 else "o", ms=5, label=lab, color="black" if bf16 else f"C{i}",
+                    lw=3 if bf16 else 1.2, ls="-" if bf16 or lab.startswith("aquakv") else "--",
+                    zorder=3 if bf16 else 2)
+        ax.set(xscale="log", yscale="log", title=f"batch {b}", xlabel="context, tokens")
+        ax.set_xticks(contexts, [f"{c // 1024}k" for c in contexts], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.yaxis.set_major_formatter(PLAIN)
+        ax.yaxis.set_minor_formatter(MINOR)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("decode attention time, ms (one layer, log scale)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
+    _save(fig, "Decode attention time per step vs context, one layer (bf16 = thick black line; lower is faster)",
+          [(paths[0], d)], out)
+
+
+def serve(paths, out):
+    d = load(paths[0])
+    rows = _auto_first(d["rows"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
+    for ax, metric in zip(axes, ("ttft", "tpot")):
+        for j, (p, color) in enumerate((("p50", "tab:cyan"), ("p99", "tab:purple"))):
+            vals = [r.get(f"{p}_{metric}_ms") for r in rows]
+            bars = ax.bar([i + (j - 0.5) * 0.38 for i in range(len(rows))], [v or 0 for v in vals], 0.38,
+                          color=color, label=p)
+            ax.bar_label(bars, [_num(v, ".1f") for v in vals], fontsize=8)
+        ax.set_xticks(range(len(rows)), [f"{r['kv_cache_dtype']}\n({r.get('failed', '?')} failed)" for r in rows])
+        ax.set(xlabel="--kv-cache-dtype", ylabel=f"{metric.upper()}, ms")
+        ax.margins(y=0.15)
+        ax.legend(loc="upper left")
+    r0 = rows[0]
+    _save(fig, f"vllm bench serve, {r0['input_len']} in / {r0['output_len']} out at {r0['request_rate']} req/s, "
+               f"{r0['num_prompts']} prompts: time to first token and time per output token", [(paths[0], d)], out)
+
+
+def quality(paths, out):
+    data = [(p, load(p)) for p in paths]
+    rows, seen = [], set()
+    for _, d in data:  # later files add only configurations the first does not have (same label = same result)
+        rows += [r for r in d["rows"] if (r["label"], r["semantics"]) not in seen]
+        seen |= {(r["label"], r["semantics"]) for r in d["rows"]}
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    bits = {lab: next(r["bits_per_value"] for r in rows if r["label"] == lab) for lab in labels}
+    fig, ax = plt.subplots(figsize=(13, 6.2), layout="constrained")
+    for i, lab in enumerate(labels):
+        group = [x for x in labels if bits[x] == bits[lab]]  # dodge configurations that share a bits value
+        dx = 0.01 * (group.index(lab) - (len(group) - 1) / 2)
+        for r in (r for r in rows if r["label"] == lab):
+            xy = (r["bits_per_value"] + dx, 100 * r["rel_ppl_delta"])
+            ax.scatter(*xy, s=40, color=plt.cm.tab20(i % 20), marker="o" if r["semantics"] == "serving" else "^",
+                       edgecolors="black", linewidths=0.4,
+                       label=f"{i + 1}  {lab}" if r["semantics"] == rows[0]["semantics"] else None)
+            ax.annotate(str(i + 1), xy, xytext=(3, 3), textcoords="offset points", fontsize=6.5)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=min(-1.5, 150 * min(r["rel_ppl_delta"] for r in rows)))
+    ax.yaxis.set_major_formatter(PLAIN)
+    ax.set(xlabel="bits per cached value (codes + scales; same-bits points dodged by up to 0.06 for legibility)",
+           ylabel="perplexity increase vs unquantized, % (symlog: linear within +-1%)")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right lower", fontsize=7.5, title="configuration (color, number)", title_fontsize=8)
+    ax.add_artist(ax.legend(handles=[
+        Line2D([], [], ls="", marker="o", color="gray", label="serving: every token through codes"),
+        Line2D([], [], ls="", marker="^", color="gray",
+               label="paper: 16-bit 4 sinks + 128-token window (not in bits)")],
+        loc="lower right", fontsize=8, title="semantics (marker)"))
+    _save(fig, f"Perplexity increase vs bits/value (unquantized ppl {_num(data[0][1].get('unquantized_ppl'), '.3f')})",
+          data, out)
+
+
+# output PNG, input patterns (the first required, the rest optional), plot function
+PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
+         ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
+         ("serve_h100.png", ["serve_h100_*.json"], serve),
+         ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json"], quality)]
+
+
+def inputs(results: str, patterns: list[str]) -> list[str]:
+    """One file per pattern (the last in sorted order), dropping patterns with no match."""
+    found = [sorted(glob.glob(os.path.join(results, p))) for p in patterns]
+    for p, m in zip(patterns, found):
+        if len(m) > 1:
+            print(f"note: {len(m)} files match {p}; plotting {os.path.basename(m[-1])}")
+    return [m[-1] for m in found if m] if found[0] else []
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = os.path.join(ROOT, "benchmarks", "results")
+    ap.add_argument("--results", default=default, help="folder of result JSON (default %(default)s)")
+    ap.add_argument("--out", default=default, help="folder for the PNGs (default %(default)s)")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    rc = 0
+    for png, patterns, fn in PLOTS:
+        paths = inputs(args.results, patterns)
+        if not paths:
+            print(f"skip {png}: no {patterns[0]} in {args.results}")
+            continue
+        try:
+            fn(paths, os.path.join(args.out, png))
+        except (ValueError, KeyError, IndexError) as e:
+            print(f"error: cannot plot {png} from {', '.join(paths)}: {type(e).__name__}: {e}", file=sys.stderr)
+            rc = 1
+            continue
+        print(f"wrote {os.path.join(args.out, png)} ({os.path.getsize(os.path.join(args.out, png)) // 1024} KB)")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
