@@ -99,3 +99,89 @@ def test_rope_undo_inverts_apply(rng):
     p = torch.randint(0, 100000, (100,), generator=rng)
     assert torch.allclose(rope.undo(rope.apply(x, p), p), x, atol=1e-4)
     assert not torch.allclose(rope.apply(x, p), x, atol=1e-2)
+
+
+def attention64_window(q, k, v, k16, v16, available, sinks, window, scale, first_pos):
+    """float64 reference of the 16-bit sink/window semantics: key j of query i from k16/v16 when available[j] and
+    (j < sinks or i - j < window), else from the codes' k/v."""
+    group = q.shape[1] // k.shape[1]
+    rep = lambda x: x.double().repeat_interleave(group, 1)  # noqa: E731
+    qp = torch.arange(q.shape[0])[:, None] + first_pos
+    kp = torch.arange(k.shape[0])[None]
+    exact = available[None] & ((kp < sinks) | (qp - kp < window))
+    s = torch.where(exact, torch.einsum("qhd,khd->hqk", q.double(), rep(k16)),
+                    torch.einsum("qhd,khd->hqk", q.double(), rep(k))) * scale
+    p = s.masked_fill(kp > qp, -math.inf).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", p * ~exact, rep(v)) + torch.einsum("hqk,khd->qhd", p * exact, rep(v16))
+
+
+@pytest.mark.parametrize("sinks,window", [(4, 16), (0, 8), (3, 0)])
+def test_sinks_and_window_from_16_bits(sinks, window, rng):
+    """With the 16-bit ring (window.ExactTokens), attention reads sinks and the recent window from 16 bits, every
+    other key from the codes, over chunked prefill and decodes; when vLLM moves a request to another batch row
+    (here: the two requests swap rows, then one leaves and comes back), the moved rows lose their ring entries and
+    read those keys from the codes: lower quality, never another request's data.  So do older positions whose ring
+    column a chunk's own window tokens took (a chunk longer than 1 token)."""
+    from vllm_aquakv.window import ExactTokens
+
+    config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor="per_head", value_topology="k_same")
+    lens, block_size = [70, 45], 16
+    seqs = [correlated_kv(rng, T=t) for t in lens]
+    rope = Rope(ROPE_CFG, D)
+    calib = correlated_kv(rng, T=300)
+    cache = AquaKVCache.calibrate(config, [rope.apply(k, torch.arange(300)) for k in calib[0]], calib[1])
+    L = cache.num_layers
+    path = TorchServingPath(cache, rope)
+    path.exact = ExactTokens(sinks, window, max_rows=4, num_layers=L)
+    post = [[rope.apply(ks[l], torch.arange(t)) for l in range(L)] for (ks, _), t in zip(seqs, lens)]
+    kv = [torch.zeros(20, H, block_size, path.slot_bytes(l), dtype=torch.uint8) for l in range(L)]
+    perm = torch.randperm(20, generator=rng)
+    tables = [perm[:10], perm[10:20]]
+    queries = [torch.randn(t, HQ, D, generator=rng) for t in lens]
+    scale = D ** -0.5
+    # (request order in the batch rows, tokens per request); a request whose row changed loses its ring
+    steps = [((0, 1), (30, 20)), ((0, 1), (1, 1)), ((1, 0), (1, 1)), ((1, 0), (14, 1)), ((0,), (1,)),
+             ((0, 1), (1, 1)), ((0, 1), (35, 8))]
+    done, ring_from = [0, 0], [0, 0]  # tokens so far; first position each request's current ring holds
+    prev_rows, gaps = {}, []
+    for order, counts in steps:
+        rows = {r: i for i, r in enumerate(order)}
+        for r in order:
+            if prev_rows.get(r) != rows[r]:
+                ring_from[r] = done[r]  # moved or back: earlier entries are gone
+        prev_rows = rows
+        starts = [done[r] for r in order]
+        slot_mapping = torch.cat([tables[r][torch.arange(s, s + n) // block_size] * block_size
+                                  + torch.arange(s, s + n) % block_size for r, n, s in zip(order, counts, starts)])
+        positions = torch.cat([torch.arange(s, s + n) for n, s in zip(counts, starts)])
+        qsl = [0]
+        for n in counts:
+            qsl.append(qsl[-1] + n)
+        seq_lens = [s + n for n, s in zip(counts, starts)]
+        block_table = torch.stack([tables[r] for r in order])
+        step = StepState()
+        for l in range(L):
+            key = torch.cat([post[r][l][s:s + n] for r, n, s in zip(order, counts, starts)])
+            value = torch.cat([seqs[r][1][l][s:s + n] for r, n, s in zip(order, counts, starts)])
+            path.write(l, kv[l], slot_mapping, key, value, positions, step, list(counts), block_table, seq_lens)
+            q = torch.cat([queries[r][s:s + n] for r, n, s in zip(order, counts, starts)])
+            out = path.attend(l, q, kv[l], block_table, seq_lens, qsl, scale, step, key, value)
+            for i, (r, n, s) in enumerate(zip(order, counts, starts)):
+                ref_cache = AquaKVCache(cache.config, L, H, D, cache.predictors, cache.signs)
+                state = ref_cache.encode([k[:s + n] for k in post[r]], [v[:s + n] for v in seqs[r][1]])
+                recon = ref_cache.decode_codes(state)
+                available = torch.arange(s + n) >= ring_from[r]
+                # this step's window tokens took the ring columns of older positions (chunks longer than 1)
+                written = {p % max(window, 1) for p in range(max(s, s + n - window), s + n)}
+                for j in range(sinks, s):
+                    available[j] &= j % max(window, 1) not in written
+                want = attention64_window(queries[r][s:s + n], recon["k", l], recon["v", l], post[r][l][:s + n],
+                                          seqs[r][1][l][:s + n], available, sinks, window, scale, s)
+                got = out[qsl[i]:qsl[i + 1]]
+                assert torch.allclose(got.double(), want, atol=2e-4, rtol=1e-3), (order, counts, l, r, (got - want).abs().max(dim=-1).values.amax(-1))
+                codes_only = attention64(queries[r][s:s + n], recon["k", l], recon["v", l], scale, s)
+                gaps.append((want - codes_only).abs().max().item())
+        for r, n in zip(order, counts):
+            done[r] += n
+    assert done == lens
+    assert max(gaps) > 1e-2  # the 16-bit keys changed the outputs: the test sees the ring

@@ -103,6 +103,64 @@ def test_perplexity_through_vllm_equals_reference(smollm2_calibrated):
     assert vllm_ppl > plain_ppl * 1.005  # the compressed cache is really in the loop
 
 
+def mixed_cache_logprobs(model_dir, sequences):
+    """transformers + the artifact with its 16-bit sinks/window semantics (``calibration.evaluate.MixedCache``):
+    log-softmax [T, vocab] per token sequence, float32."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_aquakv.calibration.calibrate import model_text_config
+    from vllm_aquakv.calibration.evaluate import MixedCache
+    from vllm_aquakv.rope import Rope
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cache, _ = load_artifact(os.path.join(model_dir, "aquakv"), model_dir)
+    cfg = cache.config
+    mixed = MixedCache(model, lambda s, l, x, recon: cache.encode_stream(s, l, x, recon)[1], cache.num_kv_heads,
+                       cache.head_dim, cfg.num_sink_tokens, cfg.window, Rope(model_text_config(model_dir),
+                                                                             cache.head_dim), cfg.key_rope)
+    with torch.no_grad(), mixed:
+        return [model(torch.tensor([seq])).logits[0].log_softmax(-1) for seq in sequences]
+
+
+def test_window_through_vllm_equals_its_reference(smollm2_calibrated):
+    """``aquakv_window``: the artifact's 16-bit sinks (4) and window (128) in the paged cache's ring.  Prompt
+    logprobs through vLLM give MixedCache's perplexity (the paper's semantics in aquakv-eval) within 0.5%, well
+    below the every-token-as-codes reference; 32 greedy tokens per prompt, decoded from the ring, keep the
+    reference's regret bound."""
+    from transformers import AutoTokenizer
+
+    from vllm_aquakv.calibration.capture import tokenize_windows
+    from vllm_aquakv.calibration.texts import load_texts
+
+    windows = tokenize_windows(AutoTokenizer.from_pretrained(smollm2_calibrated), load_texts("wiki-heldout"), 512,
+                               2048).tolist()
+    n = sum(len(w) - 1 for w in windows)
+    nll = lambda lps: -sum(lp[:-1].gather(1, torch.tensor(w[1:])[:, None]).sum().item()  # noqa: E731
+                           for w, lp in zip(windows, lps))
+    ref_ppl = math.exp(nll(mixed_cache_logprobs(smollm2_calibrated, windows)) / n)
+    codes_ppl = math.exp(nll(reference_logprobs(smollm2_calibrated, windows)) / n)
+    engine = {"additional_config": {"aquakv_window": True}, "max_num_seqs": 8}
+    res = run_vllm(model=smollm2_calibrated, kv_cache_dtype="aquakv", prompt_token_ids=windows, prompt_logprobs=True,
+                   engine=engine)
+    vllm_ppl = math.exp(-sum(sum(lps[1:]) for lps in res["prompt_logprobs"]) / n)
+    print(f"perplexity over {n} tokens: vLLM aquakv_window {vllm_ppl:.4f}, MixedCache {ref_ppl:.4f}, "
+          f"every token as codes {codes_ppl:.4f}")
+    assert abs(vllm_ppl / ref_ppl - 1) < 0.005, (vllm_ppl, ref_ppl)
+    assert vllm_ppl < codes_ppl * 0.99, (vllm_ppl, codes_ppl)
+    ids = tokenize(smollm2_calibrated, PROMPTS)
+    got = run_vllm(model=smollm2_calibrated, kv_cache_dtype="aquakv", prompt_token_ids=ids, max_tokens=32,
+                   engine=engine)["outputs"]
+    regret = total = 0
+    for p, g, lp in zip(ids, got, mixed_cache_logprobs(smollm2_calibrated, [p + g for p, g in zip(ids, got)])):
+        assert len(g) == 32
+        for t, token in enumerate(g):
+            row = lp[len(p) - 1 + t]
+            regret += float(row.max() - row[token])
+            total += 1
+    print(f"greedy regret vs MixedCache: {regret / total:.4f} nats over {total} tokens")
+    assert regret / total < 0.06, regret / total
+
+
 def test_capacity_reflects_compressed_slots(smollm2_calibrated):
     aqua = run_vllm(model=smollm2_calibrated, kv_cache_dtype="aquakv", dtype="bfloat16")["kv_tokens"]
     auto = run_vllm(model=smollm2_calibrated, kv_cache_dtype="auto", dtype="bfloat16")["kv_tokens"]

@@ -114,7 +114,7 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
             write_fused(fused, kv_cache, md.slot_mapping, key, value)
             return
         md.path.write(index, kv_cache, md.slot_mapping, key, value, md.positions, compat.step_scratch(StepState),
-                      md.query_lens)
+                      md.query_lens, md.block_table, md.seq_lens)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -136,7 +136,7 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
                             self.scale, out=output[:n].view(n, self.num_heads, self.head_size))
             return output
         out = md.path.attend(index, query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
-                             compat.step_scratch(StepState))
+                             compat.step_scratch(StepState), key[:n], value[:n])
         output[:n] = out.reshape(output[:n].shape).to(output.dtype)
         return output
 

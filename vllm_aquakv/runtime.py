@@ -20,6 +20,7 @@ from .codec import head_dim_supported
 from .reference import AquaKVCache, AquaKVConfig
 from .rope import Rope, UnsupportedModel
 from .serving import TorchServingPath
+from .window import ExactTokens
 
 _STATES: dict[str, "ServingState"] = {}
 _LOCK = threading.Lock()
@@ -91,6 +92,17 @@ class ServingState:
         self.kernel_note = "torch attention path (CPU)"
         on_cuda = str(device).startswith("cuda")
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
+        self.window_note = "every token is stored as codes (no 16-bit sinks/window)"
+        if extra.get("aquakv_window") and c.config.num_sink_tokens + c.config.window > 0:
+            rows = vllm_config.scheduler_config.max_num_seqs
+            self.path.exact = ExactTokens(c.config.num_sink_tokens, c.config.window, rows, num_layers)
+            ring = rows * (c.config.num_sink_tokens + c.config.window) * num_kv_heads * head_dim * 2 * \
+                self.model_dtype.itemsize * num_layers
+            self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
+                                f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache)")
+            if extra.get("aquakv_kernels", on_cuda):
+                self.kernel_note = "torch attention path (slow): the fused Triton kernels do not serve aquakv_window yet"
+                extra = {**extra, "aquakv_kernels": False}
         if extra.get("aquakv_kernels", on_cuda):
             if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
@@ -127,11 +139,10 @@ class ServingState:
         dtype = str(self.model_dtype).replace("torch.", "")
         _logger().info(
             "aquakv: %s; %.3f bits/value (codes + scales), slot %s bytes per (token, KV head) vs %d in %s: "
-            "%.2fx the tokens of a %s cache at equal memory (%.2fx vs bf16); every token is stored as codes "
-            "(no 16-bit sinks/window); %s%s",
+            "%.2fx the tokens of a %s cache at equal memory (%.2fx vs bf16); %s; %s%s",
             self.source, bits["bits_per_value"], "/".join(map(str, slots)), 2 * self.cache.head_dim *
             self.model_dtype.itemsize, dtype, self.path.capacity_ratio(self.model_dtype.itemsize), dtype,
-            self.path.capacity_ratio(2), self.kernel_note, self.shard_note)
+            self.path.capacity_ratio(2), self.window_note, self.kernel_note, self.shard_note)
 
 
 def rank_kv_heads(total: int, tp: int, rank: int) -> tuple[int, int]:

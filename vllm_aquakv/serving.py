@@ -21,6 +21,7 @@ import torch
 from .codec import Encoded, HiggsCodec
 from .reference import AquaKVCache
 from .rope import Rope
+from .window import window_attention
 
 
 class SlotLayout:
@@ -77,6 +78,7 @@ class StepState:
     """Per-forward-step scratch shared by all layers: reconstructed K/V of each request's whole context."""
 
     recon: list[dict[tuple[str, int], torch.Tensor]] = field(default_factory=list)  # per request
+    window: object = None  # window.WindowStep: this step's 16-bit ring entries (with ``TorchServingPath.exact``)
 
 
 class TorchServingPath:
@@ -85,6 +87,7 @@ class TorchServingPath:
     def __init__(self, cache: AquaKVCache, rope: Rope):
         self.cache, self.rope = cache, rope
         self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
+        self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (opt-in, aquakv_window)
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
                                    cache.exact_dtype) for l in range(cache.num_layers)]
         # the last layer whose predictors read (stream, layer): scratch is dropped after it
@@ -104,9 +107,18 @@ class TorchServingPath:
 
     # ---- write ---------------------------------------------------------------------------------------
     def write(self, layer: int, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
-              value: torch.Tensor, positions: torch.Tensor, step: StepState, query_lens: list[int]) -> None:
-        """Encode this step's tokens (key post-RoPE [N, H, h], value [N, H, h]) into their paged slots."""
+              value: torch.Tensor, positions: torch.Tensor, step: StepState, query_lens: list[int],
+              block_table: torch.Tensor | None = None, seq_lens: list[int] | None = None) -> None:
+        """Encode this step's tokens (key post-RoPE [N, H, h], value [N, H, h]) into their paged slots (and, with
+        ``exact``, the sink/window tokens into the 16-bit ring: needs block_table and seq_lens)."""
         n = slot_mapping.shape[0]
+        if self.exact is not None:
+            if step.window is None:
+                qsl = [0]
+                for q in query_lens:
+                    qsl.append(qsl[-1] + q)
+                step.window = self.exact.begin_step(block_table, seq_lens, qsl, slot_mapping, kv_cache.shape[2])
+            self.exact.write(layer, step.window, key[:n], value[:n])
         sources = {}  # reconstructions of earlier layers for this step's tokens, in token order
         for src in {s for stream in "kv" for s in getattr(self.cache.predictors.get((stream, layer)), "sources", ())}:
             if src[1] != layer:
@@ -139,8 +151,10 @@ class TorchServingPath:
             recon[stream, layer] = self.cache._predict(stream, layer, recon, residual) + residual
 
     def attend(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-               seq_lens: list[int], query_start_loc: list[int], scale: float, step: StepState) -> torch.Tensor:
-        """Causal attention of this step's queries [N, Hq, h] (post-RoPE) over reconstructed contexts -> [N, Hq, h]."""
+               seq_lens: list[int], query_start_loc: list[int], scale: float, step: StepState,
+               key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of this step's queries [N, Hq, h] (post-RoPE) over reconstructed contexts -> [N, Hq, h];
+        with ``exact``, sinks and window from 16 bits (this step's own tokens from key/value [N, H, h])."""
         if not step.recon:
             step.recon = [{} for _ in seq_lens]
         out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
@@ -152,9 +166,17 @@ class TorchServingPath:
                 k = self.rope.apply(k, torch.arange(seq_len, device=query.device))
             v = recon["v", layer]
             q0, q1 = query_start_loc[r], query_start_loc[r + 1]
-            out[q0:q1] = causal_attention(query[q0:q1].float(), k, v, scale, seq_len - (q1 - q0))
-            for key in [key for key in recon if self.last_use.get(key, -1) <= layer]:
-                del recon[key]  # no later layer reads it
+            if self.exact is None:
+                out[q0:q1] = causal_attention(query[q0:q1].float(), k, v, scale, seq_len - (q1 - q0))
+            else:
+                block_size = kv_cache.shape[2]
+                pos = torch.arange(seq_len, device=query.device)
+                slots = block_table[r, pos // block_size].long() * block_size + pos % block_size
+                exact = self.exact.exact_context(layer, r, slots, seq_len - (q1 - q0), key[q0:q1], value[q0:q1])
+                out[q0:q1] = window_attention(query[q0:q1].float(), k, v, *exact, self.exact.sinks,
+                                              self.exact.window, scale, seq_len - (q1 - q0))
+            for done in [src for src in recon if self.last_use.get(src, -1) <= layer]:
+                del recon[done]  # no later layer reads it
         return out
 
 

@@ -1,0 +1,136 @@
+"""16-bit attention sinks and recent window in the paged cache (torch serving path), the paper's semantics.
+
+Every token's codes are written to its paged slot as always; the first ``sinks`` tokens and the last ``window``
+tokens of each request are also kept in 16 bits in a per-request ring, and attention reads key j of query i from the
+16-bit copy when ``j < sinks or i - j < window`` (``calibration.evaluate``'s cache semantics), from the codes
+otherwise.  The ring never replaces the codes, so losing it costs quality, never correctness:
+
+- ring row r belongs to batch row r (vLLM's persistent batch): columns [0, sinks) hold positions p < sinks, columns
+  sinks + p % window the window.  Each entry is tagged with the paged slot its token was written to;
+  a read of position j uses the entry only if the tag equals j's slot in this step's block table.
+- vLLM moves requests between rows (finished or unscheduled requests are condensed away).  A row keeps its entries
+  only if its request continues: the context now equals the row's length at the previous step and the block that
+  held the previous step's last token is still in the same place of the block table.  Any other request passing that
+  check shares every block of those positions with the previous occupant (prefix caching shares whole prefixes
+  only), so the entries hold its own K/V.  Otherwise the row's tags are cleared.
+- Window entries of this step's tokens are those with position >= new length - window (no two tokens of a step
+  share a column); a query of a long prefill chunk reads in-chunk keys from the step's own key/value inputs.
+
+Memory: rows x (sinks + window) x KV heads x head_dim x 2 (K, V) x 2 bytes per layer, allocated on first use (inside
+vLLM's profiling run, so the KV-cache size accounts for it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class WindowStep:
+    """This step's ring bookkeeping, shared by every layer."""
+
+    rows: torch.Tensor  # [M] int64: ring row of each token written to the ring this step
+    cols: torch.Tensor  # [M] int64: its column
+    tokens: torch.Tensor  # [M] int64: its index among the step's tokens
+
+
+class ExactTokens:
+    """The per-request 16-bit ring of sink and window tokens for every layer."""
+
+    def __init__(self, sinks: int, window: int, max_rows: int, num_layers: int):
+        self.sinks, self.window, self.max_rows = sinks, window, max_rows
+        self.width = sinks + window
+        self.k: list[torch.Tensor | None] = [None] * num_layers  # [rows, width, H, h] per layer
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.tags: torch.Tensor | None = None  # [rows, width] int64 slot of each entry, -1 empty
+        self.length: torch.Tensor | None = None  # [rows] int64 each row's context length after the previous step
+        self.last_block: torch.Tensor | None = None  # [rows] int64 block id of that step's last token, -1 none
+
+    def column(self, pos: torch.Tensor) -> torch.Tensor:
+        """Ring column of positions pos: its sink column below ``sinks``, else its window column (the last column
+        when there is no window: never read, see ``exact_context``)."""
+        return torch.where(pos < self.sinks, pos, self.sinks + pos % max(self.window, 1)).clamp(max=self.width - 1)
+
+    def begin_step(self, block_table: torch.Tensor, seq_lens: list[int], query_start_loc: list[int],
+                   slot_mapping: torch.Tensor, block_size: int) -> WindowStep:
+        """Check which rows still hold their request (clear the others), tag this step's sink and window tokens."""
+        device = slot_mapping.device
+        num_reqs = len(seq_lens)
+        if num_reqs > self.max_rows:
+            raise RuntimeError(f"aquakv window ring has {self.max_rows} rows, the step has {num_reqs} requests")
+        if self.tags is None:
+            self.tags = torch.full((self.max_rows, self.width), -1, dtype=torch.int64, device=device)
+            self.length = torch.zeros(self.max_rows, dtype=torch.int64, device=device)
+            self.last_block = torch.full((self.max_rows,), -1, dtype=torch.int64, device=device)
+        lens = torch.tensor(seq_lens, dtype=torch.int64, device=device)
+        qsl = torch.tensor(query_start_loc, dtype=torch.int64, device=device)
+        context = lens - (qsl[1:] - qsl[:-1])
+        prev = self.length[:num_reqs]
+        idx = ((prev - 1).clamp(min=0) // block_size).clamp(max=block_table.shape[1] - 1)
+        held = block_table[:num_reqs].long().gather(1, idx[:, None])[:, 0]
+        keep = (context == prev) & (prev > 0) & (held == self.last_block[:num_reqs])
+        self.tags[:num_reqs][~keep] = -1
+        self.tags[num_reqs:] = -1
+        self.length[num_reqs:] = 0
+        self.last_block[num_reqs:] = -1
+        last = lens - 1
+        self.length[:num_reqs] = lens
+        self.last_block[:num_reqs] = block_table[:num_reqs].long().gather(1, (last // block_size)[:, None])[:, 0]
+        # this step's tokens: row, position; those that enter the ring (a sink, or in the new last window)
+        counts = qsl[1:] - qsl[:-1]
+        row = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts)
+        pos = context[row] + torch.arange(int(qsl[-1]), device=device) - qsl[:-1][row]
+        token = torch.arange(int(qsl[-1]), device=device)
+        in_sinks = pos < self.sinks
+        in_window = (pos >= lens[row] - self.window) & ~in_sinks if self.window else torch.zeros_like(in_sinks)
+        rows = torch.cat([row[in_sinks], row[in_window]])
+        cols = torch.cat([pos[in_sinks], self.column(pos[in_window])])  # (in_window is empty without a window)
+        tokens = torch.cat([token[in_sinks], token[in_window]])
+        slot = slot_mapping[: int(qsl[-1])].long()
+        self.tags[rows, cols] = slot[tokens]
+        return WindowStep(rows, cols, tokens)
+
+    def write(self, layer: int, step: WindowStep, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store this step's sink/window tokens of ``layer`` (key post-RoPE, value [N, H, h])."""
+        if self.k[layer] is None:
+            shape = (self.max_rows, self.width, *key.shape[1:])
+            self.k[layer] = torch.zeros(shape, dtype=key.dtype, device=key.device)
+            self.v[layer] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+        self.k[layer][step.rows, step.cols] = key[step.tokens]
+        self.v[layer][step.rows, step.cols] = value[step.tokens]
+
+    def exact_context(self, layer: int, row: int, slots: torch.Tensor, context: int, key: torch.Tensor,
+                      value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """16-bit K (post-RoPE), V [L, H, h] of one request's positions 0..L-1 where available, and which are
+        (available [L] bool): sinks and recent positions before this step from the ring when their tag matches the
+        slot they live in (``slots`` [L]), this step's tokens (positions >= context) from ``key``/``value``."""
+        n = slots.shape[0]
+        pos = torch.arange(n, device=slots.device)
+        col = self.column(pos)
+        available = (self.tags[row, col] == slots) & ((pos < self.sinks) | (self.window > 0))
+        k = self.k[layer][row, col].clone()
+        v = self.v[layer][row, col].clone()
+        k[context:] = key
+        v[context:] = value
+        available[context:] = True
+        return k, v, available
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_exact: torch.Tensor,
+                     v_exact: torch.Tensor, available: torch.Tensor, sinks: int, window: int, scale: float,
+                     first_pos: int) -> torch.Tensor:
+    """Causal attention of q [Tq, Hq, h] at positions first_pos.. over keys 0..Tk-1 that reads key j of query i from
+    k_exact/v_exact when available[j] and (j < sinks or i - j < window), else from k/v [Tk, H, h] -> [Tq, Hq, h]."""
+    group = q.shape[1] // k.shape[1]
+    rep = lambda x: x.float().repeat_interleave(group, dim=1)  # noqa: E731
+    q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + first_pos
+    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
+    exact = available[None, :] & ((k_pos < sinks) | (q_pos - k_pos < window))  # [Tq, Tk]
+    s_codes = torch.einsum("qhd,khd->hqk", q, rep(k))
+    s_exact = torch.einsum("qhd,khd->hqk", q, rep(k_exact))
+    scores = torch.where(exact, s_exact, s_codes) * scale
+    p = scores.masked_fill(k_pos > q_pos, float("-inf")).softmax(-1)  # [Hq, Tq, Tk]
+    return (torch.einsum("hqk,khd->qhd", p * ~exact, rep(v))
+            + torch.einsum("hqk,khd->qhd", p * exact, rep(v_exact)))
