@@ -165,14 +165,49 @@ def _accumulate_lanes(weights, x0, x1, x2, x3, a0, a1, a2, a3, alpha, LANES: tl.
     return a0, a1, a2, a3
 
 
+@triton.jit
+def _ring_column(t, SINKS: tl.constexpr, WINDOW: tl.constexpr):
+    """The ring column of key positions t (``vllm_aquakv.window.ExactTokens.column``)."""
+    if WINDOW > 0:
+        col = tl.where(t < SINKS, t, SINKS + t % WINDOW)
+    else:
+        col = tl.minimum(t, SINKS - 1)
+    return col
+
+
+@triton.jit
+def _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK: tl.constexpr,
+                SINKS: tl.constexpr, WINDOW: tl.constexpr):
+    """Which (query row, key) pairs of a tile read 16-bit K/V [M, T] (``vllm_aquakv.window``'s semantics): this
+    step's own keys, and older ones whose ring entry was written from the slot they live in."""
+    tag = tl.load(tags_ptr + seq * (SINKS + WINDOW) + col, mask=t_mask & ~in_chunk, other=-1)
+    avail = t_mask & (in_chunk | (tag == blk * PAGE_BLOCK + t % PAGE_BLOCK))
+    return avail[None, :] & visible & ((t[None, :] < SINKS) | (q_pos[:, None] - t[None, :] < WINDOW))
+
+
+@triton.jit
+def _exact_tile(ring_ptr, step_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask, stride_n, stride_h,
+                NUM_KV_HEADS: tl.constexpr, RING_WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """16-bit K or V [T, h] of a tile's keys: this step's own tokens from the step input (stride_n, stride_h), older
+    ones from the ring [rows, RING_WIDTH, H, h]; zeros where neither applies."""
+    j = tl.arange(0, HEAD_DIM)
+    own = (t_mask & in_chunk)[:, None]
+    x = tl.load(step_ptr + (q_start + t - context).to(tl.int64)[:, None] * stride_n + kv_head * stride_h + j[None, :],
+                mask=own, other=0.0)
+    ring = ((seq * RING_WIDTH + col) * NUM_KV_HEADS + kv_head).to(tl.int64) * HEAD_DIM
+    r = tl.load(ring_ptr + ring[:, None] + j[None, :], mask=(t_mask & ~in_chunk)[:, None], other=0.0)
+    return tl.where(own, x, r)
+
+
 @triton.jit(do_not_specialize=["num_segments", "num_tokens", "stride_bt"])  # values that change every step
 def _fused_attention_kernel(
     q_ptr, sign_k_ptr, k_bias_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, qblock_seq_ptr,
     qblock_first_ptr, k_table_ptr, v_table_ptr,
-    m_ptr, l_ptr, acc_v_ptr, acc_k_ptr,
+    m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, ring_k_ptr, ring_v_ptr, tags_ptr, key_ptr, value_ptr,
     num_segments, num_tokens, logit_scale,
-    stride_qn, stride_qh, stride_block, stride_head, stride_token, stride_bt,
-    G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
+    stride_qn, stride_qh, stride_block, stride_head, stride_token, stride_bt, stride_kn, stride_kh, stride_vn,
+    stride_vh,
+    G: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SINKS: tl.constexpr, WINDOW: tl.constexpr, HAS_WINDOW: tl.constexpr, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, SLOT_ALIGN: tl.constexpr,
     K_CODE_BYTES: tl.constexpr, K_INDEX_BITS: tl.constexpr, K_ENTRY_VALUES: tl.constexpr, K_LANES: tl.constexpr,
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
@@ -225,6 +260,8 @@ def _fused_attention_kernel(
     k1 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
     k2 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
     k3 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
+    acc_x = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # softmax-weighted 16-bit values (HAS_WINDOW), head order
+    win_lo = context + first - WINDOW + 1  # the lowest key position any row of the block reads in 16 bits
     for tile in range(tile_lo, tile_hi):
         t = tile * TILE + tl.arange(0, TILE)  # key positions [T]
         t_mask = t < kv_end
@@ -247,11 +284,31 @@ def _fused_attention_kernel(
             s += q_bias[:, None]
         visible = (t[None, :] <= q_pos[:, None]) & t_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
+        if HAS_WINDOW:  # sinks and recent keys: scores from their 16-bit copies
+            exact = tl.zeros([BLOCK_M, TILE], tl.int1)
+            col = _ring_column(t, SINKS, WINDOW)
+            in_chunk = t >= context
+            ring_tile = (tile * TILE < SINKS) | ((tile + 1) * TILE > win_lo)
+            if ring_tile:
+                exact = _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK, SINKS,
+                                    WINDOW)
+                kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                 stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                s = tl.where(exact, tl.dot(q, tl.trans(kx.to(Q_DTYPE)), input_precision=Q_PRECISION) * logit_scale,
+                             s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
+        if HAS_WINDOW:  # their probabilities weight 16-bit values; the codes get the rest
+            acc_x = acc_x * alpha[:, None]
+            if ring_tile:
+                vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                 stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                acc_x = tl.dot(tl.where(exact, p, 0.0).to(Q_DTYPE), vx.to(Q_DTYPE), acc_x,
+                               input_precision=Q_PRECISION)
+                p = tl.where(exact, 0.0, p)
         if V_FROM_K:
             k0, k1, k2, k3 = _accumulate_lanes((p * scale_k[None, :]).to(DOT_DTYPE), x0, x1, x2, x3, k0, k1, k2, k3,
                                                alpha, K_LANES)
@@ -265,16 +322,19 @@ def _fused_attention_kernel(
     tl.store(m_ptr + idx, m_i, mask=row_mask)
     tl.store(l_ptr + idx, l_i, mask=row_mask)
     _store_lanes(acc_v_ptr, idx, row_mask, v0, v1, v2, v3, HEAD_DIM, V_LANES, V_CODE_BYTES)
+    if HAS_WINDOW:
+        tl.store(acc_x_ptr + idx[:, None] * HEAD_DIM + j[None, :], acc_x, mask=row_mask[:, None])
     if V_FROM_K:
         _store_lanes(acc_k_ptr, idx, row_mask, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES)
 
 
 @triton.jit(do_not_specialize=["num_segments", "num_tokens"])  # values that change every step
 def _combine_kernel(
-    m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, rot_v_ptr, rot_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr, out_ptr,
-    num_segments, num_tokens, stride_out_n, stride_out_h,
+    m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, rot_v_ptr, rot_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr,
+    out_ptr, num_segments, num_tokens, stride_out_n, stride_out_h,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-    HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """Merge the split-K partials of ROWS // G tokens x the G query heads of one KV head and apply the epilogue:
     softmax normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value
@@ -294,6 +354,7 @@ def _combine_kernel(
     denom = tl.zeros([ROWS], tl.float32)
     y_v = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     y_k = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    y_x = tl.zeros([ROWS, HEAD_DIM], tl.float32)  # 16-bit sinks/window values, head order
     for s in range(num_segments):
         w = tl.exp2(tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30) - m_max)
         denom += w * tl.load(l_ptr + s * seg + idx, mask=row_mask, other=0.0)
@@ -301,9 +362,13 @@ def _combine_kernel(
         y_v += w[:, None] * tl.load(acc_v_ptr + rows, mask=row_mask[:, None], other=0.0)
         if V_FROM_K:
             y_k += w[:, None] * tl.load(acc_k_ptr + rows, mask=row_mask[:, None], other=0.0)
+        if HAS_WINDOW:
+            y_x += w[:, None] * tl.load(acc_x_ptr + rows, mask=row_mask[:, None], other=0.0)
     inv = 1.0 / (tl.where(row_mask, denom, 1.0) * tl.sqrt(HEAD_DIM * 1.0))  # y = z * scale / sqrt(h)
     a_t = tl.load(rot_v_ptr + j[None, :] * HEAD_DIM + j[:, None]).to(DOT_DTYPE)  # [h (lane order), h] = A^T
     out = tl.dot((y_v * inv[:, None]).to(DOT_DTYPE), a_t)  # [R, h]
+    if HAS_WINDOW:  # (their share of the probability is not in y_v, and a window needs no value bias/predictor)
+        out += y_x * (inv * tl.sqrt(HEAD_DIM * 1.0))[:, None]
     if HAS_V_BIAS:
         out += tl.load(v_bias_ptr + kv_head * HEAD_DIM + j)[None, :]
     if V_FROM_K:
@@ -459,17 +524,19 @@ class AttentionPlan:
     num_stages: int = 1  # software pipelining off: faster on the H100 (benchmarks/results/decode_attention_h100)
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
-    def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool,
+    def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
                  device) -> tuple[torch.Tensor, ...]:
-        """(running max, denominator) [segments, N, Hq] and (value sums, key sums) [segments, N, Hq, h] float32
-        scratch, allocated once per step: every layer of the step has the same shapes.  Without ``key_sums`` (no
-        value predictor from keys) the key sums are the value sums' buffer, which the kernel then does not touch."""
-        key = (num_tokens, num_q_heads, head_dim, key_sums, str(device))
+        """(running max, denominator) [segments, N, Hq] and (value sums, key sums, 16-bit value sums)
+        [segments, N, Hq, h] float32 scratch, allocated once per step: every layer of the step has the same shapes.
+        Without ``key_sums`` (no value predictor from keys) or ``exact_sums`` (no 16-bit sinks/window) those are the
+        value sums' buffer, which the kernel then does not touch."""
+        key = (num_tokens, num_q_heads, head_dim, key_sums, exact_sums, str(device))
         if self._partials is None or self._partials[0] != key:
             part = lambda *shape: torch.empty(self.segments, num_tokens, num_q_heads, *shape,  # noqa: E731
                                               dtype=torch.float32, device=device)
             m, l, acc_v = part(), part(), part(head_dim)
-            self._partials = (key, (m, l, acc_v, part(head_dim) if key_sums else acc_v))
+            self._partials = (key, (m, l, acc_v, part(head_dim) if key_sums else acc_v,
+                                    part(head_dim) if exact_sums else acc_v))
         return self._partials[1]
 
 
@@ -498,32 +565,53 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     return AttentionPlan(as_tensor(seq), as_tensor(first), block_q, block_m, segments, tile, num_warps, num_stages)
 
 
+@dataclass
+class WindowInputs:
+    """What the kernel needs for 16-bit sinks and recent window (``vllm_aquakv.window``) in one layer."""
+
+    ring_k: torch.Tensor  # [rows, sinks + window, H, h] 16-bit post-RoPE keys
+    ring_v: torch.Tensor  # the same for values
+    tags: torch.Tensor  # [rows, sinks + window] int64 paged slot of each entry, -1 empty
+    key: torch.Tensor  # [N, H, h] this step's keys (post-RoPE) and values, any strides with a contiguous last dim
+    value: torch.Tensor
+    sinks: int
+    window: int
+
+
 def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, plan: AttentionPlan, layer: FusedLayer, scale: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, window: WindowInputs | None = None) -> torch.Tensor:
     """Causal attention of query [N, Hq, h] (post-RoPE, any float dtype) over the paged aquakv cache
     kv_cache [num_blocks, H, page_block, slot] (uint8) -> out [N, Hq, h] (any float dtype and strides with a
     contiguous last dim; float32 if not given).  block_table [R, max_blocks], seq_lens [R] (context incl. this step's
-    tokens) and query_start_loc [R + 1] are int32 on the device.  Two launches: the attention kernel writes split-K
-    partials, ``_combine_kernel`` merges them into ``out``."""
+    tokens) and query_start_loc [R + 1] are int32 on the device.  With ``window``, key j of query i is read from
+    16 bits when j < sinks or i - j < window and a copy is there (ring row = the request's batch row).  Two launches:
+    the attention kernel writes split-K partials, ``_combine_kernel`` merges them into ``out``."""
+    if window is not None and (layer.v_bias is not None or layer.v_weight is not None):
+        raise ValueError("16-bit sinks/window in the fused kernel need an artifact without a value predictor")
     n, num_q_heads, h = query.shape
     _, heads, page_block, _ = kv_cache.shape
     group = num_q_heads // heads
     segments = plan.segments
-    m, l, acc_v, acc_k = plan.partials(n, num_q_heads, h, layer.v_weight is not None, query.device)
+    m, l, acc_v, acc_k, acc_x = plan.partials(n, num_q_heads, h, layer.v_weight is not None, window is not None,
+                                              query.device)
     interpret = query.device.type != "cuda"  # the interpreter takes float32 dots: the torch twin's arithmetic
     kl, vl = layer.k_lanes, layer.v_lanes
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
+    w = window
     _fused_attention_kernel[(plan.q_seq.shape[0], heads, segments)](
         query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias, kv_cache, block_table, seq_lens,
         query_start_loc, plan.q_seq, plan.q_first, kl.table, vl.table,
-        m, l, acc_v, acc_k,
+        m, l, acc_v, acc_k, acc_x, *(dummy,) * 3 if w is None else (w.ring_k, w.ring_v, w.tags),
+        *(query, query) if w is None else (w.key, w.value),
         segments, n, scale * LOG2E,
         query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        block_table.stride(0),
-        G=group, NUM_Q_HEADS=num_q_heads, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE=plan.tile, HEAD_DIM=h,
+        block_table.stride(0), *(0, 0, 0, 0) if w is None else (w.key.stride(0), w.key.stride(1),
+                                                                w.value.stride(0), w.value.stride(1)),
+        G=group, NUM_KV_HEADS=heads, SINKS=0 if w is None else w.sinks, WINDOW=0 if w is None else w.window,
+        HAS_WINDOW=w is not None, NUM_Q_HEADS=num_q_heads, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE=plan.tile, HEAD_DIM=h,
         PAGE_BLOCK=page_block, SLOT_ALIGN=slot_align,
         K_CODE_BYTES=kl.code_bytes, K_INDEX_BITS=kl.index_bits, K_ENTRY_VALUES=kl.entry_values, K_LANES=kl.lanes,
         V_CODE_OFFSET=layer.v_code_offset, V_CODE_BYTES=vl.code_bytes, V_INDEX_BITS=vl.index_bits,
@@ -538,12 +626,13 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
     rows = _combine_rows(n, group)
     _combine_kernel[(triton.cdiv(n, rows // group), heads)](
-        m, l, acc_v, acc_k, layer.rot_v, layer.rot_k, dummy if layer.v_bias is None else layer.v_bias,
+        m, l, acc_v, acc_k, acc_x, layer.rot_v, layer.rot_k, dummy if layer.v_bias is None else layer.v_bias,
         dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_weight is None else layer.v_weight, out,
         segments, n, out.stride(0), out.stride(1),
         G=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=h, ROWS=rows,
         HAS_V_BIAS=layer.v_bias is not None, HAS_K_BIAS=layer.k_bias is not None,
-        V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
+        V_FROM_K=layer.v_weight is not None, HAS_WINDOW=w is not None,
+        DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
     )
     return out
 
@@ -567,7 +656,7 @@ def _combine_rows(num_tokens: int, group: int) -> int:
 
 
 def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: int, num_kv_heads: int,
-            page_block: int, dtype: torch.dtype) -> int:
+            page_block: int, dtype: torch.dtype, window: tuple[int, int] | None = None) -> int:
     """Compile the attention kernel (as decode and as prefill launches) and the cache write for every distinct layer
     configuration, so that no request waits for Triton's JIT (seconds per variant).  Returns the number of layer
     variants."""
@@ -594,6 +683,11 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
             seq_lens = torch.tensor([context], dtype=torch.int32, device=device)
             plan = plan_attention(qsl, context, num_q_heads, num_kv_heads, device)
             query = torch.randn(new_tokens, num_q_heads, h, device=device).to(dtype)
+            win = None
+            if window is not None:  # (sinks, window): an empty ring, this step's keys/values as vLLM hands them
+                ring = torch.zeros(2, sum(window), num_kv_heads, h, dtype=dtype, device=device)
+                tags = torch.full((2, sum(window)), -1, dtype=torch.int64, device=device)
+                win = WindowInputs(ring, ring, tags, kv[:new_tokens], kv[:new_tokens], *window)
             fused_attention(query, cache, block_table, seq_lens, torch.tensor(qsl, dtype=torch.int32, device=device),
-                            plan, f, 1.0, out=torch.empty_like(query))  # vLLM's output buffer has the model dtype
+                            plan, f, 1.0, out=torch.empty_like(query), window=win)  # output: the model dtype
     return len(seen)

@@ -185,3 +185,77 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
     assert torch.allclose(scale(got_v, v_scale), scale(want_v, v_scale), rtol=2e-3, atol=0)
     untouched = ~written
     assert torch.equal(got[untouched], fill[untouched])
+
+
+@pytest.mark.parametrize("head_dim,heads,q_heads,page_block,grid,sinks,window", [
+    (64, 2, 6, 16, "d2n16", 4, 24),  # a prefill chunk longer than the window overwrites ring columns
+    (64, 1, 4, 32, "d1n16", 0, 40),
+    (64, 2, 6, 16, "d2n16", 3, 0),  # sinks only
+    pytest.param(128, 8, 24, 16, "d2n16", 4, 128, marks=ON_GPU),
+    pytest.param(128, 8, 32, 64, "d1n4", 4, 128, marks=ON_GPU),
+])
+def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, grid, sinks, window, rng):
+    """16-bit sinks/window in the fused kernel (``WindowInputs``) against the torch path's ``window_attention`` on
+    the same paged cache and ring: a first step writes every request's context, a second writes a decode token, a
+    prefill chunk and a fresh prompt and attends (no split and split-K)."""
+    from vllm_aquakv.kernels.attention import WindowInputs, fused_attention, fused_layer_or_reason, plan_attention
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.rope import Rope
+    from vllm_aquakv.serving import StepState, TorchServingPath
+    from vllm_aquakv.window import ExactTokens
+
+    config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor="none", value_topology="none",
+                          key_grid=grid, value_grid=grid, layer0_grid=grid)
+    rope = Rope({"rope_theta": 10000.0}, head_dim)
+    T = 400
+    k_post = rope.apply(torch.randn(T, heads, head_dim, generator=rng) * 2
+                        + torch.randn(heads, head_dim, generator=rng) * 3, torch.arange(T))
+    v = torch.randn(T, heads, head_dim, generator=rng)
+    cache = AquaKVCache.calibrate(config, [k_post, k_post], [v, v]).to(DEVICE)
+    rope.inv_freq = rope.inv_freq.to(DEVICE)
+    path = TorchServingPath(cache, rope)
+    path.exact = ExactTokens(sinks, window, max_rows=4, num_layers=2)
+    layer = 1
+    fused = fused_layer_or_reason(cache, path.layouts[layer], layer)
+    assert not isinstance(fused, str), fused
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    lens, new = [150, 97, 9], [1, 80, 9]
+    max_blocks = -(-max(lens) // page_block)
+    num_blocks = 3 * max_blocks + 2
+    kv = torch.zeros(num_blocks, heads, page_block, path.slot_bytes(layer), dtype=torch.uint8, device=DEVICE)
+    block_table = torch.randperm(num_blocks, generator=rng)[:3 * max_blocks].view(3, max_blocks).to(torch.int32)
+    block_table = block_table.to(DEVICE)
+    keys = [k_post[:n].to(DEVICE, dtype) * (1 + r) for r, n in enumerate(lens)]
+    values = [v[:n].to(DEVICE, dtype) for n in lens]
+
+    def step(spans):  # spans: (first, last) positions of each request's tokens this step, rows in order
+        reqs = [r for r, (a, b) in enumerate(spans) if b > a]
+        pos = torch.cat([torch.arange(*spans[r]) for r in reqs]).to(DEVICE)
+        rows = torch.cat([torch.full((spans[r][1] - spans[r][0],), r) for r in reqs]).to(DEVICE)
+        slots = block_table[rows, pos // page_block].long() * page_block + pos % page_block
+        key = torch.cat([keys[r][slice(*spans[r])] for r in reqs])
+        value = torch.cat([values[r][slice(*spans[r])] for r in reqs])
+        state = StepState()
+        path.write(layer, kv, slots, key, value, pos, state, [b - a for a, b in (spans[r] for r in reqs)],
+                   block_table[reqs], [spans[r][1] for r in reqs])
+        return state, key, value
+
+    step([(0, n - q) for n, q in zip(lens, new)][:2] + [(0, 0)])  # contexts (the fresh prompt is not there yet)
+    state, key, value = step([(n - q, n) for n, q in zip(lens, new)])
+    qsl = [0]
+    for q in new:
+        qsl.append(qsl[-1] + q)
+    query = torch.randn(qsl[-1], q_heads, head_dim, generator=rng).to(DEVICE, dtype)
+    scale = head_dim ** -0.5
+    want = path.attend(layer, query, kv, block_table, lens, qsl, scale, state, key, value).cpu()
+    win = WindowInputs(path.exact.k[layer], path.exact.v[layer], path.exact.tags, key, value, sinks, window)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    qsl_dev = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
+    for min_programs in (1, 10_000):
+        plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
+                              min_programs=min_programs)
+        got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
+        err = (got - want).norm() / want.norm()
+        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, err)
+    codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
+    assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop

@@ -206,9 +206,11 @@ def test_head_dim_128_capacity_in_no_predictor_mode(tmp_path):
     assert len(aqua["outputs"][0]) == 4
 
 
-def test_fused_kernel_in_vllm_matches_torch_path(tmp_path):
+@pytest.mark.parametrize("window", [False, True])
+def test_fused_kernel_in_vllm_matches_torch_path(window, tmp_path):
     """The fused Triton attention kernel wired into vLLM (here in the Triton interpreter, the CUDA path's code) gives
-    the torch path's prompt logprobs and greedy tokens, for an artifact in the fused-kernel mode (post-RoPE keys)."""
+    the torch path's prompt logprobs and greedy tokens, for an artifact in the fused-kernel mode (post-RoPE keys);
+    also with 16-bit sinks/window (``aquakv_window``: an artifact without a value predictor, the ring in both)."""
     import subprocess
     import sys
 
@@ -218,13 +220,14 @@ def test_fused_kernel_in_vllm_matches_torch_path(tmp_path):
     for name in os.listdir(src):
         if name != "aquakv":
             os.symlink(os.path.join(src, name), tmp_path / name)
+    values = ["none", "none"] if window else ["per_head", "k_same"]
     subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", str(tmp_path), "--tokens", "2048",
                     "--seq-len", "512", "--key-rope", "post", "--key-predictor", "mean", "--value-predictor",
-                    "per_head", "--value-topology", "k_same"], check=True)
+                    values[0], "--value-topology", values[1]], check=True)
     ids = tokenize(str(tmp_path), PROMPTS[:3])
     runs = {}
     for kernels in (True, False):
-        extra = {"additional_config": {"aquakv_kernels": kernels}}
+        extra = {"additional_config": {"aquakv_kernels": kernels, "aquakv_window": window}, "max_num_seqs": 8}
         gen = run_vllm(model=str(tmp_path), kv_cache_dtype="aquakv", prompt_token_ids=ids, max_tokens=12,
                        engine=extra)["outputs"]
         lps = run_vllm(model=str(tmp_path), kv_cache_dtype="aquakv", prompt_token_ids=ids, prompt_logprobs=True,

@@ -21,7 +21,7 @@ from vllm.v1.attention.backend import (
 
 from . import compat
 from .codec import head_dim_supported
-from .kernels.attention import AttentionPlan, fused_attention, plan_attention
+from .kernels.attention import AttentionPlan, WindowInputs, fused_attention, plan_attention
 from .kernels.cache_write import write_fused
 from .runtime import refuse_impl_features, serving_state
 from .serving import StepState, TorchServingPath
@@ -102,6 +102,9 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
+        # load the artifact while vLLM builds the model: what it allocates (the 16-bit window ring) then counts as
+        # model memory when vLLM sizes the KV cache
+        serving_state(compat.current_vllm_config())
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         """Encode this step's new tokens into the paged cache."""
@@ -112,6 +115,13 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
         fused = md.path.fused.get(index)
         if fused is not None:  # one Triton launch encodes the step's tokens into their slots
             write_fused(fused, kv_cache, md.slot_mapping, key, value)
+            exact = md.path.exact
+            if exact is not None:  # and the sinks/window tokens into the 16-bit ring
+                step = compat.step_scratch(StepState)
+                if step.window is None:
+                    step.window = exact.begin_step(md.block_table, md.seq_lens_dev, md.query_start_loc_dev,
+                                                   md.num_actual_tokens, md.slot_mapping, kv_cache.shape[2])
+                exact.write(index, step.window, key[:md.num_actual_tokens], value[:md.num_actual_tokens])
             return
         md.path.write(index, kv_cache, md.slot_mapping, key, value, md.positions, compat.step_scratch(StepState),
                       md.query_lens, md.block_table, md.seq_lens)
@@ -132,8 +142,11 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
             if md.plan is None:
                 md.plan = plan_attention(md.query_start_loc, md.max_seq_len, self.num_heads, self.num_kv_heads,
                                          query.device)
+            exact = md.path.exact
+            window = None if exact is None else WindowInputs(exact.k[index], exact.v[index], exact.tags, key[:n],
+                                                             value[:n], exact.sinks, exact.window)
             fused_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.plan, fused,
-                            self.scale, out=output[:n].view(n, self.num_heads, self.head_size))
+                            self.scale, out=output[:n].view(n, self.num_heads, self.head_size), window=window)
             return output
         out = md.path.attend(index, query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
                              compat.step_scratch(StepState), key[:n], value[:n])

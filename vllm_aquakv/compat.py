@@ -221,6 +221,13 @@ def kv_cache_layout_hooks() -> dict:
     return {"supported_kv_cache_layouts": classmethod(lambda cls: None)}
 
 
+def current_vllm_config():
+    """The VllmConfig vLLM is building the model with (set during model construction)."""
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config()
+
+
 def tensor_parallel_rank() -> int:
     """This worker's tensor-parallel rank (0 outside a parallel group)."""
     from vllm.distributed import parallel_state

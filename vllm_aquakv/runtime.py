@@ -95,14 +95,12 @@ class ServingState:
         self.window_note = "every token is stored as codes (no 16-bit sinks/window)"
         if extra.get("aquakv_window") and c.config.num_sink_tokens + c.config.window > 0:
             rows = vllm_config.scheduler_config.max_num_seqs
-            self.path.exact = ExactTokens(c.config.num_sink_tokens, c.config.window, rows, num_layers)
-            ring = rows * (c.config.num_sink_tokens + c.config.window) * num_kv_heads * head_dim * 2 * \
-                self.model_dtype.itemsize * num_layers
+            # allocated now, while vLLM sizes the KV cache, so that its memory profile sees the ring
+            self.path.exact = ExactTokens(c.config.num_sink_tokens, c.config.window, rows, num_layers, num_kv_heads,
+                                          head_dim, self.model_dtype, device)
+            ring = 2 * self.path.exact.k[0].numel() * self.model_dtype.itemsize * num_layers
             self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
                                 f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache)")
-            if extra.get("aquakv_kernels", on_cuda):
-                self.kernel_note = "torch attention path (slow): the fused Triton kernels do not serve aquakv_window yet"
-                extra = {**extra, "aquakv_kernels": False}
         if extra.get("aquakv_kernels", on_cuda):
             if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
@@ -121,6 +119,10 @@ class ServingState:
         from .kernels.attention import compiled_variants, fused_layers_or_reason, warm_up
 
         fused = fused_layers_or_reason(self.cache, self.path.layouts)
+        exact = self.path.exact
+        if exact is not None and not isinstance(fused, str) and any(
+                f.v_bias is not None or f.v_weight is not None for f in fused.values()):
+            fused = "16-bit sinks/window (aquakv_window) with a value predictor (calibrate with --value-predictor none)"
         if isinstance(fused, str):
             self.kernel_note = f"torch attention path (slow): the fused Triton kernel cannot serve {fused}"
             return
@@ -129,7 +131,7 @@ class ServingState:
         if compile_now:
             t0 = time.time()
             variants = warm_up(fused, [self.path.slot_bytes(l) for l in range(num_layers)], num_q_heads, num_kv_heads,
-                               block_size, self.model_dtype)
+                               block_size, self.model_dtype, None if exact is None else (exact.sinks, exact.window))
             self.kernel_note += f" ({variants} layer variants compiled in {time.time() - t0:.1f} s)"
             self.compiled_at_startup = compiled_variants()
 
@@ -161,7 +163,15 @@ def serving_state(vllm_config) -> ServingState:
     with _LOCK:
         if key not in _STATES:
             check_engine_config(vllm_config)
-            _STATES[key] = ServingState(vllm_config)
+            # vLLM builds the model under its default device and dtype (e.g. cuda, bfloat16); the artifact is
+            # loaded and checked on the CPU in float32 and moved to the serving device explicitly
+            dtype = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float32)
+            try:
+                with torch.device("cpu"):
+                    _STATES[key] = ServingState(vllm_config)
+            finally:
+                torch.set_default_dtype(dtype)
         return _STATES[key]
 
 

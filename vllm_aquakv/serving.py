@@ -117,7 +117,7 @@ class TorchServingPath:
                 qsl = [0]
                 for q in query_lens:
                     qsl.append(qsl[-1] + q)
-                step.window = self.exact.begin_step(block_table, seq_lens, qsl, slot_mapping, kv_cache.shape[2])
+                step.window = self.exact.begin_step(block_table, seq_lens, qsl, n, slot_mapping, kv_cache.shape[2])
             self.exact.write(layer, step.window, key[:n], value[:n])
         sources = {}  # reconstructions of earlier layers for this step's tokens, in token order
         for src in {s for stream in "kv" for s in getattr(self.cache.predictors.get((stream, layer)), "sources", ())}:

@@ -31,75 +31,85 @@ import torch
 class WindowStep:
     """This step's ring bookkeeping, shared by every layer."""
 
-    rows: torch.Tensor  # [M] int64: ring row of each token written to the ring this step
-    cols: torch.Tensor  # [M] int64: its column
-    tokens: torch.Tensor  # [M] int64: its index among the step's tokens
+    rows: torch.Tensor  # [N] int64: ring row of each of the step's tokens (the scratch row if it stays out)
+    cols: torch.Tensor  # [N] int64: its column
+    tokens: torch.Tensor  # [N] int64: its index among the step's tokens
 
 
 class ExactTokens:
-    """The per-request 16-bit ring of sink and window tokens for every layer."""
+    """The per-request 16-bit ring of sink and window tokens for every layer (row ``max_rows`` is a scratch row that
+    takes the writes of tokens outside the ring, so no step needs a host sync)."""
 
-    def __init__(self, sinks: int, window: int, max_rows: int, num_layers: int):
+    def __init__(self, sinks: int, window: int, max_rows: int, num_layers: int, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, dtype: torch.dtype | None = None, device=None):
         self.sinks, self.window, self.max_rows = sinks, window, max_rows
         self.width = sinks + window
-        self.k: list[torch.Tensor | None] = [None] * num_layers  # [rows, width, H, h] per layer
+        self.k: list[torch.Tensor | None] = [None] * num_layers  # [rows + 1, width, H, h] per layer
         self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.tags: torch.Tensor | None = None  # [rows, width] int64 slot of each entry, -1 empty
+        self.tags: torch.Tensor | None = None  # [rows + 1, width] int64 slot of each entry, -1 empty
         self.length: torch.Tensor | None = None  # [rows] int64 each row's context length after the previous step
         self.last_block: torch.Tensor | None = None  # [rows] int64 block id of that step's last token, -1 none
+        if head_dim is not None:  # allocate now (before vLLM measures free memory for the KV cache)
+            self._allocate(device)
+            for layer in range(num_layers):
+                self._allocate_layer(layer, (num_kv_heads, head_dim), dtype, device)
+
+    def _allocate(self, device) -> None:
+        self.tags = torch.full((self.max_rows + 1, self.width), -1, dtype=torch.int64, device=device)
+        self.length = torch.zeros(self.max_rows, dtype=torch.int64, device=device)
+        self.last_block = torch.full((self.max_rows,), -1, dtype=torch.int64, device=device)
+
+    def _allocate_layer(self, layer: int, shape: tuple, dtype, device) -> None:
+        self.k[layer] = torch.zeros((self.max_rows + 1, self.width, *shape), dtype=dtype, device=device)
+        self.v[layer] = torch.zeros_like(self.k[layer])
 
     def column(self, pos: torch.Tensor) -> torch.Tensor:
         """Ring column of positions pos: its sink column below ``sinks``, else its window column (the last column
         when there is no window: never read, see ``exact_context``)."""
         return torch.where(pos < self.sinks, pos, self.sinks + pos % max(self.window, 1)).clamp(max=self.width - 1)
 
-    def begin_step(self, block_table: torch.Tensor, seq_lens: list[int], query_start_loc: list[int],
+    def begin_step(self, block_table: torch.Tensor, seq_lens, query_start_loc, num_tokens: int,
                    slot_mapping: torch.Tensor, block_size: int) -> WindowStep:
-        """Check which rows still hold their request (clear the others), tag this step's sink and window tokens."""
+        """Check which rows still hold their request (clear the others), tag this step's sink and window tokens.
+        seq_lens [num_reqs] and query_start_loc [num_reqs + 1]: lists or device tensors (then no host sync)."""
         device = slot_mapping.device
-        num_reqs = len(seq_lens)
+        qsl = torch.as_tensor(query_start_loc, device=device).long()
+        num_reqs, n = qsl.shape[0] - 1, num_tokens
         if num_reqs > self.max_rows:
             raise RuntimeError(f"aquakv window ring has {self.max_rows} rows, the step has {num_reqs} requests")
         if self.tags is None:
-            self.tags = torch.full((self.max_rows, self.width), -1, dtype=torch.int64, device=device)
-            self.length = torch.zeros(self.max_rows, dtype=torch.int64, device=device)
-            self.last_block = torch.full((self.max_rows,), -1, dtype=torch.int64, device=device)
-        lens = torch.tensor(seq_lens, dtype=torch.int64, device=device)
-        qsl = torch.tensor(query_start_loc, dtype=torch.int64, device=device)
-        context = lens - (qsl[1:] - qsl[:-1])
+            self._allocate(device)
+        lens = torch.as_tensor(seq_lens, device=device).long()
+        counts = qsl[1:] - qsl[:-1]
+        context = lens - counts
+        table = block_table[:num_reqs].long()
         prev = self.length[:num_reqs]
-        idx = ((prev - 1).clamp(min=0) // block_size).clamp(max=block_table.shape[1] - 1)
-        held = block_table[:num_reqs].long().gather(1, idx[:, None])[:, 0]
+        idx = ((prev - 1).clamp(min=0) // block_size).clamp(max=table.shape[1] - 1)
+        held = table.gather(1, idx[:, None])[:, 0]
         keep = (context == prev) & (prev > 0) & (held == self.last_block[:num_reqs])
-        self.tags[:num_reqs][~keep] = -1
+        self.tags[:num_reqs] = torch.where(keep[:, None], self.tags[:num_reqs], -1)
         self.tags[num_reqs:] = -1
         self.length[num_reqs:] = 0
         self.last_block[num_reqs:] = -1
-        last = lens - 1
         self.length[:num_reqs] = lens
-        self.last_block[:num_reqs] = block_table[:num_reqs].long().gather(1, (last // block_size)[:, None])[:, 0]
-        # this step's tokens: row, position; those that enter the ring (a sink, or in the new last window)
-        counts = qsl[1:] - qsl[:-1]
-        row = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts)
-        pos = context[row] + torch.arange(int(qsl[-1]), device=device) - qsl[:-1][row]
-        token = torch.arange(int(qsl[-1]), device=device)
+        self.last_block[:num_reqs] = table.gather(1, ((lens - 1).clamp(min=0) // block_size)[:, None])[:, 0]
+        # each token's ring entry: its sink column, its window column if in the new last window, else scratch
+        row = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts, output_size=n)
+        pos = context[row] + torch.arange(n, device=device) - qsl[:-1][row]
         in_sinks = pos < self.sinks
-        in_window = (pos >= lens[row] - self.window) & ~in_sinks if self.window else torch.zeros_like(in_sinks)
-        rows = torch.cat([row[in_sinks], row[in_window]])
-        cols = torch.cat([pos[in_sinks], self.column(pos[in_window])])  # (in_window is empty without a window)
-        tokens = torch.cat([token[in_sinks], token[in_window]])
-        slot = slot_mapping[: int(qsl[-1])].long()
-        self.tags[rows, cols] = slot[tokens]
-        return WindowStep(rows, cols, tokens)
+        in_ring = in_sinks | ((pos >= lens[row] - self.window) if self.window else in_sinks)
+        rows = torch.where(in_ring, row, self.max_rows)
+        cols = torch.where(in_ring, self.column(pos), 0)
+        self.tags[rows, cols] = torch.where(in_ring, slot_mapping[:n].long(), -1)
+        return WindowStep(rows, cols, torch.arange(n, device=device))
 
     def write(self, layer: int, step: WindowStep, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store this step's sink/window tokens of ``layer`` (key post-RoPE, value [N, H, h])."""
         if self.k[layer] is None:
-            shape = (self.max_rows, self.width, *key.shape[1:])
-            self.k[layer] = torch.zeros(shape, dtype=key.dtype, device=key.device)
-            self.v[layer] = torch.zeros(shape, dtype=value.dtype, device=value.device)
-        self.k[layer][step.rows, step.cols] = key[step.tokens]
-        self.v[layer][step.rows, step.cols] = value[step.tokens]
+            self._allocate_layer(layer, key.shape[1:], key.dtype, key.device)
+        self.k[layer][step.rows, step.cols] = key[step.tokens].to(self.k[layer].dtype)
+        self.v[layer][step.rows, step.cols] = value[step.tokens].to(self.v[layer].dtype)
+
 
     def exact_context(self, layer: int, row: int, slots: torch.Tensor, context: int, key: torch.Tensor,
                       value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -30,6 +30,9 @@ MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
                                                                 value_topology="k_same"),
     "aquakv plain HIGGS (K, V no predictor, 2.25 b)": dict(key_predictor="none", value_predictor="none",
                                                            value_topology="none"),
+    # plain HIGGS with the key mean, 16-bit sinks 4 + recent window 128 (vllm_aquakv/window.py) read in the same pass
+    "aquakv plain + sinks/window (K mean, 2.25 b + 16-bit 4 + 128)": dict(key_predictor="mean", value_predictor="none",
+                                                                         value_topology="none", window=(4, 128)),
     "aquakv speed, 4-bit keys (3.25 b)": dict(key_predictor="mean", value_predictor="per_head",
                                               value_topology="k_same", key_grid="d2n256"),
     # 2-bit scalar codes (d1n4): decoded in registers by byte permutes, no table lookups
@@ -56,6 +59,7 @@ def fused_setup(overrides):
 
     overrides = dict(overrides)
     index_bits = overrides.pop("index_bits", None)
+    window = overrides.pop("window", None)
     cfg = AquaKVConfig(key_rope="post", layer0_grid="d2n16", **overrides)
     preds = {("k", 1): LinearPredictor(cfg.key_predictor, (), bias=torch.randn(H, D))}
     if cfg.value_predictor == "per_head":
@@ -71,7 +75,28 @@ def fused_setup(overrides):
         kc, vc = cache.codecs["k", 1], cache.codecs["v", 1]
         fused = dataclasses.replace(fused, k_lanes=lane_table(kc.grid, kc.code_bits, D, index_bits),
                                     v_lanes=lane_table(vc.grid, vc.code_bits, D, index_bits))
+    fused.window = window  # (sinks, window) or None: ``window_inputs`` builds the ring per batch
     return path, fused
+
+
+def window_inputs(fused, block_table, ctx, q):
+    """A full ring for every sequence of a decode batch at context ``ctx`` (its sinks and last window tokens, tagged
+    with their slots, random 16-bit K/V), so that the kernel really reads them; None without a window."""
+    from vllm_aquakv.kernels.attention import WindowInputs
+    from vllm_aquakv.window import ExactTokens
+
+    if getattr(fused, "window", None) is None:
+        return None
+    sinks, window = fused.window
+    batch = block_table.shape[0]
+    ring = ExactTokens(sinks, window, batch, 1, H, D, torch.bfloat16, "cuda")
+    pos = torch.cat([torch.arange(sinks), torch.arange(ctx - window, ctx)]).cuda()
+    slots = block_table[:, pos // PAGE].long() * PAGE + pos % PAGE  # [batch, sinks + window]
+    ring.tags[torch.arange(batch, device="cuda")[:, None], ring.column(pos)[None, :]] = slots
+    ring.k[0].normal_()
+    ring.v[0].normal_()
+    kv = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)  # this step's token (position ctx - 1)
+    return WindowInputs(ring.k[0], ring.v[0], ring.tags, kv, kv, sinks, window)
 
 
 def random_slots(num_blocks, layout):
@@ -157,8 +182,9 @@ def main():
             for label, (path, fused) in setups.items():
                 kv = random_slots(batch * nb, path.layouts[1])
                 out = torch.empty_like(q)  # the model dtype, as vLLM's output buffer
+                win = window_inputs(fused, block_table, ctx, q)
                 ms = bench(lambda kv=kv: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5,
-                                                         out=out))
+                                                         out=out, window=win))
                 nbytes = kv.numel()
                 rows.append({**base, "kv_cache_dtype": label, "ms": ms, "bytes": nbytes, "segments": plan.segments,
                              "hbm_floor_ms": 1e3 * nbytes / PEAK_BW, "vs_bf16": ref_ms / ms})

@@ -30,7 +30,8 @@ from vllm_aquakv.kernels import attention, cache_write
 POINTERS = {"q_ptr": "*bf16", "sign_k_ptr": "*fp32", "k_bias_ptr": "*fp32", "cache_ptr": "*u8", "block_table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "q_start_ptr": "*i32", "qblock_seq_ptr": "*i32", "qblock_first_ptr": "*i32",
             "k_table_ptr": "*i32", "v_table_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_v_ptr": "*fp32",
-            "acc_k_ptr": "*fp32"}
+            "acc_k_ptr": "*fp32", "acc_x_ptr": "*fp32", "ring_k_ptr": "*bf16", "ring_v_ptr": "*bf16", "tags_ptr": "*i64",
+            "key_ptr": "*bf16", "value_ptr": "*bf16"}
 
 WRITE_POINTERS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u8",
                   "rot_k_ptr": "*fp32", "rot_v_ptr": "*fp32", "k_bias_ptr": "*fp32", "v_bias_ptr": "*fp32",
@@ -49,6 +50,7 @@ def main():
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--d1n4", action="store_true", help="d1n4 keys and values (register decode)")
+    ap.add_argument("--window", action="store_true", help="16-bit sinks 4 + window 128 (needs --plain)")
     ap.add_argument("--no-asm", action="store_true", help="register decode by integer selects, not PTX")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
     ap.add_argument("--write", action="store_true")
@@ -62,7 +64,8 @@ def main():
                  K_ENTRY_VALUES=2, K_LANES=4, V_CODE_OFFSET=32, V_CODE_BYTES=32, V_INDEX_BITS=4, V_ENTRY_VALUES=2,
                  V_LANES=4, K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=not args.plain,
                  V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16, Q_DTYPE=triton.language.bfloat16,
-                 Q_PRECISION="tf32", USE_ASM=not args.no_asm)
+                 Q_PRECISION="tf32", USE_ASM=not args.no_asm, NUM_KV_HEADS=8, SINKS=4 if args.window else 0,
+                 WINDOW=128 if args.window else 0, HAS_WINDOW=args.window)
     if args.d1n4 and not args.write:  # 2-bit scalar codes decoded in registers
         const.update(K_INDEX_BITS=2, K_ENTRY_VALUES=1, V_INDEX_BITS=2, V_ENTRY_VALUES=1)
     signature = {n: pointers.get(n, "fp32" if n == "logit_scale" else "i32") for n in names}

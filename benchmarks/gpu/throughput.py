@@ -7,7 +7,7 @@ On the GPU machine (see benchmarks/gpu/README.md), after the vLLM bundle and the
 
 Without ``--model`` it builds shared/BASELINES.md's model (Llama-3.2-3B shape, random bf16 weights, 3-letter
 WordLevel tokenizer: ``make_model.py``) in /tmp, so its bf16/fp8 rows can be checked against BASELINES.md.  An aquakv
-format named in ``AQUAKV_PRESETS`` (``aquakv``, ``aquakv-plain-d1n4``) needs an artifact in MODEL/<format>: if there is
+format named in ``AQUAKV_PRESETS`` (``aquakv``, ``aquakv-window``) needs an artifact in MODEL/<format>: if there is
 none, one is calibrated on the GPU with the preset's settings (on random weights and random words, so it measures
 speed, not quality) and vLLM gets ``--kv-cache-dtype aquakv --additional-config '{"aquakv_artifact": ...}'``.  Each format runs ``vllm bench throughput --dataset-name random
 --random-range-ratio 0`` with vLLM's defaults otherwise (torch.compile, CUDA graphs, chunked prefill, prefix caching),
@@ -37,15 +37,15 @@ def make_inputs(model: str | None) -> tuple[str, str]:
     return model, "Llama-3.2-3B shape, random bf16 weights (benchmarks/gpu/make_model.py, as shared/BASELINES.md)"
 
 
-# aquakv formats: name -> aquakv-calibrate settings; each gets its own artifact MODEL/<name>, named to vLLM with
-# --additional-config (all post-RoPE keys: the fused Triton kernels' mode)
+# aquakv formats: name -> (aquakv-calibrate settings, extra --additional-config); each gets its own artifact
+# MODEL/<name>, named to vLLM with --additional-config (all post-RoPE keys: the fused Triton kernels' mode)
 AQUAKV_PRESETS = {
     # speed default until 2026-11-25: key mean, per-head value predictor from the same layer's keys, d2n16 codes
-    "aquakv": "--key-rope post --key-predictor mean --value-predictor per_head --value-topology k_same "
-              "--layer0 d2n16",
-    # no predictor, 2-bit scalar codes decoded in registers (kernels/attention.py _register_lanes)
-    "aquakv-plain-d1n4": "--key-rope post --key-predictor none --value-predictor none --key-topology none "
-                         "--value-topology none --key-grid d1n4 --value-grid d1n4 --layer0 d1n4",
+    "aquakv": ("--key-rope post --key-predictor mean --value-predictor per_head --value-topology k_same "
+               "--layer0 d2n16", {}),
+    # key mean, no value predictor, d2n16 codes, 16-bit sinks 4 + window 128 (vllm_aquakv/window.py)
+    "aquakv-window": ("--key-rope post --key-predictor mean --value-predictor none --value-topology none "
+                      "--layer0 d2n16", {"aquakv_window": True}),
 }
 
 
@@ -67,7 +67,7 @@ def ensure_artifact(model: str, fmt: str = "aquakv") -> tuple[str, float]:
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", model, "--text-file", text,
                     "--tokens", "4096", "--seq-len", "512", "--device", "cuda", "--out", out,
-                    *AQUAKV_PRESETS[fmt].split()], check=True, cwd="/tmp")
+                    *AQUAKV_PRESETS[fmt][0].split()], check=True, cwd="/tmp")
     return out, time.time() - t0
 
 
@@ -76,7 +76,10 @@ def kv_cache_args(model: str, fmt: str) -> list[str]:
     if fmt not in AQUAKV_PRESETS:
         return ["--kv-cache-dtype", fmt]
     art, _ = ensure_artifact(model, fmt)
-    return ["--kv-cache-dtype", "aquakv", "--additional-config", json.dumps({"aquakv_artifact": art})]
+    extra = AQUAKV_PRESETS[fmt][1]
+    # the window's ring has one row per --max-num-seqs (vLLM's H100 default of 1024 would give it 15 GB here)
+    rows = ["--max-num-seqs", "256"] if extra.get("aquakv_window") else []
+    return ["--kv-cache-dtype", "aquakv", "--additional-config", json.dumps({"aquakv_artifact": art, **extra}), *rows]
 
 
 def kv_tokens(log: str) -> int | None:
@@ -160,7 +163,8 @@ def main():
     md = [f"`vllm bench throughput`, random dataset, {args.input_len} in / {args.output_len} out, {args.num_prompts} "
           f"prompts, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM defaults otherwise (torch.compile, "
           f"CUDA graphs, chunked prefill, prefix caching). aquakv artifacts (calibrated on random words: speed only): "
-          + "; ".join(f"{k}: `{v}`" for k, v in AQUAKV_PRESETS.items() if k in formats) + ".\n",
+          + "; ".join(f"{k}: `{v[0]}` {json.dumps(v[1]) if v[1] else ''}" for k, v in AQUAKV_PRESETS.items()
+                      if k in formats) + ".\n",
           "| kv-cache-dtype | KV tokens | vs bf16 | max concurrency | output tok/s | vs bf16 | engine init s | rc |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['kv_cache_dtype']} | {fmt(r['kv_tokens'], ',')} | {fmt(r.get('kv_tokens_vs_bf16'), '.2f')}x | "
