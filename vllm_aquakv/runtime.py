@@ -100,7 +100,8 @@ class ServingState:
                                           head_dim, self.model_dtype, device)
             ring = 2 * self.path.exact.k[0].numel() * self.model_dtype.itemsize * num_layers
             self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
-                                f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache)")
+                                f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache"
+                                f"{'; experimental in the fused kernels' if on_cuda else ''})")
         if extra.get("aquakv_kernels", on_cuda):
             if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
