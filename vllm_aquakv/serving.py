@@ -113,12 +113,11 @@ class TorchServingPath:
         ``exact``, the sink/window tokens into the 16-bit ring: needs block_table and seq_lens)."""
         n = slot_mapping.shape[0]
         if self.exact is not None:
-            if step.window is None:
-                qsl = [0]
-                for q in query_lens:
-                    qsl.append(qsl[-1] + q)
-                step.window = self.exact.begin_step(block_table, seq_lens, qsl, n, slot_mapping, kv_cache.shape[2])
-            self.exact.write(layer, step.window, key[:n], value[:n])
+            qsl = [0]
+            for q in query_lens:
+                qsl.append(qsl[-1] + q)
+            self.exact.write_step(layer, step, key[:n], value[:n], block_table, seq_lens, qsl, slot_mapping,
+                                  kv_cache.shape[2])
         sources = {}  # reconstructions of earlier layers for this step's tokens, in token order
         for src in {s for stream in "kv" for s in getattr(self.cache.predictors.get((stream, layer)), "sources", ())}:
             if src[1] != layer:

@@ -103,6 +103,15 @@ class ExactTokens:
         self.tags[rows, cols] = torch.where(in_ring, slot_mapping[:n].long(), -1)
         return WindowStep(rows, cols, torch.arange(n, device=device))
 
+    def write_step(self, layer: int, step, key: torch.Tensor, value: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens, query_start_loc, slot_mapping: torch.Tensor, block_size: int) -> None:
+        """Store this step's sink/window tokens of ``layer`` (key/value [N, H, h]); the step's first layer also runs
+        ``begin_step``, whose result every layer then shares through ``step.window`` (``serving.StepState``)."""
+        if step.window is None:
+            step.window = self.begin_step(block_table, seq_lens, query_start_loc, key.shape[0], slot_mapping,
+                                          block_size)
+        self.write(layer, step.window, key, value)
+
     def write(self, layer: int, step: WindowStep, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store this step's sink/window tokens of ``layer`` (key post-RoPE, value [N, H, h])."""
         if self.k[layer] is None:

@@ -125,15 +125,31 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
            "engine_init_s": float(found(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+)") or
                                   "nan"),
            "backend": found(r"Using (\w+) (?:attention )?backend"), "cudagraph_mode": found(r"cudagraph_mode=(\w+)")}
+    add_result(row, rc, result_json, args.output_len, text)
+    return row
+
+
+def add_result(row: dict, rc, result_json: str, output_len: int, log: str) -> None:
+    """Fill a row from `vllm bench throughput`'s --output-json (elapsed, total and output tok/s), or keep the log's
+    tail when the run failed."""
     if rc == 0 and os.path.exists(result_json):
         with open(result_json) as f:
             res = json.load(f)
         row["elapsed_s"] = res["elapsed_time"]
         row["total_tokens_per_s"] = res["tokens_per_second"]
-        row["output_tokens_per_s"] = res["num_requests"] * args.output_len / res["elapsed_time"]
+        row["output_tokens_per_s"] = res["num_requests"] * output_len / res["elapsed_time"]
     else:
-        row["log_tail"] = text[-3000:]
-    return row
+        row["log_tail"] = log[-3000:]
+
+
+def add_ratios(rows: list[dict], suffix: str) -> None:
+    """kv_tokens_<suffix> and speedup_<suffix> of every row against the ``auto`` row, where both figures exist."""
+    base = next((r for r in rows if r["kv_cache_dtype"] == "auto"), None)
+    for r in rows:
+        if base and base.get("kv_tokens") and r.get("kv_tokens"):
+            r[f"kv_tokens_{suffix}"] = r["kv_tokens"] / base["kv_tokens"]
+        if base and base.get("output_tokens_per_s") and r.get("output_tokens_per_s"):
+            r[f"speedup_{suffix}"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
 
 
 def main():
@@ -153,12 +169,7 @@ def main():
         r = rows[-1]
         print(f"{dtype}: rc {r['rc']} KV tokens {r['kv_tokens']} output tok/s {r.get('output_tokens_per_s')} "
               f"engine init {r['engine_init_s']} s wall {r['wall_s']} s", flush=True)
-    base = next((r for r in rows if r["kv_cache_dtype"] == "auto"), None)
-    for r in rows:
-        if base and base.get("kv_tokens") and r.get("kv_tokens"):
-            r["kv_tokens_vs_bf16"] = r["kv_tokens"] / base["kv_tokens"]
-        if base and base.get("output_tokens_per_s") and r.get("output_tokens_per_s"):
-            r["speedup_vs_bf16"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
+    add_ratios(rows, "vs_bf16")
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     md = [f"`vllm bench throughput`, random dataset, {args.input_len} in / {args.output_len} out, {args.num_prompts} "
           f"prompts, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM defaults otherwise (torch.compile, "
