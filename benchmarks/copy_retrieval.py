@@ -8,6 +8,8 @@ paper's 16-bit sinks + window), plus HIGGS without predictors.  SmolLM2-135M can
 unquantized (benchmarks/passkey.py: 0-2 of 5 with a chat prompt), but it copies.
 
     .venv/bin/python benchmarks/copy_retrieval.py [MODEL] [--ctx 1024 2048] [--trials 5] [--json OUT.json]
+
+``aquakv-eval`` runs the same check (``--retrieval-ctx``) at one context; this script sweeps several.
 """
 
 from __future__ import annotations
@@ -15,37 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
-
-def copy_prompts(hay: list[int], ctx: int, trials: int, span: int = 64, seed: int = 0) -> list[list[int]]:
-    """``trials`` prompts of ``ctx`` tokens: passage + filler + the same passage."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(trials):
-        start = int(torch.randint(0, len(hay) - 4 * ctx, (1,), generator=gen))
-        passage = hay[start:start + span]
-        filler = hay[start + 2 * ctx:start + 3 * ctx - 2 * span]
-        out.append(passage + filler + passage)
-    return out
-
-
-@torch.no_grad()
-def copy_accuracy(model, prompts: list[list[int]], span: int = 64, cache=None) -> float:
-    """Mean teacher-forced top-1 accuracy on the second occurrence of the passage, inside ``cache`` if given."""
-    hits = []
-    for ids in prompts:
-        with cache if cache is not None else torch.no_grad():
-            logits = model(torch.tensor([ids], device=model.device)).logits[0]
-        pred = logits[-span:-1].argmax(-1).cpu()
-        hits.append((pred == torch.tensor(ids[-span + 1:])).float().mean().item())
-    return sum(hits) / len(hits)
-
 
 def main():
     from vllm_aquakv.artifact import default_artifact_dir, load_artifact
     from vllm_aquakv.calibration.calibrate import load_model, model_text_config
-    from vllm_aquakv.calibration.evaluate import MixedCache
+    from vllm_aquakv.calibration.evaluate import MixedCache, copy_accuracy, copy_prompts
     from vllm_aquakv.calibration.models import smollm2_path
     from vllm_aquakv.calibration.texts import load_texts
     from vllm_aquakv.reference import AquaKVCache
@@ -77,7 +53,7 @@ def main():
         prompts = copy_prompts(hay, ctx, args.trials)
         for name, spec in caches.items():
             mixed = None if spec is None else MixedCache(model, spec[0], H, D, spec[1], spec[2], rope, cfg.key_rope)
-            acc = copy_accuracy(model, prompts, cache=mixed)
+            acc = copy_accuracy(model, prompts, ctx=mixed)
             rows.append({"context": ctx, "kv_cache_dtype": name, "copy_accuracy": acc, "trials": args.trials})
             print(f"ctx {ctx:5d}  {name:45s} copy accuracy {acc:.3f}", flush=True)
     md = [f"Copy retrieval: a 64-token essay passage at the start of the prompt and again at the end; teacher-forced "

@@ -1,6 +1,6 @@
 """aquakv-eval: perplexity of a model with its KV cache compressed, against the unquantized cache and baselines.
 
-    aquakv-eval MODEL [--artifact MODEL/aquakv] [--windows 8] [--ctx 1024] [--json out.json]
+    aquakv-eval MODEL [--artifact MODEL/aquakv] [--windows 8] [--ctx 1024] [--retrieval-ctx 2048] [--json out.json]
 
 Protocol (the same every time): held-out text (default wiki-heldout: every 5th Wikipedia article, disjoint from
 the calibration split), concatenated with EOS separators and cut into non-overlapping windows of ``--ctx`` tokens;
@@ -13,6 +13,12 @@ vLLM serves today: every token through codes); ``paper`` = the artifact's sinks/
 Rows: unquantized; AQUA-KV (serving and paper semantics); HIGGS without predictors at the same grids; KIVI-style
 2-bit (keys per channel over groups of 128 tokens, values per token over groups of head_dim, asymmetric min-max,
 fp16 scale and zero per group).
+
+Long-context retrieval (``--retrieval-ctx``, default 2048 tokens, capped at the model's context): a 64-token essay
+passage at the start of a prompt and again at its end; the score is the teacher-forced top-1 accuracy of predicting
+the second occurrence (tokens 2..64), which needs attention to find and copy the first one across the whole
+context; for the unquantized cache and every serving/paper row.  A copy check, not a pass-key one: SmolLM2-135M
+cannot retrieve a pass key even unquantized (0-1 of 3 at 512-2048 tokens), but it copies (0.80 at 2048).
 """
 
 from __future__ import annotations
@@ -141,6 +147,34 @@ def perplexity(model, windows: torch.Tensor, ctx=None) -> float:
     return math.exp(nll / n)
 
 
+def copy_prompts(hay: list[int], ctx: int, trials: int, span: int = 64, seed: int = 0) -> list[list[int]]:
+    """``trials`` token lists of exactly ``ctx`` tokens from ``hay``: a ``span``-token passage, filler from
+    elsewhere in ``hay``, and the same passage again."""
+    if len(hay) < 4 * ctx + 1:
+        raise ValueError(f"the retrieval haystack has {len(hay)} tokens, too few for {ctx}-token prompts")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(trials):
+        start = int(torch.randint(0, len(hay) - 4 * ctx, (1,), generator=gen))
+        passage = hay[start:start + span]
+        out.append(passage + hay[start + 2 * ctx:start + 3 * ctx - 2 * span] + passage)
+    return out
+
+
+@torch.no_grad()
+def copy_accuracy(model, prompts: list[list[int]], span: int = 64, ctx=None) -> float:
+    """Mean teacher-forced top-1 accuracy of predicting tokens 2..span of each prompt's second passage (which needs
+    attention to find and copy the first one across the whole context), inside ``ctx`` if given."""
+    import contextlib
+
+    hits = []
+    with ctx or contextlib.nullcontext():
+        for ids in prompts:
+            pred = model(torch.tensor([ids], device=model.device)).logits[0, -span:-1].argmax(-1).cpu()
+            hits.append((pred == torch.tensor(ids[-span + 1:])).float().mean().item())
+    return sum(hits) / len(hits)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``aquakv-eval``."""
     ap = argparse.ArgumentParser(prog="aquakv-eval", description=__doc__.split("\n\n")[0])
@@ -151,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--json", help="write results here (and a .md twin)")
+    ap.add_argument("--retrieval-ctx", type=int, default=2048,
+                    help="context of the copy-retrieval check (capped at the model's max positions; 0: skip)")
+    ap.add_argument("--retrieval-trials", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -176,6 +213,11 @@ def main(argv: list[str] | None = None) -> None:
                             cache.num_layers, H, D, signs=cache.signs)
         runs.append(("higgs-no-predictor", "serving", aqua(higgs), 0, 0, higgs.bits(args.ctx)["bits_per_value"]))
         runs.append(("kivi-2bit", "serving", lambda s, l, x, recon: kivi_quantize(x, s), 0, 0, kivi_bits(D)))
+    retrieval_ctx = min(args.retrieval_ctx, getattr(model.config, "max_position_embeddings", args.retrieval_ctx))
+    copy = []
+    if retrieval_ctx > 0:
+        copy = copy_prompts(tok("\n".join(load_texts("essays")))["input_ids"], retrieval_ctx, args.retrieval_trials)
+        rows[0]["copy_accuracy"] = copy_accuracy(model, copy)
     per_layer = {}
     for name, semantics, fn, sinks, window, bits in runs:
         mixed = MixedCache(model, fn, H, D, sinks, window, rope, cfg.key_rope)
@@ -184,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"kv_cache_dtype": name, "semantics": f"{semantics} (sinks {sinks}, window {window})",
                      "bits_per_value": bits, "bits_total": (16 * n_exact + bits * (args.ctx - n_exact)) / args.ctx,
                      "ppl": ppl, "rel_ppl_delta": ppl / plain - 1})
+        if copy and semantics in ("serving", "paper"):  # a fresh cache: its per-layer errors stay perplexity's
+            retrieval = MixedCache(model, fn, H, D, sinks, window, rope, cfg.key_rope)
+            rows[-1]["copy_accuracy"] = copy_accuracy(model, copy, ctx=retrieval)
         per_layer[f"{name}/{semantics}"] = mixed.layer_errors()
         print(f"{name:20s} {semantics:8s} bits {bits:.3f}  ppl {ppl:.4f}  ({100 * (ppl / plain - 1):+.2f}%)", flush=True)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
@@ -192,6 +237,13 @@ def main(argv: list[str] | None = None) -> None:
           "| cache | semantics | bits/value | bits total | ppl | rel. delta |", "| --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['kv_cache_dtype']} | {r['semantics']} | {r['bits_per_value']:.3f} | {r['bits_total']:.2f} | "
            f"{r['ppl']:.4f} | {100 * r.get('rel_ppl_delta', 0):+.2f}% |" for r in rows]
+    if copy:
+        md += [f"\nCopy retrieval at {retrieval_ctx} tokens ({args.retrieval_trials} prompts from the essays text set): "
+               "a 64-token passage at the start of the prompt and again at its end; teacher-forced top-1 accuracy "
+               "on the second occurrence, which needs attention to copy the first across the whole context.\n",
+               "| cache | semantics | copy accuracy |", "| --- | --- | --- |"]
+        md += [f"| {r['kv_cache_dtype']} | {r['semantics']} | {r['copy_accuracy']:.3f} |" for r in rows
+               if "copy_accuracy" in r]
     errs = per_layer["aquakv/serving"]
     md += ["\nAQUA-KV per-layer relMSE of the reconstruction on the evaluated tokens:\n", "| layer | keys | values |",
            "| --- | --- | --- |"]
@@ -201,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         from ..results import write_results
 
         write_results(args.json, "eval", args.model, rows, "\n".join(md), per_layer=per_layer,
-                      config=manifest["config"], tokens=tokens, seconds=round(time.time() - t0, 1))
+                      config=manifest["config"], tokens=tokens, retrieval_ctx=retrieval_ctx,
+                      seconds=round(time.time() - t0, 1))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from vllm_aquakv.calibration.evaluate import MixedCache, kivi_quantize, perplexity
+from vllm_aquakv.calibration.evaluate import MixedCache, copy_prompts, kivi_quantize, perplexity
 from vllm_aquakv.calibration.hf_cache import ReconstructedKV
 from vllm_aquakv.calibration.models import make_tiny_llama
 from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
@@ -57,3 +57,34 @@ def test_kivi_matches_float64(rng):
         want = (((g - lo) / scale).round().clamp(0, 3) * scale + lo).reshape(x.shape)
         assert torch.allclose(got.double(), want, atol=1e-4)
         assert len(torch.unique(got[:, 0, 0] if stream == "k" else got[0, 0])) <= 4 * (2 if stream == "k" else 1)
+
+
+def test_copy_prompts_repeat_their_passage(rng):
+    hay = torch.randint(0, 1000, (5000,), generator=rng).tolist()
+    for ids in copy_prompts(hay, 512, 3, seed=int(torch.randint(0, 1000, (), generator=rng))):
+        assert len(ids) == 512 and ids[:64] == ids[-64:]
+    with pytest.raises(ValueError, match="too few"):
+        copy_prompts(hay, 2048, 1)
+
+
+def test_aquakv_eval_end_to_end(tiny, tmp_path):
+    """The CLI on a tiny calibrated model: perplexity rows for every cache and copy-retrieval accuracy in [0, 1] for
+    the unquantized, serving and paper rows (a random model does not copy: plumbing, not quality)."""
+    import subprocess
+    import sys
+
+    from vllm_aquakv.calibration.evaluate import main
+
+    path, _ = tiny
+    subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", path, "--tokens", "1024", "--seq-len",
+                    "128", "--overwrite"], check=True)
+    out = tmp_path / "eval.json"
+    main([path, "--windows", "1", "--ctx", "128", "--retrieval-ctx", "256", "--retrieval-trials", "2", "--json",
+          str(out)])
+    rows = json.load(open(out))["rows"]
+    copied = {(r["kv_cache_dtype"], r["semantics"].split(" (")[0]): r["copy_accuracy"] for r in rows
+              if "copy_accuracy" in r}
+    assert set(copied) == {("auto (fp32)", "-"), ("aquakv", "serving"), ("aquakv", "paper"),
+                           ("higgs-no-predictor", "serving"), ("kivi-2bit", "serving")}
+    assert all(0.0 <= a <= 1.0 for a in copied.values())
+    assert all(r["ppl"] > 1 for r in rows)
