@@ -89,6 +89,45 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
         # on the GPU (the grids are float16 values in both)
         assert err < tol, (min_programs, err)
         assert torch.allclose(got, want, atol=tol * 5 * want.abs().max().item()), (got - want).abs().max()
+    check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want)
+
+
+def torch_flash(q, k, v, out, cu_q, cu_k, max_q, max_k, scale):
+    """vLLM's varlen FlashAttention contract (causal, queries aligned to the end of their keys) in float32 torch."""
+    from vllm_aquakv.serving import causal_attention
+
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    for r in range(len(cu_q) - 1):
+        qr, kr, vr = (x.float() for x in (q[cu_q[r]:cu_q[r + 1]], k[cu_k[r]:cu_k[r + 1]], v[cu_k[r]:cu_k[r + 1]]))
+        out[cu_q[r]:cu_q[r + 1]] = causal_attention(qr, kr, vr, scale, kr.shape[0] - qr.shape[0]).to(out.dtype)
+
+
+def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want):
+    """The backend's prefill split: the decode request through the fused kernel, the others through
+    ``reconstruct`` (checked against the torch path's own reconstruction) + FlashAttention (its torch twin here;
+    vLLM's FA3 in tests/gpu runs), together equal to the torch path."""
+    from vllm_aquakv.kernels.attention import fused_attention, plan_attention
+    from vllm_aquakv.kernels.reconstruct import prefill_attention, split_prefills
+
+    split = split_prefills(qsl, lens, DEVICE)
+    assert split.decode_reqs == 1 and split.decode_tokens == 1  # the test batch: one decode, then two prefills
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = torch.empty(query.shape, dtype=query.dtype, device=DEVICE)
+    plan = plan_attention(qsl[:2], max(lens), query.shape[1], kv.shape[1], DEVICE, tile=16 if DEVICE == "cpu" else None)
+    fused_attention(query[:1], kv, block_table, seq_lens, torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan,
+                    fused, scale, out=out[:1])
+    prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, out, torch_flash)
+    k_rows, v_rows = split.scratch(kv.shape[1], query.shape[2], query.dtype, DEVICE)
+    for i, r in enumerate(split.rows.tolist()):  # the reconstructed rows are the torch path's K/V
+        recon = {}
+        path.read_context(layer, kv, block_table[r], lens[r], recon)
+        a, b = split.cu_k[i].item(), split.cu_k[i + 1].item()
+        for got_rows, want_rows in ((k_rows[a:b], recon["k", layer]), (v_rows[a:b], recon["v", layer])):
+            err = (got_rows.float() - want_rows).norm() / want_rows.norm()
+            assert err < (1e-5 if query.dtype == torch.float32 else 4e-3), err  # bf16 rows: 2^-9 rounding
+    out = out.float().cpu()
+    err = (out - want).norm() / want.norm()
+    assert err < (1e-5 if query.dtype == torch.float32 else 5e-3), err
 
 
 @pytest.mark.parametrize("head_dim,page_block", [(64, 64), (128, 16)])
@@ -259,3 +298,24 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
         assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, err)
     codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
     assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop
+
+
+@ON_GPU
+def test_vllm_flash_attention_keeps_the_twins_contract(rng):
+    """compat.flash_attention (vLLM's FA3 on the H100) computes what torch_flash does: causal, queries aligned to
+    the end of their keys, GQA, varlen."""
+    from vllm_aquakv import compat
+
+    flash = compat.flash_attention(128)
+    if flash is None:
+        pytest.skip("this vLLM build has no FlashAttention")
+    q_lens, k_lens = [30, 1, 200], [100, 77, 200]
+    cu_q = torch.tensor([0, 30, 31, 231], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 100, 177, 377], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(231, 24, 128, generator=rng).to(DEVICE, torch.bfloat16)
+    k, v = (torch.randn(377, 8, 128, generator=rng).to(DEVICE, torch.bfloat16) for _ in range(2))
+    got, want = torch.empty_like(q), torch.empty_like(q)
+    flash(q, k, v, got, cu_q, cu_k, max(q_lens), max(k_lens), 0.1)
+    torch_flash(q, k, v, want, cu_q, cu_k, max(q_lens), max(k_lens), 0.1)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 1e-2, err

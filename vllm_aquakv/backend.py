@@ -23,6 +23,7 @@ from . import compat
 from .codec import head_dim_supported
 from .kernels.attention import AttentionPlan, WindowInputs, fused_attention, plan_attention
 from .kernels.cache_write import write_fused
+from .kernels.reconstruct import PrefillSplit, prefill_attention, split_prefills
 from .runtime import refuse_impl_features, serving_state
 from .serving import StepState, TorchServingPath
 
@@ -41,6 +42,8 @@ class AquaKVMetadata:
     path: TorchServingPath  # the process's serving path (artifact, codecs, predictors)
     common: object = None  # vLLM's CommonAttentionMetadata (for the torch path's positions)
     plan: AttentionPlan | None = None  # the fused kernel's launch plan, made by the step's first fused layer
+    split: PrefillSplit | None = None  # with ``path.flash``: the requests that take reconstruction + FlashAttention
+    planned: bool = False  # plan and split are made
     _seq_lens: list[int] | None = None
     _positions: torch.Tensor | None = None
 
@@ -71,6 +74,8 @@ class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.state = serving_state(vllm_config)
+        if self.state.path.flash is not None:  # decodes first: the fused kernel takes them, FlashAttention the rest
+            self.reorder_batch_threshold = 1
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> AquaKVMetadata:
         cm = common_attn_metadata
@@ -137,14 +142,25 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
         query = query[:n].view(n, self.num_heads, self.head_size)
         fused = md.path.fused.get(index)
         if fused is not None:  # CUDA, post-RoPE artifact: scores and value sums straight from the codes
-            if md.plan is None:
-                md.plan = plan_attention(md.query_start_loc, md.max_seq_len, self.num_heads, self.num_kv_heads,
-                                         query.device)
+            out = output[:n].view(n, self.num_heads, self.head_size)
+            if not md.planned:  # the step's first layer: who takes which kernel, and the fused kernel's launch
+                qsl = md.query_start_loc
+                if md.path.flash is not None and qsl[-1] > len(qsl) - 1:  # some request has > 1 query token
+                    md.split = split_prefills(qsl, md.seq_lens, query.device)
+                    qsl = qsl[: md.split.decode_reqs + 1]
+                if len(qsl) > 1:
+                    md.plan = plan_attention(qsl, md.max_seq_len, self.num_heads, self.num_kv_heads, query.device)
+                md.planned = True
             exact = md.path.exact
             window = None if exact is None else WindowInputs(exact.k[index], exact.v[index], exact.tags, key[:n],
                                                              value[:n], exact.sinks, exact.window)
-            fused_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.plan, fused,
-                            self.scale, out=output[:n].view(n, self.num_heads, self.head_size), window=window)
+            decodes = n if md.split is None else md.split.decode_tokens
+            if decodes:
+                fused_attention(query[:decodes], kv_cache, md.block_table, md.seq_lens_dev, md.query_start_loc_dev,
+                                md.plan, fused, self.scale, out=out[:decodes], window=window)
+            if md.split is not None:
+                prefill_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.split, fused, self.scale, out,
+                                  md.path.flash)
             return output
         out = md.path.attend(index, query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
                              compat.step_scratch(StepState), key[:n], value[:n])

@@ -236,3 +236,26 @@ def tensor_parallel_rank() -> int:
         return parallel_state.get_tensor_model_parallel_rank()
     except (AssertionError, AttributeError):  # no model-parallel group initialized
         return 0
+
+
+def flash_attention(head_size: int):
+    """vLLM's varlen FlashAttention as ``fn(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    softmax_scale)`` (causal, bottom-right aligned), or None where this vLLM build has none for ``head_size`` (the
+    CPU build; a GPU bundle without FlashAttention)."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version, is_flash_attn_varlen_func_available
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    if not is_flash_attn_varlen_func_available():
+        return None
+    version = get_flash_attn_version(head_size=head_size)
+    if version is None:
+        return None
+
+    def run(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
+        flash_attn_varlen_func(q=q, k=k, v=v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
+                               causal=True, fa_version=version)
+
+    return run

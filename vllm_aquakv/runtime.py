@@ -107,11 +107,12 @@ class ServingState:
                 raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
                                        "set TRITON_INTERPRET=1, or drop aquakv_kernels")
             self._enable_fused_kernel(num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
-                                      vllm_config.cache_config.block_size, on_cuda)
+                                      vllm_config.cache_config.block_size, on_cuda,
+                                      extra.get("aquakv_flash_prefill", True))
         self._log()
 
     def _enable_fused_kernel(self, num_layers: int, num_q_heads: int, num_kv_heads: int, block_size: int,
-                             compile_now: bool) -> None:
+                             compile_now: bool, flash_prefill: bool = True) -> None:
         """Serve all layers with the fused Triton attention kernel (kernels/attention.py) if every layer can take
         it, else all with the torch path; the startup log says which and why.  On CUDA, compile the kernel's
         variants now rather than during the first requests."""
@@ -129,10 +130,19 @@ class ServingState:
             return
         self.path.fused.update(fused)
         self.kernel_note = f"fused Triton attention on all {num_layers} layers"
+        if compile_now and exact is None and flash_prefill:  # prefill: reconstruction + vLLM's FlashAttention
+            self.path.flash = compat.flash_attention(self.cache.head_dim)
+            self.kernel_note += ("; prefill through reconstructed K/V + FlashAttention" if self.path.flash else
+                                 "; no FlashAttention in this vLLM build: prefill in the fused kernel too")
         if compile_now:
             t0 = time.time()
             variants = warm_up(fused, [self.path.slot_bytes(l) for l in range(num_layers)], num_q_heads, num_kv_heads,
                                block_size, self.model_dtype, None if exact is None else (exact.sinks, exact.window))
+            if self.path.flash is not None:
+                from .kernels.reconstruct import warm_up as warm_up_reconstruct
+
+                warm_up_reconstruct(fused, [self.path.slot_bytes(l) for l in range(num_layers)], num_kv_heads,
+                                    block_size, self.model_dtype)
             self.kernel_note += f" ({variants} layer variants compiled in {time.time() - t0:.1f} s)"
             self.compiled_at_startup = compiled_variants()
 

@@ -9,7 +9,8 @@ prefill side at 4k prompts: aquakv cache write (torch: quantize + pack + scatter
 vLLM's bf16 prefill attention (cache write: the torch path and the Triton kernel).  Random codes and scales: timing
 only.
 
-    python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD]    (needs vLLM 0.26: README.md)
+    python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD] [--prefill-only]
+    (needs vLLM 0.26: README.md)
 
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
 modes whose label contains one of the words.
@@ -164,7 +165,7 @@ def main():
     sweep, best = ({}, {}) if "--no-sweep" in sys.argv else tile_sweep(next(iter(setups.values())))
     print("best launch settings", best, flush=True)
     rows = []
-    for batch in (1, 16, 64):
+    for batch in () if "--prefill-only" in sys.argv else (1, 16, 64):
         for ctx in (4096, 16384, 32768):
             nb = ctx // PAGE
             block_table, seq_lens, qsl_list, qsl, q = decode_batch(batch, ctx)
@@ -194,17 +195,19 @@ def main():
                 r["fraction_of_floor"] = r["hbm_floor_ms"] / r["ms"]
                 print(f"batch {batch:3d} ctx {ctx:6d} {r['kv_cache_dtype']:55s} {r['ms']:8.3f} ms  "
                       f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor", flush=True)
-    prefill = prefill_overhead(setups, best)
+    prefill = {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
     md = ["Decode attention, one layer, Llama-3.2-3B shape (24 q / 8 KV heads, head_dim 128), paged blocks of 16, "
           "random codes; median of triton.testing.do_bench; HBM floor = bytes read / 3.35 TB/s.\n",
           "| batch | context | kv-cache-dtype | ms | vs bf16 | % of own HBM floor |", "| --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['batch']} | {r['context']} | {r['kv_cache_dtype']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x | "
            f"{100 * r['fraction_of_floor']:.1f}% |" for r in rows]
-    md += ["\nPrefill of one 4096-token prompt, one layer:\n", "| step | ms |", "| --- | --- |"]
-    md += [f"| {k} | {v:.3f} |" for k, v in prefill.items()]
+    md += ["\nPrefill of one prompt, one layer:\n", "| step | 4096 tokens, ms | 8192 tokens, ms |",
+           "| --- | --- | --- |"]
+    md += [f"| {k} | {v:.3f} | {prefill[8192][k]:.3f} |" for k, v in prefill[4096].items()]
     print("\n".join(md))
-    write_results(os.path.join(out_dir, "decode_attention_h100.json"), "decode_attention",
-                  "Llama-3.2-3B attention shape (random data)", rows, "\n".join(md), prefill_4k_ms=prefill,
+    name = "prefill_attention_h100.json" if "--prefill-only" in sys.argv else "decode_attention_h100.json"
+    write_results(os.path.join(out_dir, name), "decode_attention",
+                  "Llama-3.2-3B attention shape (random data)", rows, "\n".join(md), prefill_ms=prefill,
                   tile_sweep_batch64_ctx16k=sweep, seconds=round(time.time() - t0))
 
 
@@ -238,13 +241,15 @@ def tile_sweep(setup) -> tuple[dict, dict]:
     return out, best[1]
 
 
-def prefill_overhead(setups, best) -> dict:
-    """4096-token prompt: aquakv write + fused prefill attention vs vLLM bf16 prefill attention (ms)."""
+def prefill_overhead(setups, best, n: int) -> dict:
+    """One n-token prompt: aquakv write + prefill attention (fused kernel; reconstruction + FlashAttention) vs vLLM's
+    bf16 prefill attention (ms)."""
     from vllm_aquakv.kernels.attention import fused_attention, plan_attention
+    from vllm_aquakv import compat
     from vllm_aquakv.kernels.cache_write import write_fused
+    from vllm_aquakv.kernels.reconstruct import prefill_attention, reconstruct, split_prefills
     from vllm_aquakv.serving import StepState
 
-    n = 4096
     nb = n // PAGE
     block_table = torch.randperm(nb, device="cuda", dtype=torch.int32).view(1, nb)
     seq_lens = torch.tensor([n], dtype=torch.int32, device="cuda")
@@ -267,6 +272,18 @@ def prefill_overhead(setups, best) -> dict:
     plan = plan_attention(qsl_list, n, HQ, H, "cuda", **best)
     out["aquakv fused prefill attention"] = bench(
         lambda: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5, out=torch.empty_like(q)))
+    flash = compat.flash_attention(D)
+    if flash is not None:  # what the backend runs for prefill requests (kernels/reconstruct.py)
+        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+        o = torch.empty_like(q)
+        out["bf16 attention (vLLM FlashAttention, contiguous K/V)"] = bench(
+            lambda: flash(q, key, value, o, cu, cu, n, n, D ** -0.5))
+        split = split_prefills(qsl_list, [n], "cuda")
+        k_rows, v_rows = split.scratch(H, D, q.dtype, "cuda")
+        out["aquakv reconstruct K/V (kernels/reconstruct.py)"] = bench(
+            lambda: reconstruct(kv, block_table, seq_lens, split.rows, split.cu_k, n, fused, k_rows, v_rows))
+        out["aquakv prefill attention: reconstruct + FlashAttention"] = bench(
+            lambda: prefill_attention(q, kv, block_table, seq_lens, split, fused, D ** -0.5, o, flash))
     return out
 
 

@@ -1,0 +1,192 @@
+"""Prefill through FlashAttention: reconstruct the prefill requests' K/V from their aquakv codes into 16-bit rows,
+then run vLLM's own varlen FlashAttention over them.
+
+The fused kernel (``attention.py``) decodes every cached key once per block of query rows; a 4k-token prompt then
+decodes each key ~200 times and runs small tensor-core tiles, ~3x slower than FA3 at bf16.  Here each key is
+decoded once per layer and step (``_reconstruct_kernel``: codes -> lanes -> one rotation back from the Hadamard
+domain, plus the key mean, value mean and per-head value predictor), and the attention itself is FA3's.  The
+arithmetic is the fused kernel's: every key and value the queries read comes from its codes (no 16-bit
+shortcut for the step's own tokens), so the result equals the torch path's within bf16 rounding of K/V.
+Its torch twin is ``vllm_aquakv.serving.TorchServingPath.read_context``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import FusedLayer, _load_lanes
+
+BLOCK_T = 64  # tokens per program
+
+
+@triton.jit
+def _rotate_lane(x, rot_ptr, LANE: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Lane LANE's part of y A^T: x [T, W] @ rot[:, LANE * W:(LANE + 1) * W]^T -> [T, h] float32 (rot [h, h]
+    row-major, columns in lane order)."""
+    w = tl.arange(0, WIDTH)
+    j = tl.arange(0, HEAD_DIM)
+    a_t = tl.load(rot_ptr + j[None, :] * HEAD_DIM + LANE * WIDTH + w[:, None]).to(x.dtype)  # [W, h]
+    return tl.dot(x, a_t)
+
+
+@triton.jit
+def _rotate_lanes(x0, x1, x2, x3, rot_ptr, LANES: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """y A^T for lane-ordered coordinates split in LANES lanes [T, W] -> [T, h] float32, head order."""
+    y = _rotate_lane(x0, rot_ptr, 0, WIDTH, HEAD_DIM) + _rotate_lane(x1, rot_ptr, 1, WIDTH, HEAD_DIM)
+    if LANES == 4:
+        y += _rotate_lane(x2, rot_ptr, 2, WIDTH, HEAD_DIM) + _rotate_lane(x3, rot_ptr, 3, WIDTH, HEAD_DIM)
+    return y
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _reconstruct_kernel(
+    cache_ptr, block_table_ptr, seq_lens_ptr, rows_ptr, cu_k_ptr, k_table_ptr, v_table_ptr, rot_k_ptr, rot_v_ptr,
+    k_bias_ptr, v_bias_ptr, v_weight_ptr, k_out_ptr, v_out_ptr,
+    stride_block, stride_head, stride_token, stride_bt,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, SLOT_ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    K_CODE_BYTES: tl.constexpr, K_INDEX_BITS: tl.constexpr, K_ENTRY_VALUES: tl.constexpr, K_LANES: tl.constexpr,
+    V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
+    V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+    HAS_K_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    """K and V [BLOCK, h] of positions block * BLOCK + [0, BLOCK) of request rows_ptr[r] and one KV head, from its
+    paged slots, into rows cu_k[r] + position of the 16-bit outputs [sum of lengths, H, h]."""
+    r = tl.program_id(0)
+    head = tl.program_id(2)
+    seq = tl.load(rows_ptr + r)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # positions [T]
+    t_mask = t < tl.load(seq_lens_ptr + seq)
+    blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
+    base = tl.multiple_of(blk * stride_block + head * stride_head + (t % PAGE_BLOCK) * stride_token, SLOT_ALIGN)
+    inv_sqrt_h = 1.0 / tl.sqrt(HEAD_DIM * 1.0)  # y = grid coordinates * scale / sqrt(h)
+    j = tl.arange(0, HEAD_DIM)
+    out_rows = ((tl.load(cu_k_ptr + r) + t) * NUM_KV_HEADS + head).to(tl.int64)[:, None] * HEAD_DIM + j[None, :]
+
+    scale_k = tl.load((cache_ptr + base + K_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)
+    x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS, K_ENTRY_VALUES,
+                                 DOT_DTYPE, USE_ASM)
+    k = _rotate_lanes(x0, x1, x2, x3, rot_k_ptr, K_LANES, K_CODE_BYTES, HEAD_DIM)
+    k = k * (scale_k.to(tl.float32) * inv_sqrt_h)[:, None]  # [T, h]
+    if HAS_K_BIAS:
+        k += tl.load(k_bias_ptr + head * HEAD_DIM + j)[None, :]
+    tl.store(k_out_ptr + out_rows, k.to(k_out_ptr.dtype.element_ty), mask=t_mask[:, None])
+
+    scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)
+    y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
+                                 V_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
+    v = _rotate_lanes(y0, y1, y2, y3, rot_v_ptr, V_LANES, V_CODE_BYTES, HEAD_DIM)
+    v = v * (scale_v.to(tl.float32) * inv_sqrt_h)[:, None]
+    if HAS_V_BIAS:
+        v += tl.load(v_bias_ptr + head * HEAD_DIM + j)[None, :]
+    if V_FROM_K:  # v = b_v + k W[head] + A y_v
+        w_head = tl.load(v_weight_ptr + head * HEAD_DIM * HEAD_DIM + j[:, None] * HEAD_DIM + j[None, :])
+        v += tl.dot(k.to(DOT_DTYPE), w_head.to(DOT_DTYPE))
+    tl.store(v_out_ptr + out_rows, v.to(v_out_ptr.dtype.element_ty), mask=t_mask[:, None])
+
+
+def reconstruct(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor,
+                cu_k: torch.Tensor, max_len: int, layer: FusedLayer, k_out: torch.Tensor,
+                v_out: torch.Tensor) -> None:
+    """Write the K and V of positions [0, seq_lens[rows[r]]) of each request rows[r] (int32 [R] on the device) from
+    the paged cache kv_cache [num_blocks, H, page_block, slot] (uint8) into k_out / v_out [cu_k[-1], H, h] (any
+    float dtype) at rows cu_k[r] + position.  block_table [requests, max_blocks], seq_lens [requests] and cu_k
+    [R + 1] are int32 on the device; ``max_len`` >= every such length (sizes the launch)."""
+    interpret = kv_cache.device.type != "cuda"
+    _, heads, page_block, _ = kv_cache.shape
+    h = k_out.shape[-1]
+    kl, vl = layer.k_lanes, layer.v_lanes
+    dummy = layer.rot_k
+    _reconstruct_kernel[(rows.shape[0], triton.cdiv(max_len, BLOCK_T), heads)](
+        kv_cache, block_table, seq_lens, rows, cu_k, kl.table, vl.table, layer.rot_k, layer.rot_v,
+        dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_bias is None else layer.v_bias,
+        dummy if layer.v_weight is None else layer.v_weight, k_out, v_out,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
+        NUM_KV_HEADS=heads, HEAD_DIM=h, PAGE_BLOCK=page_block,
+        SLOT_ALIGN=math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16), BLOCK=BLOCK_T,
+        K_CODE_BYTES=kl.code_bytes, K_INDEX_BITS=kl.index_bits, K_ENTRY_VALUES=kl.entry_values, K_LANES=kl.lanes,
+        V_CODE_OFFSET=layer.v_code_offset, V_CODE_BYTES=vl.code_bytes, V_INDEX_BITS=vl.index_bits,
+        V_ENTRY_VALUES=vl.entry_values, V_LANES=vl.lanes, K_SCALE_OFFSET=layer.k_scale_offset,
+        V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
+        HAS_V_BIAS=layer.v_bias is not None, V_FROM_K=layer.v_weight is not None,
+        DOT_DTYPE=tl.float32 if interpret else tl.float16, USE_ASM=not interpret, num_warps=4,
+    )
+
+
+@dataclass
+class PrefillSplit:
+    """A step cut into its leading decode requests (one query token each: the fused kernel) and the rest
+    (reconstruction + FlashAttention).  vLLM orders decodes first for this backend (``reorder_batch_threshold``)."""
+
+    decode_reqs: int
+    decode_tokens: int
+    rows: torch.Tensor  # [P] int32: request index of each other request
+    cu_q: torch.Tensor  # [P + 1] int32: their query offsets, relative to decode_tokens
+    cu_k: torch.Tensor  # [P + 1] int32: offsets of their contexts in the reconstructed K/V rows
+    max_q: int
+    max_k: int
+    total_k: int
+    _scratch: tuple | None = None  # (k, v) [total_k, H, h], shared by the step's layers
+
+    def scratch(self, heads: int, head_dim: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reconstructed K and V rows [total_k, H, h], allocated once per step."""
+        if self._scratch is None:
+            self._scratch = tuple(torch.empty(self.total_k, heads, head_dim, dtype=dtype, device=device)
+                                  for _ in range(2))
+        return self._scratch
+
+
+def split_prefills(query_start_loc: list[int], seq_lens: list[int], device) -> PrefillSplit | None:
+    """The step's split, or None when every request decodes one token (the fused kernel alone is faster)."""
+    q_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
+    d = 0
+    while d < len(q_lens) and q_lens[d] == 1:
+        d += 1
+    if d == len(q_lens):
+        return None
+    rest = range(d, len(q_lens))
+    cu_q, cu_k = [0], [0]
+    for r in rest:
+        cu_q.append(cu_q[-1] + q_lens[r])
+        cu_k.append(cu_k[-1] + seq_lens[r])
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+    return PrefillSplit(d, query_start_loc[d], as_tensor(list(rest)), as_tensor(cu_q), as_tensor(cu_k),
+                        max(q_lens[d:]), max(seq_lens[d:]), cu_k[-1])
+
+
+def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, split: PrefillSplit, layer: FusedLayer, scale: float,
+                      out: torch.Tensor, flash) -> None:
+    """Causal attention of the split's non-decode queries (query [N, Hq, h] rows decode_tokens..N) over their
+    reconstructed contexts, written to the same rows of ``out`` [N, Hq, h]; ``flash`` is
+    ``compat.flash_attention``'s function (or any with its signature, e.g. a torch twin in tests)."""
+    heads, h = kv_cache.shape[1], query.shape[-1]
+    k, v = split.scratch(heads, h, query.dtype, query.device)
+    reconstruct(kv_cache, block_table, seq_lens, split.rows, split.cu_k, split.max_k, layer, k, v)
+    d = split.decode_tokens
+    flash(query[d:], k, v, out[d:], split.cu_q, split.cu_k, split.max_q, split.max_k, scale)
+
+
+def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_kv_heads: int, page_block: int,
+            dtype: torch.dtype) -> None:
+    """Compile ``_reconstruct_kernel`` for every distinct layer configuration (seconds each), at startup."""
+    seen = set()
+    for layer, f in fused.items():
+        key = (slot_bytes[layer], f.k_lanes.index_bits, f.k_lanes.entry_values, f.k_lanes.code_bytes,
+               f.v_lanes.index_bits, f.v_lanes.entry_values, f.v_lanes.code_bytes, f.v_code_offset,
+               f.k_scale_offset, f.v_scale_offset, f.k_bias is None, f.v_bias is None, f.v_weight is None)
+        if key in seen:
+            continue
+        seen.add(key)
+        device, h = f.rot_k.device, f.rot_k.shape[0]
+        cache = torch.zeros(1, num_kv_heads, page_block, slot_bytes[layer], dtype=torch.uint8, device=device)
+        one = torch.zeros(1, dtype=torch.int32, device=device)
+        k = torch.empty(page_block, num_kv_heads, h, dtype=dtype, device=device)
+        reconstruct(cache, one[None], one + page_block, one, torch.tensor([0, page_block], dtype=torch.int32,
+                                                                          device=device), page_block, f, k, k.clone())
