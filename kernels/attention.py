@@ -294,8 +294,12 @@ def _fused_attention_kernel(
                                     WINDOW)
                 kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
                                  stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-                s = tl.where(exact, tl.dot(q, tl.trans(kx.to(Q_DTYPE)), input_precision=Q_PRECISION) * logit_scale,
-                             s)
+                if HEAD_DIM >= 128:
+                    s_x = tl.dot(q, tl.trans(kx.to(Q_DTYPE)), input_precision=Q_PRECISION)  # [M, T]
+                else:  # the same product transposed: Triton 3.6 asserts in applyLinearLayout on [M, 64] x [64, T]
+                    # with M < 64 here (offline_compile.py --window --smollm2)
+                    s_x = tl.trans(tl.dot(kx.to(Q_DTYPE), tl.trans(q), input_precision=Q_PRECISION))
+                s = tl.where(exact, s_x * logit_scale, s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])

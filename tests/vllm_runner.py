@@ -78,6 +78,14 @@ if __name__ == "__main__":
         text = io.StringIO()
         pstats.Stats(py, stream=text).sort_stats("cumulative").print_stats(rows)
         result["profile"]["python_cumulative"] = f"wall {time.time() - t1:.2f} s under cProfile\n" + text.getvalue()
+    score = args.get("score_token_ids")  # prompt logprobs of given token sequences (teacher forcing), same engine
+    if args.get("score_outputs"):  # ... or of each prompt followed by its greedy tokens
+        score = [p["prompt_token_ids"] + o for p, o in zip(prompts, result["outputs"])]
+    if score:
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in score],
+                            SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+        result["scored_logprobs"] = [[None if d is None else d[t].logprob for d, t in zip(o.prompt_logprobs, ids)]
+                                     for o, ids in zip(outs, score)]
     if args.get("also_prompt_logprobs"):  # prompt logprobs of the first N prompts, same engine
         outs = llm.generate(prompts[: args["also_prompt_logprobs"]],
                             SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))

@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--sass", action="store_true", help="print the innermost loop's instruction mix")
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M's shapes: 9 q / 3 KV heads, head_dim 64, "
+                                                          "blocks of 32")
     args = ap.parse_args()
     fn = cache_write._cache_write_kernel if args.write else attention._fused_attention_kernel
     names = fn.arg_names
@@ -66,6 +68,9 @@ def main():
                  V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16, Q_DTYPE=triton.language.bfloat16,
                  Q_PRECISION="tf32", USE_ASM=not args.no_asm, NUM_KV_HEADS=8, SINKS=4 if args.window else 0,
                  WINDOW=128 if args.window else 0, HAS_WINDOW=args.window)
+    if args.smollm2 and not args.write:  # d2n16: 16 code bytes per stream, slot 16 + 16 + 2 + 2 bytes
+        const.update(NUM_Q_HEADS=9, NUM_KV_HEADS=3, HEAD_DIM=64, PAGE_BLOCK=32, K_CODE_BYTES=16, V_CODE_OFFSET=16,
+                     V_CODE_BYTES=16, K_SCALE_OFFSET=32, V_SCALE_OFFSET=34)
     if args.d1n4 and not args.write:  # 2-bit scalar codes decoded in registers
         const.update(K_INDEX_BITS=2, K_ENTRY_VALUES=1, V_INDEX_BITS=2, V_ENTRY_VALUES=1)
     signature = {n: pointers.get(n, "fp32" if n == "logit_scale" else "i32") for n in names}
