@@ -121,7 +121,10 @@ def load_artifact(art_dir: str, model_dir: str | None = None) -> tuple[AquaKVCac
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    hint = "re-run aquakv-calibrate for this model" + (f" (aquakv-calibrate {model_dir})" if model_dir else "")
+    out = "" if model_dir and os.path.abspath(art_dir) == os.path.abspath(default_artifact_dir(model_dir)) else \
+        f" --out {art_dir}"
+    hint = "re-run aquakv-calibrate for this model" + (f" (aquakv-calibrate {model_dir}{out} --overwrite)"
+                                                       if model_dir else "")
     man_path, ten_path = os.path.join(art_dir, MANIFEST), os.path.join(art_dir, TENSORS)
     if not os.path.exists(man_path) or not os.path.exists(ten_path):
         raise ArtifactError(f"no aquakv artifact in {art_dir} (need {MANIFEST} and {TENSORS}): {hint}")

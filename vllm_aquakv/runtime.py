@@ -61,7 +61,8 @@ class ServingState:
             if not os.path.exists(os.path.join(art, "manifest.json")):
                 raise ArtifactError(
                     f"no aquakv artifact at {art}. Calibrate this model first:\n    aquakv-calibrate {self.model_dir}\n"
-                    "or name one with --additional-config '{\"aquakv_artifact\": \"/path/to/aquakv\"}', or serve "
+                    "or name one with --additional-config '{\"aquakv_artifact\": \"/path/to/aquakv\"}' (or "
+                    "$AQUAKV_ARTIFACT), or serve "
                     "without predictors (lower quality) with --additional-config '{\"aquakv_no_predictor\": true}'")
             self.cache, _ = load_artifact(art, self.model_dir)
             self.source = art
@@ -150,12 +151,13 @@ class ServingState:
         bits = self.cache.bits(4096)
         slots = sorted({self.path.slot_bytes(l) for l in range(self.cache.num_layers)})
         dtype = str(self.model_dtype).replace("torch.", "")
+        vs_bf16 = "" if self.model_dtype.itemsize == 2 else f" ({self.path.capacity_ratio(2):.2f}x vs bf16)"
         _logger().info(
             "aquakv: %s; %.3f bits/value (codes + scales), slot %s bytes per (token, KV head) vs %d in %s: "
-            "%.2fx the tokens of a %s cache at equal memory (%.2fx vs bf16); %s; %s%s",
+            "%.2fx the tokens of a %s cache at equal memory%s; %s; %s%s",
             self.source, bits["bits_per_value"], "/".join(map(str, slots)), 2 * self.cache.head_dim *
             self.model_dtype.itemsize, dtype, self.path.capacity_ratio(self.model_dtype.itemsize), dtype,
-            self.path.capacity_ratio(2), self.window_note, self.kernel_note, self.shard_note)
+            vs_bf16, self.window_note, self.kernel_note, self.shard_note)
 
 
 def rank_kv_heads(total: int, tp: int, rank: int) -> tuple[int, int]:
