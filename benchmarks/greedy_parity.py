@@ -40,11 +40,11 @@ def run_format(model: str, fmt: str, prompts: list[list[int]], tokens: int, dtyp
     by its greedy tokens), one engine."""
     from vllm_runner import run_vllm
 
-    engine = {}
+    engine = {} if fmt == "auto" else {"additional_config": {"aquakv_window": fmt == "aquakv-window"}}
     if fmt in ("aquakv-post", "aquakv-window"):
         if not post_artifact:
             raise SystemExit(f"{fmt} needs --post-artifact (a post-RoPE artifact without value predictor)")
-        engine["additional_config"] = {"aquakv_artifact": post_artifact, "aquakv_window": fmt == "aquakv-window"}
+        engine["additional_config"]["aquakv_artifact"] = post_artifact
     kv = "auto" if fmt == "auto" else "aquakv"
     res = run_vllm(model=model, kv_cache_dtype=kv, dtype=dtype, prompt_token_ids=prompts, max_tokens=tokens,
                    max_model_len=1024, engine=engine, score_token_ids=score, score_outputs=score is None)

@@ -1,9 +1,9 @@
 """Pareto study on SmolLM2-135M-Instruct: perplexity delta vs bits/value vs decode cost, per predictor structure x
 topology x bits.  K/V are captured once; every configuration is calibrated in memory on the same calibration
-tokens (wiki-train) and evaluated on the same held-out windows (wiki-heldout) with aquakv-eval's simulated cache,
+tokens (wiki-train) and evaluated on the same held-out windows (wiki-heldout, or --text essays / news) with aquakv-eval's simulated cache,
 in serving semantics (every token through codes) and paper semantics (16-bit sinks 4 / window 128).
 
-    .venv/bin/python benchmarks/pareto.py [--calib-tokens 16384] [--windows 4] [--ctx 1024]
+    .venv/bin/python benchmarks/pareto.py [--calib-tokens 16384] [--windows 4] [--ctx 1024] [--text wiki-heldout]
 
 Writes benchmarks/results/pareto_smollm2.{json,md,png}.  Decode cost from vllm_aquakv.cost (Llama-3.2-3B shape:
 8 KV heads x 128, 24 query heads), the shape the kernels are budgeted for.
@@ -20,7 +20,7 @@ from vllm_aquakv.calibration.calibrate import load_model
 from vllm_aquakv.calibration.capture import KeysInFrame, capture_kv, tokenize_windows
 from vllm_aquakv.calibration.evaluate import MixedCache, kivi_bits, kivi_quantize, perplexity
 from vllm_aquakv.calibration.models import smollm2_path
-from vllm_aquakv.calibration.texts import load_texts
+from vllm_aquakv.calibration.texts import TEXT_SETS, load_texts
 from vllm_aquakv.cost import decode_cost
 from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
 from vllm_aquakv.results import write_results
@@ -32,6 +32,8 @@ CONFIGS = [
     ("mean only", dict(key_predictor="mean", value_predictor="mean")),
     ("paper: dense chain K, dense [K_l;V_l-1] V", dict()),
     ("paper, keys 3 bit", dict(key_grid="d2n64")),
+    # at most 2.3 bits/value on head_dim 64 (the default 4-bit layer 0 costs SmolLM2 0.067 b/v; head_dim 128: 2.20)
+    ("paper, layer 0 at 2 bit", dict(layer0_grid="d2n16")),
     ("K mean, V dense from K_l", dict(key_predictor="mean", value_topology="k_same")),
     ("K per-head chain, V dense from K_l", dict(key_predictor="per_head", value_topology="k_same")),
     ("K low-rank 32 chain, V dense from K_l", dict(key_predictor="lowrank:32", value_topology="k_same")),
@@ -47,6 +49,12 @@ CONFIGS = [
                                                value_topology="k_same", key_grid="d2n64")),
     # fused-kernel mode: keys quantized after RoPE, attention scores taken in the Hadamard domain (no key decode)
     ("post-RoPE K none, V none", dict(key_rope="post", key_predictor="none", value_predictor="none")),
+    ("post-RoPE K none, V none, scalar d1n4", dict(key_rope="post", key_predictor="none", value_predictor="none",
+                                                   key_grid="d1n4", value_grid="d1n4")),
+    # aquakv-calibrate --preset speed (the fused kernels' mode measured on the H100 as aquakv-window)
+    ("speed preset: post-RoPE K mean, V none, layer 0 2 bit", dict(key_rope="post", key_predictor="mean",
+                                                                   value_predictor="none", value_topology="none",
+                                                                   layer0_grid="d2n16")),
     ("post-RoPE K mean, V mean", dict(key_rope="post", key_predictor="mean", value_predictor="mean")),
     ("post-RoPE K mean, V per-head from K_l", dict(key_rope="post", key_predictor="mean", value_predictor="per_head",
                                                     value_topology="k_same")),
@@ -61,6 +69,8 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--text", default="wiki-heldout", choices=[t for t in TEXT_SETS if t != "wiki-train"],
+                    help="held-out text set (calibration is always wiki-train)")
     ap.add_argument("--only", nargs="*", help="run only configurations whose label contains one of these")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "pareto_smollm2.json"))
     args = ap.parse_args()
@@ -69,7 +79,7 @@ def main():
     model, tok = load_model(path, "cpu")
     rope = Rope(json.load(open(os.path.join(path, "config.json"))), model.config.head_dim)
     ks, vs = capture_kv(model, tokenize_windows(tok, load_texts("wiki-train"), 1024, args.calib_tokens))
-    windows = tokenize_windows(tok, load_texts("wiki-heldout"), args.ctx, args.windows * args.ctx)
+    windows = tokenize_windows(tok, load_texts(args.text), args.ctx, args.windows * args.ctx)
     H, D = ks[0].shape[1:]
     plain = perplexity(model, windows)
     rows = []
@@ -78,7 +88,7 @@ def main():
         for (semantics, sinks, window), recon_fn in zip((("serving", 0, 0), ("paper", 4, 128)), recon_fns):
             ppl = perplexity(model, windows, MixedCache(model, recon_fn, H, D, sinks, window, rope,
                                                         config.get("key_rope", "pre")))
-            rows.append({"label": label, "semantics": semantics, "bits_per_value": bits, "ppl": ppl,
+            rows.append({"label": label, "text": args.text, "semantics": semantics, "bits_per_value": bits, "ppl": ppl,
                          "rel_ppl_delta": ppl / plain - 1, **cost, "config": config})
             print(f"{label:45s} {semantics:8s} {bits:.3f} bits  ppl {ppl:.3f} ({100 * (ppl / plain - 1):+.2f}%)  "
                   f"decode {cost['bytes_per_value']:.2f} B/value {cost['flops_per_value']:.0f} FLOP/value", flush=True)
@@ -99,7 +109,7 @@ def main():
     evaluate("KIVI-style 2 bit (baseline)", [kivi, kivi], kivi_bits(D),
              {"bytes_per_value": kivi_bits(128) / 8, "flops_per_value": 2.0 * 3 + 2, "notes": []}, {})
     md = [f"SmolLM2-135M-Instruct, fp32. Calibration: {ks[0].shape[0]} wiki-train tokens. Evaluation: {args.windows} "
-          f"held-out windows x {args.ctx} tokens; unquantized ppl {plain:.4f}. Serving = every token through codes; "
+          f"held-out {args.text} windows x {args.ctx} tokens; unquantized ppl {plain:.4f}. Serving = every token through codes; "
           "paper = 16-bit sinks 4 + window 128. Decode cost per cached value per step for the Llama-3.2-3B shape "
           "(budget on an H100: ~0.29 B and <= ~85 FLOP per value to stay bandwidth-bound at 2.3 bits).\n",
           "| configuration | bits/value | ppl delta, serving | ppl delta, paper | decode B/value | decode FLOP/value |",

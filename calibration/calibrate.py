@@ -20,12 +20,23 @@ import torch
 
 from ..artifact import default_artifact_dir, model_fingerprint, save_artifact
 from ..grids import GRID_SPECS
-from ..reference import AquaKVCache, AquaKVConfig
-from ..rope import Rope
-from .capture import KeysInFrame, capture_kv, tokenize_windows
+from ..reference import AquaKVCache, AquaKVConfig, NonFiniteFit
+from ..codec import head_dim_supported
+from ..rope import Rope, UnsupportedModel, inverse_frequencies
+from .capture import KeysInFrame, NonFiniteActivations, capture_kv, kv_shape, tokenize_windows
 from .texts import TEXT_SETS, load_texts
 
 BITS_TO_GRID = {2: "d2n16", 3: "d2n64", 4: "d2n256"}
+# --preset: the two defaults picked from the Pareto study (README "Defaults"); explicit options override them
+PRESETS = {
+    # the paper's AQUA-KV: pre-RoPE keys, dense previous-layer key chain, values from [K_l; V_{l-1}], 4-bit layer 0;
+    # served through the torch path (reconstructs each context every step)
+    "quality": {},
+    # the fused CUDA kernels' mode: post-RoPE keys minus their mean, values without predictor, every layer at 2 bits
+    # (one slot size), served with 16-bit sinks 4 + window 128
+    "speed": {"key_rope": "post", "key_predictor": "mean", "value_predictor": "none", "value_topology": "none",
+              "layer0": "d2n16"},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("model", help="local Hugging Face model folder (Llama/Qwen2/Mistral-style decoder)")
     ap.add_argument("--out", help="artifact folder (default: MODEL/aquakv, where serving looks)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact in the output folder")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quality",
+                    help="quality: the paper's AQUA-KV (default); speed: the fused CUDA kernels' mode (post-RoPE "
+                         "keys, key mean, no value predictor, layer 0 at 2 bits); options below override it")
     ap.add_argument("--text", default="wiki-train", choices=TEXT_SETS, help="built-in calibration text set")
     ap.add_argument("--text-file", nargs="*", default=[], help="calibration text files (override --text)")
     ap.add_argument("--tokens", type=int, default=65536, help="calibration tokens")
@@ -63,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options with the chosen --preset's settings as defaults (options given explicitly win)."""
+    ap = build_parser()
+    preset = ap.parse_known_args(argv)[0].preset
+    ap.set_defaults(**PRESETS[preset])
+    return ap.parse_args(argv)
+
+
 def config_from_args(args) -> AquaKVConfig:
     """AquaKVConfig from parsed CLI options."""
     return AquaKVConfig(
@@ -81,36 +103,78 @@ def model_text_config(model_dir: str) -> dict:
     return hf.get("text_config", hf)
 
 
+def check_model_config(model_dir: str) -> None:
+    """Refuse, from config.json alone (before any weight is loaded), a model that aquakv cannot serve: MLA,
+    sliding-window layers, a head_dim that is not a power of two, a RoPE variant other than default/linear/llama3."""
+    from types import SimpleNamespace
+
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise UnsupportedModel(f"{model_dir} is not a local Hugging Face model folder (no config.json)")
+    cfg = model_text_config(model_dir)
+    if cfg.get("kv_lora_rank") or cfg.get("q_lora_rank"):
+        raise UnsupportedModel("this model uses multi-head latent attention (MLA), which aquakv does not support")
+    sliding = (cfg.get("sliding_window") and cfg.get("use_sliding_window", True)) or any(
+        "sliding" in str(t) for t in cfg.get("layer_types") or ())
+    if sliding:
+        raise UnsupportedModel("this model has sliding-window attention layers, which aquakv does not support "
+                               "(serve it with another --kv-cache-dtype)")
+    if "num_attention_heads" not in cfg or "num_hidden_layers" not in cfg:
+        raise UnsupportedModel("config.json has no num_attention_heads/num_hidden_layers: not a Llama-style decoder")
+    _, _, head_dim = kv_shape(SimpleNamespace(**{"head_dim": None, "num_key_value_heads": None, **cfg}))
+    if not head_dim_supported(head_dim):
+        raise UnsupportedModel(f"aquakv needs head_dim to be a power of two in [16, 512]; this model has {head_dim}")
+    inverse_frequencies(cfg, head_dim)  # raises for RoPE variants the serving path cannot undo and redo
+
+
 def load_model(model_dir: str, device: str):
     """(model in float32 on ``device``, tokenizer) from a local folder; no hub access."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.exists(os.path.join(model_dir, "config.json")):
-        raise SystemExit(f"aquakv-calibrate: {model_dir} is not a local Hugging Face model folder (no config.json)")
+        raise UnsupportedModel(f"{model_dir} is not a local Hugging Face model folder (no config.json)")
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).to(device).eval()
     return model, tok
 
 
 def calibration_docs(args) -> tuple[list[str], str]:
-    """Calibration documents and a label for the manifest."""
+    """Calibration documents (non-empty) and a label for the manifest."""
     if args.text_file:
-        return [open(f, encoding="utf-8").read() for f in args.text_file], "files:" + ",".join(
-            os.path.basename(f) for f in args.text_file)
-    return load_texts(args.text), args.text
+        missing = [f for f in args.text_file if not os.path.isfile(f)]
+        if missing:
+            raise SystemExit(f"aquakv-calibrate: no such text file: {', '.join(missing)}")
+        docs = [open(f, encoding="utf-8").read() for f in args.text_file]
+        label = "files:" + ",".join(os.path.basename(f) for f in args.text_file)
+    else:
+        docs, label = load_texts(args.text), args.text
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise SystemExit(f"aquakv-calibrate: the calibration text ({label}) is empty; give text files with --text-file "
+                         f"or a built-in set with --text ({', '.join(TEXT_SETS)})")
+    return docs, label
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``aquakv-calibrate``."""
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    """Entry point of ``aquakv-calibrate``: bad input ends in one ``aquakv-calibrate: ...`` line saying what to do."""
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+        _calibrate(args, config)
+    except (UnsupportedModel, NonFiniteActivations, NonFiniteFit) as e:
+        raise SystemExit(f"aquakv-calibrate: {e}") from e
+    except ValueError as e:  # configuration values (grids, predictor structures, group sizes)
+        raise SystemExit(f"aquakv-calibrate: {e}") from e
+
+
+def _calibrate(args, config: AquaKVConfig) -> None:
     out = args.out or default_artifact_dir(args.model)
     if os.path.exists(os.path.join(out, "manifest.json")) and not args.overwrite:
         raise SystemExit(f"aquakv-calibrate: an artifact already exists at {out}; pass --overwrite to replace it "
                          "(or --out DIR to write elsewhere)")
+    check_model_config(args.model)
     t0 = time.time()
-    model, tok = load_model(args.model, args.device)
     docs, label = calibration_docs(args)
+    model, tok = load_model(args.model, args.device)
     windows = tokenize_windows(tok, docs, args.seq_len, args.tokens)
     print(f"[aquakv-calibrate] {args.model}: {windows.numel()} tokens of {label} in {windows.shape[0]} sequences",
           flush=True)
@@ -134,7 +198,7 @@ def _fit_and_save(args, config, ks, vs, windows, label, out, t0) -> None:
     metrics = cache.calibration_metrics
     path = save_artifact(
         cache, out, {"fingerprint": model_fingerprint(args.model), "path": os.path.abspath(args.model)},
-        calibration={"text": label, "tokens": int(windows.numel()), "seq_len": args.seq_len,
+        calibration={"preset": args.preset, "text": label, "tokens": int(windows.numel()), "seq_len": args.seq_len,
                      "fit_without_sinks": bool(args.fit_without_sinks),
                      "seconds": round(time.time() - t0, 1)},
         metrics=metrics)

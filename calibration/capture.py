@@ -7,12 +7,20 @@ import os
 import torch
 
 
+class NonFiniteActivations(ValueError):
+    """Captured K/V hold NaN or inf; the message says where."""
+
+
 def attention_modules(model) -> list:
     """The self-attention module of every decoder layer (Llama/Qwen2/Mistral-style models)."""
     layers = getattr(getattr(model, "model", model), "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
         raise ValueError(f"{type(model).__name__} has no model.layers[i].self_attn; aquakv supports Llama-style decoders")
-    return [layer.self_attn for layer in layers]
+    attns = [layer.self_attn for layer in layers]
+    if not all(hasattr(a, "k_proj") and hasattr(a, "v_proj") for a in attns):
+        raise ValueError(f"{type(model).__name__}'s attention has no separate k_proj/v_proj (fused QKV or latent "
+                         "attention); aquakv supports Llama/Qwen2/Mistral-style decoders")
+    return attns
 
 
 def install_kv_hooks(model, make_hook) -> list:
@@ -47,16 +55,23 @@ class KVCapture:
         self.values: list[list[torch.Tensor]] = []
         self._handles = []
 
-    def _hook(self, store: list[torch.Tensor]):
+    def _hook(self, store: list[torch.Tensor], stream: str, layer: int):
         def hook(_module, _inputs, output):
-            store.append(output.detach().float().reshape(-1, self.num_kv_heads, self.head_dim).cpu())
+            x = output.detach().float().reshape(-1, self.num_kv_heads, self.head_dim).cpu()
+            if not torch.isfinite(x).all():
+                raise NonFiniteActivations(
+                    f"the model produced NaN/inf {'keys' if stream == 'k' else 'values'} in layer {layer}: its "
+                    "weights or activations overflow. Check that the model runs in float32 with transformers "
+                    "(aquakv-calibrate loads it in float32) and that its weights are not corrupt")
+            store.append(x)
         return hook
 
     def __enter__(self) -> "KVCapture":
         n = len(attention_modules(self.model))
         self.keys, self.values = [[] for _ in range(n)], [[] for _ in range(n)]
         self._handles = install_kv_hooks(
-            self.model, lambda stream, layer: self._hook((self.keys if stream == "k" else self.values)[layer]))
+            self.model,
+            lambda stream, layer: self._hook((self.keys if stream == "k" else self.values)[layer], stream, layer))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,7 +99,8 @@ def tokenize_windows(tokenizer, docs: list[str], window: int, max_tokens: int) -
             break
     n = min(len(ids), max_tokens) // window
     if n == 0:
-        raise ValueError(f"text too short: {len(ids)} tokens for one window of {window}")
+        raise ValueError(f"text too short: {len(ids)} tokens, fewer than one sequence of {window}; give more text "
+                         "or use shorter sequences (aquakv-calibrate: --seq-len; aquakv-eval: --ctx)")
     return torch.tensor(ids[: n * window]).reshape(n, window)
 
 

@@ -110,3 +110,85 @@ def test_calibrate_cli_post_rope_and_overwrite(tmp_path, rng):
         main(args)
     main(args + ["--overwrite", "--seed", "5"])
     assert load_artifact(os.path.join(model, "aquakv"), model)[0].config.seed == 5
+
+
+def _edit_config(model_dir: str, **changes) -> None:
+    path = os.path.join(model_dir, "config.json")
+    cfg = json.load(open(path))
+    cfg.update(changes)
+    json.dump(cfg, open(path, "w"))
+
+
+def _nan_keys(model_dir: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(model_dir, "model.safetensors")
+    tensors = load_file(path)
+    name = next(n for n in tensors if n.endswith("layers.1.self_attn.k_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case, match", [
+    ("sliding window", "sliding-window attention"),
+    ("sliding layer types", "sliding-window attention"),
+    ("MLA", "latent attention"),
+    ("head_dim 48", "power of two"),
+    ("yarn rope", "rope types"),
+    ("no config", "no config.json"),
+    ("empty text", "is empty"),
+    ("short text", "text too short"),
+    ("NaN weights", "NaN/inf keys in layer 1"),
+    ("unknown predictor", "predictor"),
+])
+def test_calibrate_refuses_bad_input_with_one_message(case, match, tmp_path, rng):
+    """Each model or input aquakv-calibrate cannot handle ends in one `aquakv-calibrate: ...` message that says what
+    is wrong, and leaves no artifact behind (nothing a loader could accept)."""
+    from vllm_aquakv.calibration.calibrate import main
+
+    model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, kv_heads=2, head_dim=48 if case == "head_dim 48" else 32)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 400, (3000,), generator=rng)))
+    args = [model, "--text-file", str(text), "--tokens", "512", "--seq-len", "128"]
+    if case == "sliding window":
+        _edit_config(model, sliding_window=64, use_sliding_window=True)
+    elif case == "sliding layer types":
+        _edit_config(model, layer_types=["sliding_attention", "full_attention"], sliding_window=64)
+    elif case == "MLA":
+        _edit_config(model, kv_lora_rank=64, q_lora_rank=128)
+    elif case == "yarn rope":
+        _edit_config(model, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+    elif case == "no config":
+        os.remove(os.path.join(model, "config.json"))
+    elif case == "empty text":
+        text.write_text(" \n\n")
+    elif case == "short text":
+        text.write_text("only a few words")
+    elif case == "NaN weights":
+        _nan_keys(model)
+    elif case == "unknown predictor":
+        args += ["--key-predictor", "quadratic"]
+    with pytest.raises(SystemExit, match=match) as err:
+        main(args)
+    assert str(err.value).startswith("aquakv-calibrate: ")
+    assert not os.path.exists(os.path.join(model, "aquakv"))
+
+
+def test_calibrate_presets(tmp_path, rng):
+    """--preset speed sets the fused kernels' mode, --preset quality (the default) the paper's; an explicit option
+    overrides its preset; the manifest records the preset."""
+    from vllm_aquakv.calibration.calibrate import main, parse_args
+
+    model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, kv_heads=2, head_dim=32)
+    quality = parse_args([model])
+    assert (quality.key_rope, quality.key_predictor, quality.layer0) == ("pre", "dense", "d2n256")
+    speed = parse_args([model, "--preset", "speed", "--layer0", "16bit"])
+    assert (speed.key_rope, speed.key_predictor, speed.value_predictor, speed.layer0) == ("post", "mean", "none",
+                                                                                          "16bit")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 400, (3000,), generator=rng)))
+    main([model, "--preset", "speed", "--text-file", str(text), "--tokens", "512", "--seq-len", "128"])
+    cache, manifest = load_artifact(os.path.join(model, "aquakv"), model)
+    assert manifest["calibration"]["preset"] == "speed"
+    assert cache.config.key_rope == "post" and cache.config.layer0_grid == "d2n16"
+    assert cache.predictors["v", 1].structure == "none" and cache.predictors["k", 1].structure == "mean"

@@ -209,3 +209,14 @@ def test_head_local_artifact_shards_by_head(rng):
     assert dense.shard_granularity() is None
     with pytest.raises(ValueError, match="mix KV heads"):
         dense.shard(0, 1)
+
+
+def test_non_finite_fit_is_refused(rng):
+    """A NaN/inf in the calibration K/V ends the fit with a message naming the stream and layer."""
+    from vllm_aquakv.reference import NonFiniteFit
+
+    ks = [torch.randn(64, 2, 32, generator=rng) for _ in range(3)]
+    vs = [torch.randn(64, 2, 32, generator=rng) for _ in range(3)]
+    vs[2][5, 1, 3] = float("inf")
+    with pytest.raises(NonFiniteFit, match="V predictor of layer 2"):
+        AquaKVCache.calibrate(AquaKVConfig(), ks, vs)

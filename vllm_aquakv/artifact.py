@@ -111,6 +111,10 @@ def save_artifact(cache: AquaKVCache, out_dir: str, model_info: dict, calibratio
     save_file(tensors, os.path.join(out_dir, TENSORS + ".tmp"), metadata={"format": FORMAT})
     with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as f:
         json.dump(manifest, f, indent=1)
+    # the manifest goes last and an old one first: a crash in between leaves no manifest, so nothing loads that
+    # pairs one run's manifest with another run's tensors
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        os.remove(os.path.join(out_dir, MANIFEST))
     os.replace(os.path.join(out_dir, TENSORS + ".tmp"), os.path.join(out_dir, TENSORS))
     os.replace(os.path.join(out_dir, MANIFEST + ".tmp"), os.path.join(out_dir, MANIFEST))
     return os.path.join(out_dir, MANIFEST)

@@ -36,6 +36,10 @@ VALUE_TOPOLOGIES = ("k_same+v_prev", "k_same", "v_prev", "none")
 STREAMS = ("k", "v")
 
 
+class NonFiniteFit(ValueError):
+    """A fitted predictor holds NaN or inf; the message says which and what to do."""
+
+
 @dataclass(frozen=True)
 class AquaKVConfig:
     """Settings of an AQUA-KV cache (all JSON-able; saved in the artifact manifest)."""
@@ -294,6 +298,10 @@ class AquaKVCache:
             stats.update([recon[s][rows] for s in sources], x[rows])
             cache.predictors[stream, layer] = LinearPredictor.fit(structure, sources, stats, config.ridge,
                                                                   (num_kv_heads, head_dim))
+            if not all(torch.isfinite(t).all() for t in cache.predictors[stream, layer].tensors("").values()):
+                raise NonFiniteFit(f"the {stream.upper()} predictor of layer {layer} came out NaN/inf (its inputs or "
+                                   f"targets hold NaN/inf or overflow); check the captured K/V, or raise --ridge "
+                                   f"(now {config.ridge})")
             prediction = cache._predict(stream, layer, recon, x)
             recon[stream, layer] = prediction + codec.quantize(x.float() - prediction)
             cache.calibration_metrics[f"{stream}.{layer}"] = {

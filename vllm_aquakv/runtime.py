@@ -94,7 +94,14 @@ class ServingState:
         on_cuda = str(device).startswith("cuda")
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         self.window_note = "every token is stored as codes (no 16-bit sinks/window)"
-        if extra.get("aquakv_window") and c.config.num_sink_tokens + c.config.window > 0:
+        kernels = extra.get("aquakv_kernels", on_cuda)
+        window = extra.get("aquakv_window")
+        if window is None:  # default: on wherever the torch path serves; in the fused CUDA kernels it is opt-in
+            window = not (kernels and on_cuda and self._fused_kernels_can_serve())
+            if not window:
+                self.window_note += ("; the fused kernels' 16-bit sinks/window are experimental: opt in with "
+                                     "--additional-config '{\"aquakv_window\": true}'")
+        if window and c.config.num_sink_tokens + c.config.window > 0:
             rows = vllm_config.scheduler_config.max_num_seqs
             # allocated now, while vLLM sizes the KV cache, so that its memory profile sees the ring
             self.path.exact = ExactTokens(c.config.num_sink_tokens, c.config.window, rows, num_layers, num_kv_heads,
@@ -103,7 +110,7 @@ class ServingState:
             self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
                                 f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache"
                                 f"{'; experimental in the fused kernels' if on_cuda else ''})")
-        if extra.get("aquakv_kernels", on_cuda):
+        if kernels:
             if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
                                        "set TRITON_INTERPRET=1, or drop aquakv_kernels")
@@ -111,6 +118,12 @@ class ServingState:
                                       vllm_config.cache_config.block_size, on_cuda,
                                       extra.get("aquakv_flash_prefill", True))
         self._log()
+
+    def _fused_kernels_can_serve(self) -> bool:
+        """Whether every layer of the artifact fits the fused Triton kernels (before any window is set up)."""
+        from .kernels.attention import fused_layers_or_reason
+
+        return not isinstance(fused_layers_or_reason(self.cache, self.path.layouts), str)
 
     def _enable_fused_kernel(self, num_layers: int, num_q_heads: int, num_kv_heads: int, block_size: int,
                              compile_now: bool, flash_prefill: bool = True) -> None:

@@ -87,7 +87,7 @@ class TorchServingPath:
     def __init__(self, cache: AquaKVCache, rope: Rope):
         self.cache, self.rope = cache, rope
         self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
-        self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (opt-in, aquakv_window)
+        self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (aquakv_window; runtime sets the default)
         self.flash = None  # compat.flash_attention's function: prefill steps through reconstruction + FlashAttention
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
                                    cache.exact_dtype) for l in range(cache.num_layers)]

@@ -42,7 +42,7 @@ def make_inputs(model: str | None) -> tuple[str, str]:
 AQUAKV_PRESETS = {
     # speed default until 2026-11-25: key mean, per-head value predictor from the same layer's keys, d2n16 codes
     "aquakv": ("--key-rope post --key-predictor mean --value-predictor per_head --value-topology k_same "
-               "--layer0 d2n16", {}),
+               "--layer0 d2n16", {"aquakv_window": False}),
     # key mean, no value predictor, d2n16 codes, 16-bit sinks 4 + window 128 (vllm_aquakv/window.py)
     "aquakv-window": ("--key-rope post --key-predictor mean --value-predictor none --value-topology none "
                       "--layer0 d2n16", {"aquakv_window": True}),
