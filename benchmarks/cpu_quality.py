@@ -25,8 +25,8 @@ FORMATS = {  # label -> (--kv-cache-dtype, additional_config)
     "fp8": ("fp8", None),
     "fp8_e5m2": ("fp8_e5m2", None),
     "aquakv (default: sinks 4 + window 128)": ("aquakv", None),
-    "aquakv, every token as codes": ("aquakv", {"aquakv_window": False}),
-}
+    "aquakv codes only (aquakv_window false)": ("aquakv", {"aquakv_window": False}),
+}  # labels hold no commas: --formats is a comma-separated list of them
 
 
 def bits_per_value(kv_dtype: str, manifest: dict, extra: dict | None) -> tuple[float, float]:
@@ -53,7 +53,7 @@ def main():
     ap.add_argument("--texts", default="wiki-heldout,essays,news")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated labels of FORMATS")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "cpu_quality_smollm2.json"))
     args = ap.parse_args()
