@@ -1,7 +1,7 @@
 """Pareto study on SmolLM2-135M-Instruct: perplexity delta vs bits/value vs decode cost, per predictor structure x
 topology x bits.  K/V are captured once; every configuration is calibrated in memory on the same calibration
-tokens (wiki-train) and evaluated on the same held-out windows (wiki-heldout, or --text essays / news) with aquakv-eval's simulated cache,
-in serving semantics (every token through codes) and paper semantics (16-bit sinks 4 / window 128).
+tokens (wiki-train) and evaluated on the same held-out windows (wiki-heldout, or --text essays / news) with
+aquakv-eval's simulated cache, in serving semantics (every token through codes) and paper semantics (16-bit sinks 4 / window 128).
 
     .venv/bin/python benchmarks/pareto.py [--calib-tokens 16384] [--windows 4] [--ctx 1024] [--text wiki-heldout]
 
@@ -88,7 +88,8 @@ def main():
         for (semantics, sinks, window), recon_fn in zip((("serving", 0, 0), ("paper", 4, 128)), recon_fns):
             ppl = perplexity(model, windows, MixedCache(model, recon_fn, H, D, sinks, window, rope,
                                                         config.get("key_rope", "pre")))
-            rows.append({"label": label, "text": args.text, "semantics": semantics, "bits_per_value": bits, "ppl": ppl,
+            rows.append({"label": label, "text": args.text, "semantics": semantics, "bits_per_value": bits,
+                         "ppl": ppl,
                          "rel_ppl_delta": ppl / plain - 1, **cost, "config": config})
             print(f"{label:45s} {semantics:8s} {bits:.3f} bits  ppl {ppl:.3f} ({100 * (ppl / plain - 1):+.2f}%)  "
                   f"decode {cost['bytes_per_value']:.2f} B/value {cost['flops_per_value']:.0f} FLOP/value", flush=True)
@@ -109,7 +110,8 @@ def main():
     evaluate("KIVI-style 2 bit (baseline)", [kivi, kivi], kivi_bits(D),
              {"bytes_per_value": kivi_bits(128) / 8, "flops_per_value": 2.0 * 3 + 2, "notes": []}, {})
     md = [f"SmolLM2-135M-Instruct, fp32. Calibration: {ks[0].shape[0]} wiki-train tokens. Evaluation: {args.windows} "
-          f"held-out {args.text} windows x {args.ctx} tokens; unquantized ppl {plain:.4f}. Serving = every token through codes; "
+          f"held-out {args.text} windows x {args.ctx} tokens; unquantized ppl {plain:.4f}. "
+          "Serving = every token through codes; "
           "paper = 16-bit sinks 4 + window 128. Decode cost per cached value per step for the Llama-3.2-3B shape "
           "(budget on an H100: ~0.29 B and <= ~85 FLOP per value to stay bandwidth-bound at 2.3 bits).\n",
           "| configuration | bits/value | ppl delta, serving | ppl delta, paper | decode B/value | decode FLOP/value |",

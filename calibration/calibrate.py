@@ -20,10 +20,10 @@ import torch
 
 from ..artifact import default_artifact_dir, model_fingerprint, save_artifact
 from ..grids import GRID_SPECS
-from ..reference import AquaKVCache, AquaKVConfig, NonFiniteFit
+from ..reference import AquaKVCache, AquaKVConfig
 from ..codec import head_dim_supported
 from ..rope import Rope, UnsupportedModel, inverse_frequencies
-from .capture import KeysInFrame, NonFiniteActivations, capture_kv, kv_shape, tokenize_windows
+from .capture import KeysInFrame, capture_kv, kv_shape, tokenize_windows
 from .texts import TEXT_SETS, load_texts
 
 BITS_TO_GRID = {2: "d2n16", 3: "d2n64", 4: "d2n256"}
@@ -160,9 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = config_from_args(args)
         _calibrate(args, config)
-    except (UnsupportedModel, NonFiniteActivations, NonFiniteFit) as e:
-        raise SystemExit(f"aquakv-calibrate: {e}") from e
-    except ValueError as e:  # configuration values (grids, predictor structures, group sizes)
+    except ValueError as e:  # UnsupportedModel, NonFiniteActivations, NonFiniteFit, and bad configuration values
         raise SystemExit(f"aquakv-calibrate: {e}") from e
 
 

@@ -247,9 +247,9 @@ def test_fused_kernel_in_vllm_matches_torch_path(window, tmp_path):
     (gen_k, lps_k), (gen_t, lps_t) = runs[True], runs[False]
     diffs = [[abs(a - b) for a, b in zip(x[1:], y[1:])] for x, y in zip(lps_k, lps_t)]  # per prompt, per position
     # float32 both ways: equal up to float noise, except after a near-tie that the Triton cache write and the torch
-    # write most likely round to different codes (allowed at <= 0.5% of codes, tests/test_kernels.py): from that token on, one
-    # prompt's logprobs drift (measured: the 17-token prompt from its 4th position, by up to 1.3 nats; alone, its
-    # 9-token prefix matches to 3e-5).  A wiring error (block table, scales, rotation, causal mask) breaks every
+    # write most likely round to different codes (allowed at <= 0.5% of codes, tests/test_kernels.py): from that
+    # token on, one prompt's logprobs drift (measured: the 17-token prompt from its 4th position, by up to 1.3
+    # nats; alone, its 9-token prefix matches to 3e-5).  A wiring error (block table, scales, rotation, causal mask) breaks every
     # prompt from its first positions instead.
     assert all(max(d[:3]) < 1e-4 for d in diffs), diffs
     assert sum(max(d) < 1e-4 for d in diffs) >= 2, diffs

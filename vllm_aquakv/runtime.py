@@ -94,10 +94,17 @@ class ServingState:
         on_cuda = str(device).startswith("cuda")
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         self.window_note = "every token is stored as codes (no 16-bit sinks/window)"
-        kernels = extra.get("aquakv_kernels", on_cuda)
+        fused = None  # with aquakv_kernels: every layer's fused-kernel constants, or why not all layers fit
+        if extra.get("aquakv_kernels", on_cuda):
+            if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
+                                       "set TRITON_INTERPRET=1, or drop aquakv_kernels")
+            from .kernels.attention import fused_layers_or_reason
+
+            fused = fused_layers_or_reason(c, self.path.layouts)
         window = extra.get("aquakv_window")
         if window is None:  # default: on wherever the torch path serves; in the fused CUDA kernels it is opt-in
-            window = not (kernels and on_cuda and self._fused_kernels_can_serve())
+            window = not (on_cuda and fused is not None and not isinstance(fused, str))
             if not window:
                 self.window_note += ("; the fused kernels' 16-bit sinks/window are experimental: opt in with "
                                      "--additional-config '{\"aquakv_window\": true}'")
@@ -110,31 +117,21 @@ class ServingState:
             self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
                                 f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache"
                                 f"{'; experimental in the fused kernels' if on_cuda else ''})")
-        if kernels:
-            if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise UnsupportedModel("aquakv_kernels on CPU runs the Triton kernels in the interpreter (for tests): "
-                                       "set TRITON_INTERPRET=1, or drop aquakv_kernels")
-            self._enable_fused_kernel(num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
+        if fused is not None:
+            self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,
                                       extra.get("aquakv_flash_prefill", True))
         self._log()
 
-    def _fused_kernels_can_serve(self) -> bool:
-        """Whether every layer of the artifact fits the fused Triton kernels (before any window is set up)."""
-        from .kernels.attention import fused_layers_or_reason
-
-        return not isinstance(fused_layers_or_reason(self.cache, self.path.layouts), str)
-
-    def _enable_fused_kernel(self, num_layers: int, num_q_heads: int, num_kv_heads: int, block_size: int,
-                             compile_now: bool, flash_prefill: bool = True) -> None:
+    def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,
+                             block_size: int, compile_now: bool, flash_prefill: bool = True) -> None:
         """Serve all layers with the fused Triton attention kernel (kernels/attention.py) if every layer can take
         it, else all with the torch path; the startup log says which and why.  On CUDA, compile the kernel's
         variants now rather than during the first requests."""
         import time
 
-        from .kernels.attention import compiled_variants, fused_layers_or_reason, warm_up
+        from .kernels.attention import compiled_variants, warm_up
 
-        fused = fused_layers_or_reason(self.cache, self.path.layouts)
         exact = self.path.exact
         if exact is not None and not isinstance(fused, str) and any(
                 f.v_bias is not None or f.v_weight is not None for f in fused.values()):
