@@ -55,6 +55,10 @@ CONFIGS = [
     ("speed preset: post-RoPE K mean, V none, layer 0 2 bit", dict(key_rope="post", key_predictor="mean",
                                                                    value_predictor="none", value_topology="none",
                                                                    layer0_grid="d2n16")),
+    # the same with uniform 2-bit scalar codes (u1n4): the CUDA kernel decodes them arithmetically, no tables
+    ("speed preset, uniform u1n4 codes", dict(key_rope="post", key_predictor="mean", value_predictor="none",
+                                               value_topology="none", key_grid="u1n4", value_grid="u1n4",
+                                               layer0_grid="u1n4")),
     ("post-RoPE K mean, V mean", dict(key_rope="post", key_predictor="mean", value_predictor="mean")),
     ("post-RoPE K mean, V per-head from K_l", dict(key_rope="post", key_predictor="mean", value_predictor="per_head",
                                                     value_topology="k_same")),

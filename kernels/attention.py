@@ -97,6 +97,31 @@ def _register_lanes(byte, table_ptr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _uniform_lane(byte, LANE: tl.constexpr, INDEX_BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Lane LANE of uniform 2-bit codes byte [T, B] (code i of a byte in bits 2 i, 2 i + 1) as float16 numbers that
+    are c * UNIFORM_UNIT exactly: INDEX_BITS 0 takes the code's bits as a float16 subnormal (c * 2^-24: a shift and
+    a mask per pair of values, which the tensor cores multiply exactly); 1 ORs them into the exponent of 1024 and
+    subtracts 1024 (one more half2 add)."""
+    c = ((byte >> (2 * LANE)) & 3).to(tl.int16)
+    if INDEX_BITS == 0:
+        x = c.to(tl.float16, bitcast=True)
+    else:
+        x = (c | 0x6400).to(tl.float16, bitcast=True) - tl.full([1, 1], 1024.0, tl.float16)
+    return x.to(DOT_DTYPE)
+
+
+@triton.jit
+def _uniform_terms(table_ptr, INDEX_BITS: tl.constexpr):
+    """(multiplier, offset) that turn a uniform lane dot back into grid units: grid[c] = g0 + step * c, and the
+    lanes hold c * 2^-24 (INDEX_BITS 0) or c (1), so sum w grid[c] = dot * step * unit^-1 + g0 * sum w."""
+    g0 = tl.load(table_ptr)
+    step = tl.load(table_ptr + 1)
+    if INDEX_BITS == 0:
+        step = step * 16777216.0
+    return step, g0
+
+
+@triton.jit
 def _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr,
                 INDEX_BITS: tl.constexpr, ENTRY_VALUES: tl.constexpr, DOT_DTYPE: tl.constexpr,
                 USE_ASM: tl.constexpr):
@@ -105,6 +130,9 @@ def _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET: tl.constexpr, C
     the register decode INDEX_BITS == 2; lanes 2, 3 repeat 0, 1 when LANES == 2)."""
     b = tl.arange(0, CODE_BYTES)
     byte = tl.load(cache_ptr + (base + CODE_OFFSET)[:, None] + b[None, :], mask=t_mask[:, None], other=0)
+    if INDEX_BITS <= 1:  # uniform 2-bit codes: code c as an exact float16, no table (``_uniform_terms``)
+        return (_uniform_lane(byte, 0, INDEX_BITS, DOT_DTYPE), _uniform_lane(byte, 1, INDEX_BITS, DOT_DTYPE),
+                _uniform_lane(byte, 2, INDEX_BITS, DOT_DTYPE), _uniform_lane(byte, 3, INDEX_BITS, DOT_DTYPE))
     if INDEX_BITS == 2:  # 2-bit scalar codes, decoded in registers
         x0, x1, x2, x3 = _register_lanes(byte, table_ptr, USE_ASM)
         return x0.to(DOT_DTYPE), x1.to(DOT_DTYPE), x2.to(DOT_DTYPE), x3.to(DOT_DTYPE)
@@ -240,6 +268,12 @@ def _fused_attention_kernel(
     if K_LANES == 4:
         q2 = (times_lane(q, sign_k_ptr, 2, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
         q3 = (times_lane(q, sign_k_ptr, 3, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
+    if K_INDEX_BITS <= 1:  # uniform key codes: scores need the query lanes' sum (``_uniform_terms``)
+        k_mul, k_g0 = _uniform_terms(k_table_ptr, K_INDEX_BITS)
+        q_sum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
+                 + tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1)) * k_g0
+    if V_INDEX_BITS <= 1:
+        v_mul, v_g0 = _uniform_terms(v_table_ptr, V_INDEX_BITS)
     if HAS_K_BIAS:  # q . b_k in base-2 logits [M]
         q_bias = tl.sum(q.to(tl.float32) * tl.load(k_bias_ptr + kv_head * HEAD_DIM + j)[None, :], axis=1) * logit_scale
 
@@ -261,6 +295,8 @@ def _fused_attention_kernel(
     k2 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
     k3 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
     acc_x = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # softmax-weighted 16-bit values (HAS_WINDOW), head order
+    w_v = tl.zeros([BLOCK_M], tl.float32)  # sums of the value and key lanes' weights (uniform codes)
+    w_k = tl.zeros([BLOCK_M], tl.float32)
     win_lo = context + first - WINDOW + 1  # the lowest key position any row of the block reads in 16 bits
     for tile in range(tile_lo, tile_hi):
         t = tile * TILE + tl.arange(0, TILE)  # key positions [T]
@@ -279,6 +315,8 @@ def _fused_attention_kernel(
         if K_LANES == 4:
             s = tl.dot(q2, tl.trans(x2), s)
             s = tl.dot(q3, tl.trans(x3), s)
+        if K_INDEX_BITS <= 1:
+            s = s * k_mul + q_sum[:, None]
         s = s * scale_k[None, :]  # [M, T], base-2 logits
         if HAS_K_BIAS:
             s += q_bias[:, None]
@@ -314,12 +352,23 @@ def _fused_attention_kernel(
                                input_precision=Q_PRECISION)
                 p = tl.where(exact, 0.0, p)
         if V_FROM_K:
-            k0, k1, k2, k3 = _accumulate_lanes((p * scale_k[None, :]).to(DOT_DTYPE), x0, x1, x2, x3, k0, k1, k2, k3,
-                                               alpha, K_LANES)
+            wk = (p * scale_k[None, :]).to(DOT_DTYPE)
+            if K_INDEX_BITS <= 1:
+                w_k = w_k * alpha + tl.sum(wk.to(tl.float32), axis=1)
+            k0, k1, k2, k3 = _accumulate_lanes(wk, x0, x1, x2, x3, k0, k1, k2, k3, alpha, K_LANES)
         y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
                                      V_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
-        v0, v1, v2, v3 = _accumulate_lanes((p * scale_v[None, :]).to(DOT_DTYPE), y0, y1, y2, y3, v0, v1, v2, v3,
-                                           alpha, V_LANES)
+        wv = (p * scale_v[None, :]).to(DOT_DTYPE)
+        if V_INDEX_BITS <= 1:
+            w_v = w_v * alpha + tl.sum(wv.to(tl.float32), axis=1)
+        v0, v1, v2, v3 = _accumulate_lanes(wv, y0, y1, y2, y3, v0, v1, v2, v3, alpha, V_LANES)
+
+    if V_INDEX_BITS <= 1:  # lanes of c * unit -> grid coordinates (``_uniform_terms``)
+        v0, v1 = v0 * v_mul + v_g0 * w_v[:, None], v1 * v_mul + v_g0 * w_v[:, None]
+        v2, v3 = v2 * v_mul + v_g0 * w_v[:, None], v3 * v_mul + v_g0 * w_v[:, None]
+    if V_FROM_K and K_INDEX_BITS <= 1:
+        k0, k1 = k0 * k_mul + k_g0 * w_k[:, None], k1 * k_mul + k_g0 * w_k[:, None]
+        k2, k3 = k2 * k_mul + k_g0 * w_k[:, None], k3 * k_mul + k_g0 * w_k[:, None]
 
     # partials [segments, tokens, q heads, (h in lane order)]
     idx = (segment * num_tokens + q_start + tok) * NUM_Q_HEADS + q_head
@@ -391,13 +440,24 @@ class LaneTable:
     """How the kernel decodes one stream's code bytes (see ``lane_table``)."""
 
     table: torch.Tensor  # [2**index_bits] int16/int32/int64: entry_values fp16 coordinates per entry; [2] int32 (the
-    # 4 fp16 levels) for index_bits 2
-    index_bits: int  # 4 (each nibble is looked up), 8 (each byte) or 2 (4-level scalar codes decoded in registers)
+    # 4 fp16 levels) for index_bits 2; [2] float32 (g0, step) for index_bits 0 and 1
+    index_bits: int  # 4 (each nibble is looked up), 8 (each byte), 2 (4-level scalar codes decoded in registers), or
+    # 0 / 1: uniform 4-level codes decoded arithmetically (``_uniform_lane``), no table
     entry_values: int  # coordinates per entry: 1, 2 or 4
     lanes: int  # entry_values * 8 / index_bits: 2 or 4
     code_bytes: int  # per (token, KV head); also the width of one lane
     grid: torch.Tensor  # [points, d] float32 (the cache write searches it)
     code_bits: int
+    tables: LaneTable | None = None  # uniform codes: the same codes through nibble tables (``launch_lanes``)
+
+
+def launch_lanes(lanes: LaneTable, block_m: int) -> LaneTable:
+    """The decode a launch of ``block_m`` query rows uses: uniform codes decode arithmetically only in decode-shaped
+    launches (16 rows); wider ones (prefill rows, and the reconstruction) read the same codes through nibble tables.
+    On the H200 with Triton 3.6, the arithmetic decode inside a 64-row launch (where Triton takes Hopper's wgmma)
+    makes a kernel that accesses memory out of bounds (2026-12-02, tests/test_kernels.py); decode steps are where
+    the arithmetic decode pays."""
+    return lanes.tables if lanes.tables is not None and block_m > 16 else lanes
 
 
 def lane_table(grid: torch.Tensor, code_bits: int, head_dim: int, index_bits: int | None = None) -> LaneTable | str:
@@ -405,8 +465,18 @@ def lane_table(grid: torch.Tensor, code_bits: int, head_dim: int, index_bits: in
     coordinates (first coordinate in the low 16 bits), or why the kernel has none for this grid.  ``index_bits``:
     4 (nibbles) or 8 (bytes; 4-bit codes then take one lookup of 4 coordinates per byte instead of two of 2);
     default 8 for 8-bit codes, else 4.  2 (d1n4 only) decodes in registers, no table lookups: experimental, wrong
-    on the H100 with Triton 3.6 (see ``_PRMT_LANE``)."""
+    on the H100 with Triton 3.6 (see ``_PRMT_LANE``).  Exactly uniform 4-level grids (``u1n4``) take no table:
+    index_bits 0 (the default for them) decodes a code as a float16 subnormal, 1 through the 1024 exponent trick."""
     d = grid.shape[1]
+    levels = grid.float().reshape(-1)
+    step = (levels[1] - levels[0]).item() if levels.numel() == 4 else 0.0
+    uniform = (code_bits == 2 and d == 1 and step > 0
+               and torch.equal(levels, levels[0] + step * torch.arange(4, device=grid.device))
+               and torch.equal(levels.half().float(), levels))
+    if uniform and (index_bits or 0) <= 1:  # exactly uniform levels: arithmetic decode (``_uniform_lane``)
+        terms = torch.tensor([levels[0].item(), step], dtype=torch.float32, device=grid.device)
+        return LaneTable(terms, index_bits or 0, 1, 4, head_dim // 4, grid.float().contiguous(), code_bits,
+                         lane_table(grid, code_bits, head_dim, 4))
     if code_bits == 2 and d == 1 and index_bits == 2:  # 4 scalar levels decoded in registers (experimental)
         levels = grid.float().reshape(4).half().contiguous()
         return LaneTable(levels.view(torch.int32).contiguous(), 2, 1, 4, head_dim // 4, grid.float().contiguous(),
@@ -525,7 +595,8 @@ class AttentionPlan:
     segments: int  # split-K segments per (query block, KV head)
     tile: int  # key tokens per inner-loop step
     num_warps: int = 4
-    num_stages: int = 1  # software pipelining off: faster on the H100 (benchmarks/results/decode_attention_h100)
+    num_stages: int | None = None  # software pipelining: None = 3 stages for decode launches of uniform codes (the
+    # fastest on the H200: benchmarks/results/decode_attention_h200), else 1 (the fastest for table lookups, H100)
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -546,7 +617,7 @@ class AttentionPlan:
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
-                   num_stages: int = 1) -> AttentionPlan:
+                   num_stages: int | None = None) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
     the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA; 1, i.e. no split, in the CPU
     interpreter) when there are few sequences (long decodes).  Key tiles: 128 tokens for decode-only steps, 64
@@ -600,7 +671,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     m, l, acc_v, acc_k, acc_x = plan.partials(n, num_q_heads, h, layer.v_weight is not None, window is not None,
                                               query.device)
     interpret = query.device.type != "cuda"  # the interpreter takes float32 dots: the torch twin's arithmetic
-    kl, vl = layer.k_lanes, layer.v_lanes
+    kl, vl = launch_lanes(layer.k_lanes, plan.block_m), launch_lanes(layer.v_lanes, plan.block_m)
+    stages = plan.num_stages or (3 if kl.index_bits <= 1 else 1)
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
@@ -624,7 +696,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16,
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
         num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
+        num_stages=stages,
     )
     if out is None:
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import FusedLayer, _load_lanes
+from .attention import FusedLayer, _load_lanes, launch_lanes
 
 BLOCK_T = 64  # tokens per program
 
@@ -101,7 +101,7 @@ def reconstruct(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
     interpret = kv_cache.device.type != "cuda"
     _, heads, page_block, _ = kv_cache.shape
     h = k_out.shape[-1]
-    kl, vl = layer.k_lanes, layer.v_lanes
+    kl, vl = launch_lanes(layer.k_lanes, BLOCK_T), launch_lanes(layer.v_lanes, BLOCK_T)  # BLOCK_T rows: tables
     dummy = layer.rot_k
     _reconstruct_kernel[(rows.shape[0], triton.cdiv(max_len, BLOCK_T), heads)](
         kv_cache, block_table, seq_lens, rows, cu_k, kl.table, vl.table, layer.rot_k, layer.rot_v,

@@ -21,9 +21,15 @@ ON_GPU = pytest.mark.skipif(DEVICE == "cpu", reason="real shapes: too slow for t
       for q, page in ((24, 16), (32, 32), (24, 64), (32, 128))],
     pytest.param(64, 8, 24, 16, "mean", "per_head", "d2n256", "d2n16", marks=ON_GPU),
     pytest.param(128, 8, 24, 16, "none", "none", "d1n4", "d1n4", marks=ON_GPU),  # plain d1n4, Llama-3B shape
+    # uniform 2-bit codes (the speed preset's grid): arithmetic decode, no table; V from K and the key mean too
+    (64, 2, 6, 16, "mean", "per_head", "u1n4", "u1n4"),
+    (64, 1, 4, 32, "none", "none", "u1n4", "u1n4"),
+    *[pytest.param(128, 8, q, page, "mean", "none", "u1n4", "u1n4", marks=ON_GPU)
+      for q, page in ((24, 16), (32, 32), (24, 64), (32, 128))],
+    pytest.param(128, 8, 24, 16, "mean", "per_head", "u1n4", "u1n4", marks=ON_GPU),
 ])
 def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block, key_predictor, value_predictor,
-                                            k_grid, v_grid, rng, index_bits=8):
+                                            k_grid, v_grid, rng, index_bits=None, decode_only=False):
     """The fused kernel (scores and value sums in the Hadamard domain, split-K partials, torch epilogue) against
     TorchServingPath.attend on the same paged cache: ragged batch mixing a decode, a prefill chunk across block
     boundaries and a long single-token decode; blocks handed out in random order."""
@@ -47,8 +53,11 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     layer = 1
     fused = fused_layer_or_reason(cache, path.layouts[layer], layer)
     assert not isinstance(fused, str), fused
+    assert (fused.k_lanes.index_bits == 0) == (k_grid == "u1n4")  # uniform codes take the table-free decode
     lens, new = [150, 97, 9], [1, 80, 9]  # context incl. this step's tokens; tokens this step (>= 256 query rows:
     # the combine kernel's wide prefill launch)
+    if decode_only:  # a decode step: one query token per request (16-row launches: uniform codes decode arithmetically)
+        lens, new = [150, 97, 9, 1, 33], [1] * 5
     num_blocks = sum(-(-n // page_block) for n in lens) + 3
     kv = torch.zeros(num_blocks, heads, page_block, path.slot_bytes(layer), dtype=torch.uint8, device=DEVICE)
     perm = torch.randperm(num_blocks, generator=rng).to(torch.int32)
@@ -75,10 +84,12 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     scale = head_dim ** -0.5
     want = path.attend(layer, query, kv, block_table, lens, qsl, scale, StepState()).cpu()
     kc, vc = cache.codecs["k", layer], cache.codecs["v", layer]
+    if index_bits is None:  # the alternative decode: byte tables, or for uniform codes the 1024-exponent trick
+        index_bits = 1 if k_grid == "u1n4" else 8
     byte_tables = dataclasses.replace(fused, k_lanes=lane_table(kc.grid, kc.code_bits, head_dim, index_bits),
                                       v_lanes=lane_table(vc.grid, vc.code_bits, head_dim, index_bits))
     # no split, split-K over many segments, and the same codes decoded through byte-indexed tables (or, for d1n4,
-    # in registers: index_bits=2)
+    # in registers: index_bits=2; for u1n4 through the 1024-exponent trick: index_bits=1)
     for min_programs, fused in ((1, fused), (10_000, fused), (1, byte_tables)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
@@ -89,6 +100,8 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
         # on the GPU (the grids are float16 values in both)
         assert err < tol, (min_programs, err)
         assert torch.allclose(got, want, atol=tol * 5 * want.abs().max().item()), (got - want).abs().max()
+    if decode_only:
+        return
     check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want)
 
 
@@ -128,6 +141,19 @@ def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, s
     out = out.float().cpu()
     err = (out - want).norm() / want.norm()
     assert err < (1e-5 if query.dtype == torch.float32 else 5e-3), err
+
+
+@pytest.mark.parametrize("head_dim,heads,q_heads,page_block,value_predictor", [
+    (64, 2, 6, 16, "per_head"),
+    (64, 1, 4, 32, "none"),
+    *[pytest.param(128, 8, q, page, v, marks=ON_GPU)
+      for q, page, v in ((24, 16, "none"), (32, 32, "per_head"), (24, 64, "none"), (32, 128, "none"))],
+])
+def test_uniform_decode_step(head_dim, heads, q_heads, page_block, value_predictor, rng):
+    """A decode step (one token per request, ragged contexts across block boundaries) over uniform codes: the
+    arithmetic decode (subnormal, and the 1024-exponent variant) against the torch path, split-K and not."""
+    test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block, "mean", value_predictor, "u1n4",
+                                            "u1n4", rng, decode_only=True)
 
 
 @pytest.mark.parametrize("head_dim,page_block", [(64, 64), (128, 16)])

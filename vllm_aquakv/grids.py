@@ -33,7 +33,13 @@ GRID_SPECS: dict[str, tuple[int, int]] = {
     "d2n64": (2, 64),  # 3 bits
     "d2n256": (2, 256),  # 4 bits
     "d4n256": (4, 256),  # 2 bits
+    "u1n4": (1, 4),  # 2 bits, scalar, uniform: the CUDA decode kernel's fast path (no table lookups)
 }
+
+# Uniform scalar grids: levels (i - (points - 1) / 2) * step, computed rather than shipped.  The step is the
+# MSE-optimal uniform step for N(0,1) (Max 1960: 0.9957 for 4 levels) rounded to 255/256, so that every level is
+# exact in float16 and the levels stay exactly equally spaced (the kernel decodes code c as g0 + step * c).
+UNIFORM_STEPS: dict[str, float] = {"u1n4": 255 / 256}
 
 
 def grid_bits_per_value(name: str) -> float:
@@ -72,6 +78,8 @@ def load_grid(name: str) -> torch.Tensor:
     """The shipped grid ``name`` as a float32 tensor [points, dim], its coordinates rounded to float16 so that the
     CUDA kernel's fp16 lookup tables hold exactly the values the torch path decodes with."""
     dim, points = _spec(name)
+    if name in UNIFORM_STEPS:
+        return ((torch.arange(points, dtype=torch.float32) - (points - 1) / 2) * UNIFORM_STEPS[name])[:, None]
     tensors, _ = _load_all()
     if name not in tensors:
         raise KeyError(f"grid {name!r} is not in {GRID_FILE}; regenerate with `python -m vllm_aquakv.grids --write`")
@@ -84,7 +92,17 @@ def load_grid(name: str) -> torch.Tensor:
 def grid_info(name: str) -> dict:
     """Generation record of grid ``name``: design MSE, iterations, sample sizes, seed."""
     _spec(name)
+    if name in UNIFORM_STEPS:
+        return _uniform_info(name)
     return dict(_load_all()[1][name])
+
+
+@functools.lru_cache(maxsize=None)
+def _uniform_info(name: str) -> dict:
+    """The record of a computed uniform grid: its MSE on a seeded sample of 2^20 N(0,1) values."""
+    sample = torch.randn(1 << 20, 1, generator=torch.Generator().manual_seed(7))
+    return {"design_mse": quantization_mse(load_grid(name), sample), "converged": True, "uniform": True,
+            "step": UNIFORM_STEPS[name], "bits_per_value": grid_bits_per_value(name), "eval_samples": 1 << 20}
 
 
 def nearest(z: torch.Tensor, grid: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
@@ -181,7 +199,7 @@ def write_grids(path: str = GRID_FILE, names: list[str] | None = None, samples: 
     from safetensors.torch import save_file
 
     tensors, meta = {}, {}
-    for i, name in enumerate(names or list(GRID_SPECS)):
+    for i, name in enumerate(names or [g for g in GRID_SPECS if g not in UNIFORM_STEPS]):
         dim, points = GRID_SPECS[name]
         t0 = time.time()
         grid, record = lloyd(dim, points, samples=samples, seed=1000 + i, restarts=2 if points <= 16 else 1)

@@ -4,7 +4,8 @@ Llama-3.2-3B attention shape (24 query / 8 KV heads, head_dim 128), paged blocks
 order, one layer, every sequence at the full context; batch 1/16/64 x context 4k/16k/32k.  Times are
 triton.testing.do_bench medians of one eager call as the backend makes it (aquakv: kernel + split-K combine +
 epilogue in torch; vLLM: ``unified_attention`` with the TRITON_ATTN builder's 3-D split settings).  The HBM floor is
-the bytes the call must read (the context's K/V or codes + scales) over the H100's peak 3.35 TB/s.  Also the
+the bytes the call must read (the context's K/V or codes + scales) over the GPU's peak (H100 3.35 TB/s, H200
+4.8 TB/s).  Also the
 prefill side at 4k prompts: aquakv cache write (torch: quantize + pack + scatter) + fused prefill attention vs
 vLLM's bf16 prefill attention (cache write: the torch path and the Triton kernel).  Random codes and scales: timing
 only.
@@ -25,8 +26,23 @@ import torch
 import triton
 
 HQ, H, D, PAGE = 24, 8, 128, 16
-PEAK_BW = 3.35e12  # H100 SXM HBM3, bytes/s
+PEAK_BW = {"H100": 3.35e12, "H200": 4.8e12}  # SXM HBM3 / HBM3e peak, bytes/s, by the device name's model
 MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
+    # the speed preset (aquakv-calibrate --preset speed): key mean, no value predictor, uniform 2-bit codes decoded
+    # arithmetically (no table lookups); the same with the 1024-exponent decode, and with 16-bit sinks/window
+    "aquakv speed preset u1n4 (K mean, 2.25 b)": dict(key_predictor="mean", value_predictor="none",
+                                                      value_topology="none", key_grid="u1n4", value_grid="u1n4"),
+    "aquakv speed preset u1n4, 1024 decode": dict(key_predictor="mean", value_predictor="none",
+                                                  value_topology="none", key_grid="u1n4", value_grid="u1n4",
+                                                  index_bits=1),
+    "aquakv speed preset u1n4 + sinks/window (16-bit 4 + 128)": dict(key_predictor="mean", value_predictor="none",
+                                                                    value_topology="none", key_grid="u1n4",
+                                                                    value_grid="u1n4", window=(4, 128)),
+    "aquakv u1n4, V per-head from K_l (2.25 b)": dict(key_predictor="mean", value_predictor="per_head",
+                                                      value_topology="k_same", key_grid="u1n4", value_grid="u1n4"),
+    # the earlier speed preset's grid: 2-D codes through nibble lookup tables
+    "aquakv speed preset d2n16 (K mean, table lookups, 2.25 b)": dict(key_predictor="mean", value_predictor="none",
+                                                                       value_topology="none"),
     "aquakv speed (K mean, V per-head from K_l, 2.25 b)": dict(key_predictor="mean", value_predictor="per_head",
                                                                 value_topology="k_same"),
     "aquakv plain HIGGS (K, V no predictor, 2.25 b)": dict(key_predictor="none", value_predictor="none",
@@ -148,6 +164,15 @@ def decode_batch(batch: int, ctx: int):
     return block_table, seq_lens, qsl_list, qsl, q
 
 
+def peak_bandwidth() -> tuple[str, float]:
+    """(short GPU name, peak HBM bytes/s) of this device; the H100's figure for a GPU this table does not know."""
+    name = torch.cuda.get_device_name()
+    for model, bw in PEAK_BW.items():
+        if model in name:
+            return model.lower(), bw
+    return "gpu", PEAK_BW["H100"]
+
+
 def bench(fn):
     fn()
     torch.cuda.synchronize()
@@ -160,6 +185,7 @@ def main():
 
     out_dir = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "/tmp/out"
     t0 = time.time()
+    gpu, peak_bw = peak_bandwidth()
     only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     setups = {label: fused_setup(o) for label, o in MODES.items() if not only or any(w in label for w in only)}
     sweep, best = ({}, {}) if "--no-sweep" in sys.argv else tile_sweep(next(iter(setups.values())))
@@ -176,7 +202,7 @@ def main():
                 ms = bench(run)
                 ref_ms = ref_ms or ms
                 rows.append({**base, "kv_cache_dtype": f"{dtype} (vLLM TRITON_ATTN)", "ms": ms, "bytes": nbytes,
-                             "hbm_floor_ms": 1e3 * nbytes / PEAK_BW, "vs_bf16": ref_ms / ms})
+                             "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / ms})
                 del run
                 torch.cuda.empty_cache()
             plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **best)
@@ -188,7 +214,7 @@ def main():
                                                          out=out, window=win))
                 nbytes = kv.numel()
                 rows.append({**base, "kv_cache_dtype": label, "ms": ms, "bytes": nbytes, "segments": plan.segments,
-                             "hbm_floor_ms": 1e3 * nbytes / PEAK_BW, "vs_bf16": ref_ms / ms})
+                             "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / ms})
                 del kv
                 torch.cuda.empty_cache()
             for r in rows[-2 - len(setups):]:
@@ -197,7 +223,8 @@ def main():
                       f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor", flush=True)
     prefill = {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
     md = ["Decode attention, one layer, Llama-3.2-3B shape (24 q / 8 KV heads, head_dim 128), paged blocks of 16, "
-          "random codes; median of triton.testing.do_bench; HBM floor = bytes read / 3.35 TB/s.\n",
+          f"random codes; median of triton.testing.do_bench; HBM floor = bytes read / {peak_bw / 1e12:.2f} TB/s "
+          f"({torch.cuda.get_device_name()}).\n",
           "| batch | context | kv-cache-dtype | ms | vs bf16 | % of own HBM floor |", "| --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['batch']} | {r['context']} | {r['kv_cache_dtype']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x | "
            f"{100 * r['fraction_of_floor']:.1f}% |" for r in rows]
@@ -205,7 +232,7 @@ def main():
            "| --- | --- | --- |"]
     md += [f"| {k} | {v:.3f} | {prefill[8192][k]:.3f} |" for k, v in prefill[4096].items()]
     print("\n".join(md))
-    name = "prefill_attention_h100.json" if "--prefill-only" in sys.argv else "decode_attention_h100.json"
+    name = f"prefill_attention_{gpu}.json" if "--prefill-only" in sys.argv else f"decode_attention_{gpu}.json"
     write_results(os.path.join(out_dir, name), "decode_attention",
                   "Llama-3.2-3B attention shape (random data)", rows, "\n".join(md), prefill_ms=prefill,
                   tile_sweep_batch64_ctx16k=sweep, seconds=round(time.time() - t0))

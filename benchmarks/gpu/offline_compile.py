@@ -11,7 +11,7 @@ To check against the GPU image's Triton (3.6), install it beside the venv's and 
 ``pip install --target /tmp/t36 triton==3.6.0 --no-deps; PYTHONPATH=/tmp/t36 python benchmarks/gpu/offline_compile.py``.
 
 ``--rows 16`` is a decode launch (one query token x G=3 heads, padded), 64 a prefill launch; ``--plain`` drops the
-key mean and the value predictor (plain HIGGS); ``--d1n4`` compiles d1n4 codes (register decode).  Shapes: Llama-3.2-3B (24 q / 8 KV heads, head_dim 128), d2n16 keys
+key mean and the value predictor (plain HIGGS); ``--d1n4`` compiles d1n4 codes (register decode), ``--u1n4 0|1`` uniform codes (the speed preset).  Shapes: Llama-3.2-3B (24 q / 8 KV heads, head_dim 128), d2n16 keys
 and values, blocks of 16.
 """
 
@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--d1n4", action="store_true", help="d1n4 keys and values (register decode)")
+    ap.add_argument("--u1n4", type=int, default=None, choices=(0, 1),
+                    help="uniform 2-bit keys and values (the speed preset), decoded as subnormals (0) or via 1024 (1)")
     ap.add_argument("--window", action="store_true", help="16-bit sinks 4 + window 128 (needs --plain)")
     ap.add_argument("--no-asm", action="store_true", help="register decode by integer selects, not PTX")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
@@ -73,6 +75,9 @@ def main():
                      V_CODE_BYTES=16, K_SCALE_OFFSET=32, V_SCALE_OFFSET=34)
     if args.d1n4 and not args.write:  # 2-bit scalar codes decoded in registers
         const.update(K_INDEX_BITS=2, K_ENTRY_VALUES=1, V_INDEX_BITS=2, V_ENTRY_VALUES=1)
+    if args.u1n4 is not None and not args.write:  # uniform 2-bit codes: arithmetic decode, (g0, step) tables
+        const.update(K_INDEX_BITS=args.u1n4, K_ENTRY_VALUES=1, V_INDEX_BITS=args.u1n4, V_ENTRY_VALUES=1)
+        pointers = dict(pointers, k_table_ptr="*fp32", v_table_ptr="*fp32")
     signature = {n: pointers.get(n, "fp32" if n == "logit_scale" else "i32") for n in names}
     signature.update({k: "constexpr" for k in const})
     src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()},
