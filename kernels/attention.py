@@ -227,6 +227,17 @@ def _exact_tile(ring_ptr, step_ptr, t, seq, kv_head, context, q_start, col, in_c
     return tl.where(own, x, r)
 
 
+@triton.jit
+def _exact_scores(q, kx, Q_DTYPE: tl.constexpr, Q_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """q [M, h] . 16-bit keys kx [T, h] -> [M, T] float32."""
+    if HEAD_DIM >= 128:
+        s_x = tl.dot(q, tl.trans(kx.to(Q_DTYPE)), input_precision=Q_PRECISION)
+    else:  # the same product transposed: Triton 3.6 asserts in applyLinearLayout on [M, 64] x [64, T] with M < 64
+        # (offline_compile.py --window --smollm2)
+        s_x = tl.trans(tl.dot(kx.to(Q_DTYPE), tl.trans(q), input_precision=Q_PRECISION))
+    return s_x
+
+
 @triton.jit(do_not_specialize=["num_segments", "num_tokens", "stride_bt"])  # values that change every step
 def _fused_attention_kernel(
     q_ptr, sign_k_ptr, k_bias_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, qblock_seq_ptr,
@@ -235,7 +246,8 @@ def _fused_attention_kernel(
     num_segments, num_tokens, logit_scale,
     stride_qn, stride_qh, stride_block, stride_head, stride_token, stride_bt, stride_kn, stride_kh, stride_vn,
     stride_vh,
-    G: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SINKS: tl.constexpr, WINDOW: tl.constexpr, HAS_WINDOW: tl.constexpr, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
+    G: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SINKS: tl.constexpr, WINDOW: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    RING_FIRST: tl.constexpr, RING_TILE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, SLOT_ALIGN: tl.constexpr,
     K_CODE_BYTES: tl.constexpr, K_INDEX_BITS: tl.constexpr, K_ENTRY_VALUES: tl.constexpr, K_LANES: tl.constexpr,
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
@@ -298,6 +310,33 @@ def _fused_attention_kernel(
     w_v = tl.zeros([BLOCK_M], tl.float32)  # sums of the value and key lanes' weights (uniform codes)
     w_k = tl.zeros([BLOCK_M], tl.float32)
     win_lo = context + first - WINDOW + 1  # the lowest key position any row of the block reads in 16 bits
+    if RING_FIRST:  # decode launches: the sinks/window keys in a pass of their own (the last segment's)
+        if segment == num_segments - 1:
+            q_last = context + first  # the block's one query position
+            win_start = tl.maximum(q_last - WINDOW + 1, SINKS)
+            for r0 in range(0, SINKS + WINDOW, RING_TILE):
+                r = r0 + tl.arange(0, RING_TILE)  # ring entries: the sinks, then the window's positions in order
+                t = tl.where(r < SINKS, r, win_start + r - SINKS)
+                t_mask = (r < SINKS + WINDOW) & (t <= q_last)
+                blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
+                col = _ring_column(t, SINKS, WINDOW)
+                in_chunk = t >= context
+                visible = (t[None, :] <= q_pos[:, None]) & t_mask[None, :]
+                exact = _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK, SINKS,
+                                    WINDOW)
+                kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                 stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale,
+                             float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
+                vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                 stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                acc_x = tl.dot(p.to(Q_DTYPE), vx.to(Q_DTYPE), acc_x * alpha[:, None], input_precision=Q_PRECISION)
+
     for tile in range(tile_lo, tile_hi):
         t = tile * TILE + tl.arange(0, TILE)  # key positions [T]
         t_mask = t < kv_end
@@ -330,14 +369,12 @@ def _fused_attention_kernel(
             if ring_tile:
                 exact = _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK, SINKS,
                                     WINDOW)
-                kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
-                                 stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-                if HEAD_DIM >= 128:
-                    s_x = tl.dot(q, tl.trans(kx.to(Q_DTYPE)), input_precision=Q_PRECISION)  # [M, T]
-                else:  # the same product transposed: Triton 3.6 asserts in applyLinearLayout on [M, 64] x [64, T]
-                    # with M < 64 here (offline_compile.py --window --smollm2)
-                    s_x = tl.trans(tl.dot(kx.to(Q_DTYPE), tl.trans(q), input_precision=Q_PRECISION))
-                s = tl.where(exact, s_x * logit_scale, s)
+                if RING_FIRST:  # read in the ring pass before this loop
+                    s = tl.where(exact, float("-inf"), s)
+                else:
+                    kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                     stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                    s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale, s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -345,12 +382,13 @@ def _fused_attention_kernel(
         m_i = m_new
         if HAS_WINDOW:  # their probabilities weight 16-bit values; the codes get the rest
             acc_x = acc_x * alpha[:, None]
-            if ring_tile:
-                vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
-                                 stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-                acc_x = tl.dot(tl.where(exact, p, 0.0).to(Q_DTYPE), vx.to(Q_DTYPE), acc_x,
-                               input_precision=Q_PRECISION)
-                p = tl.where(exact, 0.0, p)
+            if not RING_FIRST:  # (with it, the exact keys' probabilities are already 0 here)
+                if ring_tile:
+                    vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                     stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                    acc_x = tl.dot(tl.where(exact, p, 0.0).to(Q_DTYPE), vx.to(Q_DTYPE), acc_x,
+                                   input_precision=Q_PRECISION)
+                    p = tl.where(exact, 0.0, p)
         if V_FROM_K:
             wk = (p * scale_k[None, :]).to(DOT_DTYPE)
             if K_INDEX_BITS <= 1:
@@ -369,7 +407,6 @@ def _fused_attention_kernel(
     if V_FROM_K and K_INDEX_BITS <= 1:
         k0, k1 = k0 * k_mul + k_g0 * w_k[:, None], k1 * k_mul + k_g0 * w_k[:, None]
         k2, k3 = k2 * k_mul + k_g0 * w_k[:, None], k3 * k_mul + k_g0 * w_k[:, None]
-
     # partials [segments, tokens, q heads, (h in lane order)]
     idx = (segment * num_tokens + q_start + tok) * NUM_Q_HEADS + q_head
     tl.store(m_ptr + idx, m_i, mask=row_mask)
@@ -595,6 +632,7 @@ class AttentionPlan:
     segments: int  # split-K segments per (query block, KV head)
     tile: int  # key tokens per inner-loop step
     num_warps: int = 4
+    maxnreg: int | None = None  # register cap per thread (None: ptxas decides)
     num_stages: int | None = None  # software pipelining: None = 3 stages for decode launches of uniform codes (the
     # fastest on the H200: benchmarks/results/decode_attention_h200), else 1 (the fastest for table lookups, H100)
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
@@ -617,7 +655,7 @@ class AttentionPlan:
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
-                   num_stages: int | None = None) -> AttentionPlan:
+                   num_stages: int | None = None, maxnreg: int | None = None) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
     the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA; 1, i.e. no split, in the CPU
     interpreter) when there are few sequences (long decodes).  Key tiles: 128 tokens for decode-only steps, 64
@@ -637,7 +675,8 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     programs = len(seq) * num_kv_heads
     segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-    return AttentionPlan(as_tensor(seq), as_tensor(first), block_q, block_m, segments, tile, num_warps, num_stages)
+    return AttentionPlan(as_tensor(seq), as_tensor(first), block_q, block_m, segments, tile, num_warps, maxnreg,
+                         num_stages)
 
 
 @dataclass
@@ -687,7 +726,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         block_table.stride(0), *(0, 0, 0, 0) if w is None else (w.key.stride(0), w.key.stride(1),
                                                                 w.value.stride(0), w.value.stride(1)),
         G=group, NUM_KV_HEADS=heads, SINKS=0 if w is None else w.sinks, WINDOW=0 if w is None else w.window,
-        HAS_WINDOW=w is not None, NUM_Q_HEADS=num_q_heads, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE=plan.tile, HEAD_DIM=h,
+        HAS_WINDOW=w is not None, RING_FIRST=w is not None and plan.block_q == 1, RING_TILE=32,
+        NUM_Q_HEADS=num_q_heads, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE=plan.tile, HEAD_DIM=h,
         PAGE_BLOCK=page_block, SLOT_ALIGN=slot_align,
         K_CODE_BYTES=kl.code_bytes, K_INDEX_BITS=kl.index_bits, K_ENTRY_VALUES=kl.entry_values, K_LANES=kl.lanes,
         V_CODE_OFFSET=layer.v_code_offset, V_CODE_BYTES=vl.code_bytes, V_INDEX_BITS=vl.index_bits,
@@ -697,6 +737,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
         num_warps=plan.num_warps,
         num_stages=stages,
+        **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}),
     )
     if out is None:
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)

@@ -190,5 +190,6 @@ def test_calibrate_presets(tmp_path, rng):
     main([model, "--preset", "speed", "--text-file", str(text), "--tokens", "512", "--seq-len", "128"])
     cache, manifest = load_artifact(os.path.join(model, "aquakv"), model)
     assert manifest["calibration"]["preset"] == "speed"
-    assert cache.config.key_rope == "post" and cache.config.layer0_grid == "d2n16"
+    assert cache.config.key_rope == "post" and cache.config.layer0_grid == "u1n4"
+    assert cache.codecs["k", 1].grid_name == cache.codecs["v", 1].grid_name == "u1n4"
     assert cache.predictors["v", 1].structure == "none" and cache.predictors["k", 1].structure == "mean"

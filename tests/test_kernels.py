@@ -259,10 +259,12 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
     pytest.param(128, 8, 24, 16, "d2n16", 4, 128, marks=ON_GPU),
     pytest.param(128, 8, 32, 64, "d1n4", 4, 128, marks=ON_GPU),
 ])
-def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, grid, sinks, window, rng):
+def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, grid, sinks, window, rng,
+                                         decode_only=False):
     """16-bit sinks/window in the fused kernel (``WindowInputs``) against the torch path's ``window_attention`` on
     the same paged cache and ring: a first step writes every request's context, a second writes a decode token, a
-    prefill chunk and a fresh prompt and attends (no split and split-K)."""
+    prefill chunk and a fresh prompt and attends (no split and split-K).  ``decode_only``: the second step is one
+    token per request (decode launches: the ring is read in its own pass before the codes)."""
     from vllm_aquakv.kernels.attention import WindowInputs, fused_attention, fused_layer_or_reason, plan_attention
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
     from vllm_aquakv.rope import Rope
@@ -284,11 +286,12 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     fused = fused_layer_or_reason(cache, path.layouts[layer], layer)
     assert not isinstance(fused, str), fused
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    lens, new = [150, 97, 9], [1, 80, 9]
+    lens, new = ([150, 97, 9, 300], [1, 1, 1, 1]) if decode_only else ([150, 97, 9], [1, 80, 9])
     max_blocks = -(-max(lens) // page_block)
-    num_blocks = 3 * max_blocks + 2
+    num_blocks = len(lens) * max_blocks + 2
     kv = torch.zeros(num_blocks, heads, page_block, path.slot_bytes(layer), dtype=torch.uint8, device=DEVICE)
-    block_table = torch.randperm(num_blocks, generator=rng)[:3 * max_blocks].view(3, max_blocks).to(torch.int32)
+    block_table = torch.randperm(num_blocks, generator=rng)[:len(lens) * max_blocks].view(len(lens), max_blocks)
+    block_table = block_table.to(torch.int32)
     block_table = block_table.to(DEVICE)
     keys = [k_post[:n].to(DEVICE, dtype) * (1 + r) for r, n in enumerate(lens)]
     values = [v[:n].to(DEVICE, dtype) for n in lens]
@@ -305,7 +308,8 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
                    block_table[reqs], [spans[r][1] for r in reqs])
         return state, key, value
 
-    step([(0, n - q) for n, q in zip(lens, new)][:2] + [(0, 0)])  # contexts (the fresh prompt is not there yet)
+    contexts = [(0, n - q) for n, q in zip(lens, new)]
+    step(contexts if decode_only else contexts[:2] + [(0, 0)])  # contexts (the fresh prompt is not there yet)
     state, key, value = step([(n - q, n) for n, q in zip(lens, new)])
     qsl = [0]
     for q in new:
@@ -324,6 +328,20 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
         assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, err)
     codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
     assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop
+
+
+@pytest.mark.parametrize("head_dim,heads,q_heads,page_block,grid,sinks,window", [
+    (64, 2, 6, 16, "u1n4", 4, 24),
+    (64, 1, 4, 32, "d2n16", 0, 40),  # window only
+    (64, 2, 6, 16, "u1n4", 3, 0),  # sinks only
+    pytest.param(128, 8, 24, 16, "u1n4", 4, 128, marks=ON_GPU),
+    pytest.param(128, 8, 32, 64, "d2n16", 4, 128, marks=ON_GPU),
+])
+def test_fused_window_decode_step(head_dim, heads, q_heads, page_block, grid, sinks, window, rng):
+    """A decode step with 16-bit sinks/window: the ring's own pass before the codes loop (``RING_FIRST``), contexts
+    shorter and longer than the window, against the torch path."""
+    test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, grid, sinks, window, rng,
+                                         decode_only=True)
 
 
 @ON_GPU

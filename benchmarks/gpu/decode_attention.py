@@ -250,12 +250,13 @@ def tile_sweep(setup) -> tuple[dict, dict]:
     block_table, seq_lens, qsl_list, qsl, q = decode_batch(batch, ctx)
     kv = random_slots(batch * ctx // PAGE, path.layouts[1])
     out, best = {}, (float("inf"), {})
-    grid = [dict(tile=t, num_warps=w, num_stages=s) for t in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
+    grid = [dict(tile=t, num_warps=4, num_stages=s, maxnreg=r) for t in (64, 128) for s in (1, 2, 3, 4)
+            for r in (None, 128)] + [dict(tile=t, num_warps=8, num_stages=3) for t in (64, 128)]
     for kw in grid + [None] * 4:
         if kw is None:  # then the number of programs (split-K) for the fastest launch settings
             kw = dict(best[1], min_programs=(132, 528, 1056, 2112)[len(out) - len(grid)])
         plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **kw)
-        key = "_".join(f"{k}{v}" for k, v in kw.items())
+        key = "_".join(f"{k}{v}" for k, v in kw.items() if v is not None)
         try:
             ms = bench(lambda plan=plan: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5,
                                                          out=torch.empty_like(q)))

@@ -1,7 +1,7 @@
 """GPU smoke test of the plugin on vLLM 0.26 + CUDA: the fused Triton attention kernel vs the torch path vs auto.
 
-Builds a random-weight Llama-3.2-3B-shaped model on the GPU, calibrates a fused-kernel-mode artifact (post-RoPE
-keys, key mean, per-head value predictor from the same layer's keys) on random token text (predictors are
+Builds a random-weight Llama-3.2-3B-shaped model on the GPU, calibrates a fused-kernel-mode artifact
+(``aquakv-calibrate --preset speed``) on random token text (predictors are
 meaningless on random weights: this checks plumbing and speed, not quality), then runs LLM(...) with
 kv_cache_dtype aquakv (fused kernel), aquakv with ``aquakv_kernels: false`` (torch path) and auto at equal
 --gpu-memory-utilization; records vLLM's KV-cache token counts, the greedy tokens (fused vs torch path) and the
@@ -46,9 +46,8 @@ def main():
         f.write(" ".join("w" + str(int(i)) for i in torch.randint(0, 5000, (20000,), generator=g)))
     t1 = time.time()
     subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", model, "--text-file", words,
-                    "--tokens", "4096", "--seq-len", "512", "--device", "cuda", "--key-rope", "post",
-                    "--key-predictor", "mean", "--value-predictor", "per_head", "--value-topology", "k_same",
-                    "--layer0", "d2n16", "--overwrite"], check=True, cwd="/tmp")
+                    "--tokens", "4096", "--seq-len", "512", "--device", "cuda", "--preset", "speed",
+                    "--overwrite"], check=True, cwd="/tmp")
     calibrated = time.time() - t1
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, 120000, (n,), generator=g).tolist() for n in (200, 333, 517)]

@@ -40,12 +40,13 @@ def make_inputs(model: str | None) -> tuple[str, str]:
 # aquakv formats: name -> (aquakv-calibrate settings, extra --additional-config); each gets its own artifact
 # MODEL/<name>, named to vLLM with --additional-config (all post-RoPE keys: the fused Triton kernels' mode)
 AQUAKV_PRESETS = {
-    # speed default until 2026-11-25: key mean, per-head value predictor from the same layer's keys, d2n16 codes
-    "aquakv": ("--key-rope post --key-predictor mean --value-predictor per_head --value-topology k_same "
-               "--layer0 d2n16", {"aquakv_window": False}),
-    # key mean, no value predictor, d2n16 codes, 16-bit sinks 4 + window 128 (vllm_aquakv/window.py)
-    "aquakv-window": ("--key-rope post --key-predictor mean --value-predictor none --value-topology none "
-                      "--layer0 d2n16", {"aquakv_window": True}),
+    # aquakv-calibrate --preset speed (key mean, no value predictor, uniform 2-bit codes: the fused decode kernel's
+    # arithmetic decode), every token as codes
+    "aquakv": ("--preset speed", {"aquakv_window": False}),
+    # the same with 16-bit sinks 4 + window 128 (vllm_aquakv/window.py)
+    "aquakv-window": ("--preset speed", {"aquakv_window": True}),
+    # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
+    "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
 }
 
 
