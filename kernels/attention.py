@@ -632,9 +632,8 @@ class AttentionPlan:
     segments: int  # split-K segments per (query block, KV head)
     tile: int  # key tokens per inner-loop step
     num_warps: int = 4
-    maxnreg: int | None = None  # register cap per thread (None: ptxas decides)
-    num_stages: int | None = None  # software pipelining: None = 3 stages for decode launches of uniform codes (the
-    # fastest on the H200: benchmarks/results/decode_attention_h200), else 1 (the fastest for table lookups, H100)
+    maxnreg: int | None = None  # register cap per thread; None: ``fused_attention`` picks (as num_stages)
+    num_stages: int | None = None  # software pipelining; None: ``fused_attention`` picks the fastest measured
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -711,7 +710,11 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
                                               query.device)
     interpret = query.device.type != "cuda"  # the interpreter takes float32 dots: the torch twin's arithmetic
     kl, vl = launch_lanes(layer.k_lanes, plan.block_m), launch_lanes(layer.v_lanes, plan.block_m)
-    stages = plan.num_stages or (3 if kl.index_bits <= 1 else 1)
+    # launch settings: the plan's, else the fastest measured (benchmarks/results/decode_attention_h200: uniform codes
+    # in decode launches 2 stages and <= 128 registers without the window, whose 16-bit pass needs more)
+    uniform = kl.index_bits <= 1
+    stages = plan.num_stages or (2 if uniform else 1)
+    maxnreg = plan.maxnreg or (128 if uniform and window is None else None)
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
@@ -737,7 +740,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
         num_warps=plan.num_warps,
         num_stages=stages,
-        **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}),
+        **({"maxnreg": maxnreg} if maxnreg and not interpret else {}),
     )
     if out is None:
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)

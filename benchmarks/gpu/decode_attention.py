@@ -297,7 +297,7 @@ def prefill_overhead(setups, best, n: int) -> dict:
     out["aquakv cache write, torch path"] = bench(write)
     out["aquakv cache write, Triton (kernels/cache_write.py)"] = bench(
         lambda: write_fused(fused, kv, slots, key, value))
-    plan = plan_attention(qsl_list, n, HQ, H, "cuda", **best)
+    plan = plan_attention(qsl_list, n, HQ, H, "cuda")  # (the decode sweep's settings are not a prefill launch's)
     out["aquakv fused prefill attention"] = bench(
         lambda: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5, out=torch.empty_like(q)))
     flash = compat.flash_attention(D)
