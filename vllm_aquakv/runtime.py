@@ -142,9 +142,14 @@ class ServingState:
         self.path.fused.update(fused)
         self.kernel_note = f"fused Triton attention on all {num_layers} layers"
         if compile_now and exact is None and flash_prefill:  # prefill: reconstruction + vLLM's FlashAttention
-            self.path.flash = compat.flash_attention(self.cache.head_dim)
-            self.kernel_note += ("; prefill through reconstructed K/V + FlashAttention" if self.path.flash else
-                                 "; no FlashAttention in this vLLM build: prefill in the fused kernel too")
+            if self.model_dtype not in (torch.float16, torch.bfloat16):  # FlashAttention refuses float32 at the
+                # first prefill (found on the H200, 2026-12-02)
+                self.kernel_note += f"; prefill in the fused kernel too (FlashAttention takes 16-bit models, this " \
+                                    f"one is {str(self.model_dtype).replace('torch.', '')})"
+            else:
+                self.path.flash = compat.flash_attention(self.cache.head_dim)
+                self.kernel_note += ("; prefill through reconstructed K/V + FlashAttention" if self.path.flash else
+                                     "; no FlashAttention in this vLLM build: prefill in the fused kernel too")
         if compile_now:
             t0 = time.time()
             variants = warm_up(fused, [self.path.slot_bytes(l) for l in range(num_layers)], num_q_heads, num_kv_heads,
