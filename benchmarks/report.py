@@ -3,7 +3,7 @@
     python benchmarks/report.py          # rewrite the block between the perf markers in README.md
     python benchmarks/report.py --check  # exit 1 if README.md is not what the JSON says
 
-Reads throughput_h100_*.json (`benchmarks/gpu/throughput.py`) and serve_h100_*.json (`benchmarks/gpu/serve.py`),
+Reads throughput_h*.json (`benchmarks/gpu/throughput.py`; H100 and H200 runs) and serve_h*.json (`benchmarks/gpu/serve.py`),
 both in the shared RESULTS.md shape, so every figure in the block comes from a file a rerun rewrites.
 """
 
@@ -20,20 +20,24 @@ def _num(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def perf_block(results_dir: str) -> str:
     """The markdown block: one throughput table and one serve table per result file."""
     out = [BEGIN]
-    for path in sorted(glob.glob(os.path.join(results_dir, "throughput_h100_*.json"))):
+    for path in sorted(glob.glob(os.path.join(results_dir, "throughput_h[0-9]*_*.json"))):
         d = json.load(open(path))
         r0 = d["rows"][0]
         out += [f"\n`vllm bench throughput`, {r0['input_len']} in / {r0['output_len']} out, {r0['num_prompts']} "
                 f"prompts ({d['machine']}, vLLM {d['versions'].get('vllm', '?')}, {d['model']}; "
                 f"`{os.path.relpath(path, ROOT)}`):\n",
                 "| kv-cache-dtype | KV tokens | vs bf16 | output tok/s | vs bf16 |", "| --- | --- | --- | --- | --- |"]
-        out += [f"| {r['kv_cache_dtype']} | {_num(r.get('kv_tokens'), ',')} | {_num(r.get('kv_tokens_vs_bf16'), '.2f')}x "
-                f"| {_num(r.get('output_tokens_per_s'), ',.1f')} | {_num(r.get('speedup_vs_bf16'), '.2f')}x |"
+        out += [f"| {r['kv_cache_dtype']} | {_num(r.get('kv_tokens'), ',')} | {_ratio(r.get('kv_tokens_vs_bf16'))} "
+                f"| {_num(r.get('output_tokens_per_s'), ',.1f')} | {_ratio(r.get('speedup_vs_bf16'))} |"
                 for r in d["rows"]]
-    for path in sorted(glob.glob(os.path.join(results_dir, "serve_h100_*.json"))):
+    for path in sorted(glob.glob(os.path.join(results_dir, "serve_h[0-9]*_*.json"))):
         d = json.load(open(path))
         r0 = d["rows"][0]
         out += [f"\n`vllm bench serve`, {r0['input_len']} in / {r0['output_len']} out at {r0['request_rate']} req/s, "

@@ -27,6 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 
+DESCRIPTION = "Llama-3.2-3B shape, random bf16 weights (benchmarks/gpu/make_model.py, as shared/BASELINES.md)"
+
+
 def make_inputs(model: str | None) -> tuple[str, str]:
     """The model folder (built if not given) and its description."""
     if model:
@@ -34,7 +37,7 @@ def make_inputs(model: str | None) -> tuple[str, str]:
     model = "/tmp/llama3b-bench"
     if not os.path.exists(os.path.join(model, "config.json")):
         subprocess.run([sys.executable, os.path.join(HERE, "make_model.py"), model, "3b"], check=True)
-    return model, "Llama-3.2-3B shape, random bf16 weights (benchmarks/gpu/make_model.py, as shared/BASELINES.md)"
+    return model, DESCRIPTION
 
 
 # aquakv formats: name -> (aquakv-calibrate settings, extra --additional-config); each gets its own artifact
@@ -105,17 +108,21 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
     max_len = args.input_len + args.output_len + 64
     tag = f"{dtype}_{args.input_len}_{args.output_len}"
     result_json = os.path.join(out_dir, f"tp_{tag}.json")
-    cmd = ["vllm", "bench", "throughput", "--model", model, "--dataset-name", "random",
-           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-           "--num-prompts", str(args.num_prompts), "--random-range-ratio", "0", *kv_cache_args(model, dtype),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len", str(max_len),
-           "--output-json", result_json]
     t0 = time.time()
-    with open(os.path.join(out_dir, f"log_{tag}.txt"), "w") as log:
-        try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    if args.from_logs:  # an earlier run's log and result files, as that run left them
+        out_dir, rc = args.from_logs, "from log"
+        result_json = os.path.join(out_dir, f"tp_{tag}.json")
+    else:
+        cmd = ["vllm", "bench", "throughput", "--model", model, "--dataset-name", "random",
+               "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+               "--num-prompts", str(args.num_prompts), "--random-range-ratio", "0", *kv_cache_args(model, dtype),
+               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len", str(max_len),
+               "--output-json", result_json]
+        with open(os.path.join(out_dir, f"log_{tag}.txt"), "w") as log:
+            try:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
     with open(os.path.join(out_dir, f"log_{tag}.txt")) as f:
         text = f.read()
     found = lambda pattern: (re.findall(pattern, text) or [None])[-1]  # noqa: E731
@@ -132,8 +139,12 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
 
 def add_result(row: dict, rc, result_json: str, output_len: int, log: str) -> None:
     """Fill a row from `vllm bench throughput`'s --output-json (elapsed, total and output tok/s), or keep the log's
-    tail when the run failed."""
-    if rc == 0 and os.path.exists(result_json):
+    tail when the run failed.  A run that wrote its results and then did not exit (the H200's auto run,
+    2026-12-02) counts, with a note."""
+    if rc != 0 and os.path.exists(result_json):
+        row["note"] = f"rc {rc}: vLLM wrote its results; the process did not exit before the timeout" \
+            if rc == "timeout" else "rebuilt from the run's log and result files (--from-logs)"
+    if os.path.exists(result_json) and (rc == 0 or "note" in row):
         with open(result_json) as f:
             res = json.load(f)
         row["elapsed_s"] = res["elapsed_time"]
@@ -157,13 +168,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     workload_args(ap, output_len=512, num_prompts=256)
     ap.add_argument("--timeout", type=int, default=420, help="seconds per format")
+    ap.add_argument("--from-logs", default=None, help="rebuild the tables from the log_*.txt and tp_*.json an "
+                    "earlier run left in this folder (runs nothing; give --machine and --versions-from)")
+    ap.add_argument("--machine", default=None, help="with --from-logs: the GPU the run was on")
+    ap.add_argument("--versions-from", default=None, help="with --from-logs: a results JSON of the same machine "
+                    "and day whose versions to record")
     args = ap.parse_args()
     from vllm_aquakv.results import write_results
 
     os.makedirs(args.out_dir, exist_ok=True)
-    model, description = make_inputs(args.model)
     formats = args.formats.split(",")
-    calibration_s = sum(ensure_artifact(model, f)[1] for f in formats if f in AQUAKV_PRESETS)
+    if args.from_logs:
+        model, description = "/tmp/llama3b-bench", DESCRIPTION
+        calibration_s = 0.0
+    else:
+        model, description = make_inputs(args.model)
+        calibration_s = sum(ensure_artifact(model, f)[1] for f in formats if f in AQUAKV_PRESETS)
     rows = []
     for dtype in formats:
         rows.append(bench(model, dtype, args, args.out_dir))
@@ -183,8 +203,21 @@ def main():
            f"{r['max_concurrency']:.1f} | {fmt(r.get('output_tokens_per_s'), ',.1f')} | "
            f"{fmt(r.get('speedup_vs_bf16'), '.2f')}x | {r['engine_init_s']:.0f} | {r['rc']} |" for r in rows]
     print("\n".join(md))
-    write_results(os.path.join(args.out_dir, f"throughput_h100_{args.input_len}_{args.output_len}.json"),
-                  "throughput", description, rows, "\n".join(md), calibration_seconds=round(calibration_s, 1))
+    extra = {}
+    if args.from_logs:
+        with open(args.versions_from) as f:
+            extra = {"machine": args.machine, "versions": json.load(f)["versions"]}
+    gpu = (args.machine or gpu_name()).split()[-1].lower()
+    write_results(os.path.join(args.out_dir, f"throughput_{gpu}_{args.input_len}_{args.output_len}.json"),
+                  "throughput", description, rows, "\n".join(md), calibration_seconds=round(calibration_s, 1),
+                  **extra)
+
+
+def gpu_name() -> str:
+    """This machine's GPU name (e.g. "NVIDIA H200")."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "gpu"
 
 
 if __name__ == "__main__":
