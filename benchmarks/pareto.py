@@ -51,11 +51,11 @@ CONFIGS = [
     ("post-RoPE K none, V none", dict(key_rope="post", key_predictor="none", value_predictor="none")),
     ("post-RoPE K none, V none, scalar d1n4", dict(key_rope="post", key_predictor="none", value_predictor="none",
                                                    key_grid="d1n4", value_grid="d1n4")),
-    # aquakv-calibrate --preset speed (the fused kernels' mode measured on the H100 as aquakv-window)
-    ("speed preset: post-RoPE K mean, V none, layer 0 2 bit", dict(key_rope="post", key_predictor="mean",
-                                                                   value_predictor="none", value_topology="none",
-                                                                   layer0_grid="d2n16")),
-    # the same with uniform 2-bit scalar codes (u1n4): the CUDA kernel decodes them arithmetically, no tables
+    # aquakv-calibrate --preset speed until 2026-12-02 (d2n16 codes; measured on the H100 as aquakv-window)
+    ("speed preset before 2026-12-02 (d2n16): post-RoPE K mean, V none",
+     dict(key_rope="post", key_predictor="mean", value_predictor="none", value_topology="none", layer0_grid="d2n16")),
+    # aquakv-calibrate --preset speed since 2026-12-02: uniform 2-bit scalar codes (u1n4), which the CUDA kernel
+    # decodes arithmetically (no tables)
     ("speed preset, uniform u1n4 codes", dict(key_rope="post", key_predictor="mean", value_predictor="none",
                                                value_topology="none", key_grid="u1n4", value_grid="u1n4",
                                                layer0_grid="u1n4")),

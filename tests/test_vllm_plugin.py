@@ -221,7 +221,7 @@ def test_head_dim_128_capacity_in_no_predictor_mode(tmp_path):
 def test_fused_kernel_in_vllm_matches_torch_path(window, tmp_path):
     """The fused Triton attention kernel wired into vLLM (here in the Triton interpreter, the CUDA path's code) gives
     the torch path's prompt logprobs and greedy tokens, for an artifact in the fused-kernel mode (post-RoPE keys);
-    also with 16-bit sinks/window (``aquakv_window``: an artifact without a value predictor, the ring in both)."""
+    also with 16-bit sinks/window (``aquakv_window``: the speed preset's artifact, the ring in both)."""
     import subprocess
     import sys
 
@@ -231,10 +231,12 @@ def test_fused_kernel_in_vllm_matches_torch_path(window, tmp_path):
     for name in os.listdir(src):
         if name != "aquakv":
             os.symlink(os.path.join(src, name), tmp_path / name)
-    values = ["none", "none"] if window else ["per_head", "k_same"]
+    # with the window: --preset speed (uniform 2-bit codes: decode steps take the arithmetic decode and read the ring
+    # in their own pass); without: d2n16 codes through tables and a per-head value predictor from K_l
+    mode = ["--preset", "speed"] if window else ["--key-rope", "post", "--key-predictor", "mean", "--value-predictor",
+                                                  "per_head", "--value-topology", "k_same"]
     subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", str(tmp_path), "--tokens", "2048",
-                    "--seq-len", "512", "--key-rope", "post", "--key-predictor", "mean", "--value-predictor",
-                    values[0], "--value-topology", values[1]], check=True)
+                    "--seq-len", "512", *mode], check=True)
     ids = tokenize(str(tmp_path), PROMPTS[:3])
     runs = {}
     for kernels in (True, False):
