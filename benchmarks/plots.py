@@ -2,7 +2,8 @@
 
     python benchmarks/plots.py [--results DIR] [--out DIR]   # defaults: both benchmarks/results/
 
-Writes throughput_h100.png, decode_attention_h100.png, serve_h100.png and quality_vs_bits.png. A plot whose JSON is
+Writes throughput_h100.png / _h200.png, decode_attention_h100.png / _h200.png, serve_h100.png and
+quality_vs_bits.png. A plot whose JSON is
 missing is skipped with a message; a JSON that does not parse, or lacks a field the plot needs, exits 1.
 Every title names the machine and model from the JSON, the JSON file itself and the command that wrote it.
 """
@@ -169,7 +170,9 @@ def quality(paths, out):
 
 # output PNG, input patterns (the first required, the rest optional), plot function
 PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
+         ("throughput_h200.png", ["throughput_h200_*.json"], throughput),
          ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
+         ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("serve_h100.png", ["serve_h100_*.json"], serve),
          ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json"], quality)]
 
