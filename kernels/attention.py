@@ -11,15 +11,21 @@ Hadamard domain too (sum_t p_t scale_t grid[code_t]) and rotated once per query;
 same layer's keys, v_t = b_v + k_t W + A^T y^v_t, is linear in k_t, so it is applied once per query to the
 softmax-weighted key sum.
 
-Decoding a code byte costs one or two gathers from a lane table of at most 256 entries (``lane_table``): a nibble
-or byte of codes indexes fp16 grid coordinates packed in one integer.  (Experimental, off by default: 2-bit scalar
-codes decoded by PTX byte permutes from two registers, 1.5 instructions per value, ``_register_lanes``.)  The coordinates of byte b land in *lanes*:
+Uniform 2-bit codes (grid u1n4: grid[c] = g0 + step c) need no table in decode launches: code c is taken as the
+float16 subnormal c 2^-24, which the tensor cores multiply exactly, and g0 / step are applied per query
+(``_uniform_lane``, ``_uniform_terms``).  Other grids, and 64-row launches of uniform codes (``launch_lanes``), decode a
+code byte by one or two gathers from a lane table of at most 256 entries (``lane_table``): a nibble or byte of codes
+indexes fp16 grid coordinates packed in one integer.  (Experimental, off by default: 2-bit scalar codes decoded by
+PTX byte permutes from two registers, 1.5 instructions per value, ``_register_lanes``.)  The coordinates of byte b
+land in *lanes*:
 lane i of a token holds the values at head positions L*b + i (L lanes), a [tokens, code bytes] tile.  A score is
 then the sum of L tensor-core dots of query lane i with key lane i, so no tile is ever joined or reshaped; the
 query and the rotation are permuted to lane order once per layer (``lane_order``).
 
 One program handles BLOCK_Q query tokens of one sequence x the G query heads of one KV head (rows = BLOCK_M), and
-one segment of that sequence's causal key range (split-K for long decodes).  It writes unnormalized partials
+one segment of that sequence's causal key range (split-K for long decodes).  With 16-bit sinks/window
+(``WindowInputs``), decode launches read those keys from the ring in a pass of their own before the codes loop
+(``RING_FIRST``), and wider launches inside it, per tile.  It writes unnormalized partials
 (running max, denominator, Hadamard-domain value and key sums, in lane order); ``_combine_kernel`` merges the
 segments and applies the per-query epilogue.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
 """
