@@ -107,11 +107,11 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
     """One `vllm bench throughput` run; its row (throughput, KV tokens, engine start) or the failure."""
     max_len = args.input_len + args.output_len + 64
     tag = f"{dtype}_{args.input_len}_{args.output_len}"
+    out_dir = args.from_logs or out_dir  # --from-logs: an earlier run's log and result files, as that run left them
     result_json = os.path.join(out_dir, f"tp_{tag}.json")
     t0 = time.time()
-    if args.from_logs:  # an earlier run's log and result files, as that run left them
-        out_dir, rc = args.from_logs, "from log"
-        result_json = os.path.join(out_dir, f"tp_{tag}.json")
+    if args.from_logs:
+        rc = "from log"
     else:
         cmd = ["vllm", "bench", "throughput", "--model", model, "--dataset-name", "random",
                "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
