@@ -8,6 +8,16 @@ domain, plus the key mean, value mean and per-head value predictor), and the att
 arithmetic is the fused kernel's: every key and value the queries read comes from its codes (no 16-bit
 shortcut for the step's own tokens), so the result equals the torch path's within bf16 rounding of K/V.
 Its torch twin is ``vllm_aquakv.serving.TorchServingPath.read_context``.
+
+With 16-bit sinks/window (``WindowInputs``) query p reads key t from its 16-bit copy when t < sinks or
+p - t < window (and the copy is there: ``vllm_aquakv.window``), else from its codes.  FlashAttention takes that as two
+calls over the same rows, merged by their log-sum-exps (``merge_partials``):
+
+- codes part: keys [0, len - window) of each request (``seqused_k``); bottom-right causal alignment then gives query
+  p the keys t <= p - window, exactly those not in its window.  The rows' sinks hold their 16-bit copies first.
+- window part: the rows of positions [context - window + 1, len) then take their 16-bit copies too (the ring's, and
+  the step's own keys/values), and a sliding-window call (``window_left = window - 1``) gives query p the keys
+  (p - window, p].
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import FusedLayer, _load_lanes, launch_lanes
+from vllm_aquakv.window import ring_column
+
+from .attention import FusedLayer, WindowInputs, _load_lanes, launch_lanes
 
 BLOCK_T = 64  # tokens per program
 
@@ -120,6 +132,32 @@ def reconstruct(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
 
 
 @dataclass
+class ExactRows:
+    """Where the 16-bit copies go among the reconstructed rows, for one phase (sinks, or the window's positions)."""
+
+    ring_dst: torch.Tensor  # [E] int64: reconstructed row that a ring entry may replace
+    ring_req: torch.Tensor  # [E] int64: its request (= ring row, vLLM's batch row)
+    ring_pos: torch.Tensor  # [E] int64: its position
+    step_dst: torch.Tensor  # [C] int64: reconstructed row of a token of this step
+    step_tok: torch.Tensor  # [C] int64: that token's index among the step's tokens (WindowInputs.key / value)
+
+    def put(self, k: torch.Tensor, v: torch.Tensor, window: WindowInputs, block_table: torch.Tensor,
+            page: int) -> None:
+        """Overwrite those rows of k/v [total_k, H, h] with their 16-bit copies: a ring entry where its tag is the
+        slot its position lives in (pages of ``page`` tokens; else the reconstruction stays), this step's tokens
+        always."""
+        if self.ring_dst.numel():
+            col = ring_column(self.ring_pos, window.sinks, window.window)
+            slot = block_table[self.ring_req, self.ring_pos // page].long() * page + self.ring_pos % page
+            there = (window.tags[self.ring_req, col] == slot)[:, None, None]  # [E, 1, 1]
+            for rows, ring in ((k, window.ring_k), (v, window.ring_v)):
+                rows[self.ring_dst] = torch.where(there, ring[self.ring_req, col].to(rows.dtype), rows[self.ring_dst])
+        if self.step_dst.numel():
+            k[self.step_dst] = window.key[self.step_tok].to(k.dtype)
+            v[self.step_dst] = window.value[self.step_tok].to(v.dtype)
+
+
+@dataclass
 class PrefillSplit:
     """A step cut into its leading decode requests (one query token each: the fused kernel) and the rest
     (reconstruction + FlashAttention).  vLLM orders decodes first for this backend (``reorder_batch_threshold``)."""
@@ -132,6 +170,10 @@ class PrefillSplit:
     max_q: int
     max_k: int
     total_k: int
+    # with 16-bit sinks/window: [P] int32 keys of the codes part (len - window, >= 0), and the rows of each phase
+    codes_k: torch.Tensor | None = None
+    sink_rows: ExactRows | None = None
+    window_rows: ExactRows | None = None
     _scratch: tuple | None = None  # (k, v) [total_k, H, h], shared by the step's layers
 
     def scratch(self, heads: int, head_dim: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +184,10 @@ class PrefillSplit:
         return self._scratch
 
 
-def split_prefills(query_start_loc: list[int], seq_lens: list[int], device) -> PrefillSplit | None:
-    """The step's split, or None when every request decodes one token (the fused kernel alone is faster)."""
+def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
+                   exact: tuple[int, int] | None = None) -> PrefillSplit | None:
+    """The step's split, or None when every request decodes one token (the fused kernel alone is faster).
+    ``exact`` = (sinks, window): where their 16-bit copies go (``ExactRows``)."""
     q_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
     d = 0
     while d < len(q_lens) and q_lens[d] == 1:
@@ -156,21 +200,78 @@ def split_prefills(query_start_loc: list[int], seq_lens: list[int], device) -> P
         cu_q.append(cu_q[-1] + q_lens[r])
         cu_k.append(cu_k[-1] + seq_lens[r])
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-    return PrefillSplit(d, query_start_loc[d], as_tensor(list(rest)), as_tensor(cu_q), as_tensor(cu_k),
-                        max(q_lens[d:]), max(seq_lens[d:]), cu_k[-1])
+    split = PrefillSplit(d, query_start_loc[d], as_tensor(list(rest)), as_tensor(cu_q), as_tensor(cu_k),
+                         max(q_lens[d:]), max(seq_lens[d:]), cu_k[-1])
+    if exact is not None:
+        sinks, window = exact
+        split.codes_k = as_tensor([max(seq_lens[r] - window, 0) for r in rest])
+        phases = {True: [[] for _ in range(5)], False: [[] for _ in range(5)]}  # is a sink -> ExactRows fields
+        for i, r in enumerate(rest):
+            context = seq_lens[r] - q_lens[r]
+            # ring: positions before this step that some query of it reads in 16 bits
+            ring = [torch.arange(min(sinks, context))]
+            if window:
+                ring.append(torch.arange(min(max(sinks, context - window + 1), context), context))
+            ring = torch.cat(ring)
+            chunk = torch.arange(context, seq_lens[r])
+            for is_sink in (True, False):
+                rp = ring[(ring < sinks) == is_sink]
+                cp = chunk[(chunk < sinks) == is_sink]
+                if not is_sink and not window:
+                    cp = cp[:0]
+                fields = phases[is_sink]
+                fields[0].append(cu_k[i] + rp)
+                fields[1].append(torch.full_like(rp, r))
+                fields[2].append(rp)
+                fields[3].append(cu_k[i] + cp)
+                fields[4].append(query_start_loc[r] + cp - context)
+        rows = {s: ExactRows(*(torch.cat(f).to(device, non_blocking=True) for f in fields))
+                for s, fields in phases.items()}
+        split.sink_rows, split.window_rows = rows[True], rows[False]
+    return split
+
+
+def merge_partials(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
+                   lse_b: torch.Tensor) -> None:
+    """out [N, Hq, h] = attention over the union of two disjoint key sets from their partial outputs o [N, Hq, h]
+    and natural-log LSEs [Hq, N] (a query with no keys in a part: LSE +-inf or NaN, output ignored)."""
+    lse_a, lse_b = (torch.where(torch.isfinite(x), x, float("-inf")).t().unsqueeze(-1) for x in (lse_a, lse_b))
+    top = torch.maximum(lse_a, lse_b)  # [N, Hq, 1]; finite: every query has a key in one part
+    w_a, w_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    o_a = torch.where(w_a > 0, o_a.float(), 0.0)
+    o_b = torch.where(w_b > 0, o_b.float(), 0.0)
+    out.copy_((o_a * w_a + o_b * w_b) / (w_a + w_b))
 
 
 def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, split: PrefillSplit, layer: FusedLayer, scale: float,
-                      out: torch.Tensor, flash) -> None:
+                      out: torch.Tensor, flash, window: WindowInputs | None = None) -> None:
     """Causal attention of the split's non-decode queries (query [N, Hq, h] rows decode_tokens..N) over their
     reconstructed contexts, written to the same rows of ``out`` [N, Hq, h]; ``flash`` is
-    ``compat.flash_attention``'s function (or any with its signature, e.g. a torch twin in tests)."""
+    ``compat.flash_attention``'s function (or any with its signature, e.g. a torch twin in tests).  With ``window``
+    (and a split made with its sinks/window), the 16-bit sinks and window are read as the module docstring says."""
     heads, h = kv_cache.shape[1], query.shape[-1]
     k, v = split.scratch(heads, h, query.dtype, query.device)
     reconstruct(kv_cache, block_table, seq_lens, split.rows, split.cu_k, split.max_k, layer, k, v)
     d = split.decode_tokens
-    flash(query[d:], k, v, out[d:], split.cu_q, split.cu_k, split.max_q, split.max_k, scale)
+    q = query[d:]
+    if window is None:
+        flash(q, k, v, out[d:], split.cu_q, split.cu_k, split.max_q, split.max_k, scale)
+        return
+    if split.sink_rows is None:
+        raise ValueError("prefill_attention with a window needs split_prefills(..., exact=(sinks, window))")
+    split.sink_rows.put(k, v, window, block_table, kv_cache.shape[2])
+    if window.window == 0:  # sinks only: every other key from its codes
+        flash(q, k, v, out[d:], split.cu_q, split.cu_k, split.max_q, split.max_k, scale)
+        return
+    o_codes = torch.empty_like(q)
+    lse_codes = flash(q, k, v, o_codes, split.cu_q, split.cu_k, split.max_q, split.max_k, scale,
+                      seqused_k=split.codes_k, return_lse=True)
+    split.window_rows.put(k, v, window, block_table, kv_cache.shape[2])
+    o_window = torch.empty_like(q)
+    lse_window = flash(q, k, v, o_window, split.cu_q, split.cu_k, split.max_q, split.max_k, scale,
+                       window_left=window.window - 1, return_lse=True)
+    merge_partials(out[d:], o_window, lse_window, o_codes, lse_codes)
 
 
 def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_kv_heads: int, page_block: int,

@@ -105,14 +105,29 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want)
 
 
-def torch_flash(q, k, v, out, cu_q, cu_k, max_q, max_k, scale):
-    """vLLM's varlen FlashAttention contract (causal, queries aligned to the end of their keys) in float32 torch."""
-    from vllm_aquakv.serving import causal_attention
-
+def torch_flash(q, k, v, out, cu_q, cu_k, max_q, max_k, scale, seqused_k=None, window_left=None, return_lse=False):
+    """vLLM's varlen FlashAttention contract (``compat.flash_attention``: causal, queries aligned to the end of their
+    keys, seqused_k, a left window, the natural-log LSE [Hq, total_q], +inf where a query has no keys, as FA2) in
+    float32 torch."""
     cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    used = None if seqused_k is None else seqused_k.tolist()
+    group = q.shape[1] // k.shape[1]
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), device=q.device)
     for r in range(len(cu_q) - 1):
-        qr, kr, vr = (x.float() for x in (q[cu_q[r]:cu_q[r + 1]], k[cu_k[r]:cu_k[r + 1]], v[cu_k[r]:cu_k[r + 1]]))
-        out[cu_q[r]:cu_q[r + 1]] = causal_attention(qr, kr, vr, scale, kr.shape[0] - qr.shape[0]).to(out.dtype)
+        n_k = cu_k[r + 1] - cu_k[r] if used is None else used[r]
+        qr = q[cu_q[r]:cu_q[r + 1]].float()
+        kr, vr = (x[cu_k[r]:cu_k[r] + n_k].float().repeat_interleave(group, dim=1) for x in (k, v))
+        s = torch.einsum("qhd,khd->hqk", qr, kr) * scale  # [Hq, Tq, Tk]
+        last = torch.arange(qr.shape[0], device=q.device)[:, None] + n_k - qr.shape[0]  # each query's last key
+        j = torch.arange(n_k, device=q.device)[None, :]
+        hidden = (j > last) if window_left is None else (j > last) | (j < last - window_left)
+        s = s.masked_fill(hidden, float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)  # [Hq, Tq]
+        seen = torch.isfinite(row_lse)
+        p = torch.where(seen[..., None], torch.exp(s - row_lse[..., None]), 0.0)
+        out[cu_q[r]:cu_q[r + 1]] = torch.einsum("hqk,khd->qhd", p, vr).to(out.dtype)
+        lse[:, cu_q[r]:cu_q[r + 1]] = torch.where(seen, row_lse, float("inf"))
+    return lse if return_lse else None
 
 
 def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want):
@@ -328,6 +343,20 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
         assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, err)
     codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
     assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop
+    if decode_only:
+        return
+    # the backend's prefill split with the window: the decode through the fused kernel, the prefill chunk and the
+    # fresh prompt through reconstruction + two FlashAttention calls (codes part, window part; its torch twin here)
+    from vllm_aquakv.kernels.reconstruct import prefill_attention, split_prefills
+
+    split = split_prefills(qsl, lens, DEVICE, exact=(sinks, window))
+    assert split.decode_tokens == 1
+    got = torch.empty(query.shape, dtype=query.dtype, device=DEVICE)
+    plan = plan_attention(qsl[:2], max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else None)
+    fused_attention(query[:1], kv, block_table, seq_lens, qsl_dev, plan, fused, scale, out=got[:1], window=win)
+    prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, got, torch_flash, window=win)
+    err = (got.float().cpu() - want).norm() / want.norm()
+    assert err < (1e-5 if DEVICE == "cpu" else 5e-3), err
 
 
 @pytest.mark.parametrize("head_dim,heads,q_heads,page_block,grid,sinks,window", [
@@ -347,7 +376,7 @@ def test_fused_window_decode_step(head_dim, heads, q_heads, page_block, grid, si
 @ON_GPU
 def test_vllm_flash_attention_keeps_the_twins_contract(rng):
     """compat.flash_attention (vLLM's FA3 on the H100) computes what torch_flash does: causal, queries aligned to
-    the end of their keys, GQA, varlen."""
+    the end of their keys, GQA, varlen, seqused_k, a left window and the LSE."""
     from vllm_aquakv import compat
 
     flash = compat.flash_attention(128)
@@ -363,3 +392,14 @@ def test_vllm_flash_attention_keeps_the_twins_contract(rng):
     torch_flash(q, k, v, want, cu_q, cu_k, max(q_lens), max(k_lens), 0.1)
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < 1e-2, err
+    # the window prefill's two calls: fewer keys per sequence (seqused_k; the first 10 queries of the first sequence, the
+    # second and the first 50 of the third see none), and a left window; both with their LSEs
+    for extra in ({"seqused_k": torch.tensor([20, 0, 150], dtype=torch.int32, device=DEVICE)}, {"window_left": 27}):
+        lse_got = flash(q, k, v, got, cu_q, cu_k, max(q_lens), max(k_lens), 0.1, return_lse=True, **extra)
+        lse_want = torch_flash(q, k, v, want, cu_q, cu_k, max(q_lens), max(k_lens), 0.1, return_lse=True, **extra)
+        seen = torch.isfinite(lse_want)  # [Hq, N]
+        assert torch.equal(torch.isfinite(lse_got), seen), extra
+        assert torch.allclose(lse_got[seen], lse_want[seen], atol=1e-2), extra
+        rows = seen.all(0)  # queries with keys
+        err = (got[rows].float() - want[rows].float()).norm() / want[rows].float().norm()
+        assert err < 1e-2, (extra, err)

@@ -146,7 +146,9 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
             if not md.planned:  # the step's first layer: who takes which kernel, and the fused kernel's launch
                 qsl = md.query_start_loc
                 if md.path.flash is not None and qsl[-1] > len(qsl) - 1:  # some request has > 1 query token
-                    md.split = split_prefills(qsl, md.seq_lens, query.device)
+                    ring = md.path.exact
+                    md.split = split_prefills(qsl, md.seq_lens, query.device,
+                                              None if ring is None else (ring.sinks, ring.window))
                     qsl = qsl[: md.split.decode_reqs + 1]
                 if len(qsl) > 1:
                     md.plan = plan_attention(qsl, md.max_seq_len, self.num_heads, self.num_kv_heads, query.device)
@@ -160,7 +162,7 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
                                 md.plan, fused, self.scale, out=out[:decodes], window=window)
             if md.split is not None:
                 prefill_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.split, fused, self.scale, out,
-                                  md.path.flash)
+                                  md.path.flash, window)
             return output
         out = md.path.attend(index, query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
                              compat.step_scratch(StepState), key[:n], value[:n])

@@ -103,11 +103,12 @@ class ServingState:
 
             fused = fused_layers_or_reason(c, self.path.layouts)
         window = extra.get("aquakv_window")
-        if window is None:  # default: on wherever the torch path serves; in the fused CUDA kernels it is opt-in
-            window = not (on_cuda and fused is not None and not isinstance(fused, str))
+        if window is None:  # default: on, unless it would move a fused-kernel artifact to the slow torch path
+            window = not (on_cuda and isinstance(fused, dict) and _has_value_predictor(fused))
             if not window:
-                self.window_note += ("; the fused kernels' 16-bit sinks/window are experimental: opt in with "
-                                     "--additional-config '{\"aquakv_window\": true}'")
+                self.window_note += ("; 16-bit sinks/window off by default: the fused kernels do not combine them "
+                                     "with a value predictor (calibrate with --value-predictor none, or force "
+                                     "--additional-config '{\"aquakv_window\": true}': torch path, slow)")
         if window and c.config.num_sink_tokens + c.config.window > 0:
             rows = vllm_config.scheduler_config.max_num_seqs
             # allocated now, while vLLM sizes the KV cache, so that its memory profile sees the ring
@@ -115,8 +116,7 @@ class ServingState:
                                           head_dim, self.model_dtype, device)
             ring = 2 * self.path.exact.k[0].numel() * self.model_dtype.itemsize * num_layers
             self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
-                                f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache"
-                                f"{'; experimental in the fused kernels' if on_cuda else ''})")
+                                f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache)")
         if fused is not None:
             self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,
@@ -133,15 +133,14 @@ class ServingState:
         from .kernels.attention import compiled_variants, warm_up
 
         exact = self.path.exact
-        if exact is not None and not isinstance(fused, str) and any(
-                f.v_bias is not None or f.v_weight is not None for f in fused.values()):
+        if exact is not None and not isinstance(fused, str) and _has_value_predictor(fused):
             fused = "16-bit sinks/window (aquakv_window) with a value predictor (calibrate with --value-predictor none)"
         if isinstance(fused, str):
             self.kernel_note = f"torch attention path (slow): the fused Triton kernel cannot serve {fused}"
             return
         self.path.fused.update(fused)
         self.kernel_note = f"fused Triton attention on all {num_layers} layers"
-        if compile_now and exact is None and flash_prefill:  # prefill: reconstruction + vLLM's FlashAttention
+        if compile_now and flash_prefill:  # prefill: reconstruction + vLLM's FlashAttention (window: 2 calls)
             if self.model_dtype not in (torch.float16, torch.bfloat16):  # FlashAttention refuses float32 at the
                 # first prefill (found on the H200, 2026-12-02)
                 self.kernel_note += f"; prefill in the fused kernel too (FlashAttention takes 16-bit models, this " \
@@ -173,6 +172,11 @@ class ServingState:
             self.source, bits["bits_per_value"], "/".join(map(str, slots)), 2 * self.cache.head_dim *
             self.model_dtype.itemsize, dtype, self.path.capacity_ratio(self.model_dtype.itemsize), dtype,
             vs_bf16, self.window_note, self.kernel_note, self.shard_note)
+
+
+def _has_value_predictor(fused: dict) -> bool:
+    """Whether any fused layer predicts values (the fused kernels then serve no 16-bit sinks/window)."""
+    return any(f.v_bias is not None or f.v_weight is not None for f in fused.values())
 
 
 def rank_kv_heads(total: int, tp: int, rank: int) -> tuple[int, int]:

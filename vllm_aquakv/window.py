@@ -66,7 +66,7 @@ class ExactTokens:
     def column(self, pos: torch.Tensor) -> torch.Tensor:
         """Ring column of positions pos: its sink column below ``sinks``, else its window column (the last column
         when there is no window: never read, see ``exact_context``)."""
-        return torch.where(pos < self.sinks, pos, self.sinks + pos % max(self.window, 1)).clamp(max=self.width - 1)
+        return ring_column(pos, self.sinks, self.window)
 
     def begin_step(self, block_table: torch.Tensor, seq_lens, query_start_loc, num_tokens: int,
                    slot_mapping: torch.Tensor, block_size: int) -> WindowStep:
@@ -135,6 +135,11 @@ class ExactTokens:
         v[context:] = value
         available[context:] = True
         return k, v, available
+
+
+def ring_column(pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """Ring column of positions pos (``ExactTokens.column``)."""
+    return torch.where(pos < sinks, pos, sinks + pos % max(window, 1)).clamp(max=sinks + window - 1)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_exact: torch.Tensor,

@@ -32,6 +32,9 @@ MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
     # arithmetically (no table lookups); the same with the 1024-exponent decode, and with 16-bit sinks/window
     "aquakv speed preset u1n4 (K mean, 2.25 b)": dict(key_predictor="mean", value_predictor="none",
                                                       value_topology="none", key_grid="u1n4", value_grid="u1n4"),
+    "aquakv speed preset u1n4, byte-wise decode": dict(key_predictor="mean", value_predictor="none",
+                                                       value_topology="none", key_grid="u1n4", value_grid="u1n4",
+                                                       word_loads=False),
     "aquakv speed preset u1n4, 1024 decode": dict(key_predictor="mean", value_predictor="none",
                                                   value_topology="none", key_grid="u1n4", value_grid="u1n4",
                                                   index_bits=1),
@@ -77,6 +80,7 @@ def fused_setup(overrides):
     overrides = dict(overrides)
     index_bits = overrides.pop("index_bits", None)
     window = overrides.pop("window", None)
+    word_loads = overrides.pop("word_loads", True)
     cfg = AquaKVConfig(key_rope="post", layer0_grid="d2n16", **overrides)
     preds = {("k", 1): LinearPredictor(cfg.key_predictor, (), bias=torch.randn(H, D))}
     if cfg.value_predictor == "per_head":
@@ -93,6 +97,7 @@ def fused_setup(overrides):
         fused = dataclasses.replace(fused, k_lanes=lane_table(kc.grid, kc.code_bits, D, index_bits),
                                     v_lanes=lane_table(vc.grid, vc.code_bits, D, index_bits))
     fused.window = window  # (sinks, window) or None: ``window_inputs`` builds the ring per batch
+    fused.word_loads = word_loads  # False: the byte-wise uniform decode (AttentionPlan.word_loads)
     return path, fused
 
 
@@ -210,8 +215,9 @@ def main():
                 kv = random_slots(batch * nb, path.layouts[1])
                 out = torch.empty_like(q)  # the model dtype, as vLLM's output buffer
                 win = window_inputs(fused, block_table, ctx, q)
-                ms = bench(lambda kv=kv: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5,
-                                                         out=out, window=win))
+                p = dataclasses.replace(plan, word_loads=fused.word_loads)
+                ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused, D ** -0.5,
+                                                              out=out, window=win))
                 nbytes = kv.numel()
                 rows.append({**base, "kv_cache_dtype": label, "ms": ms, "bytes": nbytes, "segments": plan.segments,
                              "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / ms})
@@ -312,6 +318,15 @@ def prefill_overhead(setups, best, n: int) -> dict:
             lambda: reconstruct(kv, block_table, seq_lens, split.rows, split.cu_k, n, fused, k_rows, v_rows))
         out["aquakv prefill attention: reconstruct + FlashAttention"] = bench(
             lambda: prefill_attention(q, kv, block_table, seq_lens, split, fused, D ** -0.5, o, flash))
+        # with 16-bit sinks 4 + window 128: a fresh prompt (empty ring), two FlashAttention calls merged by LSE
+        from vllm_aquakv.kernels.attention import WindowInputs
+        from vllm_aquakv.window import ExactTokens
+
+        ring = ExactTokens(4, 128, 1, 1, H, D, torch.bfloat16, "cuda")
+        win = WindowInputs(ring.k[0], ring.v[0], ring.tags, key, value, 4, 128)
+        split_w = split_prefills(qsl_list, [n], "cuda", exact=(4, 128))
+        out["aquakv prefill attention with sinks/window: reconstruct + 2 FlashAttention + merge"] = bench(
+            lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused, D ** -0.5, o, flash, win))
     return out
 
 
