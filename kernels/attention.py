@@ -117,19 +117,6 @@ def _uniform_lane(byte, LANE: tl.constexpr, INDEX_BITS: tl.constexpr, DOT_DTYPE:
 
 
 @triton.jit
-def _uniform_word_lane(words, LANE: tl.constexpr, CODE_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """``_uniform_lane`` (INDEX_BITS 0) from code bytes loaded 4 to an int32 word [T, CODE_BYTES / 4]: one shift and
-    one mask take lane LANE's codes of bytes 0 and 2 of each word as two float16 subnormals at once, one more pair
-    bytes 1 and 3; joined and reshaped back to byte order [T, CODE_BYTES].  Fewer integer instructions than the
-    byte-wise decode (offline SASS, 2026-12-01: ~1,030 -> ~860 per warp and tile in a reduced kernel)."""
-    a = (words >> (2 * LANE)) & 0x00030003  # code LANE of bytes 4w, 4w + 2 in the two halves of word w
-    b = (words >> (8 + 2 * LANE)) & 0x00030003  # of bytes 4w + 1, 4w + 3
-    x = tl.join(tl.join(_half(a), _half(a >> 16)), tl.join(_half(b), _half(b >> 16)))  # [T, W, 2, 2]: [w, i, k] is
-    # byte 4w + 2i + k
-    return tl.reshape(x, (x.shape[0], CODE_BYTES)).to(DOT_DTYPE)
-
-
-@triton.jit
 def _uniform_terms(table_ptr, INDEX_BITS: tl.constexpr):
     """(multiplier, offset) that turn a uniform lane dot back into grid units: grid[c] = g0 + step * c, and the
     lanes hold c * 2^-24 (INDEX_BITS 0) or c (1), so sum w grid[c] = dot * step * unit^-1 + g0 * sum w."""
@@ -143,17 +130,10 @@ def _uniform_terms(table_ptr, INDEX_BITS: tl.constexpr):
 @triton.jit
 def _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr,
                 INDEX_BITS: tl.constexpr, ENTRY_VALUES: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                USE_ASM: tl.constexpr, WORD_LOADS: tl.constexpr = False):
+                USE_ASM: tl.constexpr):
     """One stream's grid coordinates for the tokens at ``base`` [T] as lanes, each [T, CODE_BYTES] in DOT_DTYPE: lane i
     holds the values at head positions LANES * b + i for code byte b (LANES = ENTRY_VALUES * 8 / INDEX_BITS, or 4 for
-    the register decode INDEX_BITS == 2; lanes 2, 3 repeat 0, 1 when LANES == 2).  WORD_LOADS: uniform codes
-    (INDEX_BITS 0) through int32 words (``_uniform_word_lane``; base + CODE_OFFSET must be 4-byte aligned)."""
-    if INDEX_BITS == 0 and WORD_LOADS:
-        w = tl.arange(0, CODE_BYTES // 4)
-        words = tl.load((cache_ptr + base + CODE_OFFSET).to(tl.pointer_type(tl.int32))[:, None] + w[None, :],
-                        mask=t_mask[:, None], other=0)  # [T, CODE_BYTES / 4]
-        return (_uniform_word_lane(words, 0, CODE_BYTES, DOT_DTYPE), _uniform_word_lane(words, 1, CODE_BYTES, DOT_DTYPE),
-                _uniform_word_lane(words, 2, CODE_BYTES, DOT_DTYPE), _uniform_word_lane(words, 3, CODE_BYTES, DOT_DTYPE))
+    the register decode INDEX_BITS == 2; lanes 2, 3 repeat 0, 1 when LANES == 2)."""
     b = tl.arange(0, CODE_BYTES)
     byte = tl.load(cache_ptr + (base + CODE_OFFSET)[:, None] + b[None, :], mask=t_mask[:, None], other=0)
     if INDEX_BITS <= 1:  # uniform 2-bit codes: code c as an exact float16, no table (``_uniform_terms``)
@@ -279,7 +259,7 @@ def _fused_attention_kernel(
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
     V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr,
-    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr, WORD_LOADS: tl.constexpr,
+    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -374,7 +354,7 @@ def _fused_attention_kernel(
         scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
                           other=0.0).to(tl.float32)
         x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS,
-                                     K_ENTRY_VALUES, DOT_DTYPE, USE_ASM, WORD_LOADS)
+                                     K_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
         s = tl.dot(q0, tl.trans(x0))
         s = tl.dot(q1, tl.trans(x1), s)
         if K_LANES == 4:
@@ -421,7 +401,7 @@ def _fused_attention_kernel(
                 w_k = w_k * alpha + tl.sum(wk.to(tl.float32), axis=1)
             k0, k1, k2, k3 = _accumulate_lanes(wk, x0, x1, x2, x3, k0, k1, k2, k3, alpha, K_LANES)
         y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
-                                     V_ENTRY_VALUES, DOT_DTYPE, USE_ASM, WORD_LOADS)
+                                     V_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
         wv = (p * scale_v[None, :]).to(DOT_DTYPE)
         if V_INDEX_BITS <= 1:
             w_v = w_v * alpha + tl.sum(wv.to(tl.float32), axis=1)
@@ -660,7 +640,6 @@ class AttentionPlan:
     num_warps: int = 4
     maxnreg: int | None = None  # register cap per thread; None: ``fused_attention`` picks (as num_stages)
     num_stages: int | None = None  # software pipelining; None: ``fused_attention`` picks the fastest measured
-    word_loads: bool = True  # uniform codes: decode from int32 words (``_uniform_word_lane``), else byte by byte
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -765,7 +744,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16,
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
-        WORD_LOADS=plan.word_loads and slot_align % 4 == 0 and layer.v_code_offset % 4 == 0, num_warps=plan.num_warps,
+        num_warps=plan.num_warps,
         num_stages=stages,
         **({"maxnreg": maxnreg} if maxnreg and not interpret else {}),
     )

@@ -13,8 +13,9 @@ With 16-bit sinks/window (``WindowInputs``) query p reads key t from its 16-bit 
 p - t < window (and the copy is there: ``vllm_aquakv.window``), else from its codes.  FlashAttention takes that as two
 calls over the same rows, merged by their log-sum-exps (``merge_partials``):
 
-- codes part: keys [0, len - window) of each request (``seqused_k``); bottom-right causal alignment then gives query
-  p the keys t <= p - window, exactly those not in its window.  The rows' sinks hold their 16-bit copies first.
+- codes part: the first len - window keys of each request (``seqused_k``); bottom-right causal alignment then gives
+  query p the keys t <= p - window, exactly those not in its window.  The rows' sinks hold their 16-bit copies
+  first.
 - window part: the rows of positions [context - window + 1, len) then take their 16-bit copies too (the ring's, and
   the step's own keys/values), and a sliding-window call (``window_left = window - 1``) gives query p the keys
   (p - window, p].
@@ -160,13 +161,17 @@ class ExactRows:
 @dataclass
 class PrefillSplit:
     """A step cut into its leading decode requests (one query token each: the fused kernel) and the rest
-    (reconstruction + FlashAttention).  vLLM orders decodes first for this backend (``reorder_batch_threshold``)."""
+    (reconstruction + FlashAttention).  vLLM orders decodes first for this backend (``reorder_batch_threshold``).
+    The reconstructed rows of each request start at a page boundary (FlashAttention reads them as paged K/V, as
+    vLLM's FLASH_ATTN backend does: it takes no per-sequence key counts with contiguous varlen keys)."""
 
     decode_reqs: int
     decode_tokens: int
     rows: torch.Tensor  # [P] int32: request index of each other request
     cu_q: torch.Tensor  # [P + 1] int32: their query offsets, relative to decode_tokens
-    cu_k: torch.Tensor  # [P + 1] int32: offsets of their contexts in the reconstructed K/V rows
+    cu_k: torch.Tensor  # [P + 1] int32: first reconstructed row of each request's context (multiples of PAGE)
+    pages: torch.Tensor  # [P, max pages] int32: the pages of PAGE rows that hold it (FlashAttention's block table)
+    seq_k: torch.Tensor  # [P] int32: its keys (the context length)
     max_q: int
     max_k: int
     total_k: int
@@ -177,11 +182,15 @@ class PrefillSplit:
     _scratch: tuple | None = None  # (k, v) [total_k, H, h], shared by the step's layers
 
     def scratch(self, heads: int, head_dim: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reconstructed K and V rows [total_k, H, h], allocated once per step."""
+        """The reconstructed K and V rows [total_k, H, h], allocated once per step (zeros: rows past a context's
+        end, which FlashAttention loads with its last page and then masks, must hold finite numbers)."""
         if self._scratch is None:
-            self._scratch = tuple(torch.empty(self.total_k, heads, head_dim, dtype=dtype, device=device)
+            self._scratch = tuple(torch.zeros(self.total_k, heads, head_dim, dtype=dtype, device=device)
                                   for _ in range(2))
         return self._scratch
+
+
+PAGE = 64  # reconstructed rows per FlashAttention page
 
 
 def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
@@ -198,10 +207,15 @@ def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
     cu_q, cu_k = [0], [0]
     for r in rest:
         cu_q.append(cu_q[-1] + q_lens[r])
-        cu_k.append(cu_k[-1] + seq_lens[r])
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+        cu_k.append(cu_k[-1] + -(-seq_lens[r] // PAGE) * PAGE)
+    max_k = max(seq_lens[d:])
+    pages = torch.zeros(len(rest), -(-max_k // PAGE), dtype=torch.int32)  # [P, max pages]
+    for i in range(len(rest)):
+        n = (cu_k[i + 1] - cu_k[i]) // PAGE
+        pages[i, :n] = torch.arange(cu_k[i] // PAGE, cu_k[i] // PAGE + n)
+    as_tensor = lambda x: torch.as_tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
     split = PrefillSplit(d, query_start_loc[d], as_tensor(list(rest)), as_tensor(cu_q), as_tensor(cu_k),
-                         max(q_lens[d:]), max(seq_lens[d:]), cu_k[-1])
+                         as_tensor(pages), as_tensor(seq_lens[d:]), max(q_lens[d:]), max_k, cu_k[-1])
     if exact is not None:
         sinks, window = exact
         split.codes_k = as_tensor([max(seq_lens[r] - window, 0) for r in rest])
@@ -255,22 +269,24 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: 
     reconstruct(kv_cache, block_table, seq_lens, split.rows, split.cu_k, split.max_k, layer, k, v)
     d = split.decode_tokens
     q = query[d:]
+    k_pages, v_pages = (x.view(-1, PAGE, heads, h) for x in (k, v))  # [pages, PAGE, H, h]
+
+    def attend(o, keys, **kw):
+        return flash(q, k_pages, v_pages, o, split.cu_q, split.max_q, keys, split.max_k, scale, split.pages, **kw)
+
     if window is None:
-        flash(q, k, v, out[d:], split.cu_q, split.cu_k, split.max_q, split.max_k, scale)
+        attend(out[d:], split.seq_k)
         return
     if split.sink_rows is None:
         raise ValueError("prefill_attention with a window needs split_prefills(..., exact=(sinks, window))")
     split.sink_rows.put(k, v, window, block_table, kv_cache.shape[2])
     if window.window == 0:  # sinks only: every other key from its codes
-        flash(q, k, v, out[d:], split.cu_q, split.cu_k, split.max_q, split.max_k, scale)
+        attend(out[d:], split.seq_k)
         return
-    o_codes = torch.empty_like(q)
-    lse_codes = flash(q, k, v, o_codes, split.cu_q, split.cu_k, split.max_q, split.max_k, scale,
-                      seqused_k=split.codes_k, return_lse=True)
+    o_codes, o_window = torch.empty_like(q), torch.empty_like(q)
+    lse_codes = attend(o_codes, split.codes_k, return_lse=True)
     split.window_rows.put(k, v, window, block_table, kv_cache.shape[2])
-    o_window = torch.empty_like(q)
-    lse_window = flash(q, k, v, o_window, split.cu_q, split.cu_k, split.max_q, split.max_k, scale,
-                       window_left=window.window - 1, return_lse=True)
+    lse_window = attend(o_window, split.seq_k, window_left=window.window - 1, return_lse=True)
     merge_partials(out[d:], o_window, lse_window, o_codes, lse_codes)
 
 

@@ -105,18 +105,18 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want)
 
 
-def torch_flash(q, k, v, out, cu_q, cu_k, max_q, max_k, scale, seqused_k=None, window_left=None, return_lse=False):
-    """vLLM's varlen FlashAttention contract (``compat.flash_attention``: causal, queries aligned to the end of their
-    keys, seqused_k, a left window, the natural-log LSE [Hq, total_q], +inf where a query has no keys, as FA2) in
-    float32 torch."""
-    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
-    used = None if seqused_k is None else seqused_k.tolist()
-    group = q.shape[1] // k.shape[1]
+def torch_flash(q, k, v, out, cu_q, max_q, seqused_k, max_k, scale, block_table, window_left=None, return_lse=False):
+    """vLLM's varlen FlashAttention over paged K/V (``compat.flash_attention``: causal, queries aligned to the end of
+    their keys, a left window, the natural-log LSE [Hq, total_q], +inf where a query has no keys, as FA2) in float32
+    torch."""
+    cu_q, used = cu_q.tolist(), seqused_k.tolist()
+    group = q.shape[1] // k.shape[2]
     lse = torch.full((q.shape[1], q.shape[0]), float("inf"), device=q.device)
     for r in range(len(cu_q) - 1):
-        n_k = cu_k[r + 1] - cu_k[r] if used is None else used[r]
+        n_k = used[r]
         qr = q[cu_q[r]:cu_q[r + 1]].float()
-        kr, vr = (x[cu_k[r]:cu_k[r] + n_k].float().repeat_interleave(group, dim=1) for x in (k, v))
+        kr, vr = (x[block_table[r].long()].flatten(0, 1)[:n_k].float().repeat_interleave(group, dim=1)
+                  for x in (k, v))  # [n_k, Hq, h]
         s = torch.einsum("qhd,khd->hqk", qr, kr) * scale  # [Hq, Tq, Tk]
         last = torch.arange(qr.shape[0], device=q.device)[:, None] + n_k - qr.shape[0]  # each query's last key
         j = torch.arange(n_k, device=q.device)[None, :]
@@ -149,7 +149,8 @@ def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, s
     for i, r in enumerate(split.rows.tolist()):  # the reconstructed rows are the torch path's K/V
         recon = {}
         path.read_context(layer, kv, block_table[r], lens[r], recon)
-        a, b = split.cu_k[i].item(), split.cu_k[i + 1].item()
+        a = split.cu_k[i].item()
+        b = a + lens[r]
         for got_rows, want_rows in ((k_rows[a:b], recon["k", layer]), (v_rows[a:b], recon["v", layer])):
             err = (got_rows.float() - want_rows).norm() / want_rows.norm()
             assert err < (1e-5 if query.dtype == torch.float32 else 4e-3), err  # bf16 rows: 2^-9 rounding
@@ -375,8 +376,8 @@ def test_fused_window_decode_step(head_dim, heads, q_heads, page_block, grid, si
 
 @ON_GPU
 def test_vllm_flash_attention_keeps_the_twins_contract(rng):
-    """compat.flash_attention (vLLM's FA3 on the H100) computes what torch_flash does: causal, queries aligned to
-    the end of their keys, GQA, varlen, seqused_k, a left window and the LSE."""
+    """compat.flash_attention (vLLM's FA3 on the H100/H200) computes what torch_flash does: paged K/V, causal,
+    queries aligned to the end of their keys, GQA, varlen, fewer keys than pages hold, a left window and the LSE."""
     from vllm_aquakv import compat
 
     flash = compat.flash_attention(128)
@@ -384,19 +385,24 @@ def test_vllm_flash_attention_keeps_the_twins_contract(rng):
         pytest.skip("this vLLM build has no FlashAttention")
     q_lens, k_lens = [30, 1, 200], [100, 77, 200]
     cu_q = torch.tensor([0, 30, 31, 231], dtype=torch.int32, device=DEVICE)
-    cu_k = torch.tensor([0, 100, 177, 377], dtype=torch.int32, device=DEVICE)
     q = torch.randn(231, 24, 128, generator=rng).to(DEVICE, torch.bfloat16)
-    k, v = (torch.randn(377, 8, 128, generator=rng).to(DEVICE, torch.bfloat16) for _ in range(2))
+    # K/V in pages of 16, each sequence's pages in shuffled order
+    k, v = (torch.randn(40, 16, 8, 128, generator=rng).to(DEVICE, torch.bfloat16) for _ in range(2))
+    order = torch.randperm(40, generator=rng).to(torch.int32)
+    table = torch.stack([order[0:13], order[13:26], order[26:39]]).to(DEVICE)  # [3, 13] (13 pages = 208 keys)
+    lens = torch.tensor(k_lens, dtype=torch.int32, device=DEVICE)
     got, want = torch.empty_like(q), torch.empty_like(q)
-    flash(q, k, v, got, cu_q, cu_k, max(q_lens), max(k_lens), 0.1)
-    torch_flash(q, k, v, want, cu_q, cu_k, max(q_lens), max(k_lens), 0.1)
+    flash(q, k, v, got, cu_q, max(q_lens), lens, max(k_lens), 0.1, table)
+    torch_flash(q, k, v, want, cu_q, max(q_lens), lens, max(k_lens), 0.1, table)
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < 1e-2, err
-    # the window prefill's two calls: fewer keys per sequence (seqused_k; the first 10 queries of the first sequence, the
-    # second and the first 50 of the third see none), and a left window; both with their LSEs
-    for extra in ({"seqused_k": torch.tensor([20, 0, 150], dtype=torch.int32, device=DEVICE)}, {"window_left": 27}):
-        lse_got = flash(q, k, v, got, cu_q, cu_k, max(q_lens), max(k_lens), 0.1, return_lse=True, **extra)
-        lse_want = torch_flash(q, k, v, want, cu_q, cu_k, max(q_lens), max(k_lens), 0.1, return_lse=True, **extra)
+    # the window prefill's two calls: fewer keys per sequence (the first 10 queries of the first sequence, the second
+    # and the first 50 of the third see none), and a left window; both with their LSEs
+    fewer = torch.tensor([20, 0, 150], dtype=torch.int32, device=DEVICE)
+    for used, extra in ((fewer, {}), (lens, {"window_left": 27})):
+        lse_got = flash(q, k, v, got, cu_q, max(q_lens), used, max(k_lens), 0.1, table, return_lse=True, **extra)
+        lse_want = torch_flash(q, k, v, want, cu_q, max(q_lens), used, max(k_lens), 0.1, table, return_lse=True,
+                               **extra)
         seen = torch.isfinite(lse_want)  # [Hq, N]
         assert torch.equal(torch.isfinite(lse_got), seen), extra
         assert torch.allclose(lse_got[seen], lse_want[seen], atol=1e-2), extra

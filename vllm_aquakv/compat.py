@@ -239,11 +239,12 @@ def tensor_parallel_rank() -> int:
 
 
 def flash_attention(head_size: int):
-    """vLLM's varlen FlashAttention as ``fn(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    softmax_scale, seqused_k=None, window_left=None, return_lse=False)`` (causal, queries aligned to the end of
-    their keys; ``seqused_k`` [B] int32: keys per sequence when fewer than cu_seqlens_k gives; ``window_left``:
-    each query sees its own key and the ``window_left`` before it; ``return_lse``: return the natural-log LSE
-    [Hq, total_q], +-inf for a query with no keys), or None where this vLLM build has none for ``head_size`` (the
+    """vLLM's varlen FlashAttention over paged K/V, as vLLM's own FLASH_ATTN backend calls it:
+    ``fn(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, block_table,
+    window_left=None, return_lse=False)`` with k, v [pages, page, H, h], block_table [B, pages per sequence] int32 and
+    seqused_k [B] int32 keys per sequence; causal, queries aligned to the end of their keys; ``window_left``: each
+    query sees its own key and the ``window_left`` before it; ``return_lse``: returns the natural-log LSE
+    [Hq, total_q] (+-inf for a query with no keys).  None where this vLLM build has none for ``head_size`` (the
     CPU build; a GPU bundle without FlashAttention)."""
     try:
         from vllm.v1.attention.backends.fa_utils import get_flash_attn_version, is_flash_attn_varlen_func_available
@@ -256,11 +257,11 @@ def flash_attention(head_size: int):
     if version is None:
         return None
 
-    def run(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqused_k=None,
+    def run(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, block_table,
             window_left=None, return_lse=False):
         result = flash_attn_varlen_func(
-            q=q, k=k, v=v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, softmax_scale=softmax_scale, causal=True,
+            q=q, k=k, v=v, out=out, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
+            max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=True, block_table=block_table,
             window_size=None if window_left is None else [window_left, 0], return_softmax_lse=return_lse,
             fa_version=version)
         return result[1] if return_lse else None

@@ -32,9 +32,6 @@ MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
     # arithmetically (no table lookups); the same with the 1024-exponent decode, and with 16-bit sinks/window
     "aquakv speed preset u1n4 (K mean, 2.25 b)": dict(key_predictor="mean", value_predictor="none",
                                                       value_topology="none", key_grid="u1n4", value_grid="u1n4"),
-    "aquakv speed preset u1n4, byte-wise decode": dict(key_predictor="mean", value_predictor="none",
-                                                       value_topology="none", key_grid="u1n4", value_grid="u1n4",
-                                                       word_loads=False),
     "aquakv speed preset u1n4, 1024 decode": dict(key_predictor="mean", value_predictor="none",
                                                   value_topology="none", key_grid="u1n4", value_grid="u1n4",
                                                   index_bits=1),
@@ -80,7 +77,6 @@ def fused_setup(overrides):
     overrides = dict(overrides)
     index_bits = overrides.pop("index_bits", None)
     window = overrides.pop("window", None)
-    word_loads = overrides.pop("word_loads", True)
     cfg = AquaKVConfig(key_rope="post", layer0_grid="d2n16", **overrides)
     preds = {("k", 1): LinearPredictor(cfg.key_predictor, (), bias=torch.randn(H, D))}
     if cfg.value_predictor == "per_head":
@@ -97,7 +93,6 @@ def fused_setup(overrides):
         fused = dataclasses.replace(fused, k_lanes=lane_table(kc.grid, kc.code_bits, D, index_bits),
                                     v_lanes=lane_table(vc.grid, vc.code_bits, D, index_bits))
     fused.window = window  # (sinks, window) or None: ``window_inputs`` builds the ring per batch
-    fused.word_loads = word_loads  # False: the byte-wise uniform decode (AttentionPlan.word_loads)
     return path, fused
 
 
@@ -215,9 +210,8 @@ def main():
                 kv = random_slots(batch * nb, path.layouts[1])
                 out = torch.empty_like(q)  # the model dtype, as vLLM's output buffer
                 win = window_inputs(fused, block_table, ctx, q)
-                p = dataclasses.replace(plan, word_loads=fused.word_loads)
-                ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused, D ** -0.5,
-                                                              out=out, window=win))
+                ms = bench(lambda kv=kv: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5,
+                                                         out=out, window=win))
                 nbytes = kv.numel()
                 rows.append({**base, "kv_cache_dtype": label, "ms": ms, "bytes": nbytes, "segments": plan.segments,
                              "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / ms})
@@ -310,8 +304,10 @@ def prefill_overhead(setups, best, n: int) -> dict:
     if flash is not None:  # what the backend runs for prefill requests (kernels/reconstruct.py)
         cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
         o = torch.empty_like(q)
-        out["bf16 attention (vLLM FlashAttention, contiguous K/V)"] = bench(
-            lambda: flash(q, key, value, o, cu, cu, n, n, D ** -0.5))
+        pages = torch.arange(n // 64, dtype=torch.int32, device="cuda")[None]
+        out["bf16 attention (vLLM FlashAttention, K/V in pages of 64)"] = bench(
+            lambda: flash(q, key.view(-1, 64, H, D), value.view(-1, 64, H, D), o, cu, n, seq_lens, n, D ** -0.5,
+                          pages))
         split = split_prefills(qsl_list, [n], "cuda")
         k_rows, v_rows = split.scratch(H, D, q.dtype, "cuda")
         out["aquakv reconstruct K/V (kernels/reconstruct.py)"] = bench(
