@@ -321,8 +321,17 @@ def prefill_overhead(setups, best, n: int) -> dict:
         ring = ExactTokens(4, 128, 1, 1, H, D, torch.bfloat16, "cuda")
         win = WindowInputs(ring.k[0], ring.v[0], ring.tags, key, value, 4, 128)
         split_w = split_prefills(qsl_list, [n], "cuda", exact=(4, 128))
+        window_prefill = lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused,  # noqa: E731
+                                                   D ** -0.5, o, flash, win)
         out["aquakv prefill attention with sinks/window: reconstruct + 2 FlashAttention + merge"] = bench(
-            lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused, D ** -0.5, o, flash, win))
+            window_prefill)
+        if "--profile" in sys.argv:  # where the window's prefill time goes, per GPU kernel
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    window_prefill()
+                torch.cuda.synchronize()
+            print(f"window prefill, {n} tokens, 5 calls:\n"
+                  + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
     return out
 
 

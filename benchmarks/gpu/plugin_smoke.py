@@ -9,7 +9,9 @@ wall time of generate() for 3 short prompts + 32 prompts of 2,048 tokens (64 new
 the 3 short prompts only).  Run on the device machine (see
 benchmarks/gpu/README.md):
 
-    python3 benchmarks/gpu/plugin_smoke.py $OUT [--short] [--fp32-model] [--profile]
+    python3 benchmarks/gpu/plugin_smoke.py $OUT [--short | --parity] [--fp32-model] [--profile]
+
+``--parity``: the three short prompts through the fused kernels and the torch path only (no auto run).
 
 ``--profile`` (aquakv and auto only, prefix caching off) repeats each generate() under the torch profiler (top
 operators by CPU and by GPU self time, total GPU time) and under cProfile (Python functions by cumulative time).
@@ -54,7 +56,7 @@ def main():
     result = {"model": "Llama-3.2-3B shape, random bf16 weights", "seconds_make_model": made,
               "seconds_calibrate": calibrated, "runs": {}}
     batch = [torch.randint(10, 120000, (2048,), generator=g).tolist() for _ in range(32)]
-    if "--short" in sys.argv:  # correctness runs only: the three short prompts everywhere
+    if "--short" in sys.argv or "--parity" in sys.argv:  # correctness runs only: the three short prompts everywhere
         batch = []
     runs = {"aquakv": ("aquakv", {}), "aquakv-torch-path": ("aquakv", {"additional_config": {"aquakv_kernels": False}}),
             "auto": ("auto", {})}
@@ -63,6 +65,8 @@ def main():
                 "auto-graphs": ("auto", {"enforce_eager": False})}
     if "--profile" in sys.argv:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
         runs = {k: (d, {**e, "enable_prefix_caching": False}) for k, (d, e) in runs.items() if k != "aquakv-torch-path"}
+    if "--parity" in sys.argv:  # greedy tokens and prompt logprobs: fused kernels vs the torch path only
+        runs = {k: runs[k] for k in ("aquakv", "aquakv-torch-path")}
     model_dtype = "bfloat16"
     if "--fp32-model" in sys.argv:  # float32 model: are fused-vs-torch gaps bf16 amplification of rounding noise?
         model_dtype = "float32"
@@ -102,10 +106,10 @@ def main():
     t = result["runs"]["aquakv-torch-path"]
     result["prompt_logprob_mean_abs_diff_vs_torch_path"] = {
         name: mean_abs(r["prompt_logprobs"], t["prompt_logprobs"]) for name, r in result["runs"].items() if r is not t}
+    a = result["runs"]["aquakv"]
+    result["fused_vs_torch_path_first_divergence"] = first_divergence(a["outputs"], t["outputs"])
     if "auto" in result["runs"]:
-        a, b = result["runs"]["aquakv"], result["runs"]["auto"]
-        result["capacity_ratio"] = a["kv_tokens"] / b["kv_tokens"]
-        result["fused_vs_torch_path_first_divergence"] = first_divergence(a["outputs"], t["outputs"])
+        result["capacity_ratio"] = a["kv_tokens"] / result["runs"]["auto"]["kv_tokens"]
     finish(out_dir, result)
 
 
