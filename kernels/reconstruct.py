@@ -259,11 +259,13 @@ def merge_partials(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_
 
 def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, split: PrefillSplit, layer: FusedLayer, scale: float,
-                      out: torch.Tensor, flash, window: WindowInputs | None = None) -> None:
+                      out: torch.Tensor, flash, window: WindowInputs | None = None, merge=None) -> None:
     """Causal attention of the split's non-decode queries (query [N, Hq, h] rows decode_tokens..N) over their
     reconstructed contexts, written to the same rows of ``out`` [N, Hq, h]; ``flash`` is
     ``compat.flash_attention``'s function (or any with its signature, e.g. a torch twin in tests).  With ``window``
-    (and a split made with its sinks/window), the 16-bit sinks and window are read as the module docstring says."""
+    (and a split made with its sinks/window), the 16-bit sinks and window are read as the module docstring says;
+    ``merge``: ``compat.merge_attention_states``'s function (vLLM's CUDA kernel; default ``merge_partials``, torch:
+    ~0.37 ms per layer at 4k tokens on the H200, most of the window's prefill cost)."""
     heads, h = kv_cache.shape[1], query.shape[-1]
     k, v = split.scratch(heads, h, query.dtype, query.device)
     reconstruct(kv_cache, block_table, seq_lens, split.rows, split.cu_k, split.max_k, layer, k, v)
@@ -287,7 +289,7 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: 
     lse_codes = attend(o_codes, split.codes_k, return_lse=True)
     split.window_rows.put(k, v, window, block_table, kv_cache.shape[2])
     lse_window = attend(o_window, split.seq_k, window_left=window.window - 1, return_lse=True)
-    merge_partials(out[d:], o_window, lse_window, o_codes, lse_codes)
+    (merge or merge_partials)(out[d:], o_window, lse_window, o_codes, lse_codes)
 
 
 def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_kv_heads: int, page_block: int,

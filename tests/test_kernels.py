@@ -409,3 +409,25 @@ def test_vllm_flash_attention_keeps_the_twins_contract(rng):
         rows = seen.all(0)  # queries with keys
         err = (got[rows].float() - want[rows].float()).norm() / want[rows].float().norm()
         assert err < 1e-2, (extra, err)
+
+
+@ON_GPU
+def test_vllm_merge_matches_merge_partials(rng):
+    """compat.merge_attention_states (vLLM's CUDA kernel, the backend's window prefill on GPUs) equals the torch
+    ``merge_partials`` (the twin), with queries that have no keys in the second part (LSE +inf, as FA2, or -inf)."""
+    from vllm_aquakv import compat
+    from vllm_aquakv.kernels.reconstruct import merge_partials
+
+    merge = compat.merge_attention_states()
+    if merge is None:
+        pytest.skip("this vLLM has no merge_attn_states")
+    o_a, o_b = (torch.randn(300, 24, 128, generator=rng).to(DEVICE, torch.bfloat16) for _ in range(2))
+    lse_a, lse_b = (torch.randn(24, 300, generator=rng).to(DEVICE) * 3 for _ in range(2))
+    lse_b[:, :40] = float("inf")
+    lse_b[:, 40:60] = float("-inf")
+    got, want = torch.empty_like(o_a), torch.empty_like(o_a)
+    merge(got, o_a, lse_a, o_b, lse_b)
+    merge_partials(want, o_a, lse_a, o_b, lse_b)
+    assert torch.allclose(got[:60].float(), o_a[:60].float())  # no keys in part b: part a alone
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 1e-2, err

@@ -162,7 +162,7 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
                                 md.plan, fused, self.scale, out=out[:decodes], window=window)
             if md.split is not None:
                 prefill_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.split, fused, self.scale, out,
-                                  md.path.flash, window)
+                                  md.path.flash, window, md.path.merge)
             return output
         out = md.path.attend(index, query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
                              compat.step_scratch(StepState), key[:n], value[:n])

@@ -267,3 +267,18 @@ def flash_attention(head_size: int):
         return result[1] if return_lse else None
 
     return run
+
+
+def merge_attention_states():
+    """vLLM's merge of two attention partials over disjoint keys by their LSEs, as
+    ``fn(out, o_a, lse_a, o_b, lse_b)`` (o [N, Hq, h], lse [Hq, N] as ``flash_attention`` returns them; a +-inf LSE
+    means no keys), or None where this vLLM has none (then ``kernels.reconstruct.merge_partials``, in torch)."""
+    try:
+        from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+    except ImportError:
+        return None
+
+    def run(out, o_a, lse_a, o_b, lse_b):
+        merge_attn_states(out, o_a, lse_a, o_b, lse_b)
+
+    return run

@@ -147,6 +147,7 @@ class ServingState:
                                     f"one is {str(self.model_dtype).replace('torch.', '')})"
             else:
                 self.path.flash = compat.flash_attention(self.cache.head_dim)
+                self.path.merge = compat.merge_attention_states()
                 self.kernel_note += ("; prefill through reconstructed K/V + FlashAttention" if self.path.flash else
                                      "; no FlashAttention in this vLLM build: prefill in the fused kernel too")
         if compile_now:

@@ -89,6 +89,7 @@ class TorchServingPath:
         self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
         self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (aquakv_window; runtime sets the default)
         self.flash = None  # compat.flash_attention's function: prefill steps through reconstruction + FlashAttention
+        self.merge = None  # compat.merge_attention_states's function (the window's prefill merges two FA calls)
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
                                    cache.exact_dtype) for l in range(cache.num_layers)]
         # the last layer whose predictors read (stream, layer): scratch is dropped after it
