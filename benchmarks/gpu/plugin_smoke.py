@@ -12,6 +12,7 @@ benchmarks/gpu/README.md):
     python3 benchmarks/gpu/plugin_smoke.py $OUT [--short | --parity] [--fp32-model] [--profile]
 
 ``--parity``: the three short prompts through the fused kernels and the torch path only (no auto run).
+``--from-json RUN.json --machine NAME --versions-from RESULTS.json``: rebuild the results table of an earlier run.
 
 ``--profile`` (aquakv and auto only, prefix caching off) repeats each generate() under the torch profiler (top
 operators by CPU and by GPU self time, total GPU time) and under cProfile (Python functions by cumulative time).
@@ -118,12 +119,49 @@ def first_divergence(outputs: list[list[int]], others: list[list[int]]) -> list[
     return [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(outputs, others)]
 
 
-def finish(out_dir: str, result: dict) -> None:
+def finish(out_dir: str, result: dict, **extra) -> None:
+    """Write the raw plugin_smoke.json and its table in the shared results shape (plugin_smoke_<gpu>.json + .md;
+    ``extra``: machine / versions when rebuilt with --from-json)."""
+    from vllm_aquakv.results import write_results
+
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "plugin_smoke.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    diverge = result.get("fused_vs_torch_path_first_divergence")
+    logprob = result.get("prompt_logprob_mean_abs_diff_vs_torch_path", {})
+    rows = [{"kv_cache_dtype": name, "kv_tokens": r["kv_tokens"], "generate_s": r["generate_seconds"],
+             "seconds_incl_engine_start": r["seconds"], "prompt_logprob_mean_abs_diff_vs_torch_path": logprob.get(name),
+             "first_divergence_vs_torch_path": diverge if name == "aquakv" else None}
+            for name, r in result["runs"].items()]
+    md = [f"{result['model']}, {result['model_dtype']}; artifact `aquakv-calibrate --preset speed` on random token "
+          "text (plumbing, not quality); LLM(..., enforce_eager=True, block_size=16, --gpu-memory-utilization 0.5); "
+          "64 greedy tokens per prompt.\n",
+          "| run | KV tokens | generate() s | s incl. engine start | prompt logprob mean abs diff vs torch path | "
+          "first differing generated token vs torch path |", "| --- | --- | --- | --- | --- | --- |"]
+    num = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    md += [f"| {r['kv_cache_dtype']} | {r['kv_tokens']:,} | {r['generate_s']:.2f} | "
+           f"{r['seconds_incl_engine_start']:.1f} | {num(r['prompt_logprob_mean_abs_diff_vs_torch_path'], '.4f')} | "
+           f"{r['first_divergence_vs_torch_path'] or '-'} |" for r in rows]
+    gpu = extra.get("machine", "")
+    if not gpu:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "gpu"
+    write_results(os.path.join(out_dir, f"plugin_smoke_{gpu.split()[-1].lower()}.json"), "plugin_smoke",
+                  result["model"], rows, "\n".join(md), **extra)
+
+
+def from_json() -> None:
+    """``--from-json RUN.json --machine NAME --versions-from RESULTS.json [OUT]``: rebuild the table of an earlier
+    run's plugin_smoke.json."""
+    arg = lambda flag: sys.argv[sys.argv.index(flag) + 1]  # noqa: E731
+    with open(arg("--from-json")) as f:
+        result = json.load(f)
+    with open(arg("--versions-from")) as f:
+        versions = json.load(f)["versions"]
+    finish(sys.argv[1], result, machine=arg("--machine"), versions=versions)
 
 
 if __name__ == "__main__":
-    main()
+    from_json() if "--from-json" in sys.argv else main()

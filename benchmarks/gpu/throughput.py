@@ -46,7 +46,8 @@ AQUAKV_PRESETS = {
     # aquakv-calibrate --preset speed (key mean, no value predictor, uniform 2-bit codes: the fused decode kernel's
     # arithmetic decode), every token as codes
     "aquakv": ("--preset speed", {"aquakv_window": False}),
-    # the same with 16-bit sinks 4 + window 128 (vllm_aquakv/window.py)
+    # the same with 16-bit sinks 4 + window 128 (vllm_aquakv/window.py): what the server does by default since
+    # 2026-12-02 (prefill through two FlashAttention calls)
     "aquakv-window": ("--preset speed", {"aquakv_window": True}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
