@@ -128,6 +128,24 @@ def _uniform_terms(table_ptr, INDEX_BITS: tl.constexpr):
 
 
 @triton.jit
+def _to_grid_units(a0, a1, a2, a3, mul, g0, w):
+    """Four lane sums of uniform codes (sum_t w_t c_t * unit, [M, B] each) -> sums of grid coordinates,
+    sum_t w_t (g0 + step c_t): times ``mul`` plus g0 times the weights' sum w [M] (``_uniform_terms``)."""
+    return (a0 * mul + g0 * w[:, None], a1 * mul + g0 * w[:, None], a2 * mul + g0 * w[:, None],
+            a3 * mul + g0 * w[:, None])
+
+
+@triton.jit
+def _softmax_step(m_i, l_i, s):
+    """One online-softmax step over base-2 scores s [M, T]: (new running max, rescale factor of the earlier sums,
+    probabilities p [M, T], new denominator)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr,
                 INDEX_BITS: tl.constexpr, ENTRY_VALUES: tl.constexpr, DOT_DTYPE: tl.constexpr,
                 USE_ASM: tl.constexpr):
@@ -334,11 +352,7 @@ def _fused_attention_kernel(
                                  stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
                 s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale,
                              float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                m_i = m_new
+                m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
                 vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
                                  stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
                 acc_x = tl.dot(p.to(Q_DTYPE), vx.to(Q_DTYPE), acc_x * alpha[:, None], input_precision=Q_PRECISION)
@@ -381,11 +395,7 @@ def _fused_attention_kernel(
                     kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
                                      stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
                     s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale, s)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
         if HAS_WINDOW:  # their probabilities weight 16-bit values; the codes get the rest
             acc_x = acc_x * alpha[:, None]
             if not RING_FIRST:  # (with it, the exact keys' probabilities are already 0 here)
@@ -408,11 +418,9 @@ def _fused_attention_kernel(
         v0, v1, v2, v3 = _accumulate_lanes(wv, y0, y1, y2, y3, v0, v1, v2, v3, alpha, V_LANES)
 
     if V_INDEX_BITS <= 1:  # lanes of c * unit -> grid coordinates (``_uniform_terms``)
-        v0, v1 = v0 * v_mul + v_g0 * w_v[:, None], v1 * v_mul + v_g0 * w_v[:, None]
-        v2, v3 = v2 * v_mul + v_g0 * w_v[:, None], v3 * v_mul + v_g0 * w_v[:, None]
+        v0, v1, v2, v3 = _to_grid_units(v0, v1, v2, v3, v_mul, v_g0, w_v)
     if V_FROM_K and K_INDEX_BITS <= 1:
-        k0, k1 = k0 * k_mul + k_g0 * w_k[:, None], k1 * k_mul + k_g0 * w_k[:, None]
-        k2, k3 = k2 * k_mul + k_g0 * w_k[:, None], k3 * k_mul + k_g0 * w_k[:, None]
+        k0, k1, k2, k3 = _to_grid_units(k0, k1, k2, k3, k_mul, k_g0, w_k)
     # partials [segments, tokens, q heads, (h in lane order)]
     idx = (segment * num_tokens + q_start + tok) * NUM_Q_HEADS + q_head
     tl.store(m_ptr + idx, m_i, mask=row_mask)

@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--versions-from", default=None, help="with --from-logs: a results JSON of the same machine "
                     "and day whose versions to record")
     args = ap.parse_args()
-    from vllm_aquakv.results import write_results
+    from vllm_aquakv.results import machine, write_results
 
     os.makedirs(args.out_dir, exist_ok=True)
     formats = args.formats.split(",")
@@ -208,17 +208,10 @@ def main():
     if args.from_logs:
         with open(args.versions_from) as f:
             extra = {"machine": args.machine, "versions": json.load(f)["versions"]}
-    gpu = (args.machine or gpu_name()).split()[-1].lower()
+    gpu = (args.machine or machine()).split()[-1].lower()
     write_results(os.path.join(args.out_dir, f"throughput_{gpu}_{args.input_len}_{args.output_len}.json"),
                   "throughput", description, rows, "\n".join(md), calibration_seconds=round(calibration_s, 1),
                   **extra)
-
-
-def gpu_name() -> str:
-    """This machine's GPU name (e.g. "NVIDIA H200")."""
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "gpu"
 
 
 if __name__ == "__main__":
