@@ -141,16 +141,19 @@ class ExactRows:
     ring_pos: torch.Tensor  # [E] int64: its position
     step_dst: torch.Tensor  # [C] int64: reconstructed row of a token of this step
     step_tok: torch.Tensor  # [C] int64: that token's index among the step's tokens (WindowInputs.key / value)
+    _ring: tuple | None = None  # (ring columns [E], entry holds its position [E, 1, 1]): the same for every layer
 
     def put(self, k: torch.Tensor, v: torch.Tensor, window: WindowInputs, block_table: torch.Tensor,
             page: int) -> None:
         """Overwrite those rows of k/v [total_k, H, h] with their 16-bit copies: a ring entry where its tag is the
         slot its position lives in (pages of ``page`` tokens; else the reconstruction stays), this step's tokens
-        always."""
+        always.  The tag check runs once per step (the step's first layer has written the tags by then)."""
         if self.ring_dst.numel():
-            col = ring_column(self.ring_pos, window.sinks, window.window)
-            slot = block_table[self.ring_req, self.ring_pos // page].long() * page + self.ring_pos % page
-            there = (window.tags[self.ring_req, col] == slot)[:, None, None]  # [E, 1, 1]
+            if self._ring is None:
+                col = ring_column(self.ring_pos, window.sinks, window.window)
+                slot = block_table[self.ring_req, self.ring_pos // page].long() * page + self.ring_pos % page
+                self._ring = col, (window.tags[self.ring_req, col] == slot)[:, None, None]
+            col, there = self._ring
             for rows, ring in ((k, window.ring_k), (v, window.ring_v)):
                 rows[self.ring_dst] = torch.where(there, ring[self.ring_req, col].to(rows.dtype), rows[self.ring_dst])
         if self.step_dst.numel():

@@ -321,8 +321,9 @@ def prefill_overhead(setups, best, n: int) -> dict:
         ring = ExactTokens(4, 128, 1, 1, H, D, torch.bfloat16, "cuda")
         win = WindowInputs(ring.k[0], ring.v[0], ring.tags, key, value, 4, 128)
         split_w = split_prefills(qsl_list, [n], "cuda", exact=(4, 128))
+        merge = compat.merge_attention_states()
         window_prefill = lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused,  # noqa: E731
-                                                   D ** -0.5, o, flash, win, compat.merge_attention_states())
+                                                   D ** -0.5, o, flash, win, merge)
         out["aquakv prefill attention with sinks/window: reconstruct + 2 FlashAttention + merge"] = bench(
             window_prefill)
         if "--profile" in sys.argv:  # where the window's prefill time goes, per GPU kernel
