@@ -25,6 +25,29 @@ def attention64(q, k, v, scale, first_pos):
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
 
 
+def reference_of_stored(path: TorchServingPath, ref_cache: AquaKVCache, keys: list, values: list, kv: list,
+                        table: torch.Tensor, layer: int) -> dict:
+    """The reference decode of what the path stored for one request (layers 0..layer, paged bytes in ``kv``), after
+    checking those bytes against the reference encode of the whole prefix (keys/values per layer, [T, H, h]).
+
+    Chunked encoding rounds in another order than one whole-sequence encode, so a coordinate nearly equidistant from
+    two grid points can take the other one (seen once in ~40 CI runs: 1.6e-3 off in layer 1).  Such rows must stay
+    rare (<= 1 in 32 per layer: a wrong write differs in nearly every row); the attention is then checked against
+    the reference decoder reading the path's own bytes, so that check needs no slack for them."""
+    state = ref_cache.encode(keys, values)
+    T, block_size = state.length, kv[0].shape[2]
+    pos = torch.arange(T)
+    for l in range(layer + 1):
+        stored = kv[l][table[pos // block_size], :, pos % block_size]  # [T, H, slot]
+        wanted = path.layouts[l].pack([state.codes.get((st, l), state.exact.get((st, l))) for st in "kv"])
+        differing = (stored != wanted).flatten(1).any(1)  # [T]
+        assert int(differing.sum()) <= max(1, T // 32), (l, differing.nonzero().flatten().tolist())
+        for st, part in zip("kv", path.layouts[l].unpack(stored)):
+            if (st, l) in state.codes:
+                state.codes[st, l] = part
+    return ref_cache.decode_codes(state)
+
+
 @pytest.mark.parametrize("config", [AquaKVConfig(), AquaKVConfig(key_predictor="per_head", value_predictor="lowrank:8",
                                                                   key_topology="anchor:2", value_topology="k_same",
                                                                   layer0_grid="16bit", key_grid="d2n64"),
@@ -76,8 +99,8 @@ def test_paged_steps_match_reference(config, block_size, rng):
                 # reference: whole prefix through the reference cache, serving semantics (every token via codes)
                 ref_cache = AquaKVCache(cache.config, L, H, D, cache.predictors, cache.signs)
                 keys = post[r] if post_frame else pre[r]
-                state = ref_cache.encode([k[:s + n] for k in keys], [v[:s + n] for v in seqs[r][1]])
-                recon = ref_cache.decode_codes(state)
+                recon = reference_of_stored(path, ref_cache, [k[:s + n] for k in keys],
+                                            [v[:s + n] for v in seqs[r][1]], kv, tables[r], l)
                 k_ref = recon["k", l] if post_frame else rope.apply(recon["k", l], torch.arange(s + n))
                 want = attention64(queries[r][s:s + n], k_ref, recon["v", l], scale, s)
                 got = out[qsl[i]:qsl[i + 1]]
@@ -168,8 +191,8 @@ def test_sinks_and_window_from_16_bits(sinks, window, rng):
             out = path.attend(l, q, kv[l], block_table, seq_lens, qsl, scale, step, key, value)
             for i, (r, n, s) in enumerate(zip(order, counts, starts)):
                 ref_cache = AquaKVCache(cache.config, L, H, D, cache.predictors, cache.signs)
-                state = ref_cache.encode([k[:s + n] for k in post[r]], [v[:s + n] for v in seqs[r][1]])
-                recon = ref_cache.decode_codes(state)
+                recon = reference_of_stored(path, ref_cache, [k[:s + n] for k in post[r]],
+                                            [v[:s + n] for v in seqs[r][1]], kv, tables[r], l)
                 available = torch.arange(s + n) >= ring_from[r]
                 # this step's window tokens took the ring columns of older positions (chunks longer than 1)
                 written = {p % max(window, 1) for p in range(max(s, s + n - window), s + n)}

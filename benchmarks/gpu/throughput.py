@@ -120,10 +120,7 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len", str(max_len),
                "--output-json", result_json]
         with open(os.path.join(out_dir, f"log_{tag}.txt"), "w") as log:
-            try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
+            rc = run_until_results(cmd, log, result_json, args.timeout)
     with open(os.path.join(out_dir, f"log_{tag}.txt")) as f:
         text = f.read()
     found = lambda pattern: (re.findall(pattern, text) or [None])[-1]  # noqa: E731
@@ -138,13 +135,41 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
     return row
 
 
+def run_until_results(cmd: list[str], log, result_json: str, timeout: float, grace: float = 20.0) -> int | str:
+    """Run ``cmd`` (its own process group, output to ``log``) until it exits, or until ``timeout`` seconds; once it
+    has written ``result_json``, give it ``grace`` seconds to exit, then stop it and its engine processes (vLLM 0.26
+    on the H200 sometimes did not exit after writing its results).  Returns the exit status, "timeout" or
+    "stopped after results"."""
+    import signal
+
+    if os.path.exists(result_json):
+        os.remove(result_json)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    start, written = time.time(), None
+    while proc.poll() is None:
+        now = time.time()
+        if written is None and os.path.exists(result_json):
+            written = now
+        if now - start > timeout or (written is not None and now - written > grace):
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return "stopped after results" if written is not None else "timeout"
+        time.sleep(1.0)
+    return proc.returncode
+
+
 def add_result(row: dict, rc, result_json: str, output_len: int, log: str) -> None:
     """Fill a row from `vllm bench throughput`'s --output-json (elapsed, total and output tok/s), or keep the log's
     tail when the run failed.  A run that wrote its results and then did not exit (the H200's auto run,
     2026-12-02) counts, with a note."""
     if rc != 0 and os.path.exists(result_json):
-        row["note"] = f"rc {rc}: vLLM wrote its results; the process did not exit before the timeout" \
-            if rc == "timeout" else "rebuilt from the run's log and result files (--from-logs)"
+        row["note"] = {"timeout": f"rc {rc}: vLLM wrote its results; the process did not exit before the timeout",
+                       "stopped after results": "vLLM wrote its results, then did not exit within 20 s: stopped",
+                       }.get(rc, "rebuilt from the run's log and result files (--from-logs)")
     if os.path.exists(result_json) and (rc == 0 or "note" in row):
         with open(result_json) as f:
             res = json.load(f)
