@@ -271,7 +271,7 @@ def _fused_attention_kernel(
     stride_qn, stride_qh, stride_block, stride_head, stride_token, stride_bt, stride_kn, stride_kh, stride_vn,
     stride_vh,
     G: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SINKS: tl.constexpr, WINDOW: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    RING_FIRST: tl.constexpr, RING_TILE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
+    RING_FIRST: tl.constexpr, RING_ONLY: tl.constexpr, RING_IN_LAST: tl.constexpr, RING_TILE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, SLOT_ALIGN: tl.constexpr,
     K_CODE_BYTES: tl.constexpr, K_INDEX_BITS: tl.constexpr, K_ENTRY_VALUES: tl.constexpr, K_LANES: tl.constexpr,
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
@@ -281,7 +281,8 @@ def _fused_attention_kernel(
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
-    segment = tl.program_id(2)
+    # RING_ONLY (decode launches with the window): the sinks/window pass alone, as the extra partial num_segments
+    segment = num_segments if RING_ONLY else tl.program_id(2)
     seq = tl.load(qblock_seq_ptr + qblock)
     first = tl.load(qblock_first_ptr + qblock)  # first query token of the block, relative to the sequence's
     q_start = tl.load(q_start_ptr + seq)
@@ -334,29 +335,35 @@ def _fused_attention_kernel(
     w_v = tl.zeros([BLOCK_M], tl.float32)  # sums of the value and key lanes' weights (uniform codes)
     w_k = tl.zeros([BLOCK_M], tl.float32)
     win_lo = context + first - WINDOW + 1  # the lowest key position any row of the block reads in 16 bits
-    if RING_FIRST:  # decode launches: the sinks/window keys in a pass of their own (the last segment's)
-        if segment == num_segments - 1:
-            q_last = context + first  # the block's one query position
-            win_start = tl.maximum(q_last - WINDOW + 1, SINKS)
-            for r0 in range(0, SINKS + WINDOW, RING_TILE):
-                r = r0 + tl.arange(0, RING_TILE)  # ring entries: the sinks, then the window's positions in order
-                t = tl.where(r < SINKS, r, win_start + r - SINKS)
-                t_mask = (r < SINKS + WINDOW) & (t <= q_last)
-                blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
-                col = _ring_column(t, SINKS, WINDOW)
-                in_chunk = t >= context
-                visible = (t[None, :] <= q_pos[:, None]) & t_mask[None, :]
-                exact = _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK, SINKS,
-                                    WINDOW)
-                kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
-                                 stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-                s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale,
-                             float("-inf"))
-                m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
-                vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
-                                 stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-                acc_x = tl.dot(p.to(Q_DTYPE), vx.to(Q_DTYPE), acc_x * alpha[:, None], input_precision=Q_PRECISION)
+    # decode launches (RING_FIRST): the sinks/window keys in a pass of their own, in a launch of their own
+    # (RING_ONLY) or in the last segment of the codes launch (RING_IN_LAST; ``AttentionPlan.ring_segment``)
+    ring_at = num_segments - 1  # the segment that reads the ring: the codes launch's last, or the ring launch's
+    if RING_ONLY:
+        ring_at = num_segments
+    if (RING_ONLY or RING_IN_LAST) and segment == ring_at:
+        q_last = context + first  # the block's one query position
+        win_start = tl.maximum(q_last - WINDOW + 1, SINKS)
+        for r0 in range(0, SINKS + WINDOW, RING_TILE):
+            r = r0 + tl.arange(0, RING_TILE)  # ring entries: the sinks, then the window's positions in order
+            t = tl.where(r < SINKS, r, win_start + r - SINKS)
+            t_mask = (r < SINKS + WINDOW) & (t <= q_last)
+            blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
+            col = _ring_column(t, SINKS, WINDOW)
+            in_chunk = t >= context
+            visible = (t[None, :] <= q_pos[:, None]) & t_mask[None, :]
+            exact = _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK, SINKS,
+                                WINDOW)
+            kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                             stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+            s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale,
+                         float("-inf"))
+            m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
+            vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                             stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+            acc_x = tl.dot(p.to(Q_DTYPE), vx.to(Q_DTYPE), acc_x * alpha[:, None], input_precision=Q_PRECISION)
 
+    if RING_ONLY:  # no codes: the loop below is the other launch's
+        tile_hi = tile_lo
     for tile in range(tile_lo, tile_hi):
         t = tile * TILE + tl.arange(0, TILE)  # key positions [T]
         t_mask = t < kv_end
@@ -389,22 +396,22 @@ def _fused_attention_kernel(
             if ring_tile:
                 exact = _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK, SINKS,
                                     WINDOW)
-                if RING_FIRST:  # read in the ring pass before this loop
+                if RING_FIRST:  # read by the ring launch
                     s = tl.where(exact, float("-inf"), s)
                 else:
                     kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
                                      stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
                     s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale, s)
         m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
-        if HAS_WINDOW:  # their probabilities weight 16-bit values; the codes get the rest
+        if HAS_WINDOW and (RING_IN_LAST or not RING_FIRST):
             acc_x = acc_x * alpha[:, None]
-            if not RING_FIRST:  # (with it, the exact keys' probabilities are already 0 here)
-                if ring_tile:
-                    vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
-                                     stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-                    acc_x = tl.dot(tl.where(exact, p, 0.0).to(Q_DTYPE), vx.to(Q_DTYPE), acc_x,
-                                   input_precision=Q_PRECISION)
-                    p = tl.where(exact, 0.0, p)
+        if HAS_WINDOW and not RING_FIRST:  # their probabilities weight 16-bit values; the codes get the rest
+            if ring_tile:
+                vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                 stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                acc_x = tl.dot(tl.where(exact, p, 0.0).to(Q_DTYPE), vx.to(Q_DTYPE), acc_x,
+                               input_precision=Q_PRECISION)
+                p = tl.where(exact, 0.0, p)
         if V_FROM_K:
             wk = (p * scale_k[None, :]).to(DOT_DTYPE)
             if K_INDEX_BITS <= 1:
@@ -426,7 +433,7 @@ def _fused_attention_kernel(
     tl.store(m_ptr + idx, m_i, mask=row_mask)
     tl.store(l_ptr + idx, l_i, mask=row_mask)
     _store_lanes(acc_v_ptr, idx, row_mask, v0, v1, v2, v3, HEAD_DIM, V_LANES, V_CODE_BYTES)
-    if HAS_WINDOW:
+    if HAS_WINDOW and (RING_ONLY or RING_IN_LAST or not RING_FIRST):  # (a decode's codes launch may have none)
         tl.store(acc_x_ptr + idx[:, None] * HEAD_DIM + j[None, :], acc_x, mask=row_mask[:, None])
     if V_FROM_K:
         _store_lanes(acc_k_ptr, idx, row_mask, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES)
@@ -438,7 +445,7 @@ def _combine_kernel(
     out_ptr, num_segments, num_tokens, stride_out_n, stride_out_h,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
     HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    RING_SEGMENT: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Merge the split-K partials of ROWS // G tokens x the G query heads of one KV head and apply the epilogue:
     softmax normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value
@@ -466,8 +473,9 @@ def _combine_kernel(
         y_v += w[:, None] * tl.load(acc_v_ptr + rows, mask=row_mask[:, None], other=0.0)
         if V_FROM_K:
             y_k += w[:, None] * tl.load(acc_k_ptr + rows, mask=row_mask[:, None], other=0.0)
-        if HAS_WINDOW:
-            y_x += w[:, None] * tl.load(acc_x_ptr + rows, mask=row_mask[:, None], other=0.0)
+        if HAS_WINDOW:  # (RING_SEGMENT: only the last partial, the ring launch's, has 16-bit sums)
+            if not RING_SEGMENT or s == num_segments - 1:
+                y_x += w[:, None] * tl.load(acc_x_ptr + rows, mask=row_mask[:, None], other=0.0)
     inv = 1.0 / (tl.where(row_mask, denom, 1.0) * tl.sqrt(HEAD_DIM * 1.0))  # y = z * scale / sqrt(h)
     a_t = tl.load(rot_v_ptr + j[None, :] * HEAD_DIM + j[:, None]).to(DOT_DTYPE)  # [h (lane order), h] = A^T
     out = tl.dot((y_v * inv[:, None]).to(DOT_DTYPE), a_t)  # [R, h]
@@ -648,6 +656,7 @@ class AttentionPlan:
     num_warps: int = 4
     maxnreg: int | None = None  # register cap per thread; None: ``fused_attention`` picks (as num_stages)
     num_stages: int | None = None  # software pipelining; None: ``fused_attention`` picks the fastest measured
+    ring_launch: bool | None = None  # decode with the window: the ring in a launch of its own (``ring_segment``)
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -655,15 +664,26 @@ class AttentionPlan:
         """(running max, denominator) [segments, N, Hq] and (value sums, key sums, 16-bit value sums)
         [segments, N, Hq, h] float32 scratch, allocated once per step: every layer of the step has the same shapes.
         Without ``key_sums`` (no value predictor from keys) or ``exact_sums`` (no 16-bit sinks/window) those are the
-        value sums' buffer, which the kernel then does not touch."""
+        value sums' buffer, which the kernel then does not touch.  Decode steps with ``exact_sums`` have one more
+        segment: the ring launch's (``ring_segment``)."""
         key = (num_tokens, num_q_heads, head_dim, key_sums, exact_sums, str(device))
         if self._partials is None or self._partials[0] != key:
-            part = lambda *shape: torch.empty(self.segments, num_tokens, num_q_heads, *shape,  # noqa: E731
+            rows = self.segments + self.ring_segment(exact_sums)
+            part = lambda *shape: torch.empty(rows, num_tokens, num_q_heads, *shape,  # noqa: E731
                                               dtype=torch.float32, device=device)
             m, l, acc_v = part(), part(), part(head_dim)
             self._partials = (key, (m, l, acc_v, part(head_dim) if key_sums else acc_v,
                                     part(head_dim) if exact_sums else acc_v))
         return self._partials[1]
+
+    def ring_segment(self, window: bool) -> bool:
+        """Whether the 16-bit sinks/window take a launch of their own, written as one more split-K partial (decode
+        steps: one query token per program; ``ring_launch``).  Their codes launch then keeps no 16-bit sums and,
+        without the ring pass, fits the same register cap as a launch without the window.  Otherwise a decode reads
+        the ring in its last segment, and prefill launches read it per tile."""
+        if not window or self.block_q != 1:
+            return False
+        return self.ring_launch if self.ring_launch is not None else True
 
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
@@ -727,13 +747,14 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     # launch settings: the plan's, else the fastest measured (benchmarks/results/decode_attention_h200: uniform codes
     # in decode launches 2 stages and <= 128 registers without the window, whose 16-bit pass needs more)
     uniform = kl.index_bits <= 1
+    ring_launch = plan.ring_segment(window is not None)
     stages = plan.num_stages or (2 if uniform else 1)
-    maxnreg = plan.maxnreg or (128 if uniform and window is None else None)
+    maxnreg = plan.maxnreg or (128 if uniform and (window is None or ring_launch) else None)
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
     w = window
-    _fused_attention_kernel[(plan.q_seq.shape[0], heads, segments)](
+    launch = lambda z, ring_only, **options: _fused_attention_kernel[(plan.q_seq.shape[0], heads, z)](  # noqa: E731
         query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias, kv_cache, block_table, seq_lens,
         query_start_loc, plan.q_seq, plan.q_first, kl.table, vl.table,
         m, l, acc_v, acc_k, acc_x, *(dummy,) * 3 if w is None else (w.ring_k, w.ring_v, w.tags),
@@ -743,7 +764,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         block_table.stride(0), *(0, 0, 0, 0) if w is None else (w.key.stride(0), w.key.stride(1),
                                                                 w.value.stride(0), w.value.stride(1)),
         G=group, NUM_KV_HEADS=heads, SINKS=0 if w is None else w.sinks, WINDOW=0 if w is None else w.window,
-        HAS_WINDOW=w is not None, RING_FIRST=w is not None and plan.block_q == 1, RING_TILE=32,
+        HAS_WINDOW=w is not None, RING_FIRST=w is not None and plan.block_q == 1, RING_ONLY=ring_only,
+        RING_IN_LAST=w is not None and plan.block_q == 1 and not ring_launch, RING_TILE=32,
         NUM_Q_HEADS=num_q_heads, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE=plan.tile, HEAD_DIM=h,
         PAGE_BLOCK=page_block, SLOT_ALIGN=slot_align,
         K_CODE_BYTES=kl.code_bytes, K_INDEX_BITS=kl.index_bits, K_ENTRY_VALUES=kl.entry_values, K_LANES=kl.lanes,
@@ -752,20 +774,21 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16,
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
-        num_warps=plan.num_warps,
-        num_stages=stages,
-        **({"maxnreg": maxnreg} if maxnreg and not interpret else {}),
+        num_warps=plan.num_warps, num_stages=stages, **options,
     )
+    launch(segments, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
+    if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_segment``)
+        launch(1, True)
     if out is None:
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
     rows = _combine_rows(n, group)
     _combine_kernel[(triton.cdiv(n, rows // group), heads)](
         m, l, acc_v, acc_k, acc_x, layer.rot_v, layer.rot_k, dummy if layer.v_bias is None else layer.v_bias,
         dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_weight is None else layer.v_weight, out,
-        segments, n, out.stride(0), out.stride(1),
+        segments + ring_launch, n, out.stride(0), out.stride(1),
         G=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=h, ROWS=rows,
         HAS_V_BIAS=layer.v_bias is not None, HAS_K_BIAS=layer.k_bias is not None,
-        V_FROM_K=layer.v_weight is not None, HAS_WINDOW=w is not None,
+        V_FROM_K=layer.v_weight is not None, HAS_WINDOW=w is not None, RING_SEGMENT=ring_launch,
         DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
     )
     return out

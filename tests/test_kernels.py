@@ -336,12 +336,14 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     win = WindowInputs(path.exact.k[layer], path.exact.v[layer], path.exact.tags, key, value, sinks, window)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     qsl_dev = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
-    for min_programs in (1, 10_000):
+    # no split and split-K; decodes read the ring in a launch of its own, or in the last codes segment
+    for min_programs, ring_launch in ((1, True), (10_000, True), (10_000, False)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
+        plan.ring_launch = ring_launch
         got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
         err = (got - want).norm() / want.norm()
-        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, err)
+        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, err)
     codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
     assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop
     if decode_only:

@@ -11,10 +11,13 @@ vLLM's bf16 prefill attention (cache write: the torch path and the Triton kernel
 only.
 
     python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD] [--prefill-only]
+        [--no-prefill] [--graphs]
     (needs vLLM 0.26: README.md)
 
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
-modes whose label contains one of the words.
+modes whose label contains one of the words; ``--graphs`` times CUDA-graph replays (GPU time without the host's
+launch cost; the eager default includes it where the host is slower than the GPU, as in small batches).  A mode with
+the 16-bit window is timed twice: the ring in a launch of its own (the default) and in the last codes segment.
 """
 
 import dataclasses
@@ -174,8 +177,12 @@ def peak_bandwidth() -> tuple[str, float]:
 
 
 def bench(fn):
+    """Median ms of ``fn``: as called eagerly (host launch time included where it exceeds the GPU's), or with
+    ``--graphs`` replayed from a CUDA graph (GPU time only)."""
     fn()
     torch.cuda.synchronize()
+    if "--graphs" in sys.argv:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
@@ -196,7 +203,7 @@ def main():
             nb = ctx // PAGE
             block_table, seq_lens, qsl_list, qsl, q = decode_batch(batch, ctx)
             base = {"batch": batch, "context": ctx}
-            ref_ms = None
+            ref_ms, first = None, len(rows)
             for dtype in ("bf16", "fp8"):
                 run, nbytes = vllm_triton_attention(batch, ctx, dtype, q, block_table, seq_lens, qsl)
                 ms = bench(run)
@@ -210,18 +217,23 @@ def main():
                 kv = random_slots(batch * nb, path.layouts[1])
                 out = torch.empty_like(q)  # the model dtype, as vLLM's output buffer
                 win = window_inputs(fused, block_table, ctx, q)
-                ms = bench(lambda kv=kv: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5,
-                                                         out=out, window=win))
-                nbytes = kv.numel()
-                rows.append({**base, "kv_cache_dtype": label, "ms": ms, "bytes": nbytes, "segments": plan.segments,
-                             "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / ms})
+                # with the window: the ring in a launch of its own (the default), and in the last codes segment
+                for ring_launch in (True, False) if win is not None else (None,):
+                    p = dataclasses.replace(plan, ring_launch=ring_launch, _partials=None)
+                    ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
+                                                                  D ** -0.5, out=out, window=win))
+                    nbytes = kv.numel()
+                    name = label + (", ring in the last segment" if ring_launch is False else "")
+                    rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
+                                 "segments": plan.segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
+                                 "vs_bf16": ref_ms / ms})
                 del kv
                 torch.cuda.empty_cache()
-            for r in rows[-2 - len(setups):]:
+            for r in rows[first:]:
                 r["fraction_of_floor"] = r["hbm_floor_ms"] / r["ms"]
                 print(f"batch {batch:3d} ctx {ctx:6d} {r['kv_cache_dtype']:55s} {r['ms']:8.3f} ms  "
                       f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor", flush=True)
-    prefill = {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
+    prefill = {} if "--no-prefill" in sys.argv else {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
     md = ["Decode attention, one layer, Llama-3.2-3B shape (24 q / 8 KV heads, head_dim 128), paged blocks of 16, "
           f"random codes; median of triton.testing.do_bench; HBM floor = bytes read / {peak_bw / 1e12:.2f} TB/s "
           f"({torch.cuda.get_device_name()}).\n",
@@ -230,7 +242,7 @@ def main():
            f"{100 * r['fraction_of_floor']:.1f}% |" for r in rows]
     md += ["\nPrefill of one prompt, one layer:\n", "| step | 4096 tokens, ms | 8192 tokens, ms |",
            "| --- | --- | --- |"]
-    md += [f"| {k} | {v:.3f} | {prefill[8192][k]:.3f} |" for k, v in prefill[4096].items()]
+    md += [f"| {k} | {v:.3f} | {prefill[8192][k]:.3f} |" for k, v in prefill.get(4096, {}).items()]
     print("\n".join(md))
     name = f"prefill_attention_{gpu}.json" if "--prefill-only" in sys.argv else f"decode_attention_{gpu}.json"
     write_results(os.path.join(out_dir, name), "decode_attention",
