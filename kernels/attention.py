@@ -340,27 +340,28 @@ def _fused_attention_kernel(
     ring_at = num_segments - 1  # the segment that reads the ring: the codes launch's last, or the ring launch's
     if RING_ONLY:
         ring_at = num_segments
-    if (RING_ONLY or RING_IN_LAST) and segment == ring_at:
-        q_last = context + first  # the block's one query position
-        win_start = tl.maximum(q_last - WINDOW + 1, SINKS)
-        for r0 in range(0, SINKS + WINDOW, RING_TILE):
-            r = r0 + tl.arange(0, RING_TILE)  # ring entries: the sinks, then the window's positions in order
-            t = tl.where(r < SINKS, r, win_start + r - SINKS)
-            t_mask = (r < SINKS + WINDOW) & (t <= q_last)
-            blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
-            col = _ring_column(t, SINKS, WINDOW)
-            in_chunk = t >= context
-            visible = (t[None, :] <= q_pos[:, None]) & t_mask[None, :]
-            exact = _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK, SINKS,
-                                WINDOW)
-            kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
-                             stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-            s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale,
-                         float("-inf"))
-            m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
-            vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
-                             stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-            acc_x = tl.dot(p.to(Q_DTYPE), vx.to(Q_DTYPE), acc_x * alpha[:, None], input_precision=Q_PRECISION)
+    if RING_ONLY or RING_IN_LAST:
+        if segment == ring_at:
+            q_last = context + first  # the block's one query position
+            win_start = tl.maximum(q_last - WINDOW + 1, SINKS)
+            for r0 in range(0, SINKS + WINDOW, RING_TILE):
+                r = r0 + tl.arange(0, RING_TILE)  # ring entries: the sinks, then the window's positions in order
+                t = tl.where(r < SINKS, r, win_start + r - SINKS)
+                t_mask = (r < SINKS + WINDOW) & (t <= q_last)
+                blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
+                col = _ring_column(t, SINKS, WINDOW)
+                in_chunk = t >= context
+                visible = (t[None, :] <= q_pos[:, None]) & t_mask[None, :]
+                exact = _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK, SINKS,
+                                    WINDOW)
+                kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                 stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale,
+                             float("-inf"))
+                m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
+                vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                 stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                acc_x = tl.dot(p.to(Q_DTYPE), vx.to(Q_DTYPE), acc_x * alpha[:, None], input_precision=Q_PRECISION)
 
     if RING_ONLY:  # no codes: the loop below is the other launch's
         tile_hi = tile_lo

@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--window", action="store_true", help="16-bit sinks 4 + window 128 (needs --plain)")
     ap.add_argument("--ring-only", action="store_true", help="with --window and 16 rows: the ring launch, not the "
                     "codes launch")
+    ap.add_argument("--ring-in-last", action="store_true", help="with --window and 16 rows: the ring in the last "
+                    "segment of the codes launch (AttentionPlan.ring_launch=False)")
     ap.add_argument("--no-asm", action="store_true", help="register decode by integer selects, not PTX")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
     ap.add_argument("--write", action="store_true")
@@ -72,7 +74,8 @@ def main():
                  V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16, Q_DTYPE=triton.language.bfloat16,
                  Q_PRECISION="tf32", USE_ASM=not args.no_asm, NUM_KV_HEADS=8, SINKS=4 if args.window else 0,
                  WINDOW=128 if args.window else 0, HAS_WINDOW=args.window,
-                 RING_FIRST=args.window and args.rows == 16, RING_ONLY=args.ring_only, RING_TILE=32)
+                 RING_FIRST=args.window and args.rows == 16, RING_ONLY=args.ring_only,
+                 RING_IN_LAST=args.window and args.rows == 16 and args.ring_in_last, RING_TILE=32)
     if args.smollm2 and not args.write:  # d2n16: 16 code bytes per stream, slot 16 + 16 + 2 + 2 bytes
         const.update(NUM_Q_HEADS=9, NUM_KV_HEADS=3, HEAD_DIM=64, PAGE_BLOCK=32, K_CODE_BYTES=16, V_CODE_OFFSET=16,
                      V_CODE_BYTES=16, K_SCALE_OFFSET=32, V_SCALE_OFFSET=34)
