@@ -30,3 +30,12 @@ def test_block_follows_the_json(tmp_path):
     path.write_text(json.dumps(data))
     after = perf_block(str(results))
     assert "98,765.4" in after and "98,765.4" not in before
+
+
+def test_gpu_tag_names_result_files_by_gpu_model():
+    """Result files are named by GPU model (throughput_h100_..., serve_h200_...), not by the name's last word."""
+    from vllm_aquakv.results import gpu_tag
+
+    assert gpu_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_tag("NVIDIA H200") == "h200"
+    assert gpu_tag("NVIDIA A100-SXM4-80GB") == "a100"

@@ -6,8 +6,16 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import sys
+
+
+def gpu_tag(name: str) -> str:
+    """Short lowercase model of a GPU name for file names: "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA H200" -> "h200"
+    (the last word if no model number is found)."""
+    found = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return (found.group(1) if found else name.split()[-1]).lower()
 
 
 def machine() -> str:

@@ -122,7 +122,7 @@ def first_divergence(outputs: list[list[int]], others: list[list[int]]) -> list[
 def finish(out_dir: str, result: dict, **extra) -> None:
     """Write the raw plugin_smoke.json and its table in the shared results shape (plugin_smoke_<gpu>.json + .md;
     ``extra``: machine / versions when rebuilt with --from-json)."""
-    from vllm_aquakv.results import machine, write_results
+    from vllm_aquakv.results import gpu_tag, machine, write_results
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "plugin_smoke.json"), "w") as f:
@@ -144,7 +144,7 @@ def finish(out_dir: str, result: dict, **extra) -> None:
            f"{r['seconds_incl_engine_start']:.1f} | {num(r['prompt_logprob_mean_abs_diff_vs_torch_path'], '.4f')} | "
            f"{r['first_divergence_vs_torch_path'] or '-'} |" for r in rows]
     gpu = extra.get("machine") or machine()
-    write_results(os.path.join(out_dir, f"plugin_smoke_{gpu.split()[-1].lower()}.json"), "plugin_smoke",
+    write_results(os.path.join(out_dir, f"plugin_smoke_{gpu_tag(gpu)}.json"), "plugin_smoke",
                   result["model"], rows, "\n".join(md), **extra)
 
 

@@ -9,7 +9,7 @@ On the GPU machine (see benchmarks/gpu/README.md), after the vLLM bundle and the
 The model and the aquakv artifact are made as in ``throughput.py`` (random Llama-3.2-3B-shaped weights, speed-default
 artifact: speed only).  For each format: start the server (vLLM's defaults otherwise), wait for /health, run
 ``vllm bench serve --dataset-name random --random-range-ratio 0`` with Poisson arrivals at the given rate, stop the
-server.  Writes serve_h100_<in>_<out>.json + .md (shared RESULTS.md shape) under $OUT.
+server.  Writes serve_<gpu>_<in>_<out>.json + .md (shared RESULTS.md shape) under $OUT.
 """
 
 import argparse
@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--bench-timeout", type=int, default=300)
     args = ap.parse_args()
 
-    from vllm_aquakv.results import write_results
+    from vllm_aquakv.results import gpu_tag, machine, write_results
 
     os.makedirs(args.out_dir, exist_ok=True)
     model, description = make_inputs(args.model)
@@ -123,7 +123,8 @@ def main():
            f"{fmt(r.get('p50_tpot_ms'))} | {fmt(r.get('p99_tpot_ms'))} | {fmt(r.get('p99_itl_ms'))} | "
            f"{fmt(r.get('output_throughput'))} |" for r in rows]
     print("\n".join(md))
-    write_results(os.path.join(args.out_dir, f"serve_h100_{args.input_len}_{args.output_len}.json"), "serve",
+    gpu = gpu_tag(machine())
+    write_results(os.path.join(args.out_dir, f"serve_{gpu}_{args.input_len}_{args.output_len}.json"), "serve",
                   description, rows, "\n".join(md))
 
 

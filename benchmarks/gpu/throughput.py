@@ -41,8 +41,12 @@ def make_inputs(model: str | None) -> tuple[str, str]:
 
 
 # aquakv formats: name -> (aquakv-calibrate settings, extra --additional-config); each gets its own artifact
-# MODEL/<name>, named to vLLM with --additional-config (all post-RoPE keys: the fused Triton kernels' mode)
+# MODEL/<name>, named to vLLM with --additional-config (post-RoPE keys, the fused Triton kernels' mode, except
+# aquakv-quality)
 AQUAKV_PRESETS = {
+    # the quality default (aquakv-calibrate's default: the paper's pre-RoPE chain), served with the window as the server
+    # does; the fused kernels do not take it, so it runs on the torch path (slow: expect a timeout)
+    "aquakv-quality": ("--preset quality", {"aquakv_window": True}),
     # aquakv-calibrate --preset speed (key mean, no value predictor, uniform 2-bit codes: the fused decode kernel's
     # arithmetic decode), every token as codes
     "aquakv": ("--preset speed", {"aquakv_window": False}),
@@ -200,7 +204,7 @@ def main():
     ap.add_argument("--versions-from", default=None, help="with --from-logs: a results JSON of the same machine "
                     "and day whose versions to record")
     args = ap.parse_args()
-    from vllm_aquakv.results import machine, write_results
+    from vllm_aquakv.results import gpu_tag, machine, write_results
 
     os.makedirs(args.out_dir, exist_ok=True)
     formats = args.formats.split(",")
@@ -233,7 +237,7 @@ def main():
     if args.from_logs:
         with open(args.versions_from) as f:
             extra = {"machine": args.machine, "versions": json.load(f)["versions"]}
-    gpu = (args.machine or machine()).split()[-1].lower()
+    gpu = gpu_tag(args.machine or machine())
     write_results(os.path.join(args.out_dir, f"throughput_{gpu}_{args.input_len}_{args.output_len}.json"),
                   "throughput", description, rows, "\n".join(md), calibration_seconds=round(calibration_s, 1),
                   **extra)
