@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from vllm_aquakv.codec import fwht
+from vllm_aquakv.window import WindowStep
 
 LOG2E = 1.4426950408889634
 # the query rotation's dot inputs: 16-bit queries as they are (+-1 products are exact), float32 as tf32x3; the
@@ -836,6 +837,11 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
         block_table = torch.arange(blocks, dtype=torch.int32, device=device)[None]
         kv = torch.randn(context, num_kv_heads, h, device=device).to(dtype)
         write_fused(f, cache, torch.arange(context, device=device), kv, kv)
+        if window is not None:  # the cache write that also stores the ring entries (every token into entry 0, 0)
+            ring = torch.zeros(2, sum(window), num_kv_heads, h, dtype=dtype, device=device)
+            zero = torch.zeros(context, dtype=torch.int64, device=device)
+            write_fused(f, cache, torch.arange(context, device=device), kv, kv,
+                        ring=(ring, ring, WindowStep(zero, zero, torch.arange(context, device=device))))
         for new_tokens in (1, 2, context):  # decode, short and long prefill launches
             qsl = [0, new_tokens]
             seq_lens = torch.tensor([context], dtype=torch.int32, device=device)

@@ -14,6 +14,10 @@ computed once per layer).  Rotations and predictor
 products are IEEE float32 dots, so the codes equal the torch twin's (``TorchServingPath.write``) except where float
 rounding order decides between two nearly equidistant grid points.
 
+With 16-bit sinks/window (``vllm_aquakv.window.ExactTokens``), the same launch also stores each token's key and value
+as they came into its ring entry (row, column of ``WindowStep``: the scratch row for tokens outside the ring), the
+twin of ``ExactTokens.write``.
+
 One program encodes BLOCK_N tokens of one KV head.  Lane i of a token holds the head positions L*b + i of code byte b
 (L lanes): the codes of byte b are then computed from the lanes directly, with no reshape.
 """
@@ -132,13 +136,14 @@ def _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET: tl.constexpr
 @triton.jit(do_not_specialize=["num_tokens"])  # changes every step
 def _cache_write_kernel(
     key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, k_bias_ptr, v_bias_ptr, v_from_k_ptr,
-    k_grid_ptr, v_grid_ptr,
+    k_grid_ptr, v_grid_ptr, ring_k_ptr, ring_v_ptr, ring_row_ptr, ring_col_ptr,
     num_tokens, stride_kt, stride_kh, stride_vt, stride_vh, stride_block, stride_head, stride_token,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr, K_CODE_BITS: tl.constexpr, K_D: tl.constexpr,
     K_POINTS: tl.constexpr, V_LANES: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_CODE_BITS: tl.constexpr,
     V_D: tl.constexpr, V_POINTS: tl.constexpr, V_CODE_OFFSET: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, V_FROM_K: tl.constexpr,
+    HAS_RING: tl.constexpr, RING_WIDTH: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
 ):
     head = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,6 +154,15 @@ def _cache_write_kernel(
 
     r = tl.load(key_ptr + n[:, None] * stride_kt + head * stride_kh + j[None, :], mask=valid[:, None],
                 other=0.0).to(tl.float32)  # [N, h] post-RoPE keys
+    if HAS_RING:  # 16-bit copies of every token of the step (outside the ring: into the scratch row)
+        in_step = n < num_tokens
+        ring_row = tl.load(ring_row_ptr + n, mask=in_step, other=0)
+        ring_col = tl.load(ring_col_ptr + n, mask=in_step, other=0)
+        ring = ((ring_row * RING_WIDTH + ring_col) * NUM_KV_HEADS + head).to(tl.int64)[:, None] * HEAD_DIM + j[None, :]
+        raw = tl.load(key_ptr + n[:, None] * stride_kt + head * stride_kh + j[None, :], mask=in_step[:, None])
+        tl.store(ring_k_ptr + ring, raw.to(ring_k_ptr.dtype.element_ty), mask=in_step[:, None])
+        raw = tl.load(value_ptr + n[:, None] * stride_vt + head * stride_vh + j[None, :], mask=in_step[:, None])
+        tl.store(ring_v_ptr + ring, raw.to(ring_v_ptr.dtype.element_ty), mask=in_step[:, None])
     if HAS_K_BIAS:
         r -= tl.load(k_bias_ptr + head * HEAD_DIM + j)[None, :]
     byte, scale, h0, h1, h2, h3 = _encode(r, rot_k_ptr, k_grid_ptr, HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS,
@@ -172,19 +186,29 @@ def _cache_write_kernel(
 
 
 def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
-                value: torch.Tensor, block_n: int = 16) -> None:
+                value: torch.Tensor, block_n: int = 16, ring: tuple | None = None) -> None:
     """Encode key (post-RoPE) and value [>= N, H, h] of the N = len(slot_mapping) new tokens into their slots of
-    kv_cache [num_blocks, H, page_block, slot] (uint8); slot -1 skips a token."""
+    kv_cache [num_blocks, H, page_block, slot] (uint8); slot -1 skips a token.  ``ring``: (ring_k, ring_v
+    [rows + 1, width, H, h] contiguous, the step's ``WindowStep``): also store every token's key and value into its
+    ring entry (``ExactTokens.write``)."""
     n = slot_mapping.shape[0]
     _, heads, page_block, _ = kv_cache.shape
     h = key.shape[-1]
     kl, vl = layer.k_lanes, layer.v_lanes
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     v_bias, v_from_k = layer.write_v_bias, layer.write_v_from_k
+    if ring is not None:
+        ring_k, ring_v, step = ring
+        if not (ring_k.is_contiguous() and ring_v.is_contiguous() and ring_k.shape[2:] == (heads, h)):
+            raise ValueError(f"ring buffers must be contiguous [rows + 1, width, {heads}, {h}], got "
+                             f"{tuple(ring_k.shape)}")
+        ring_args = (ring_k, ring_v, step.rows, step.cols)
+    else:
+        ring_args = (key, value, slot_mapping, slot_mapping)  # not read
     _cache_write_kernel[(triton.cdiv(n, block_n), heads)](
         key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v,
         layer.k_bias if layer.k_bias is not None else dummy, v_bias if v_bias is not None else dummy,
-        v_from_k if v_from_k is not None else dummy, kl.grid, vl.grid,
+        v_from_k if v_from_k is not None else dummy, kl.grid, vl.grid, *ring_args,
         n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         HEAD_DIM=h, PAGE_BLOCK=page_block, BLOCK_N=block_n,
@@ -193,5 +217,6 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
         V_D=vl.grid.shape[1], V_POINTS=vl.grid.shape[0], V_CODE_OFFSET=layer.v_code_offset,
         K_SCALE_OFFSET=layer.k_scale_offset, V_SCALE_OFFSET=layer.v_scale_offset,
         HAS_K_BIAS=layer.k_bias is not None, HAS_V_BIAS=v_bias is not None, V_FROM_K=v_from_k is not None,
+        HAS_RING=ring is not None, RING_WIDTH=1 if ring is None else ring[0].shape[1], NUM_KV_HEADS=heads,
     )
 

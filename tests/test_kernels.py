@@ -268,6 +268,55 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
     assert torch.equal(got[untouched], fill[untouched])
 
 
+@pytest.mark.parametrize("heads,head_dim,sinks,window", [(2, 64, 4, 24), (1, 64, 0, 40), (3, 64, 3, 0),
+                                                      pytest.param(8, 128, 4, 128, marks=ON_GPU)])
+def test_cache_write_stores_the_ring(heads, head_dim, sinks, window, rng):
+    """With ``ring``, the Triton cache write also stores the step's 16-bit keys and values into the sinks/window ring,
+    exactly as ``ExactTokens.write`` (index_put) does: a ragged step of a decode, a chunk longer than the window and a
+    fresh prompt, over rings that hold earlier (random) entries."""
+    from vllm_aquakv.kernels.attention import fused_layer_or_reason
+    from vllm_aquakv.kernels.cache_write import write_fused
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.serving import StepState, TorchServingPath
+    from vllm_aquakv.window import ExactTokens
+
+    config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor="none", value_topology="none",
+                          key_grid="d2n16", value_grid="d2n16", layer0_grid="d2n16")
+    k = torch.randn(300, heads, head_dim, generator=rng) * 2
+    v = torch.randn(300, heads, head_dim, generator=rng)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v]).to(DEVICE)
+    path = TorchServingPath(cache, None)
+    fused = fused_layer_or_reason(cache, path.layouts[1], 1)
+    assert not isinstance(fused, str), fused
+    page_block, lens, new = 16, [90, 75, 30], [1, 50, 30]  # seq_lens after the step, tokens of the step
+    n = sum(new)
+    block_table = torch.randperm(3 * 6, generator=rng).view(3, 6).to(torch.int32).to(DEVICE)
+    pos = torch.cat([torch.arange(a - q, a) for a, q in zip(lens, new)])
+    req = torch.cat([torch.full((q,), r) for r, q in enumerate(new)])
+    slots = (block_table.cpu()[req, pos // page_block].long() * page_block + pos % page_block).to(DEVICE)
+    qsl = torch.tensor([0, new[0], new[0] + new[1], n], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    key, value = (torch.randn(n, heads, head_dim, generator=rng).to(DEVICE, dtype) for _ in range(2))
+    rings = [ExactTokens(sinks, window, max_rows=4, num_layers=2, num_kv_heads=heads, head_dim=head_dim, dtype=dtype,
+                         device=DEVICE) for _ in range(2)]
+    earlier = torch.randn(rings[0].k[1].shape, generator=rng).to(DEVICE, dtype)
+    for ring in rings:
+        ring.k[1].copy_(earlier)
+        ring.v[1].copy_(-earlier)
+    kv = [torch.zeros(20, heads, page_block, path.slot_bytes(1), dtype=torch.uint8, device=DEVICE) for _ in range(2)]
+    args = (block_table, seq_lens, qsl, slots, page_block)
+    rings[0].write_step(1, StepState(), key, value, *args)
+    write_fused(fused, kv[0], slots, key, value)
+    write_fused(fused, kv[1], slots, key, value, ring=rings[1].prepare_write(1, StepState(), key, *args))
+    assert torch.equal(kv[0], kv[1])  # the codes do not change
+    real = slice(0, rings[0].max_rows)  # (the scratch row takes the writes of tokens outside the ring, in any order)
+    assert torch.equal(rings[0].tags, rings[1].tags)
+    assert torch.equal(rings[1].k[1][real], rings[0].k[1][real])
+    assert torch.equal(rings[1].v[1][real], rings[0].v[1][real])
+    assert not torch.equal(rings[1].k[1][real], earlier[real])  # the step wrote entries
+
+
 @pytest.mark.parametrize("head_dim,heads,q_heads,page_block,grid,sinks,window", [
     (64, 2, 6, 16, "d2n16", 4, 24),  # a prefill chunk longer than the window overwrites ring columns
     (64, 1, 4, 32, "d1n16", 0, 40),

@@ -119,12 +119,12 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
         index = compat.layer_index(layer.layer_name)
         fused = md.path.fused.get(index)
         if fused is not None:  # one Triton launch encodes the step's tokens into their slots
-            write_fused(fused, kv_cache, md.slot_mapping, key, value)
-            exact = md.path.exact
-            if exact is not None:  # and the sinks/window tokens into the 16-bit ring
-                n = md.num_actual_tokens
-                exact.write_step(index, compat.step_scratch(StepState), key[:n], value[:n], md.block_table,
-                                 md.seq_lens_dev, md.query_start_loc_dev, md.slot_mapping, kv_cache.shape[2])
+            exact, ring = md.path.exact, None
+            if exact is not None:  # and stores their 16-bit copies into the sinks/window ring
+                ring = exact.prepare_write(index, compat.step_scratch(StepState), key[:md.num_actual_tokens],
+                                           md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.slot_mapping,
+                                           kv_cache.shape[2])
+            write_fused(fused, kv_cache, md.slot_mapping, key, value, ring=ring)
             return
         md.path.write(index, kv_cache, md.slot_mapping, key, value, md.positions, compat.step_scratch(StepState),
                       md.query_lens, md.block_table, md.seq_lens)

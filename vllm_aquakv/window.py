@@ -107,15 +107,25 @@ class ExactTokens:
                    seq_lens, query_start_loc, slot_mapping: torch.Tensor, block_size: int) -> None:
         """Store this step's sink/window tokens of ``layer`` (key/value [N, H, h]); the step's first layer also runs
         ``begin_step``, whose result every layer then shares through ``step.window`` (``serving.StepState``)."""
+        _, _, window_step = self.prepare_write(layer, step, key, block_table, seq_lens, query_start_loc, slot_mapping,
+                                               block_size)
+        self.write(layer, window_step, key, value)
+
+    def prepare_write(self, layer: int, step, key: torch.Tensor, block_table: torch.Tensor, seq_lens,
+                      query_start_loc, slot_mapping: torch.Tensor, block_size: int) -> tuple:
+        """(ring K, ring V of ``layer``, the step's ``WindowStep``) for a writer of this step's tokens: ``write``, or
+        the fused cache write that stores them in the same launch (``kernels/cache_write.write_fused``).  The step's
+        first layer runs ``begin_step``."""
         if step.window is None:
             step.window = self.begin_step(block_table, seq_lens, query_start_loc, key.shape[0], slot_mapping,
                                           block_size)
-        self.write(layer, step.window, key, value)
-
-    def write(self, layer: int, step: WindowStep, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store this step's sink/window tokens of ``layer`` (key post-RoPE, value [N, H, h])."""
         if self.k[layer] is None:
             self._allocate_layer(layer, key.shape[1:], key.dtype, key.device)
+        return self.k[layer], self.v[layer], step.window
+
+    def write(self, layer: int, step: WindowStep, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store this step's sink/window tokens of ``layer`` (key post-RoPE, value [N, H, h]; the ring allocated by
+        ``prepare_write``)."""
         self.k[layer][step.rows, step.cols] = key[step.tokens].to(self.k[layer].dtype)
         self.v[layer][step.rows, step.cols] = value[step.tokens].to(self.v[layer].dtype)
 

@@ -35,10 +35,12 @@ POINTERS = {"q_ptr": "*bf16", "sign_k_ptr": "*fp32", "k_bias_ptr": "*fp32", "cac
 
 WRITE_POINTERS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u8",
                   "rot_k_ptr": "*fp32", "rot_v_ptr": "*fp32", "k_bias_ptr": "*fp32", "v_bias_ptr": "*fp32",
-                  "v_from_k_ptr": "*fp32", "k_grid_ptr": "*fp32", "v_grid_ptr": "*fp32"}
+                  "v_from_k_ptr": "*fp32", "k_grid_ptr": "*fp32", "v_grid_ptr": "*fp32", "ring_k_ptr": "*bf16",
+                  "ring_v_ptr": "*bf16", "ring_row_ptr": "*i64", "ring_col_ptr": "*i64"}
 WRITE_CONSTANTS = dict(HEAD_DIM=128, PAGE_BLOCK=16, BLOCK_N=16, K_LANES=4, K_CODE_BYTES=32, K_CODE_BITS=4, K_D=2,
                        K_POINTS=16, V_LANES=4, V_CODE_BYTES=32, V_CODE_BITS=4, V_D=2, V_POINTS=16, V_CODE_OFFSET=32,
-                       K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=True, HAS_V_BIAS=True, V_FROM_K=True)
+                       K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=True, HAS_V_BIAS=True, V_FROM_K=True,
+                       HAS_RING=False, RING_WIDTH=132, NUM_KV_HEADS=8)
 
 
 def main():
@@ -76,6 +78,8 @@ def main():
                  WINDOW=128 if args.window else 0, HAS_WINDOW=args.window,
                  RING_FIRST=args.window and args.rows == 16, RING_ONLY=args.ring_only,
                  RING_IN_LAST=args.window and args.rows == 16 and args.ring_in_last, RING_TILE=32)
+    if args.write and args.window:  # the cache write that also stores the 16-bit ring entries
+        const.update(HAS_RING=True)
     if args.smollm2 and not args.write:  # d2n16: 16 code bytes per stream, slot 16 + 16 + 2 + 2 bytes
         const.update(NUM_Q_HEADS=9, NUM_KV_HEADS=3, HEAD_DIM=64, PAGE_BLOCK=32, K_CODE_BYTES=16, V_CODE_OFFSET=16,
                      V_CODE_BYTES=16, K_SCALE_OFFSET=32, V_SCALE_OFFSET=34)
