@@ -24,8 +24,10 @@ query and the rotation are permuted to lane order once per layer (``lane_order``
 
 One program handles BLOCK_Q query tokens of one sequence x the G query heads of one KV head (rows = BLOCK_M), and
 one segment of that sequence's causal key range (split-K for long decodes).  With 16-bit sinks/window
-(``WindowInputs``), decode launches read those keys from the ring in a pass of their own before the codes loop
-(``RING_FIRST``), and wider launches inside it, per tile.  It writes unnormalized partials
+(``WindowInputs``), decode steps read those keys from the ring in a pass of their own (``RING_FIRST``): by default a
+launch of its own that writes one more split-K partial (``RING_ONLY``), so that the codes launch keeps the register
+cap of a launch without the window, or in the codes launch's last segment (``RING_IN_LAST``); wider launches read the
+ring inside the codes loop, per tile.  It writes unnormalized partials
 (running max, denominator, Hadamard-domain value and key sums, in lane order); ``_combine_kernel`` merges the
 segments and applies the per-query epilogue.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
 """
