@@ -713,8 +713,9 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     programs = len(seq) * num_kv_heads
     segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+    # the ring's own launch relieves GPU registers; the CPU interpreter has none and copies the cache per launch
     return AttentionPlan(as_tensor(seq), as_tensor(first), block_q, block_m, segments, tile, num_warps, maxnreg,
-                         num_stages)
+                         num_stages, ring_launch=torch.device(device).type == "cuda")
 
 
 @dataclass
