@@ -152,25 +152,26 @@ def _cache_write_kernel(
     base = (slot // PAGE_BLOCK) * stride_block + head * stride_head + (slot % PAGE_BLOCK) * stride_token
     j = tl.arange(0, HEAD_DIM)
 
-    r = tl.load(key_ptr + n[:, None] * stride_kt + head * stride_kh + j[None, :], mask=valid[:, None],
-                other=0.0).to(tl.float32)  # [N, h] post-RoPE keys
+    loaded = valid  # the tokens whose K/V are read: those encoded, and with the ring every token of the step
     if HAS_RING:  # 16-bit copies of every token of the step (outside the ring: into the scratch row)
-        in_step = n < num_tokens
-        ring_row = tl.load(ring_row_ptr + n, mask=in_step, other=0)
-        ring_col = tl.load(ring_col_ptr + n, mask=in_step, other=0)
+        loaded = n < num_tokens
+        ring_row = tl.load(ring_row_ptr + n, mask=loaded, other=0)
+        ring_col = tl.load(ring_col_ptr + n, mask=loaded, other=0)
         ring = ((ring_row * RING_WIDTH + ring_col) * NUM_KV_HEADS + head).to(tl.int64)[:, None] * HEAD_DIM + j[None, :]
-        raw = tl.load(key_ptr + n[:, None] * stride_kt + head * stride_kh + j[None, :], mask=in_step[:, None])
-        tl.store(ring_k_ptr + ring, raw.to(ring_k_ptr.dtype.element_ty), mask=in_step[:, None])
-        raw = tl.load(value_ptr + n[:, None] * stride_vt + head * stride_vh + j[None, :], mask=in_step[:, None])
-        tl.store(ring_v_ptr + ring, raw.to(ring_v_ptr.dtype.element_ty), mask=in_step[:, None])
+    x = tl.load(key_ptr + n[:, None] * stride_kt + head * stride_kh + j[None, :], mask=loaded[:, None], other=0.0)
+    if HAS_RING:
+        tl.store(ring_k_ptr + ring, x.to(ring_k_ptr.dtype.element_ty), mask=loaded[:, None])
+    r = x.to(tl.float32)  # [N, h] post-RoPE keys (rows are encoded independently; stores keep the valid ones)
     if HAS_K_BIAS:
         r -= tl.load(k_bias_ptr + head * HEAD_DIM + j)[None, :]
     byte, scale, h0, h1, h2, h3 = _encode(r, rot_k_ptr, k_grid_ptr, HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS,
                                           K_D, K_POINTS)
     _store_stream(cache_ptr, base, valid, byte, scale, 0, K_SCALE_OFFSET, K_CODE_BYTES)
 
-    r = tl.load(value_ptr + n[:, None] * stride_vt + head * stride_vh + j[None, :], mask=valid[:, None],
-                other=0.0).to(tl.float32)  # [N, h]
+    x = tl.load(value_ptr + n[:, None] * stride_vt + head * stride_vh + j[None, :], mask=loaded[:, None], other=0.0)
+    if HAS_RING:
+        tl.store(ring_v_ptr + ring, x.to(ring_v_ptr.dtype.element_ty), mask=loaded[:, None])
+    r = x.to(tl.float32)  # [N, h]
     if HAS_V_BIAS:  # b_v + b_k W
         r -= tl.load(v_bias_ptr + head * HEAD_DIM + j)[None, :]
     if V_FROM_K:  # + (decoded key residual, Hadamard domain) A^T W, as lanes times M = A^T W
