@@ -661,7 +661,8 @@ class AttentionPlan:
     num_warps: int = 4
     maxnreg: int | None = None  # register cap per thread; None: ``fused_attention`` picks (as num_stages)
     num_stages: int | None = None  # software pipelining; None: ``fused_attention`` picks the fastest measured
-    ring_launch: bool | None = None  # decode with the window: the ring in a launch of its own (``ring_segment``)
+    # decode with the window: the ring in a launch of its own (``ring_segment``; ``plan_attention``: on CUDA only)
+    ring_launch: bool = True
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -686,9 +687,7 @@ class AttentionPlan:
         steps: one query token per program; ``ring_launch``).  Their codes launch then keeps no 16-bit sums and,
         without the ring pass, fits the same register cap as a launch without the window.  Otherwise a decode reads
         the ring in its last segment, and prefill launches read it per tile."""
-        if not window or self.block_q != 1:
-            return False
-        return self.ring_launch if self.ring_launch is not None else True
+        return window and self.block_q == 1 and self.ring_launch
 
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,

@@ -218,12 +218,12 @@ def main():
                 out = torch.empty_like(q)  # the model dtype, as vLLM's output buffer
                 win = window_inputs(fused, block_table, ctx, q)
                 # with the window: the ring in a launch of its own (the default), and in the last codes segment
-                for ring_launch in (True, False) if win is not None else (None,):
+                for ring_launch in (True, False) if win is not None else (True,):
                     p = dataclasses.replace(plan, ring_launch=ring_launch, _partials=None)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
-                    name = label + (", ring in the last segment" if ring_launch is False else "")
+                    name = label + ("" if ring_launch else ", ring in the last segment")
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": plan.segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
