@@ -83,15 +83,17 @@ def main():
     windows = {t: tokenize_windows(tok, load_texts(t), args.ctx, args.windows * args.ctx).tolist() for t in texts}
     flat = [w for t in texts for w in windows[t]]
     rows = []
-    manifests = {"default": manifest}
+    manifests = {}  # the artifacts the rows use, for the table's header
     for label in args.formats.split(","):
         kv_dtype, extra = FORMATS[label]
         t0 = time.time()
-        artifact = manifest
+        artifact, name = manifest, "default"
         if (extra or {}).get("aquakv_artifact") == SPEED:
             extra = {**extra, "aquakv_artifact": speed_artifact(model, manifest["calibration"].get("tokens") or 16384)}
             with open(os.path.join(extra["aquakv_artifact"], "manifest.json")) as f:
-                artifact = manifests["speed"] = json.load(f)
+                artifact, name = json.load(f), "speed"
+        if kv_dtype == "aquakv":
+            manifests[name] = artifact
         res = run_vllm(model=model, kv_cache_dtype=kv_dtype, prompt_token_ids=flat, prompt_logprobs=True,
                        max_model_len=args.ctx + 64, engine={"additional_config": extra} if extra else {})
         bits, bits_total = bits_per_value(kv_dtype, artifact, extra)
