@@ -108,10 +108,11 @@ def _register_lanes(byte, table_ptr, USE_ASM: tl.constexpr):
 @triton.jit
 def _uniform_lane(byte, LANE: tl.constexpr, INDEX_BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Lane LANE of uniform 2-bit codes byte [T, B] (code i of a byte in bits 2 i, 2 i + 1) as float16 numbers that
-    are c * UNIFORM_UNIT exactly: INDEX_BITS 0 takes the code's bits as a float16 subnormal (c * 2^-24: a shift and
-    a mask per pair of values, which the tensor cores multiply exactly); 1 ORs them into the exponent of 1024 and
-    subtracts 1024 (one more half2 add)."""
-    c = ((byte >> (2 * LANE)) & 3).to(tl.int16)
+    are c 4^LANE units exactly: the code's bits masked in place, not shifted down (each byte is widened once for all
+    four lanes, then a lane costs one mask per pair of values; the query lanes and ``_to_grid_units`` undo 4^LANE).
+    INDEX_BITS 0 takes them as a float16 subnormal (unit 2^-24), which the tensor cores multiply exactly; 1 ORs them
+    into the exponent of 1024 and subtracts 1024 (unit 1, one more half2 add)."""
+    c = (byte & (3 << (2 * LANE))).to(tl.int16)
     if INDEX_BITS == 0:
         x = c.to(tl.float16, bitcast=True)
     else:
@@ -121,8 +122,9 @@ def _uniform_lane(byte, LANE: tl.constexpr, INDEX_BITS: tl.constexpr, DOT_DTYPE:
 
 @triton.jit
 def _uniform_terms(table_ptr, INDEX_BITS: tl.constexpr):
-    """(multiplier, offset) that turn a uniform lane dot back into grid units: grid[c] = g0 + step * c, and the
-    lanes hold c * 2^-24 (INDEX_BITS 0) or c (1), so sum w grid[c] = dot * step * unit^-1 + g0 * sum w."""
+    """(multiplier, offset) that turn a uniform lane-0 dot back into grid units: grid[c] = g0 + step * c, and lane i
+    holds c 4^i * 2^-24 (INDEX_BITS 0) or c 4^i (1), so sum w grid[c] = dot * step * unit^-1 / 4^i + g0 * sum w (lane
+    i's multiplier is this one / 4^i: ``_to_grid_units``; scores scale the query lanes instead)."""
     g0 = tl.load(table_ptr)
     step = tl.load(table_ptr + 1)
     if INDEX_BITS == 0:
@@ -132,10 +134,10 @@ def _uniform_terms(table_ptr, INDEX_BITS: tl.constexpr):
 
 @triton.jit
 def _to_grid_units(a0, a1, a2, a3, mul, g0, w):
-    """Four lane sums of uniform codes (sum_t w_t c_t * unit, [M, B] each) -> sums of grid coordinates,
-    sum_t w_t (g0 + step c_t): times ``mul`` plus g0 times the weights' sum w [M] (``_uniform_terms``)."""
-    return (a0 * mul + g0 * w[:, None], a1 * mul + g0 * w[:, None], a2 * mul + g0 * w[:, None],
-            a3 * mul + g0 * w[:, None])
+    """Four lane sums of uniform codes (lane i: sum_t w_t c_t 4^i unit, [M, B] each) -> sums of grid coordinates,
+    sum_t w_t (g0 + step c_t): times ``mul`` / 4^i plus g0 times the weights' sum w [M] (``_uniform_terms``)."""
+    return (a0 * mul + g0 * w[:, None], a1 * (mul * 0.25) + g0 * w[:, None], a2 * (mul * 0.0625) + g0 * w[:, None],
+            a3 * (mul * 0.015625) + g0 * w[:, None])
 
 
 @triton.jit
@@ -304,15 +306,18 @@ def _fused_attention_kernel(
     # q A in key-lane order (A = diag(s) H / sqrt(h)), scaled so that a dot with grid coordinates times the fp16 scale
     # (y = z * scale / sqrt(h)) gives base-2 logits: q (diag(s) H)[:, lane] * logit_scale / h, K_LANES x [M, B_k]
     q_scale = logit_scale / HEAD_DIM
-    q0 = (times_lane(q, sign_k_ptr, 0, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
-    q1 = (times_lane(q, sign_k_ptr, 1, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
+    q0 = times_lane(q, sign_k_ptr, 0, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
+    q1 = times_lane(q, sign_k_ptr, 1, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
     if K_LANES == 4:
-        q2 = (times_lane(q, sign_k_ptr, 2, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
-        q3 = (times_lane(q, sign_k_ptr, 3, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale).to(DOT_DTYPE)
-    if K_INDEX_BITS <= 1:  # uniform key codes: scores need the query lanes' sum (``_uniform_terms``)
+        q2 = times_lane(q, sign_k_ptr, 2, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
+        q3 = times_lane(q, sign_k_ptr, 3, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
+    if K_INDEX_BITS <= 1:  # uniform key codes: scores need the query lanes' sum, and lane i holds c 4^i units
         k_mul, k_g0 = _uniform_terms(k_table_ptr, K_INDEX_BITS)
-        q_sum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
-                 + tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1)) * k_g0
+        q_sum = (tl.sum(q0, axis=1) + tl.sum(q1, axis=1) + tl.sum(q2, axis=1) + tl.sum(q3, axis=1)) * k_g0
+        q1, q2, q3 = q1 * 0.25, q2 * 0.0625, q3 * 0.015625
+    q0, q1 = q0.to(DOT_DTYPE), q1.to(DOT_DTYPE)
+    if K_LANES == 4:
+        q2, q3 = q2.to(DOT_DTYPE), q3.to(DOT_DTYPE)
     if V_INDEX_BITS <= 1:
         v_mul, v_g0 = _uniform_terms(v_table_ptr, V_INDEX_BITS)
     if HAS_K_BIAS:  # q . b_k in base-2 logits [M]
