@@ -709,17 +709,24 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     tile = tile or (128 if max_q == 1 else 64)
     block_m = max(16, triton.next_power_of_2(group)) if max_q == 1 else max(64, triton.next_power_of_2(group))
     block_q = 1 if max_q == 1 else block_m // group
-    seq, first = [], []
-    for r, (a, b) in enumerate(zip(query_start_loc[:-1], query_start_loc[1:])):
-        for f in range(0, b - a, block_q):
-            seq.append(r)
-            first.append(f)
-    programs = len(seq) * num_kv_heads
+    num_reqs = len(query_start_loc) - 1
+    if max_q == 1:  # decode: one program row per request, made on the device (no host-to-device copy, so a CUDA
+        # graph can capture it; requests without a token, as CUDA-graph padding, get programs that store nothing)
+        q_seq = torch.arange(num_reqs, dtype=torch.int32, device=device)
+        q_first = torch.zeros(num_reqs, dtype=torch.int32, device=device)
+    else:
+        seq, first = [], []
+        for r, (a, b) in enumerate(zip(query_start_loc[:-1], query_start_loc[1:])):
+            for f in range(0, b - a, block_q):
+                seq.append(r)
+                first.append(f)
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+        q_seq, q_first = as_tensor(seq), as_tensor(first)
+    programs = q_seq.shape[0] * num_kv_heads
     segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
     # the ring's own launch relieves GPU registers; the CPU interpreter has none and copies the cache per launch
-    return AttentionPlan(as_tensor(seq), as_tensor(first), block_q, block_m, segments, tile, num_warps, maxnreg,
-                         num_stages, ring_launch=torch.device(device).type == "cuda")
+    return AttentionPlan(q_seq, q_first, block_q, block_m, segments, tile, num_warps, maxnreg, num_stages,
+                         ring_launch=torch.device(device).type == "cuda")
 
 
 @dataclass

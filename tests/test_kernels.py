@@ -483,3 +483,103 @@ def test_vllm_merge_matches_merge_partials(rng):
     assert torch.allclose(got[:60].float(), o_a[:60].float())  # no keys in part b: part a alone
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < 1e-2, err
+
+
+@ON_GPU
+@pytest.mark.parametrize("window", [None, (4, 128)])
+def test_decode_step_replays_in_a_cuda_graph(window, rng):
+    """A decode step as the backend runs it (ring bookkeeping, fused cache write with the ring, fused attention),
+    captured in a CUDA graph with a batch padded as vLLM pads FULL-graph batches (a request with no token, length 0,
+    null block, slot -1), then replayed for two consecutive steps: outputs, paged cache and ring equal the same
+    steps run eagerly without padding.  Fails if any input is baked into the graph (a host copy, a host-side size)."""
+    from vllm_aquakv.kernels.attention import WindowInputs, fused_attention, fused_layer_or_reason, plan_attention
+    from vllm_aquakv.kernels.cache_write import write_fused
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.rope import Rope
+    from vllm_aquakv.serving import StepState, TorchServingPath
+    from vllm_aquakv.window import ExactTokens
+
+    heads, q_heads, h, page_block = 8, 24, 128, 16
+    config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor="none", value_topology="none",
+                          key_grid="u1n4", value_grid="u1n4", layer0_grid="u1n4")
+    rope = Rope({"rope_theta": 10000.0}, h)
+    k = rope.apply(torch.randn(400, heads, h, generator=rng) * 2 + torch.randn(heads, h, generator=rng) * 3,
+                   torch.arange(400))
+    v = torch.randn(400, heads, h, generator=rng)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v]).to(DEVICE)
+    path = TorchServingPath(cache, rope)
+    fused = fused_layer_or_reason(cache, path.layouts[1], 1)
+    ring = None if window is None else ExactTokens(*window, 4, 2, heads, h, torch.bfloat16, DEVICE)
+    lens = [150, 97, 300]  # context before the two decode steps
+    max_blocks = 24
+    table = torch.randperm(100, generator=rng)[:3 * max_blocks].view(3, max_blocks).int().to(DEVICE) + 1
+    kv = torch.zeros(101, heads, page_block, path.slot_bytes(1), dtype=torch.uint8, device=DEVICE)
+    key_all, value_all = (torch.randn(sum(lens) + 6, heads, h, generator=rng).to(DEVICE, torch.bfloat16)
+                          for _ in range(2))
+
+    def slots(r, positions):
+        p = torch.as_tensor(positions, device=DEVICE)
+        return table[r, p // page_block].long() * page_block + p % page_block
+
+    def run(query, key, value, slot_mapping, seq_lens, qsl, qsl_list, block_table, out):
+        state = StepState()
+        ring_args, win = None, None
+        if ring is not None:
+            ring_args = ring.prepare_write(1, state, key, block_table, seq_lens, qsl, slot_mapping, page_block)
+            win = WindowInputs(ring.k[1], ring.v[1], ring.tags, key, value, *window)
+        write_fused(fused, kv, slot_mapping, key, value, ring=ring_args)
+        plan = plan_attention(qsl_list, 4096, q_heads, heads, DEVICE)
+        fused_attention(query, kv, block_table, seq_lens, qsl, plan, fused, h ** -0.5, out=out, window=win)
+
+    # the contexts: one prefill step of all three prompts
+    qsl0 = [0, lens[0], lens[0] + lens[1], sum(lens)]
+    run(torch.randn(sum(lens), q_heads, h, device=DEVICE, dtype=torch.bfloat16), key_all[:sum(lens)],
+        value_all[:sum(lens)], torch.cat([slots(r, range(n)) for r, n in enumerate(lens)]),
+        torch.tensor(lens, dtype=torch.int32, device=DEVICE), torch.tensor(qsl0, dtype=torch.int32, device=DEVICE),
+        qsl0, table, torch.empty(sum(lens), q_heads, h, device=DEVICE, dtype=torch.bfloat16))
+    tensors = [kv] + ([] if ring is None else [ring.k[1], ring.v[1], ring.tags, ring.length, ring.last_block])
+    start = [t.clone() for t in tensors]
+    steps = [dict(query=torch.randn(3, q_heads, h, generator=rng).to(DEVICE, torch.bfloat16),
+                  key=key_all[sum(lens) + 3 * s:sum(lens) + 3 * s + 3], value=value_all[sum(lens) + 3 * s:][:3],
+                  slot_mapping=torch.cat([slots(r, [n + s]) for r, n in enumerate(lens)]),
+                  seq_lens=torch.tensor([n + s + 1 for n in lens], dtype=torch.int32, device=DEVICE))
+             for s in range(2)]
+    # eager, unpadded
+    eager = []
+    for st in steps:
+        out = torch.empty(3, q_heads, h, device=DEVICE, dtype=torch.bfloat16)
+        run(st["query"], st["key"], st["value"], st["slot_mapping"], st["seq_lens"],
+            torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEVICE), [0, 1, 2, 3], table, out)
+        eager.append((out, [t.clone() for t in tensors]))
+    # the same steps from a CUDA graph of a batch padded to 4 requests
+    static = dict(query=torch.zeros(4, q_heads, h, device=DEVICE, dtype=torch.bfloat16),
+                  key=torch.zeros(4, heads, h, device=DEVICE, dtype=torch.bfloat16),
+                  value=torch.zeros(4, heads, h, device=DEVICE, dtype=torch.bfloat16),
+                  slot_mapping=torch.full((4,), -1, dtype=torch.int64, device=DEVICE),
+                  seq_lens=torch.zeros(4, dtype=torch.int32, device=DEVICE),
+                  qsl=torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32, device=DEVICE),
+                  block_table=torch.cat([table, torch.zeros_like(table[:1])]),
+                  out=torch.zeros(4, q_heads, h, device=DEVICE, dtype=torch.bfloat16))
+    args = lambda: (static["query"], static["key"], static["value"], static["slot_mapping"],  # noqa: E731
+                    static["seq_lens"], static["qsl"], [0, 1, 2, 3, 3], static["block_table"], static["out"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles), as vLLM runs one eager step before each capture
+        run(*args())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(*args())
+    for t, s in zip(tensors, start):
+        t.copy_(s)
+    for st, (out, state) in zip(steps, eager):
+        for name in ("query", "key", "value", "slot_mapping", "seq_lens"):
+            static[name][:3] = st[name]
+        graph.replay()
+        torch.cuda.synchronize()
+        err = (static["out"][:3].float() - out.float()).norm() / out.float().norm()
+        assert err < 5e-3, err  # (split-K segments differ with the padded request count)
+        assert torch.equal(kv, state[0])
+        if ring is not None:
+            for t, want in zip(tensors[1:], state[1:]):
+                assert torch.equal(t[:3], want[:3])  # real rows; the padded row is cleared, the scratch row any

@@ -208,3 +208,41 @@ def test_sinks_and_window_from_16_bits(sinks, window, rng):
             done[r] += n
     assert done == lens
     assert max(gaps) > 1e-2  # the 16-bit keys changed the outputs: the test sees the ring
+
+
+def test_ring_step_ignores_cuda_graph_padding(rng):
+    """A decode step padded as vLLM pads FULL CUDA-graph batches (extra requests with no tokens and length 0, their
+    block-table rows the null block, extra tokens with slot -1) leaves the ring of the real requests exactly as the
+    unpadded step does, and clears the padded rows: the padding never lands in a real request's entries."""
+    from vllm_aquakv.window import ExactTokens
+
+    sinks, window, block_size, heads, dim = 2, 4, 4, 1, 8
+    rings = [ExactTokens(sinks, window, 6, 1, heads, dim, torch.float32, "cpu") for _ in range(2)]
+    table = torch.randperm(40, generator=rng)[:3 * 4].view(3, 4).int() + 1  # block 0: vLLM's null block
+    lens = [5, 9, 3]
+
+    def slots(r, positions):
+        return (table[r, torch.as_tensor(positions) // block_size].long() * block_size
+                + torch.as_tensor(positions) % block_size)
+
+    # step 1: the three prompts; step 2: one decode token each, unpadded (ring 0) and padded to 5 requests (ring 1)
+    prompt_slots = torch.cat([slots(r, range(n)) for r, n in enumerate(lens)])
+    qsl1 = torch.tensor([0, 5, 14, 17])
+    key1 = torch.randn(17, heads, dim, generator=rng)
+    decode_slots = torch.cat([slots(r, [n]) for r, n in enumerate(lens)])
+    key2 = torch.randn(5, heads, dim, generator=rng)  # rows 3, 4: padding (any values)
+    padded_table = torch.cat([table, torch.zeros(2, 4, dtype=torch.int32)])
+    for ring, pad in zip(rings, (0, 2)):
+        step = ring.begin_step(table, torch.tensor(lens), qsl1, 17, prompt_slots, block_size)
+        ring.write(0, step, key1, key1)
+        qsl2 = torch.tensor([0, 1, 2, 3] + [3] * pad)
+        seq2 = torch.tensor([n + 1 for n in lens] + [0] * pad)
+        slot2 = torch.cat([decode_slots, torch.full((pad,), -1)])
+        step = ring.begin_step(padded_table[:3 + pad], seq2, qsl2, 3 + pad, slot2, block_size)
+        ring.write(0, step, key2[:3 + pad], key2[:3 + pad])
+    plain, padded = rings
+    assert torch.equal(plain.tags[:3], padded.tags[:3])
+    assert torch.equal(plain.k[0][:3], padded.k[0][:3]) and torch.equal(plain.v[0][:3], padded.v[0][:3])
+    assert torch.equal(plain.length[:3], padded.length[:3])
+    assert (padded.tags[3:6] == -1).all()  # padded rows hold nothing
+    assert (plain.tags[:3] >= 0).sum() == sum(min(n + 1, sinks + window) for n in lens)  # the entries are there

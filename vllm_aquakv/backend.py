@@ -3,7 +3,8 @@
 vLLM gives each aquakv layer a uint8 page [num_blocks, num_kv_heads, block_size, slot_bytes] (see
 ``vllm_aquakv.serving`` for the slot layout).  ``do_kv_cache_update`` encodes the step's new tokens into their
 slots (undo RoPE, predict from earlier layers' reconstructions, quantize the residual); ``forward`` reconstructs
-each request's context and attends.  The torch path serves on CPU (and on CUDA until the Triton kernels land).
+each request's context and attends.  The torch path serves on CPU; on CUDA the Triton kernels serve, and decode-only
+steps run inside vLLM's FULL CUDA graphs (``get_cudagraph_support``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
     """Builds AquaKVMetadata from vLLM's CommonAttentionMetadata once per step."""
 
     _cudagraph_support = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """FULL CUDA graphs for decode-only batches when the fused kernels serve (``ServingState.decode_graphs``);
+        otherwise none (vLLM then captures PIECEWISE graphs around eager attention)."""
+        if serving_state(vllm_config).decode_graphs:
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)

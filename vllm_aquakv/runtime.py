@@ -121,6 +121,14 @@ class ServingState:
             self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,
                                       extra.get("aquakv_flash_prefill", True))
+        # decode-only steps in vLLM's FULL CUDA graphs (AquaKVMetadataBuilder.get_cudagraph_support): the fused
+        # kernels' decode path has no host sync and sizes everything by the batch alone; the torch path syncs.
+        # Opt-in until a GPU run checks it inside vLLM (tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph
+        # checks the step itself)
+        self.decode_graphs = bool(on_cuda and self.path.fused and extra.get("aquakv_decode_graphs", False))
+        if self.path.fused and on_cuda:
+            self.kernel_note += ("; decode steps in FULL CUDA graphs (aquakv_decode_graphs, experimental)"
+                                 if self.decode_graphs else "; attention eager between PIECEWISE CUDA graphs")
         self._log()
 
     def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,

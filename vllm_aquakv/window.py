@@ -71,7 +71,8 @@ class ExactTokens:
     def begin_step(self, block_table: torch.Tensor, seq_lens, query_start_loc, num_tokens: int,
                    slot_mapping: torch.Tensor, block_size: int) -> WindowStep:
         """Check which rows still hold their request (clear the others), tag this step's sink and window tokens.
-        seq_lens [num_reqs] and query_start_loc [num_reqs + 1]: lists or device tensors (then no host sync)."""
+        seq_lens [num_reqs] and query_start_loc [num_reqs + 1]: lists or device tensors (then no host sync, and the
+        step can be captured in a CUDA graph: every shape here follows num_reqs and num_tokens only)."""
         device = slot_mapping.device
         qsl = torch.as_tensor(query_start_loc, device=device).long()
         num_reqs, n = qsl.shape[0] - 1, num_tokens
@@ -93,11 +94,14 @@ class ExactTokens:
         self.last_block[num_reqs:] = -1
         self.length[:num_reqs] = lens
         self.last_block[:num_reqs] = table.gather(1, ((lens - 1).clamp(min=0) // block_size)[:, None])[:, 0]
-        # each token's ring entry: its sink column, its window column if in the new last window, else scratch
-        row = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts, output_size=n)
-        pos = context[row] + torch.arange(n, device=device) - qsl[:-1][row]
+        # each token's ring entry: its sink column, its window column if in the new last window, else scratch.
+        # Tokens past qsl[-1] are padding (CUDA-graph batches: padded requests have no tokens and length 0)
+        tok = torch.arange(n, device=device)
+        row = torch.searchsorted(qsl[1:], tok, right=True).clamp(max=num_reqs - 1)
+        pos = context[row] + tok - qsl[:-1][row]
         in_sinks = pos < self.sinks
         in_ring = in_sinks | ((pos >= lens[row] - self.window) if self.window else in_sinks)
+        in_ring &= (tok < qsl[-1]) & (pos >= 0)
         rows = torch.where(in_ring, row, self.max_rows)
         cols = torch.where(in_ring, self.column(pos), 0)
         self.tags[rows, cols] = torch.where(in_ring, slot_mapping[:n].long(), -1)
