@@ -262,8 +262,9 @@ def tile_sweep(setup) -> tuple[dict, dict]:
     block_table, seq_lens, qsl_list, qsl, q = decode_batch(batch, ctx)
     kv = random_slots(batch * ctx // PAGE, path.layouts[1])
     out, best = {}, (float("inf"), {})
+    # maxnreg 255: no cap (a plan's None means 128 for uniform codes, the swept mode)
     grid = [dict(tile=t, num_warps=4, num_stages=s, maxnreg=r) for t in (64, 128) for s in (1, 2, 3, 4)
-            for r in (None, 128)] + [dict(tile=t, num_warps=8, num_stages=3) for t in (64, 128)]
+            for r in (128, 255)] + [dict(tile=t, num_warps=8, num_stages=3) for t in (64, 128)]
     for kw in grid + [None] * 4:
         if kw is None:  # then the number of programs (split-K) for the fastest launch settings
             kw = dict(best[1], min_programs=(132, 528, 1056, 2112)[len(out) - len(grid)])
