@@ -24,12 +24,12 @@ query and the rotation are permuted to lane order once per layer (``lane_order``
 
 One program handles BLOCK_Q query tokens of one sequence x the G query heads of one KV head (rows = BLOCK_M), and
 one segment of that sequence's causal key range (split-K for long decodes).  With 16-bit sinks/window
-(``WindowInputs``), decode steps read those keys from the ring in a pass of their own (``RING_FIRST``): by default a
-launch of its own that writes one more split-K partial (``RING_ONLY``), so that the codes launch keeps the register
-cap of a launch without the window, or in the codes launch's last segment (``RING_IN_LAST``); wider launches read the
-ring inside the codes loop, per tile.  It writes unnormalized partials
-(running max, denominator, Hadamard-domain value and key sums, in lane order); ``_combine_kernel`` merges the
-segments and applies the per-query epilogue.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
+(``WindowInputs``), decode steps read those keys from the ring in a pass of their own (``RING_FIRST``): from 16
+requests a launch of its own that writes one more split-K partial (``RING_ONLY``), so that the codes launch keeps the
+register cap of a launch without the window, else in the codes launch's last segment (``RING_IN_LAST``); wider launches
+read the ring inside the codes loop, per tile.  It writes unnormalized partials (running max, denominator,
+Hadamard-domain value and key sums, in lane order); ``_combine_kernel`` merges the segments and applies the per-query
+epilogue.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
 """
 
 from __future__ import annotations
@@ -653,6 +653,12 @@ def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:
     return fused
 
 
+# decode steps with fewer requests read the 16-bit ring in the codes launch's last segment (benchmarks/results/
+# decode_attention_h200_speed.md, eager: batch 1 0.18 vs 0.29 ms per layer with its own launch; batch 16 at 4k
+# 0.138 vs 0.131 ms, and the own launch keeps the codes launch's register cap at longer contexts)
+RING_LAUNCH_MIN_REQUESTS = 16
+
+
 @dataclass
 class AttentionPlan:
     """How one step's queries are cut into programs (shared by every layer of the step)."""
@@ -666,7 +672,8 @@ class AttentionPlan:
     num_warps: int = 4
     maxnreg: int | None = None  # register cap per thread; None: ``fused_attention`` picks (as num_stages)
     num_stages: int | None = None  # software pipelining; None: ``fused_attention`` picks the fastest measured
-    # decode with the window: the ring in a launch of its own (``ring_segment``; ``plan_attention``: on CUDA only)
+    # decode with the window: the ring in a launch of its own (``ring_segment``; ``plan_attention``: on CUDA, from
+    # RING_LAUNCH_MIN_REQUESTS requests)
     ring_launch: bool = True
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
@@ -724,9 +731,11 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
         q_seq, q_first = as_tensor(seq), as_tensor(first)
     programs = q_seq.shape[0] * num_kv_heads
     segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
-    # the ring's own launch relieves GPU registers; the CPU interpreter has none and copies the cache per launch
+    # the ring's own launch relieves GPU registers, which pays from RING_LAUNCH_MIN_REQUESTS decodes on; below, the
+    # extra launch's host time costs more (eager); the CPU interpreter has no registers and copies the cache per launch
+    ring_launch = torch.device(device).type == "cuda" and num_reqs >= RING_LAUNCH_MIN_REQUESTS
     return AttentionPlan(q_seq, q_first, block_q, block_m, segments, tile, num_warps, maxnreg, num_stages,
-                         ring_launch=torch.device(device).type == "cuda")
+                         ring_launch=ring_launch)
 
 
 @dataclass
