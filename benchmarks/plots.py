@@ -133,12 +133,21 @@ def serve(paths, out):
                f"{r0['num_prompts']} prompts: time to first token and time per output token", [(paths[0], d)], out)
 
 
+def _vllm_format_rows(d: dict) -> list[dict]:
+    """aquakv-eval rows of vLLM's own formats (``calibration/vllm_formats.py``) as Pareto rows."""
+    from vllm_aquakv.calibration.vllm_formats import FORMATS
+
+    return [{**r, "label": f"vLLM {r['kv_cache_dtype']} (simulated)", "semantics": "serving"} for r in d["rows"]
+            if r.get("kv_cache_dtype") in FORMATS]
+
+
 def quality(paths, out):
     data = [(p, load(p)) for p in paths]
     rows, seen = [], set()
     for _, d in data:  # later files add only configurations the first does not have (same label = same result)
-        rows += [r for r in d["rows"] if (r["label"], r["semantics"]) not in seen]
-        seen |= {(r["label"], r["semantics"]) for r in d["rows"]}
+        d_rows = d["rows"] if "label" in d["rows"][0] else _vllm_format_rows(d)
+        rows += [r for r in d_rows if (r["label"], r["semantics"]) not in seen]
+        seen |= {(r["label"], r["semantics"]) for r in d_rows}
     labels = list(dict.fromkeys(r["label"] for r in rows))
     bits = {lab: next(r["bits_per_value"] for r in rows if r["label"] == lab) for lab in labels}
     fig, ax = plt.subplots(figsize=(13, 6.2), layout="constrained")
@@ -174,7 +183,8 @@ PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
          ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("serve_h100.png", ["serve_h100_*.json"], serve),
-         ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json"], quality)]
+         ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json",
+                                  "eval_smollm2_vllm_formats.json"], quality)]
 
 
 def inputs(results: str, patterns: list[str]) -> list[str]:

@@ -12,7 +12,9 @@ vLLM serves today: every token through codes); ``paper`` = the artifact's sinks/
 
 Rows: unquantized; AQUA-KV (serving and paper semantics); HIGGS without predictors at the same grids; KIVI-style
 2-bit (keys per channel over groups of 128 tokens, values per token over groups of head_dim, asymmetric min-max,
-fp16 scale and zero per group).
+fp16 scale and zero per group); vLLM 0.26's own int4_per_token_head, turboquant_k3v4_nc and turboquant_3bit_nc
+(calibration/vllm_formats.py: their store and read kernels' math on post-RoPE keys; TurboQuant's first and last two
+layers stay 16-bit as in vLLM and count in its bits/value).
 
 Long-context retrieval (``--retrieval-ctx``, default 2048 tokens, capped at the model's context): a 64-token essay
 passage at the start of a prompt and again at its end; the score is the teacher-forced top-1 accuracy of predicting
@@ -213,6 +215,11 @@ def main(argv: list[str] | None = None) -> None:
                             cache.num_layers, H, D, signs=cache.signs)
         runs.append(("higgs-no-predictor", "serving", aqua(higgs), 0, 0, higgs.bits(args.ctx)["bits_per_value"]))
         runs.append(("kivi-2bit", "serving", lambda s, l, x, recon: kivi_quantize(x, s), 0, 0, kivi_bits(D)))
+        from .vllm_formats import FORMATS, bits_per_value, vllm_reconstruct
+
+        for fmt in FORMATS:  # vLLM's own formats: keys quantized post-RoPE whatever the artifact's key frame
+            runs.append((fmt, "serving", vllm_reconstruct(fmt, cache.num_layers, rope, cfg.key_rope), 0, 0,
+                         bits_per_value(fmt, D, cache.num_layers)))
     retrieval_ctx = min(args.retrieval_ctx, getattr(model.config, "max_position_embeddings", args.retrieval_ctx))
     copy = []
     if retrieval_ctx > 0:

@@ -85,6 +85,8 @@ def test_aquakv_eval_end_to_end(tiny, tmp_path):
     copied = {(r["kv_cache_dtype"], r["semantics"].split(" (")[0]): r["copy_accuracy"] for r in rows
               if "copy_accuracy" in r}
     assert set(copied) == {("auto (fp32)", "-"), ("aquakv", "serving"), ("aquakv", "paper"),
-                           ("higgs-no-predictor", "serving"), ("kivi-2bit", "serving")}
+                           ("higgs-no-predictor", "serving"), ("kivi-2bit", "serving"),
+                           ("int4_per_token_head", "serving"), ("turboquant_k3v4_nc", "serving"),
+                           ("turboquant_3bit_nc", "serving")}
     assert all(0.0 <= a <= 1.0 for a in copied.values())
     assert all(r["ppl"] > 1 for r in rows)
