@@ -53,6 +53,8 @@ AQUAKV_PRESETS = {
     # the same with 16-bit sinks 4 + window 128 (vllm_aquakv/window.py): what the server does by default since
     # 2026-12-02 (prefill through two FlashAttention calls)
     "aquakv-window": ("--preset speed", {"aquakv_window": True}),
+    # the same with decode-only steps in FULL CUDA graphs (aquakv_decode_graphs: opt-in until checked on a GPU)
+    "aquakv-window-graphs": ("--preset speed", {"aquakv_window": True, "aquakv_decode_graphs": True}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
 }
