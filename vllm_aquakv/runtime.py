@@ -123,12 +123,12 @@ class ServingState:
                                       extra.get("aquakv_flash_prefill", True))
         # decode-only steps in vLLM's FULL CUDA graphs (AquaKVMetadataBuilder.get_cudagraph_support): the fused
         # kernels' decode path has no host sync and sizes everything by the batch alone; the torch path syncs.
-        # Opt-in until a GPU run checks it inside vLLM (tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph
-        # checks the step itself)
-        self.decode_graphs = bool(on_cuda and self.path.fused and extra.get("aquakv_decode_graphs", False))
+        # Checked on the H200: tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph (the step itself) and
+        # plugin_smoke.py --decode-graphs (greedy tokens and prompt logprobs equal to PIECEWISE inside vLLM)
+        self.decode_graphs = bool(on_cuda and self.path.fused and extra.get("aquakv_decode_graphs", True))
         if self.path.fused and on_cuda:
-            self.kernel_note += ("; decode steps in FULL CUDA graphs (aquakv_decode_graphs, experimental)"
-                                 if self.decode_graphs else "; attention eager between PIECEWISE CUDA graphs")
+            self.kernel_note += ("; decode-only steps in FULL CUDA graphs" if self.decode_graphs else
+                                 "; attention eager between PIECEWISE CUDA graphs (aquakv_decode_graphs false)")
         self._log()
 
     def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,

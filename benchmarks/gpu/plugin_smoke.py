@@ -9,7 +9,8 @@ wall time of generate() for 3 short prompts + 32 prompts of 2,048 tokens (64 new
 the 3 short prompts only).  Run on the device machine (see
 benchmarks/gpu/README.md):
 
-    python3 benchmarks/gpu/plugin_smoke.py $OUT [--short | --parity] [--fp32-model] [--profile]
+    python3 benchmarks/gpu/plugin_smoke.py $OUT [--short | --parity] [--fp32-model] [--profile] [--graphs]
+        [--decode-graphs] [--model DIR]
 
 ``--parity``: the three short prompts through the fused kernels and the torch path only (no auto run).
 ``--from-json RUN.json --machine NAME --versions-from RESULTS.json``: rebuild the results table of an earlier run.
@@ -18,6 +19,8 @@ benchmarks/gpu/README.md):
 operators by CPU and by GPU self time, total GPU time) and under cProfile (Python functions by cumulative time).
 ``--graphs`` runs aquakv and auto as a user's ``vllm serve`` would (torch.compile and CUDA graphs, no
 enforce_eager) beside the eager aquakv run, and compares their greedy tokens.
+``--decode-graphs`` runs aquakv with PIECEWISE graphs and with FULL decode graphs (``aquakv_decode_graphs``): the same
+kernels, so their greedy tokens and prompt logprobs must be equal.
 """
 
 import json
@@ -37,7 +40,8 @@ def main():
     from vllm_runner import run_vllm
     from vllm_aquakv.calibration.models import make_tiny_llama
 
-    model = "/tmp/llama3b-shape"
+    # --model DIR: an existing Llama-3.2-3B-shaped model folder (e.g. throughput.py's), instead of making one
+    model = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "/tmp/llama3b-shape"
     t0 = time.time()
     if not os.path.exists(os.path.join(model, "config.json")):
         make_tiny_llama(model, num_layers=28, hidden=3072, heads=24, kv_heads=8, head_dim=128, vocab=128256,
@@ -64,6 +68,10 @@ def main():
     if "--graphs" in sys.argv:
         runs = {"aquakv": ("aquakv", {}), "aquakv-graphs": ("aquakv", {"enforce_eager": False}),
                 "auto-graphs": ("auto", {"enforce_eager": False})}
+    if "--decode-graphs" in sys.argv:
+        graphs = {"enforce_eager": False}
+        runs = {"aquakv-graphs": ("aquakv", {**graphs, "additional_config": {"aquakv_decode_graphs": False}}),
+                "aquakv-decode-graphs": ("aquakv", {**graphs, "additional_config": {"aquakv_decode_graphs": True}})}
     if "--profile" in sys.argv:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
         runs = {k: (d, {**e, "enable_prefix_caching": False}) for k, (d, e) in runs.items() if k != "aquakv-torch-path"}
     if "--parity" in sys.argv:  # greedy tokens and prompt logprobs: fused kernels vs the torch path only
@@ -77,6 +85,7 @@ def main():
         # the torch path is too slow for the batch: it runs the three short prompts only
         todo = prompts if name == "aquakv-torch-path" or model_dtype == "float32" else prompts + batch
         profile = 40 if "--profile" in sys.argv else 0
+        extra = dict(extra)
         eager = extra.pop("enforce_eager", True)
         r = run_vllm(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=4096, block_size=16,
                      prompt_token_ids=todo, max_tokens=64, also_prompt_logprobs=3, profile=profile,
@@ -93,6 +102,14 @@ def main():
         return sum(d) / len(d)
 
     result["model_dtype"] = model_dtype
+    if "--decode-graphs" in sys.argv:
+        a, b = result["runs"]["aquakv-graphs"], result["runs"]["aquakv-decode-graphs"]
+        result["decode_graphs_vs_piecewise_first_divergence"] = first_divergence(b["outputs"], a["outputs"])
+        result["decode_graphs_vs_piecewise_prompt_logprob_mean_abs_diff"] = mean_abs(b["prompt_logprobs"],
+                                                                                   a["prompt_logprobs"])
+        result["decode_graphs_vs_piecewise_generate_s"] = [a["generate_seconds"], b["generate_seconds"]]
+        finish(out_dir, result)
+        return
     if "--graphs" in sys.argv:
         a = result["runs"]["aquakv"]
         result["graphs_vs_eager_first_divergence"] = first_divergence(result["runs"]["aquakv-graphs"]["outputs"],
@@ -128,6 +145,25 @@ def finish(out_dir: str, result: dict, **extra) -> None:
     with open(os.path.join(out_dir, "plugin_smoke.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    gpu = extra.get("machine") or machine()
+    path = os.path.join(out_dir, f"plugin_smoke_{gpu_tag(gpu)}.json")
+    if "decode_graphs_vs_piecewise_first_divergence" in result:  # --decode-graphs: FULL decode graphs vs PIECEWISE
+        diverge = result["decode_graphs_vs_piecewise_first_divergence"]
+        logprob = result["decode_graphs_vs_piecewise_prompt_logprob_mean_abs_diff"]
+        rows = [{"kv_cache_dtype": name, "kv_tokens": r["kv_tokens"], "generate_s": r["generate_seconds"],
+                 "seconds_incl_engine_start": r["seconds"]} for name, r in result["runs"].items()]
+        md = [f"{result['model']}, {result['model_dtype']}; artifact `aquakv-calibrate --preset speed` on random token "
+              "text (plumbing, not quality), default 16-bit sinks/window; LLM(..., enforce_eager=False, block_size=16, "
+              "--gpu-memory-utilization 0.5): vLLM's default compilation and CUDA graphs; 3 short prompts + 32 of "
+              "2,048 tokens, 64 greedy tokens each. aquakv-graphs: attention eager between PIECEWISE graphs "
+              "(`aquakv_decode_graphs` false); aquakv-decode-graphs: decode-only steps in FULL CUDA graphs.\n",
+              "| run | KV tokens | generate() s | s incl. engine start |", "| --- | --- | --- | --- |"]
+        md += [f"| {r['kv_cache_dtype']} | {r['kv_tokens']:,} | {r['generate_s']:.2f} | "
+               f"{r['seconds_incl_engine_start']:.1f} |" for r in rows]
+        md += [f"\nFULL decode graphs vs PIECEWISE: first differing generated token per short prompt {diverge} (64 = "
+               f"none), prompt logprobs mean abs diff {logprob:.4f} nats."]
+        write_results(path, "plugin_smoke", result["model"], rows, "\n".join(md), **extra)
+        return
     diverge = result.get("fused_vs_torch_path_first_divergence")
     logprob = result.get("prompt_logprob_mean_abs_diff_vs_torch_path", {})
     rows = [{"kv_cache_dtype": name, "kv_tokens": r["kv_tokens"], "generate_s": r["generate_seconds"],
@@ -143,9 +179,7 @@ def finish(out_dir: str, result: dict, **extra) -> None:
     md += [f"| {r['kv_cache_dtype']} | {r['kv_tokens']:,} | {r['generate_s']:.2f} | "
            f"{r['seconds_incl_engine_start']:.1f} | {num(r['prompt_logprob_mean_abs_diff_vs_torch_path'], '.4f')} | "
            f"{r['first_divergence_vs_torch_path'] or '-'} |" for r in rows]
-    gpu = extra.get("machine") or machine()
-    write_results(os.path.join(out_dir, f"plugin_smoke_{gpu_tag(gpu)}.json"), "plugin_smoke",
-                  result["model"], rows, "\n".join(md), **extra)
+    write_results(path, "plugin_smoke", result["model"], rows, "\n".join(md), **extra)
 
 
 def from_json() -> None:

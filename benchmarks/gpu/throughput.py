@@ -53,8 +53,11 @@ AQUAKV_PRESETS = {
     # the same with 16-bit sinks 4 + window 128 (vllm_aquakv/window.py): what the server does by default since
     # 2026-12-02 (prefill through two FlashAttention calls)
     "aquakv-window": ("--preset speed", {"aquakv_window": True}),
-    # the same with decode-only steps in FULL CUDA graphs (aquakv_decode_graphs: opt-in until checked on a GPU)
+    # the same with the FULL CUDA graphs of decode-only steps named explicitly (the default since 2026-12-02's sixth
+    # session; the name the first runs with them used)
     "aquakv-window-graphs": ("--preset speed", {"aquakv_window": True, "aquakv_decode_graphs": True}),
+    # the window with attention eager between PIECEWISE graphs (the default before those runs)
+    "aquakv-window-piecewise": ("--preset speed", {"aquakv_window": True, "aquakv_decode_graphs": False}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
 }
