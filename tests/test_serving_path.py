@@ -246,3 +246,24 @@ def test_ring_step_ignores_cuda_graph_padding(rng):
     assert torch.equal(plain.length[:3], padded.length[:3])
     assert (padded.tags[3:6] == -1).all()  # padded rows hold nothing
     assert (plain.tags[:3] >= 0).sum() == sum(min(n + 1, sinks + window) for n in lens)  # the entries are there
+
+
+def test_decode_graph_plan_splits_long_contexts():
+    """A decode step captured in a FULL CUDA graph is planned from vLLM's capture metadata (contexts of 1 token) and
+    replayed for long contexts: its split-K segments must be those a plan from the real 8k context gets, not 1."""
+    from vllm_aquakv.backend import planned_seq_len
+    from vllm_aquakv.kernels.attention import plan_attention
+
+    requests = int(torch.randint(1, 6, ()))
+    qsl = list(range(requests + 1))
+    context = int(torch.randint(4096, 16384, ()))
+
+    def segments(max_seq_len):  # CUDA's program target (264), on CPU tensors
+        return plan_attention(qsl, max_seq_len, 24, 8, "cpu", min_programs=264).segments
+
+    real = segments(context)
+    assert real > 1
+    captured = segments(planned_seq_len(1, 1, True, 16384))
+    assert captured == real
+    assert segments(planned_seq_len(1, 1, False, 16384)) == 1  # eager steps plan from their own lengths
+    assert planned_seq_len(300, 64, True, 16384) == 300  # prefill / mixed steps are never FULL graphs

@@ -67,6 +67,16 @@ class AquaKVMetadata:
         return self._positions
 
 
+def planned_seq_len(max_seq_len: int, max_query_len: int, decode_graphs: bool, max_model_len: int) -> int:
+    """The context length a step's attention plan splits for (``plan_attention``'s split-K segments).  A decode-only
+    step under FULL CUDA graphs is planned for ``max_model_len``: vLLM captures it with contexts of 1 token and
+    replays it for any context, so a plan from the step's own lengths would run long contexts unsplit (a few programs
+    walking the whole context).  The kernel divides each request's real context among the segments on the device."""
+    if decode_graphs and max_query_len == 1:
+        return max(max_seq_len, max_model_len)
+    return max_seq_len
+
+
 class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
     """Builds AquaKVMetadata from vLLM's CommonAttentionMetadata once per step."""
 
@@ -83,6 +93,7 @@ class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.state = serving_state(vllm_config)
+        self.max_model_len = vllm_config.model_config.max_model_len
         if self.state.path.flash is not None:  # decodes first: the fused kernel takes them, FlashAttention the rest
             self.reorder_batch_threshold = 1
 
@@ -94,7 +105,8 @@ class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
         return AquaKVMetadata(
             num_actual_tokens=n,
             query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].tolist(),
-            max_seq_len=int(cm.max_seq_len),
+            max_seq_len=planned_seq_len(int(cm.max_seq_len), cm.max_query_len, self.state.decode_graphs,
+                                        self.max_model_len),
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping[:n],
             seq_lens_dev=cm.seq_lens[:num_reqs],
