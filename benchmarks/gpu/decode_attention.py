@@ -11,13 +11,15 @@ vLLM's bf16 prefill attention (cache write: the torch path and the Triton kernel
 only.
 
     python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD] [--prefill-only]
-        [--no-prefill] [--graphs]
+        [--no-prefill] [--graphs] [--batches 1,16,64] [--contexts 4096,16384,32768] [--one-segment]
     (needs vLLM 0.26: README.md)
 
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
 modes whose label contains one of the words; ``--graphs`` times CUDA-graph replays (GPU time without the host's
 launch cost; the eager default includes it where the host is slower than the GPU, as in small batches).  A mode with
 the 16-bit window is timed twice: the ring in a launch of its own (the default) and in the last codes segment.
+``--one-segment`` also times each aquakv mode unsplit (one split-K segment): what FULL-graph decode steps ran before
+their plans were made for ``max_model_len`` (vLLM captures them with 1-token contexts).
 """
 
 import dataclasses
@@ -198,8 +200,10 @@ def main():
     sweep, best = ({}, {}) if "--no-sweep" in sys.argv else tile_sweep(next(iter(setups.values())))
     print("best launch settings", best, flush=True)
     rows = []
-    for batch in () if "--prefill-only" in sys.argv else (1, 16, 64):
-        for ctx in (4096, 16384, 32768):
+    arg = lambda flag, default: [int(x) for x in (sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv  # noqa: E731
+                                                  else default).split(",")]
+    for batch in () if "--prefill-only" in sys.argv else arg("--batches", "1,16,64"):
+        for ctx in arg("--contexts", "4096,16384,32768"):
             nb = ctx // PAGE
             block_table, seq_lens, qsl_list, qsl, q = decode_batch(batch, ctx)
             base = {"batch": batch, "context": ctx}
@@ -219,15 +223,19 @@ def main():
                 win = window_inputs(fused, block_table, ctx, q)
                 # with the window: the ring in a launch of its own, and in the last codes segment; that placement
                 # without the sweep's register cap, as fused_attention picks it (the cap spills its ring pass)
-                for ring_launch in (True, False) if win is not None else (True,):
-                    p = dataclasses.replace(plan, ring_launch=ring_launch, _partials=None,
+                variants = [(ring, plan.segments) for ring in ((True, False) if win is not None else (True,))]
+                if "--one-segment" in sys.argv and plan.segments > 1:
+                    variants += [(ring, 1) for ring, _ in variants]
+                for ring_launch, segments in variants:
+                    p = dataclasses.replace(plan, ring_launch=ring_launch, _partials=None, segments=segments,
                                             maxnreg=plan.maxnreg if ring_launch else None)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
-                    name = label + ("" if ring_launch else ", ring in the last segment")
+                    name = (label + ("" if ring_launch else ", ring in the last segment")
+                            + ("" if segments == plan.segments else ", one segment"))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
-                                 "segments": plan.segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
+                                 "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
                 del kv
                 torch.cuda.empty_cache()
@@ -237,7 +245,7 @@ def main():
                       f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor", flush=True)
     prefill = {} if "--no-prefill" in sys.argv else {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
     md = ["Decode attention, one layer, Llama-3.2-3B shape (24 q / 8 KV heads, head_dim 128), paged blocks of 16, "
-          f"random codes; median of triton.testing.do_bench; HBM floor = bytes read / {peak_bw / 1e12:.2f} TB/s "
+          f"random codes; median of triton.testing.{'do_bench_cudagraph' if '--graphs' in sys.argv else 'do_bench'}; HBM floor = bytes read / {peak_bw / 1e12:.2f} TB/s "
           f"({torch.cuda.get_device_name()}).\n",
           "| batch | context | kv-cache-dtype | ms | vs bf16 | % of own HBM floor |", "| --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['batch']} | {r['context']} | {r['kv_cache_dtype']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x | "
