@@ -39,3 +39,30 @@ def test_gpu_tag_names_result_files_by_gpu_model():
     assert gpu_tag("NVIDIA H100 80GB HBM3") == "h100"
     assert gpu_tag("NVIDIA H200") == "h200"
     assert gpu_tag("NVIDIA A100-SXM4-80GB") == "a100"
+
+
+def test_serve_profile_summary_reads_a_real_torch_trace(tmp_path):
+    """benchmarks/gpu/serve.py --profile sums a torch-profiler Chrome trace by event name: on a real trace of
+    matmuls and adds (CPU ops here; GPU kernels on the GPU), the counts and order are the profiled calls'."""
+    import gzip
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
+    from serve import kernel_times
+
+    mms, adds = int(torch.randint(2, 6, ())), int(torch.randint(6, 9, ()))
+    a = torch.randn(384, 384)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(mms):
+            a @ a
+        for _ in range(adds):
+            a + 1
+    trace = str(tmp_path / "trace.json")
+    prof.export_chrome_trace(trace)
+    with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
+        g.write(f.read())
+    rows = {r["name"]: r for r in kernel_times(trace + ".gz", categories=("cpu_op",), top=50)}
+    assert rows["aten::mm"]["calls"] == mms and rows["aten::add"]["calls"] == adds
+    assert rows["aten::mm"]["total_ms"] > 0 and abs(sum(r["share"] for r in rows.values()) - 1) < 0.01
+    assert kernel_times(trace, top=50) == []  # no GPU kernels in a CPU trace

@@ -4,15 +4,23 @@ fixed request rate, same model and requests, equal --gpu-memory-utilization (iss
 On the GPU machine (see benchmarks/gpu/README.md), after the vLLM bundle and the staged plugin:
 
     python3 benchmarks/gpu/serve.py $OUT [--formats auto,aquakv] [--input-len 8192] [--output-len 256]
-        [--num-prompts 64] [--request-rate 1] [--model DIR]
+        [--num-prompts 64] [--request-rate 1] [--model DIR] [--profile]
 
 The model and the aquakv artifact are made as in ``throughput.py`` (random Llama-3.2-3B-shaped weights, speed-default
 artifact: speed only).  For each format: start the server (vLLM's defaults otherwise), wait for /health, run
 ``vllm bench serve --dataset-name random --random-range-ratio 0`` with Poisson arrivals at the given rate, stop the
 server.  Writes serve_<gpu>_<in>_<out>.json + .md (shared RESULTS.md shape) under $OUT.
+
+``--profile``: the server runs vLLM's torch profiler (``--profiler-config``) over engine steps 2,000-2,499 of the
+run (``vllm bench serve --profile``), and each row gets the GPU kernels that took the most time in them
+(``kernel_times``, CUDA-graph replays included): where a step's time goes, per format.  The traces stay under
+$OUT/profile_<format>/; that run's latencies include the profiler's overhead in those steps.
 """
 
 import argparse
+import collections
+import glob
+import gzip
 import json
 import os
 import signal
@@ -46,6 +54,28 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
+def kernel_times(trace: str, categories=("kernel",), top: int = 15) -> list[dict]:
+    """The ``top`` event names of a torch-profiler Chrome trace (.json or .json.gz) by total duration, among events
+    of the given categories ("kernel": GPU kernels): [{"name", "calls", "total_ms", "share"}]."""
+    with (gzip.open if trace.endswith(".gz") else open)(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    total, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in categories:
+            total[e["name"]] += e.get("dur", 0)
+            calls[e["name"]] += 1
+    everything = sum(total.values()) or 1
+    return [{"name": name[:120], "calls": calls[name], "total_ms": round(us / 1e3, 3), "share": round(us / everything, 4)}
+            for name, us in total.most_common(top)]
+
+
+def profiler_config(out_dir: str, dtype: str) -> str:
+    """vLLM's --profiler-config for ``--profile``: the torch profiler over engine steps 2,000-2,499."""
+    return json.dumps({"profiler": "torch", "torch_profiler_dir": os.path.abspath(os.path.join(out_dir, f"profile_{dtype}")),
+                       "torch_profiler_with_stack": False, "ignore_frontend": True, "delay_iterations": 2000,
+                       "max_iterations": 500})
+
+
 def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765) -> dict:
     """Start `vllm serve` with ``dtype``, run `vllm bench serve` against it, stop it; returns the row."""
     tag = f"{dtype}_{args.input_len}_{args.output_len}"
@@ -55,7 +85,8 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
     with open(os.path.join(out_dir, f"server_{tag}.txt"), "w") as log:
         server = subprocess.Popen(["vllm", "serve", model, "--host", "127.0.0.1", "--port", str(port),
                                    *kv_cache_args(model, dtype), "--gpu-memory-utilization",
-                                   str(args.gpu_memory_utilization), "--max-model-len", str(max_len)],
+                                   str(args.gpu_memory_utilization), "--max-model-len", str(max_len),
+                                   *(["--profiler-config", profiler_config(out_dir, dtype)] if args.profile else [])],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             t0 = time.time()
@@ -69,7 +100,8 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
                    "--random-output-len", str(args.output_len), "--random-range-ratio", "0", "--num-prompts",
                    str(args.num_prompts), "--request-rate", str(args.request_rate), "--seed", "0",
                    "--ignore-eos", "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", "50,99",
-                   "--save-result", "--result-dir", out_dir, "--result-filename", result]
+                   "--save-result", "--result-dir", out_dir, "--result-filename", result,
+                   *(["--profile"] if args.profile else [])]
             with open(os.path.join(out_dir, f"client_{tag}.txt"), "w") as client_log:
                 rc = subprocess.run(cmd, stdout=client_log, stderr=subprocess.STDOUT,
                                     timeout=args.bench_timeout).returncode
@@ -92,6 +124,14 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
                 os.killpg(server.pid, signal.SIGKILL)
     with open(os.path.join(out_dir, f"server_{tag}.txt")) as f:
         row["kv_tokens"] = kv_tokens(f.read())
+    traces = glob.glob(os.path.join(out_dir, f"profile_{dtype}", "**", "*.json*"), recursive=True)
+    if args.profile and traces:  # the largest trace: the GPU worker's (the front end's is off)
+        row["kernel_times"] = kernel_times(max(traces, key=os.path.getsize))
+        print(f"{dtype}: GPU kernels by total time in the profiled steps", flush=True)
+        for k in row["kernel_times"]:
+            print(f"  {k['total_ms']:10.3f} ms {100 * k['share']:5.1f}% {k['calls']:7d} calls  {k['name']}", flush=True)
+    elif args.profile:
+        row["kernel_times"] = f"no trace under {out_dir}/profile_{dtype}"
     return row
 
 
@@ -101,6 +141,7 @@ def main():
     ap.add_argument("--request-rate", type=float, default=1.0)
     ap.add_argument("--start-timeout", type=int, default=240)
     ap.add_argument("--bench-timeout", type=int, default=300)
+    ap.add_argument("--profile", action="store_true", help="GPU kernel times of engine steps 2,000-2,499 per format")
     args = ap.parse_args()
 
     from vllm_aquakv.results import gpu_tag, machine, write_results
