@@ -3,8 +3,8 @@
 vLLM gives each aquakv layer a uint8 page [num_blocks, num_kv_heads, block_size, slot_bytes] (see
 ``vllm_aquakv.serving`` for the slot layout).  ``do_kv_cache_update`` encodes the step's new tokens into their
 slots (undo RoPE, predict from earlier layers' reconstructions, quantize the residual); ``forward`` reconstructs
-each request's context and attends.  The torch path serves on CPU; on CUDA the Triton kernels serve, and decode-only steps run inside vLLM's FULL CUDA graphs
-(``get_cudagraph_support``; ``aquakv_decode_graphs`` false keeps them eager between PIECEWISE graphs).
+each request's context and attends.  The torch path serves on CPU; on CUDA the Triton kernels serve, and
+decode-only steps run inside vLLM's FULL CUDA graphs (``get_cudagraph_support``; ``aquakv_decode_graphs`` false keeps them eager between PIECEWISE graphs).
 """
 
 from __future__ import annotations

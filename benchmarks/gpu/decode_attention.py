@@ -244,8 +244,9 @@ def main():
                 print(f"batch {batch:3d} ctx {ctx:6d} {r['kv_cache_dtype']:55s} {r['ms']:8.3f} ms  "
                       f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor", flush=True)
     prefill = {} if "--no-prefill" in sys.argv else {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
+    timer = "do_bench_cudagraph" if "--graphs" in sys.argv else "do_bench"
     md = ["Decode attention, one layer, Llama-3.2-3B shape (24 q / 8 KV heads, head_dim 128), paged blocks of 16, "
-          f"random codes; median of triton.testing.{'do_bench_cudagraph' if '--graphs' in sys.argv else 'do_bench'}; HBM floor = bytes read / {peak_bw / 1e12:.2f} TB/s "
+          f"random codes; median of triton.testing.{timer}; HBM floor = bytes read / {peak_bw / 1e12:.2f} TB/s "
           f"({torch.cuda.get_device_name()}).\n",
           "| batch | context | kv-cache-dtype | ms | vs bf16 | % of own HBM floor |", "| --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['batch']} | {r['context']} | {r['kv_cache_dtype']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x | "

@@ -124,14 +124,15 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
                 os.killpg(server.pid, signal.SIGKILL)
     with open(os.path.join(out_dir, f"server_{tag}.txt")) as f:
         row["kv_tokens"] = kv_tokens(f.read())
-    traces = glob.glob(os.path.join(out_dir, f"profile_{dtype}", "**", "*.json*"), recursive=True)
-    if args.profile and traces:  # the largest trace: the GPU worker's (the front end's is off)
-        row["kernel_times"] = kernel_times(max(traces, key=os.path.getsize))
+    if args.profile:
+        traces = glob.glob(os.path.join(out_dir, f"profile_{dtype}", "**", "*.json*"), recursive=True)
+        if not traces:
+            row["kernel_times"] = f"no trace under {out_dir}/profile_{dtype}"
+            return row
+        row["kernel_times"] = kernel_times(max(traces, key=os.path.getsize))  # the GPU worker's (front end off)
         print(f"{dtype}: GPU kernels by total time in the profiled steps", flush=True)
         for k in row["kernel_times"]:
             print(f"  {k['total_ms']:10.3f} ms {100 * k['share']:5.1f}% {k['calls']:7d} calls  {k['name']}", flush=True)
-    elif args.profile:
-        row["kernel_times"] = f"no trace under {out_dir}/profile_{dtype}"
     return row
 
 
