@@ -133,6 +133,34 @@ def _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET: tl.constexpr
     tl.store((cache_ptr + base + SCALE_OFFSET).to(tl.pointer_type(tl.float16)), scale.to(tl.float16), mask=valid)
 
 
+@triton.jit
+def _write_stream(x_ptr, stride_t, stride_h, ring_ptr, bias_ptr, rot_ptr, grid_ptr, m_ptr, cache_ptr, n, head,
+                  loaded, valid, ring, base, k0, k1, k2, k3, HEAD_DIM: tl.constexpr, LANES: tl.constexpr,
+                  CODE_BYTES: tl.constexpr, CODE_BITS: tl.constexpr, D: tl.constexpr, POINTS: tl.constexpr,
+                  CODE_OFFSET: tl.constexpr, SCALE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_RING: tl.constexpr, FROM_K: tl.constexpr, K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr):
+    """Encode one stream (keys or values) of BLOCK_N tokens of one head into their slots (and their 16-bit copies
+    into the ring); returns the decoded Hadamard-domain residual lanes (the value predictor's input).  FROM_K: also
+    subtract the value prediction from the decoded key lanes k0..k3 (``_lane_times`` with M = A^T W)."""
+    j = tl.arange(0, HEAD_DIM)
+    x = tl.load(x_ptr + n[:, None] * stride_t + head * stride_h + j[None, :], mask=loaded[:, None], other=0.0)
+    if HAS_RING:
+        tl.store(ring_ptr + ring, x.to(ring_ptr.dtype.element_ty), mask=loaded[:, None])
+    r = x.to(tl.float32)  # [N, h] (rows are encoded independently; stores keep the valid ones)
+    if HAS_BIAS:  # keys: the key mean; values: b_v + b_k W
+        r -= tl.load(bias_ptr + head * HEAD_DIM + j)[None, :]
+    if FROM_K:  # values: + (decoded key residual, Hadamard domain) A^T W, as lanes times M = A^T W
+        m_ptr += head * HEAD_DIM * HEAD_DIM
+        r -= _lane_times(k0, m_ptr, 0, HEAD_DIM, K_CODE_BYTES)
+        r -= _lane_times(k1, m_ptr, 1, HEAD_DIM, K_CODE_BYTES)
+        if K_LANES == 4:
+            r -= _lane_times(k2, m_ptr, 2, HEAD_DIM, K_CODE_BYTES)
+            r -= _lane_times(k3, m_ptr, 3, HEAD_DIM, K_CODE_BYTES)
+    byte, scale, h0, h1, h2, h3 = _encode(r, rot_ptr, grid_ptr, HEAD_DIM, LANES, CODE_BYTES, CODE_BITS, D, POINTS)
+    _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET, SCALE_OFFSET, CODE_BYTES)
+    return h0, h1, h2, h3
+
+
 @triton.jit(do_not_specialize=["num_tokens"])  # changes every step
 def _cache_write_kernel(
     key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, k_bias_ptr, v_bias_ptr, v_from_k_ptr,
@@ -143,7 +171,7 @@ def _cache_write_kernel(
     K_POINTS: tl.constexpr, V_LANES: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_CODE_BITS: tl.constexpr,
     V_D: tl.constexpr, V_POINTS: tl.constexpr, V_CODE_OFFSET: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, V_FROM_K: tl.constexpr,
-    HAS_RING: tl.constexpr, RING_WIDTH: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HAS_RING: tl.constexpr, RING_WIDTH: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SPLIT_STREAMS: tl.constexpr,
 ):
     head = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -153,45 +181,43 @@ def _cache_write_kernel(
     j = tl.arange(0, HEAD_DIM)
 
     loaded = valid  # the tokens whose K/V are read: those encoded, and with the ring every token of the step
+    ring = n  # not read without the ring
     if HAS_RING:  # 16-bit copies of every token of the step (outside the ring: into the scratch row)
         loaded = n < num_tokens
         ring_row = tl.load(ring_row_ptr + n, mask=loaded, other=0)
         ring_col = tl.load(ring_col_ptr + n, mask=loaded, other=0)
         ring = ((ring_row * RING_WIDTH + ring_col) * NUM_KV_HEADS + head).to(tl.int64)[:, None] * HEAD_DIM + j[None, :]
-    x = tl.load(key_ptr + n[:, None] * stride_kt + head * stride_kh + j[None, :], mask=loaded[:, None], other=0.0)
-    if HAS_RING:
-        tl.store(ring_k_ptr + ring, x.to(ring_k_ptr.dtype.element_ty), mask=loaded[:, None])
-    r = x.to(tl.float32)  # [N, h] post-RoPE keys (rows are encoded independently; stores keep the valid ones)
-    if HAS_K_BIAS:
-        r -= tl.load(k_bias_ptr + head * HEAD_DIM + j)[None, :]
-    byte, scale, h0, h1, h2, h3 = _encode(r, rot_k_ptr, k_grid_ptr, HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS,
-                                          K_D, K_POINTS)
-    _store_stream(cache_ptr, base, valid, byte, scale, 0, K_SCALE_OFFSET, K_CODE_BYTES)
-
-    x = tl.load(value_ptr + n[:, None] * stride_vt + head * stride_vh + j[None, :], mask=loaded[:, None], other=0.0)
-    if HAS_RING:
-        tl.store(ring_v_ptr + ring, x.to(ring_v_ptr.dtype.element_ty), mask=loaded[:, None])
-    r = x.to(tl.float32)  # [N, h]
-    if HAS_V_BIAS:  # b_v + b_k W
-        r -= tl.load(v_bias_ptr + head * HEAD_DIM + j)[None, :]
-    if V_FROM_K:  # + (decoded key residual, Hadamard domain) A^T W, as lanes times M = A^T W
-        m_ptr = v_from_k_ptr + head * HEAD_DIM * HEAD_DIM
-        r -= _lane_times(h0, m_ptr, 0, HEAD_DIM, K_CODE_BYTES)
-        r -= _lane_times(h1, m_ptr, 1, HEAD_DIM, K_CODE_BYTES)
-        if K_LANES == 4:
-            r -= _lane_times(h2, m_ptr, 2, HEAD_DIM, K_CODE_BYTES)
-            r -= _lane_times(h3, m_ptr, 3, HEAD_DIM, K_CODE_BYTES)
-    byte, scale, h0, h1, h2, h3 = _encode(r, rot_v_ptr, v_grid_ptr, HEAD_DIM, V_LANES, V_CODE_BYTES, V_CODE_BITS,
-                                          V_D, V_POINTS)
-    _store_stream(cache_ptr, base, valid, byte, scale, V_CODE_OFFSET, V_SCALE_OFFSET, V_CODE_BYTES)
+    if SPLIT_STREAMS:  # keys in programs (., ., 0), values in (., ., 1): two short chains instead of one long
+        if tl.program_id(2) == 0:
+            _write_stream(key_ptr, stride_kt, stride_kh, ring_k_ptr, k_bias_ptr, rot_k_ptr, k_grid_ptr, v_from_k_ptr,
+                          cache_ptr, n, head, loaded, valid, ring, base, 0.0, 0.0, 0.0, 0.0, HEAD_DIM, K_LANES,
+                          K_CODE_BYTES, K_CODE_BITS, K_D, K_POINTS, 0, K_SCALE_OFFSET, HAS_K_BIAS, HAS_RING, False,
+                          K_LANES, K_CODE_BYTES)
+        else:
+            _write_stream(value_ptr, stride_vt, stride_vh, ring_v_ptr, v_bias_ptr, rot_v_ptr, v_grid_ptr,
+                          v_from_k_ptr, cache_ptr, n, head, loaded, valid, ring, base, 0.0, 0.0, 0.0, 0.0, HEAD_DIM,
+                          V_LANES, V_CODE_BYTES, V_CODE_BITS, V_D, V_POINTS, V_CODE_OFFSET, V_SCALE_OFFSET,
+                          HAS_V_BIAS, HAS_RING, False, K_LANES, K_CODE_BYTES)
+    else:  # one program per (tokens, head) for both: the value predictor reads the decoded keys
+        k0, k1, k2, k3 = _write_stream(key_ptr, stride_kt, stride_kh, ring_k_ptr, k_bias_ptr, rot_k_ptr, k_grid_ptr,
+                                       v_from_k_ptr, cache_ptr, n, head, loaded, valid, ring, base, 0.0, 0.0, 0.0,
+                                       0.0, HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS, K_D, K_POINTS, 0,
+                                       K_SCALE_OFFSET, HAS_K_BIAS, HAS_RING, False, K_LANES, K_CODE_BYTES)
+        _write_stream(value_ptr, stride_vt, stride_vh, ring_v_ptr, v_bias_ptr, rot_v_ptr, v_grid_ptr, v_from_k_ptr,
+                      cache_ptr, n, head, loaded, valid, ring, base, k0, k1, k2, k3, HEAD_DIM, V_LANES, V_CODE_BYTES,
+                      V_CODE_BITS, V_D, V_POINTS, V_CODE_OFFSET, V_SCALE_OFFSET, HAS_V_BIAS, HAS_RING, V_FROM_K,
+                      K_LANES, K_CODE_BYTES)
 
 
 def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
-                value: torch.Tensor, block_n: int = 16, ring: tuple | None = None) -> None:
+                value: torch.Tensor, block_n: int = 16, ring: tuple | None = None, split_streams: bool | None = None,
+                num_warps: int = 4) -> None:
     """Encode key (post-RoPE) and value [>= N, H, h] of the N = len(slot_mapping) new tokens into their slots of
     kv_cache [num_blocks, H, page_block, slot] (uint8); slot -1 skips a token.  ``ring``: (ring_k, ring_v
     [rows + 1, width, H, h] contiguous, the step's ``WindowStep``): also store every token's key and value into its
-    ring entry (``ExactTokens.write``)."""
+    ring entry (``ExactTokens.write``).  ``split_streams``: keys and values in programs of their own (twice the
+    programs, for decode steps' few tokens); the default wherever the value predictor does not read the decoded
+    keys, which it cannot be with one."""
     n = slot_mapping.shape[0]
     _, heads, page_block, _ = kv_cache.shape
     h = key.shape[-1]
@@ -206,7 +232,11 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
         ring_args = (ring_k, ring_v, step.rows, step.cols)
     else:
         ring_args = (key, value, slot_mapping, slot_mapping)  # not read
-    _cache_write_kernel[(triton.cdiv(n, block_n), heads)](
+    if split_streams is None:
+        split_streams = v_from_k is None
+    elif split_streams and v_from_k is not None:
+        raise ValueError("split_streams: this layer's value predictor reads the decoded keys (one program must do both)")
+    _cache_write_kernel[(triton.cdiv(n, block_n), heads, 2 if split_streams else 1)](
         key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v,
         layer.k_bias if layer.k_bias is not None else dummy, v_bias if v_bias is not None else dummy,
         v_from_k if v_from_k is not None else dummy, kl.grid, vl.grid, *ring_args,
@@ -219,5 +249,6 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
         K_SCALE_OFFSET=layer.k_scale_offset, V_SCALE_OFFSET=layer.v_scale_offset,
         HAS_K_BIAS=layer.k_bias is not None, HAS_V_BIAS=v_bias is not None, V_FROM_K=v_from_k is not None,
         HAS_RING=ring is not None, RING_WIDTH=1 if ring is None else ring[0].shape[1], NUM_KV_HEADS=heads,
+        SPLIT_STREAMS=split_streams, num_warps=num_warps,
     )
 

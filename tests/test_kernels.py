@@ -211,6 +211,7 @@ def test_fused_kernel_is_all_or_nothing(rng):
     (64, 1, 16, "mean", "none", "d1n16", "d2n16", 9),
     pytest.param(128, 8, 16, "mean", "per_head", "d2n16", "d2n16", 4096, marks=ON_GPU),
     pytest.param(128, 8, 64, "mean", "per_head", "d2n256", "d2n16", 333, marks=ON_GPU),
+    pytest.param(128, 8, 16, "mean", "none", "u1n4", "u1n4", 777, marks=ON_GPU),  # the speed preset
 ])
 def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predictor, value_predictor, k_grid, v_grid, n,
                                         rng):
@@ -244,6 +245,13 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
     want, got = fill.clone(), fill.clone()
     path.write(layer, want, slots, key, value, torch.arange(n, device=DEVICE), StepState(), [n])
     write_fused(fused, got, slots, key, value)
+    if fused.write_v_from_k is None:  # keys and values in programs of their own (the default here) or in one
+        one_program = fill.clone()
+        write_fused(fused, one_program, slots, key, value, split_streams=False)
+        assert torch.equal(one_program, got)
+    else:
+        with pytest.raises(ValueError, match="split_streams"):
+            write_fused(fused, fill.clone(), slots, key, value, split_streams=True)
     written = torch.zeros(num_blocks * page_block, dtype=torch.bool, device=DEVICE)
     written[slots[slots >= 0]] = True
     written = written.view(num_blocks, 1, page_block).expand(-1, heads, -1)  # [blocks, H, page]

@@ -66,3 +66,23 @@ def test_serve_profile_summary_reads_a_real_torch_trace(tmp_path):
     assert rows["aten::mm"]["calls"] == mms and rows["aten::add"]["calls"] == adds
     assert rows["aten::mm"]["total_ms"] > 0 and abs(sum(r["share"] for r in rows.values()) - 1) < 0.01
     assert kernel_times(trace, top=50) == []  # no GPU kernels in a CPU trace
+
+
+def test_steady_decode_takes_pure_decode_intervals_only():
+    """throughput.py's pure-decode rate: the highest 10-second generation rate among vLLM's log lines whose interval
+    ran no prompt tokens, with its running requests; intervals that mixed in prefill never count."""
+    import random
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
+    from throughput import steady_decode
+
+    rng = random.Random()
+    line = ("INFO 12-02 11:33:54 [loggers.py:310] Engine 000: Avg prompt throughput: {p:.1f} tokens/s, Avg generation "
+            "throughput: {g:.1f} tokens/s, Running: {r} reqs, Waiting: 0 reqs, GPU KV cache usage: 94.8%, Prefix cache "
+            "hit rate: 0.3%")
+    decode = [(round(rng.uniform(100, 5000), 1), rng.randint(1, 256)) for _ in range(5)]
+    mixed = [(rng.uniform(1e3, 7e4), rng.uniform(6000, 9000), rng.randint(1, 256)) for _ in range(5)]
+    lines = [line.format(p=0.0, g=g, r=r) for g, r in decode] + [line.format(p=p, g=g, r=r) for p, g, r in mixed]
+    rng.shuffle(lines)
+    assert steady_decode("\n".join(lines)) == max(decode)
+    assert steady_decode("\n".join(line.format(p=p, g=g, r=r) for p, g, r in mixed)) == (None, None)

@@ -102,6 +102,16 @@ def kv_tokens(log: str) -> int | None:
     return int(found[-1].replace(",", "")) if found else None
 
 
+def steady_decode(log: str) -> tuple[float | None, int | None]:
+    """The highest of vLLM's 10-second "Avg generation throughput" log lines with no prompt tokens in the interval
+    (pure decode) and its running requests: a figure that a format which does not finish in the timeout still gives
+    (shared/BASELINES.md's "pure-decode tok/s")."""
+    lines = re.findall(r"Avg prompt throughput: ([\d.]+) tokens/s, Avg generation throughput: ([\d.]+) tokens/s, "
+                       r"Running: (\d+) reqs", log)
+    decode = [(float(gen), int(running)) for prompt, gen, running in lines if float(prompt) == 0.0]
+    return max(decode) if decode else (None, None)
+
+
 def workload_args(ap: argparse.ArgumentParser, output_len: int, num_prompts: int) -> None:
     """The arguments every GPU vLLM benchmark here shares: output folder, formats, request shape, memory, model."""
     ap.add_argument("out_dir", nargs="?", default="/tmp/out")
@@ -140,6 +150,7 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
            "engine_init_s": float(found(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+)") or
                                   "nan"),
            "backend": found(r"Using (\w+) (?:attention )?backend"), "cudagraph_mode": found(r"cudagraph_mode=(\w+)")}
+    row["steady_decode_tokens_per_s"], row["steady_decode_running"] = steady_decode(text)
     add_result(row, rc, result_json, args.output_len, text)
     return row
 
@@ -232,11 +243,13 @@ def main():
           f"CUDA graphs, chunked prefill, prefix caching). aquakv artifacts (calibrated on random words: speed only): "
           + "; ".join(f"{k}: `{v[0]}` {json.dumps(v[1]) if v[1] else ''}" for k, v in AQUAKV_PRESETS.items()
                       if k in formats) + ".\n",
-          "| kv-cache-dtype | KV tokens | vs bf16 | max concurrency | output tok/s | vs bf16 | engine init s | rc |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| kv-cache-dtype | KV tokens | vs bf16 | max concurrency | output tok/s | vs bf16 | pure-decode tok/s "
+          "(running) | engine init s | rc |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['kv_cache_dtype']} | {fmt(r['kv_tokens'], ',')} | {fmt(r.get('kv_tokens_vs_bf16'), '.2f')}x | "
            f"{r['max_concurrency']:.1f} | {fmt(r.get('output_tokens_per_s'), ',.1f')} | "
-           f"{fmt(r.get('speedup_vs_bf16'), '.2f')}x | {r['engine_init_s']:.0f} | {r['rc']} |" for r in rows]
+           f"{fmt(r.get('speedup_vs_bf16'), '.2f')}x | {fmt(r.get('steady_decode_tokens_per_s'), ',.0f')} "
+           f"({r.get('steady_decode_running') or '-'}) | {r['engine_init_s']:.0f} | {r['rc']} |" for r in rows]
     print("\n".join(md))
     extra = {}
     if args.from_logs:

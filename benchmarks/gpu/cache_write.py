@@ -1,0 +1,92 @@
+"""Cache-write microbenchmark on the GPU: the fused write of one decode step's new tokens (kernels/cache_write.py),
+as the served speed preset runs it (u1n4 codes, key mean, no value predictor, 16-bit sinks 4 + window 128 stored in
+the same launch), against vLLM's bf16 ``reshape_and_cache_flash`` of the same tokens.
+
+A decode step writes one token per sequence: 8 KV heads x batch tokens, so the default launch has only 8 x
+ceil(batch / 16) programs, each a dependent chain of loads, rotations and grid searches.  This times the launch
+choices that change that chain: keys and values in programs of their own (``split_streams``) and the warps per
+program.  Times are CUDA-graph replay medians (GPU time only), one layer, Llama-3.2-3B's KV shape (8 x 128).
+
+    python3 benchmarks/gpu/cache_write.py OUT_DIR [--tokens 1,4,16,64,256]
+    (needs vLLM 0.26 for the bf16 row: README.md)
+
+Writes cache_write_<gpu>.json + .md (shared RESULTS.md shape) under OUT_DIR.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+from decode_attention import D, H, MODES, PAGE, fused_setup  # noqa: E402
+
+SPEED = "aquakv speed preset u1n4 + sinks/window (16-bit 4 + 128)"
+
+
+def time_ms(fn) -> float:
+    """Median GPU time of ``fn`` replayed from a CUDA graph."""
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def step_inputs(tokens: int, layout_bytes: int):
+    """A decode step of ``tokens`` sequences: their new bf16 K/V [tokens, H, D], distinct random slots in a cache of
+    4x as many blocks, and the window ring with each token's (row, column)."""
+    from vllm_aquakv.window import WindowStep
+
+    blocks = 4 * tokens + 4
+    slots = torch.randperm(blocks * PAGE, device="cuda")[:tokens]
+    key, value = (torch.randn(tokens, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kv = torch.zeros(blocks, H, PAGE, layout_bytes, dtype=torch.uint8, device="cuda")
+    ring_k, ring_v = (torch.zeros(tokens + 1, 4 + 128, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    rows = torch.arange(tokens, device="cuda")
+    step = WindowStep(rows, torch.randint(0, 4 + 128, (tokens,), device="cuda"), rows)
+    return key, value, slots, kv, (ring_k, ring_v, step), blocks
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", nargs="?", default="/tmp/out")
+    ap.add_argument("--tokens", default="1,4,16,64,256", help="decode batch sizes (tokens of the step)")
+    args = ap.parse_args()
+    from vllm_aquakv.kernels.cache_write import write_fused
+    from vllm_aquakv.results import gpu_tag, machine, write_results
+
+    path, fused = fused_setup(MODES[SPEED])
+    rows = []
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        key, value, slots, kv, ring, blocks = step_inputs(tokens, path.slot_bytes(1))
+        row = {"tokens": tokens}
+        try:
+            from vllm import _custom_ops as ops
+
+            k_cache, v_cache = (torch.zeros(blocks, PAGE, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            one = torch.ones((), device="cuda")
+            row["bf16 reshape_and_cache_flash"] = time_ms(
+                lambda: ops.reshape_and_cache_flash(key, value, k_cache, v_cache, slots, "auto", one, one))
+        except ImportError as e:
+            print(f"no vLLM bf16 row: {e}", flush=True)
+        for split in (False, True):
+            for warps in (1, 2, 4, 8):
+                row[f"aquakv {'split' if split else 'one program'}, {warps} warps"] = time_ms(
+                    lambda: write_fused(fused, kv, slots, key, value, ring=ring, split_streams=split, num_warps=warps))
+        rows.append(row)
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    names = [k for k in rows[0] if k != "tokens"]
+    md = [f"Cache write of one decode step (one layer, {H} KV heads x {D}; {SPEED}, ring stored in the same launch), "
+          "CUDA-graph replay medians in microseconds.\n",
+          "| launch | " + " | ".join(f"{r['tokens']} tokens" for r in rows) + " |",
+          "| --- |" + " --- |" * len(rows)]
+    md += [f"| {n} | " + " | ".join(f"{1000 * r[n]:.1f}" if n in r else "-" for r in rows) + " |" for n in names]
+    print("\n".join(md))
+    write_results(os.path.join(args.out_dir, f"cache_write_{gpu_tag(machine())}.json"), "cache_write",
+                  "one layer of Llama-3.2-3B's KV shape, random K/V (timing only)", rows, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
