@@ -21,8 +21,7 @@ import torch
 import triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, HERE)  # (vllm_aquakv from the staged package: it holds the kernels)
 
 from decode_attention import D, H, MODES, PAGE, fused_setup  # noqa: E402
 
