@@ -12,6 +12,7 @@ only.
 
     python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD] [--prefill-only]
         [--no-prefill] [--graphs] [--batches 1,16,64] [--contexts 4096,16384,32768] [--one-segment]
+        [--min-programs 528,1056] [--profile]
     (needs vLLM 0.26: README.md)
 
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
@@ -19,8 +20,13 @@ modes whose label contains one of the words; ``--graphs`` times CUDA-graph repla
 launch cost; the eager default includes it where the host is slower than the GPU, as in small batches).  A mode with
 the 16-bit window is timed twice: the ring in a launch of its own (the default) and in the last codes segment.
 ``--one-segment`` also times each aquakv mode unsplit (one split-K segment): what FULL-graph decode steps ran before
-their plans were made for ``max_model_len`` (vLLM captures them with 1-token contexts).
+their plans were made for ``max_model_len`` (vLLM captures them with 1-token contexts); ``--min-programs`` also
+times each aquakv mode with split-K plans for those program counts (the default plan aims at 264).  Where the bundle
+has FlashAttention, a "bf16 (vLLM FlashAttention)" row times vLLM's default bf16 decode on H100/H200 (FLASH_ATTN,
+FA3) on the same pages: ``vs_fa3`` compares against it (``vs_bf16`` against TRITON_ATTN, as the issue asks).
 """
+
+import argparse
 
 import dataclasses
 import os
@@ -157,6 +163,22 @@ def vllm_triton_attention(batch, ctx, dtype, q, block_table, seq_lens, qsl):
     return run, (k.numel() + v.numel()) * k.element_size()
 
 
+def flash_decode_ms(batch, ctx, q, block_table, seq_lens, qsl) -> float | None:
+    """ms of vLLM's FlashAttention (FA3 on Hopper: the FLASH_ATTN backend, vLLM's bf16 default there) decoding the
+    batch from bf16 pages of PAGE tokens; None where the bundle has no FlashAttention."""
+    from vllm_aquakv import compat
+
+    flash = compat.flash_attention(D)
+    if flash is None:
+        return None
+    k, v = (torch.randn(batch * ctx // PAGE, PAGE, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out = torch.empty_like(q)
+    ms = bench(lambda: flash(q, k, v, out, qsl, 1, seq_lens, ctx, D ** -0.5, block_table))
+    del k, v
+    torch.cuda.empty_cache()
+    return ms
+
+
 def decode_batch(batch: int, ctx: int):
     """One decode step of ``batch`` sequences at context ``ctx``: block table (random block order), seq_lens, query
     starts (host list and device tensor) and bf16 queries [batch, HQ, D]."""
@@ -178,12 +200,16 @@ def peak_bandwidth() -> tuple[str, float]:
     return "gpu", PEAK_BW["H100"]
 
 
+# the command line's options that the helpers read (main() replaces the defaults)
+OPTIONS = argparse.Namespace(graphs=False, profile=False)
+
+
 def bench(fn):
     """Median ms of ``fn``: as called eagerly (host launch time included where it exceeds the GPU's), or with
     ``--graphs`` replayed from a CUDA graph (GPU time only)."""
     fn()
     torch.cuda.synchronize()
-    if "--graphs" in sys.argv:
+    if OPTIONS.graphs:
         return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
@@ -192,18 +218,30 @@ def main():
     from vllm_aquakv.kernels.attention import fused_attention, plan_attention
     from vllm_aquakv.results import write_results
 
-    out_dir = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "/tmp/out"
+    global OPTIONS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", nargs="?", default="/tmp/out")
+    ap.add_argument("--only", default=None, help="aquakv modes whose label contains one of these words (comma list)")
+    ap.add_argument("--no-sweep", action="store_true", help="plan_attention's defaults, no launch-settings sweep")
+    ap.add_argument("--prefill-only", action="store_true")
+    ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (GPU time only)")
+    ap.add_argument("--profile", action="store_true", help="GPU kernels of the window's prefill")
+    ap.add_argument("--one-segment", action="store_true", help="also each aquakv mode with one split-K segment")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--contexts", default="4096,16384,32768")
+    ap.add_argument("--min-programs", default="", help="also each aquakv mode split for these program counts")
+    OPTIONS = args = ap.parse_args()
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     t0 = time.time()
     gpu, peak_bw = peak_bandwidth()
-    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+    only = args.only.split(",") if args.only else None
     setups = {label: fused_setup(o) for label, o in MODES.items() if not only or any(w in label for w in only)}
-    sweep, best = ({}, {}) if "--no-sweep" in sys.argv else tile_sweep(next(iter(setups.values())))
+    sweep, best = ({}, {}) if args.no_sweep else tile_sweep(next(iter(setups.values())))
     print("best launch settings", best, flush=True)
     rows = []
-    arg = lambda flag, default: [int(x) for x in (sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv  # noqa: E731
-                                                  else default).split(",")]
-    for batch in () if "--prefill-only" in sys.argv else arg("--batches", "1,16,64"):
-        for ctx in arg("--contexts", "4096,16384,32768"):
+    for batch in () if args.prefill_only else ints(args.batches):
+        for ctx in ints(args.contexts):
             nb = ctx // PAGE
             block_table, seq_lens, qsl_list, qsl, q = decode_batch(batch, ctx)
             base = {"batch": batch, "context": ctx}
@@ -216,6 +254,11 @@ def main():
                              "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / ms})
                 del run
                 torch.cuda.empty_cache()
+            fa3_ms = flash_decode_ms(batch, ctx, q, block_table, seq_lens, qsl)
+            if fa3_ms is not None:
+                nbytes = 2 * batch * ctx * H * D * 2
+                rows.append({**base, "kv_cache_dtype": "bf16 (vLLM FlashAttention)", "ms": fa3_ms, "bytes": nbytes,
+                             "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / fa3_ms})
             plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **best)
             for label, (path, fused) in setups.items():
                 kv = random_slots(batch * nb, path.layouts[1])
@@ -223,9 +266,11 @@ def main():
                 win = window_inputs(fused, block_table, ctx, q)
                 # with the window: the ring in a launch of its own, and in the last codes segment; that placement
                 # without the sweep's register cap, as fused_attention picks it (the cap spills its ring pass)
-                variants = [(ring, plan.segments) for ring in ((True, False) if win is not None else (True,))]
-                if "--one-segment" in sys.argv and plan.segments > 1:
-                    variants += [(ring, 1) for ring, _ in variants]
+                rings = (True, False) if win is not None else (True,)
+                counts = [plan.segments] + ([1] if args.one_segment else [])
+                counts += [plan_attention(qsl_list, ctx, HQ, H, "cuda", **{**best, "min_programs": p}).segments
+                           for p in ints(args.min_programs)]  # other split-K widths
+                variants = [(ring, segments) for segments in dict.fromkeys(counts) for ring in rings]
                 for ring_launch, segments in variants:
                     p = dataclasses.replace(plan, ring_launch=ring_launch, _partials=None, segments=segments,
                                             maxnreg=plan.maxnreg if ring_launch else None)
@@ -233,7 +278,8 @@ def main():
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
                     name = (label + ("" if ring_launch else ", ring in the last segment")
-                            + ("" if segments == plan.segments else ", one segment"))
+                            + ("" if segments == plan.segments else ", one segment" if segments == 1
+                               else f", {segments} segments"))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
@@ -241,21 +287,25 @@ def main():
                 torch.cuda.empty_cache()
             for r in rows[first:]:
                 r["fraction_of_floor"] = r["hbm_floor_ms"] / r["ms"]
+                if fa3_ms is not None:
+                    r["vs_fa3"] = fa3_ms / r["ms"]
                 print(f"batch {batch:3d} ctx {ctx:6d} {r['kv_cache_dtype']:55s} {r['ms']:8.3f} ms  "
                       f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor", flush=True)
-    prefill = {} if "--no-prefill" in sys.argv else {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
-    timer = "do_bench_cudagraph" if "--graphs" in sys.argv else "do_bench"
+    prefill = {} if args.no_prefill else {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
+    timer = "do_bench_cudagraph" if args.graphs else "do_bench"
     md = ["Decode attention, one layer, Llama-3.2-3B shape (24 q / 8 KV heads, head_dim 128), paged blocks of 16, "
           f"random codes; median of triton.testing.{timer}; HBM floor = bytes read / {peak_bw / 1e12:.2f} TB/s "
           f"({torch.cuda.get_device_name()}).\n",
-          "| batch | context | kv-cache-dtype | ms | vs bf16 | % of own HBM floor |", "| --- | --- | --- | --- | --- | --- |"]
+          "| batch | context | kv-cache-dtype | ms | vs bf16 (TRITON_ATTN) | vs bf16 (FlashAttention) | % of own HBM "
+          "floor |", "| --- | --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['batch']} | {r['context']} | {r['kv_cache_dtype']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x | "
-           f"{100 * r['fraction_of_floor']:.1f}% |" for r in rows]
+           + (f"{r['vs_fa3']:.2f}x" if "vs_fa3" in r else "-") + f" | {100 * r['fraction_of_floor']:.1f}% |"
+           for r in rows]
     md += ["\nPrefill of one prompt, one layer:\n", "| step | 4096 tokens, ms | 8192 tokens, ms |",
            "| --- | --- | --- |"]
     md += [f"| {k} | {v:.3f} | {prefill[8192][k]:.3f} |" for k, v in prefill.get(4096, {}).items()]
     print("\n".join(md))
-    name = f"prefill_attention_{gpu}.json" if "--prefill-only" in sys.argv else f"decode_attention_{gpu}.json"
+    name = f"prefill_attention_{gpu}.json" if args.prefill_only else f"decode_attention_{gpu}.json"
     write_results(os.path.join(out_dir, name), "decode_attention",
                   "Llama-3.2-3B attention shape (random data)", rows, "\n".join(md), prefill_ms=prefill,
                   tile_sweep_batch64_ctx16k=sweep, seconds=round(time.time() - t0))
@@ -350,7 +400,7 @@ def prefill_overhead(setups, best, n: int) -> dict:
                                                    D ** -0.5, o, flash, win, merge)
         out["aquakv prefill attention with sinks/window: reconstruct + 2 FlashAttention + merge"] = bench(
             window_prefill)
-        if "--profile" in sys.argv:  # where the window's prefill time goes, per GPU kernel
+        if OPTIONS.profile:  # where the window's prefill time goes, per GPU kernel
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     window_prefill()

@@ -40,7 +40,7 @@ WRITE_POINTERS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_ptr": "*i64", 
 WRITE_CONSTANTS = dict(HEAD_DIM=128, PAGE_BLOCK=16, BLOCK_N=16, K_LANES=4, K_CODE_BYTES=32, K_CODE_BITS=4, K_D=2,
                        K_POINTS=16, V_LANES=4, V_CODE_BYTES=32, V_CODE_BITS=4, V_D=2, V_POINTS=16, V_CODE_OFFSET=32,
                        K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=True, HAS_V_BIAS=True, V_FROM_K=True,
-                       HAS_RING=False, RING_WIDTH=132, NUM_KV_HEADS=8)
+                       HAS_RING=False, RING_WIDTH=132, NUM_KV_HEADS=8, SPLIT_STREAMS=False)
 
 
 def main():
@@ -95,8 +95,17 @@ def main():
     options = {"num_warps": args.warps, "num_stages": args.stages}
     if args.maxnreg:
         options["maxnreg"] = args.maxnreg
+    kernel, info, sass = compile_sm90(src, options, args.dump or "/tmp/aquakv-offline-compile", args.sass)
+    print(f"tile {args.tile} warps {args.warps} stages {args.stages} rows {args.rows} maxnreg {args.maxnreg} "
+          f"plain {args.plain}: shared {kernel.metadata.shared} B; " + "; ".join(info))
+    if args.sass:
+        print(loop_mix(sass))
+
+
+def compile_sm90(src, options: dict, out: str, sass: bool = False):
+    """Compile a Triton ASTSource for sm_90a (no GPU needed), assemble its PTX with Triton's bundled ptxas into
+    ``out``/kernel.cubin; returns (the compiled kernel, ptxas's register/spill lines, the SASS or "")."""
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    out = args.dump or "/tmp/aquakv-offline-compile"
     os.makedirs(out, exist_ok=True)
     for ext in ("ttgir", "ptx"):
         with open(os.path.join(out, f"kernel.{ext}"), "w") as f:
@@ -104,14 +113,14 @@ def main():
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
     res = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(out, "kernel.ptx"), "-o",
                           os.path.join(out, "kernel.cubin")], capture_output=True, text=True)
-    info = [line.split("info    : ")[-1] for line in res.stderr.splitlines() if "registers" in line or "spill" in line]
-    print(f"tile {args.tile} warps {args.warps} stages {args.stages} rows {args.rows} maxnreg {args.maxnreg} "
-          f"plain {args.plain}: shared {kernel.metadata.shared} B; " + "; ".join(s.strip() for s in info))
-    if args.sass:
+    info = [line.split("info    : ")[-1].strip() for line in res.stderr.splitlines()
+            if "registers" in line or "spill" in line]
+    code = ""
+    if sass:
         cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
-        sass = subprocess.run([cuobjdump, "-sass", os.path.join(out, "kernel.cubin")], capture_output=True,
+        code = subprocess.run([cuobjdump, "-sass", os.path.join(out, "kernel.cubin")], capture_output=True,
                               text=True, check=True).stdout
-        print(loop_mix(sass))
+    return kernel, info, code
 
 
 def loop_mix(sass: str) -> str:

@@ -23,6 +23,7 @@ enforce_eager) beside the eager aquakv run, and compares their greedy tokens.
 kernels, so their greedy tokens and prompt logprobs must be equal.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -35,13 +36,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
-def main():
-    out_dir = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "/tmp/out"
+def main(args):
+    out_dir = args.out_dir
     from vllm_runner import run_vllm
     from vllm_aquakv.calibration.models import make_tiny_llama
 
     # --model DIR: an existing Llama-3.2-3B-shaped model folder (e.g. throughput.py's), instead of making one
-    model = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "/tmp/llama3b-shape"
+    model = args.model or "/tmp/llama3b-shape"
     t0 = time.time()
     if not os.path.exists(os.path.join(model, "config.json")):
         make_tiny_llama(model, num_layers=28, hidden=3072, heads=24, kv_heads=8, head_dim=128, vocab=128256,
@@ -61,30 +62,30 @@ def main():
     result = {"model": "Llama-3.2-3B shape, random bf16 weights", "seconds_make_model": made,
               "seconds_calibrate": calibrated, "runs": {}}
     batch = [torch.randint(10, 120000, (2048,), generator=g).tolist() for _ in range(32)]
-    if "--short" in sys.argv or "--parity" in sys.argv:  # correctness runs only: the three short prompts everywhere
+    if args.short or args.parity:  # correctness runs only: the three short prompts everywhere
         batch = []
     runs = {"aquakv": ("aquakv", {}), "aquakv-torch-path": ("aquakv", {"additional_config": {"aquakv_kernels": False}}),
             "auto": ("auto", {})}
-    if "--graphs" in sys.argv:
+    if args.graphs:
         runs = {"aquakv": ("aquakv", {}), "aquakv-graphs": ("aquakv", {"enforce_eager": False}),
                 "auto-graphs": ("auto", {"enforce_eager": False})}
-    if "--decode-graphs" in sys.argv:
+    if args.decode_graphs:
         graphs = {"enforce_eager": False}
         runs = {"aquakv-graphs": ("aquakv", {**graphs, "additional_config": {"aquakv_decode_graphs": False}}),
                 "aquakv-decode-graphs": ("aquakv", {**graphs, "additional_config": {"aquakv_decode_graphs": True}})}
-    if "--profile" in sys.argv:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
+    if args.profile:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
         runs = {k: (d, {**e, "enable_prefix_caching": False}) for k, (d, e) in runs.items() if k != "aquakv-torch-path"}
-    if "--parity" in sys.argv:  # greedy tokens and prompt logprobs: fused kernels vs the torch path only
+    if args.parity:  # greedy tokens and prompt logprobs: fused kernels vs the torch path only
         runs = {k: runs[k] for k in ("aquakv", "aquakv-torch-path")}
     model_dtype = "bfloat16"
-    if "--fp32-model" in sys.argv:  # float32 model: are fused-vs-torch gaps bf16 amplification of rounding noise?
+    if args.fp32_model:  # float32 model: are fused-vs-torch gaps bf16 amplification of rounding noise?
         model_dtype = "float32"
         runs = {k: runs[k] for k in ("aquakv", "aquakv-torch-path")}
     for name, (dtype, extra) in runs.items():
         t = time.time()
         # the torch path is too slow for the batch: it runs the three short prompts only
         todo = prompts if name == "aquakv-torch-path" or model_dtype == "float32" else prompts + batch
-        profile = 40 if "--profile" in sys.argv else 0
+        profile = 40 if args.profile else 0
         extra = dict(extra)
         eager = extra.pop("enforce_eager", True)
         r = run_vllm(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=4096, block_size=16,
@@ -102,7 +103,7 @@ def main():
         return sum(d) / len(d)
 
     result["model_dtype"] = model_dtype
-    if "--decode-graphs" in sys.argv:
+    if args.decode_graphs:
         a, b = result["runs"]["aquakv-graphs"], result["runs"]["aquakv-decode-graphs"]
         result["decode_graphs_vs_piecewise_first_divergence"] = first_divergence(b["outputs"], a["outputs"])
         result["decode_graphs_vs_piecewise_prompt_logprob_mean_abs_diff"] = mean_abs(b["prompt_logprobs"],
@@ -110,7 +111,7 @@ def main():
         result["decode_graphs_vs_piecewise_generate_s"] = [a["generate_seconds"], b["generate_seconds"]]
         finish(out_dir, result)
         return
-    if "--graphs" in sys.argv:
+    if args.graphs:
         a = result["runs"]["aquakv"]
         result["graphs_vs_eager_first_divergence"] = first_divergence(result["runs"]["aquakv-graphs"]["outputs"],
                                                                       a["outputs"])
@@ -118,7 +119,7 @@ def main():
             result["runs"]["aquakv-graphs"]["prompt_logprobs"], a["prompt_logprobs"])
         finish(out_dir, result)
         return
-    if "--profile" in sys.argv:
+    if args.profile:
         finish(out_dir, result)
         return
     t = result["runs"]["aquakv-torch-path"]
@@ -182,16 +183,29 @@ def finish(out_dir: str, result: dict, **extra) -> None:
     write_results(path, "plugin_smoke", result["model"], rows, "\n".join(md), **extra)
 
 
-def from_json() -> None:
-    """``--from-json RUN.json --machine NAME --versions-from RESULTS.json [OUT]``: rebuild the table of an earlier
-    run's plugin_smoke.json."""
-    arg = lambda flag: sys.argv[sys.argv.index(flag) + 1]  # noqa: E731
-    with open(arg("--from-json")) as f:
+def from_json(args) -> None:
+    """``OUT --from-json RUN.json --machine NAME --versions-from RESULTS.json``: rebuild the table of an earlier run's
+    plugin_smoke.json."""
+    with open(args.from_json) as f:
         result = json.load(f)
-    with open(arg("--versions-from")) as f:
+    with open(args.versions_from) as f:
         versions = json.load(f)["versions"]
-    finish(sys.argv[1], result, machine=arg("--machine"), versions=versions)
+    finish(args.out_dir, result, machine=args.machine, versions=versions)
+
+
+def parse_args():
+    """The command line (see the module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", nargs="?", default="/tmp/out")
+    ap.add_argument("--model", default=None, help="an existing Llama-3.2-3B-shaped model folder instead of a new one")
+    for flag in ("--short", "--parity", "--fp32-model", "--profile", "--graphs", "--decode-graphs"):
+        ap.add_argument(flag, action="store_true")
+    ap.add_argument("--from-json", default=None, help="rebuild the table of this earlier run (runs nothing)")
+    ap.add_argument("--machine", default=None, help="with --from-json: the GPU the run was on")
+    ap.add_argument("--versions-from", default=None, help="with --from-json: a results JSON whose versions to record")
+    return ap.parse_args()
 
 
 if __name__ == "__main__":
-    from_json() if "--from-json" in sys.argv else main()
+    ARGS = parse_args()
+    from_json(ARGS) if ARGS.from_json else main(ARGS)

@@ -7,16 +7,14 @@ Prints registers and the loop's instruction mix per orientation (Triton's bundle
     PYTHONPATH=/tmp/t36 python benchmarks/gpu/qk_orientation_sass.py   # Triton 3.6, as on the GPU image
 """
 import os
-import subprocess
 import sys
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from offline_compile import loop_mix  # noqa: E402
+from offline_compile import compile_sm90, loop_mix  # noqa: E402
 
 
 @triton.jit
@@ -68,15 +66,10 @@ def build(swap, m, stages=3):
     const = dict(SWAP=swap, M=m, T=128)
     src = ASTSource(qk_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("q_ptr", "c_ptr", "out_ptr")})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
-    d = f"/tmp/aquakv-qk-orientation/{swap}_{m}"
-    os.makedirs(d, exist_ok=True)
-    open(f"{d}/k.ptx", "w").write(k.asm["ptx"])
-    bin_ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    r = subprocess.run([f"{bin_}/ptxas-blackwell", "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"], capture_output=True, text=True)
-    info = [l.split("info    : ")[-1] for l in r.stderr.splitlines() if "registers" in l]
-    sass = subprocess.run([f"{bin_}/cuobjdump", "-sass", f"{d}/k.cubin"], capture_output=True, text=True).stdout
+    _, info, sass = compile_sm90(src, {"num_warps": 4, "num_stages": stages}, f"/tmp/aquakv-qk-orientation/{swap}_{m}",
+                                 sass=True)
     print(f"codes as A: {swap}, M {m}:", *info, "\n" + "\n".join(loop_mix(sass).splitlines()[:9]))
+
 
 if __name__ == "__main__":
     for swap, m in ((False, 16), (True, 16), (True, 8)):
