@@ -163,8 +163,8 @@ def vllm_triton_attention(batch, ctx, dtype, q, block_table, seq_lens, qsl):
     return run, (k.numel() + v.numel()) * k.element_size()
 
 
-def flash_decode_ms(batch, ctx, q, block_table, seq_lens, qsl) -> float | None:
-    """ms of vLLM's FlashAttention (FA3 on Hopper: the FLASH_ATTN backend, vLLM's bf16 default there) decoding the
+def flash_decode_ms(batch, ctx, q, block_table, seq_lens, qsl) -> tuple[float, dict | None] | None:
+    """(ms, with --profile GPU us per kernel) of vLLM's FlashAttention (FA3 on Hopper: the FLASH_ATTN backend, vLLM's bf16 default there) decoding the
     batch from bf16 pages of PAGE tokens; None where the bundle has no FlashAttention."""
     from vllm_aquakv import compat
 
@@ -173,10 +173,24 @@ def flash_decode_ms(batch, ctx, q, block_table, seq_lens, qsl) -> float | None:
         return None
     k, v = (torch.randn(batch * ctx // PAGE, PAGE, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     out = torch.empty_like(q)
-    ms = bench(lambda: flash(q, k, v, out, qsl, 1, seq_lens, ctx, D ** -0.5, block_table))
+    run = lambda: flash(q, k, v, out, qsl, 1, seq_lens, ctx, D ** -0.5, block_table)  # noqa: E731
+    ms = bench(run)
+    kernels = kernel_us(run) if OPTIONS.profile else None
     del k, v
     torch.cuda.empty_cache()
-    return ms
+    return ms, kernels
+
+
+def kernel_us(fn, calls: int = 20) -> dict[str, float]:
+    """GPU microseconds per call of each kernel ``fn`` launches (torch profiler over ``calls`` eager calls)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: round(e.self_device_time_total / calls, 2) for e in prof.key_averages()
+            if e.self_device_time_total > 0}
 
 
 def decode_batch(batch: int, ctx: int):
@@ -226,7 +240,8 @@ def main():
     ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (GPU time only)")
-    ap.add_argument("--profile", action="store_true", help="GPU kernels of the window's prefill")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel of each aquakv decode call (row "
+                    "kernel_us) and of the window's prefill")
     ap.add_argument("--one-segment", action="store_true", help="also each aquakv mode with one split-K segment")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--contexts", default="4096,16384,32768")
@@ -254,11 +269,13 @@ def main():
                              "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / ms})
                 del run
                 torch.cuda.empty_cache()
-            fa3_ms = flash_decode_ms(batch, ctx, q, block_table, seq_lens, qsl)
-            if fa3_ms is not None:
+            fa3 = flash_decode_ms(batch, ctx, q, block_table, seq_lens, qsl)
+            fa3_ms = fa3 and fa3[0]
+            if fa3 is not None:
                 nbytes = 2 * batch * ctx * H * D * 2
                 rows.append({**base, "kv_cache_dtype": "bf16 (vLLM FlashAttention)", "ms": fa3_ms, "bytes": nbytes,
-                             "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / fa3_ms})
+                             "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / fa3_ms,
+                             **({"kernel_us": fa3[1]} if fa3[1] else {})})
             plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **best)
             for label, (path, fused) in setups.items():
                 kv = random_slots(batch * nb, path.layouts[1])
@@ -283,6 +300,9 @@ def main():
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
+                    if args.profile:  # which launch of the call takes the time (attention kernel, combine, ...)
+                        rows[-1]["kernel_us"] = kernel_us(lambda kv=kv, p=p: fused_attention(
+                            q, kv, block_table, seq_lens, qsl, p, fused, D ** -0.5, out=out, window=win))
                 del kv
                 torch.cuda.empty_cache()
             for r in rows[first:]:
@@ -290,7 +310,8 @@ def main():
                 if fa3_ms is not None:
                     r["vs_fa3"] = fa3_ms / r["ms"]
                 print(f"batch {batch:3d} ctx {ctx:6d} {r['kv_cache_dtype']:55s} {r['ms']:8.3f} ms  "
-                      f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor", flush=True)
+                      f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor"
+                      + (f"  kernels (us) {r['kernel_us']}" if "kernel_us" in r else ""), flush=True)
     prefill = {} if args.no_prefill else {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
     timer = "do_bench_cudagraph" if args.graphs else "do_bench"
     md = ["Decode attention, one layer, Llama-3.2-3B shape (24 q / 8 KV heads, head_dim 128), paged blocks of 16, "
