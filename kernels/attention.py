@@ -455,12 +455,13 @@ def _combine_kernel(
     out_ptr, num_segments, num_tokens, stride_out_n, stride_out_h,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
     HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    RING_SEGMENT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    RING_SEGMENT: tl.constexpr, DOT_DTYPE: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     """Merge the split-K partials of ROWS // G tokens x the G query heads of one KV head and apply the epilogue:
     softmax normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value
     predictor ((b_k + y_k A^T) W), written in the output's dtype.  Several tokens per program share the loads of
-    the [h, h] matrices (prefill steps have thousands of tokens)."""
+    the [h, h] matrices (prefill steps have thousands of tokens).  ONE_PASS: one walk over the partials with a
+    running maximum instead of two (the maximum, then the sums): half the dependent loads of a many-segment decode."""
     kv_head = tl.program_id(1)
     r = tl.arange(0, ROWS)
     tok = tl.program_id(0) * (ROWS // G) + r // G
@@ -470,14 +471,28 @@ def _combine_kernel(
     idx = tok * NUM_Q_HEADS + q_head  # [R] rows of the [N * Hq] partials
     seg = num_tokens * NUM_Q_HEADS
     m_max = tl.full([ROWS], -1.0e30, tl.float32)
-    for s in range(num_segments):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30))
+    if not ONE_PASS:  # the maximum first, then each partial weighted once
+        for s in range(num_segments):
+            m_max = tl.maximum(m_max, tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30))
     denom = tl.zeros([ROWS], tl.float32)
     y_v = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     y_k = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     y_x = tl.zeros([ROWS, HEAD_DIM], tl.float32)  # 16-bit sinks/window values, head order
     for s in range(num_segments):
-        w = tl.exp2(tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30) - m_max)
+        m_s = tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30)
+        if ONE_PASS:  # a running maximum: the sums so far are rescaled by alpha when it grows
+            m_new = tl.maximum(m_max, m_s)
+            alpha = tl.exp2(m_max - m_new)
+            w = tl.exp2(m_s - m_new)
+            m_max = m_new
+            denom *= alpha
+            y_v *= alpha[:, None]
+            if V_FROM_K:
+                y_k *= alpha[:, None]
+            if HAS_WINDOW:
+                y_x *= alpha[:, None]
+        else:
+            w = tl.exp2(m_s - m_max)
         denom += w * tl.load(l_ptr + s * seg + idx, mask=row_mask, other=0.0)
         rows = (s * seg + idx)[:, None] * HEAD_DIM + j[None, :]
         y_v += w[:, None] * tl.load(acc_v_ptr + rows, mask=row_mask[:, None], other=0.0)
@@ -675,6 +690,9 @@ class AttentionPlan:
     # decode with the window: the ring in a launch of its own (``ring_segment``; ``plan_attention``: on CUDA, from
     # RING_LAUNCH_MIN_REQUESTS requests)
     ring_launch: bool = True
+    # merge the split-K partials in one pass with a running maximum (``_combine_kernel``'s ONE_PASS); off until
+    # measured on the GPU (benchmarks/gpu/decode_attention.py --combine-one-pass)
+    combine_one_pass: bool = False
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -815,7 +833,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         G=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=h, ROWS=rows,
         HAS_V_BIAS=layer.v_bias is not None, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, HAS_WINDOW=w is not None, RING_SEGMENT=ring_launch,
-        DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
+        DOT_DTYPE=tl.float32 if interpret else tl.float16, ONE_PASS=plan.combine_one_pass, num_warps=8,
     )
     return out
 

@@ -12,7 +12,7 @@ only.
 
     python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD] [--prefill-only]
         [--no-prefill] [--graphs] [--batches 1,16,64] [--contexts 4096,16384,32768] [--one-segment]
-        [--min-programs 528,1056] [--profile]
+        [--min-programs 528,1056] [--combine-one-pass] [--profile]
     (needs vLLM 0.26: README.md)
 
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
@@ -246,6 +246,8 @@ def main():
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--contexts", default="4096,16384,32768")
     ap.add_argument("--min-programs", default="", help="also each aquakv mode split for these program counts")
+    ap.add_argument("--combine-one-pass", action="store_true", help="also each aquakv variant with the split-K "
+                    "partials merged in one pass (AttentionPlan.combine_one_pass)")
     OPTIONS = args = ap.parse_args()
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     t0 = time.time()
@@ -287,16 +289,17 @@ def main():
                 counts = [plan.segments] + ([1] if args.one_segment else [])
                 counts += [plan_attention(qsl_list, ctx, HQ, H, "cuda", **{**best, "min_programs": p}).segments
                            for p in ints(args.min_programs)]  # other split-K widths
-                variants = [(ring, segments) for segments in dict.fromkeys(counts) for ring in rings]
-                for ring_launch, segments in variants:
+                variants = [(ring, segments, one_pass) for segments in dict.fromkeys(counts) for ring in rings
+                            for one_pass in ((False, True) if args.combine_one_pass else (False,))]
+                for ring_launch, segments, one_pass in variants:
                     p = dataclasses.replace(plan, ring_launch=ring_launch, _partials=None, segments=segments,
-                                            maxnreg=plan.maxnreg if ring_launch else None)
+                                            maxnreg=plan.maxnreg if ring_launch else None, combine_one_pass=one_pass)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
                     name = (label + ("" if ring_launch else ", ring in the last segment")
                             + ("" if segments == plan.segments else ", one segment" if segments == 1
-                               else f", {segments} segments"))
+                               else f", {segments} segments") + (", one-pass combine" if one_pass else ""))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
