@@ -236,18 +236,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", nargs="?", default="/tmp/out")
     ap.add_argument("--only", default=None, help="aquakv modes whose label contains one of these words (comma list)")
-    ap.add_argument("--no-sweep", action="store_true", help="plan_attention's defaults, no launch-settings sweep")
-    ap.add_argument("--prefill-only", action="store_true")
-    ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (GPU time only)")
-    ap.add_argument("--profile", action="store_true", help="GPU time per kernel of each aquakv decode call (row "
-                    "kernel_us) and of the window's prefill")
-    ap.add_argument("--one-segment", action="store_true", help="also each aquakv mode with one split-K segment")
+    for flag, text in (("--no-sweep", "plan_attention's defaults, no launch-settings sweep"),
+                       ("--prefill-only", "the prefill table only"), ("--no-prefill", "the decode table only"),
+                       ("--graphs", "time CUDA-graph replays (GPU time only)"),
+                       ("--profile", "GPU time per kernel of each decode call (kernel_us) and of the window's prefill"),
+                       ("--one-segment", "also each aquakv mode with one split-K segment"),
+                       ("--combine-one-pass", "also each aquakv variant with the split-K partials merged in one pass "
+                                              "(AttentionPlan.combine_one_pass)")):
+        ap.add_argument(flag, action="store_true", help=text)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--contexts", default="4096,16384,32768")
     ap.add_argument("--min-programs", default="", help="also each aquakv mode split for these program counts")
-    ap.add_argument("--combine-one-pass", action="store_true", help="also each aquakv variant with the split-K "
-                    "partials merged in one pass (AttentionPlan.combine_one_pass)")
     OPTIONS = args = ap.parse_args()
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     t0 = time.time()
