@@ -179,7 +179,7 @@ def quality(paths, out):
 
 # output PNG, input patterns (the first required, the rest optional), plot function
 PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
-         ("throughput_h200.png", ["throughput_h200_*.json"], throughput),
+         ("throughput_h200.png", ["throughput_h200_8192_512_vs_fp8.json"], throughput),  # bf16, fp8, aquakv: one machine
          ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("serve_h100.png", ["serve_h100_*.json"], serve),
