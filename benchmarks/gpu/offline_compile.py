@@ -6,7 +6,8 @@ spending device time.  Pointer arguments are compiled 16-byte aligned, as torch 
         [--plain] [--dump DIR] [--write]
 
 ``--sass`` also prints the instruction mix of the kernel's innermost loop (one key tile) from the bundled
-``cuobjdump``: what the loop spends its issue slots on.  ``--write`` compiles the cache write (kernels/cache_write.py, 16 tokens per program) instead of the attention.
+``cuobjdump``: what the loop spends its issue slots on.  ``--write`` compiles the cache write (kernels/cache_write.py, 16 tokens per program) instead of the attention,
+``--combine two-pass|one-pass`` the split-K combine of a decode step (one walk over the partials or two).
 To check against the GPU image's Triton (3.6), install it beside the venv's and put it first on the path:
 ``pip install --target /tmp/t36 triton==3.6.0 --no-deps; PYTHONPATH=/tmp/t36 python benchmarks/gpu/offline_compile.py``.
 
@@ -65,11 +66,40 @@ def main():
     ap.add_argument("--sass", action="store_true", help="print the innermost loop's instruction mix")
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M's shapes: 9 q / 3 KV heads, head_dim 64, "
                                                           "blocks of 32")
+    ap.add_argument("--combine", choices=("two-pass", "one-pass"), default=None, help="compile the split-K combine "
+                    "of a decode step (16 rows; AttentionPlan.combine_one_pass) instead; it launches with --warps 8")
     args = ap.parse_args()
-    fn = cache_write._cache_write_kernel if args.write else attention._fused_attention_kernel
+    fn, pointers, const = combine_launch(args) if args.combine else attention_or_write_launch(args)
     names = fn.arg_names
+    signature = {n: pointers.get(n, "fp32" if n == "logit_scale" else "i32") for n in names}
+    signature.update({k: "constexpr" for k in const})
+    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in pointers})
+    options = {"num_warps": args.warps, "num_stages": args.stages}
+    if args.maxnreg:
+        options["maxnreg"] = args.maxnreg
+    kernel, info, sass = compile_sm90(src, options, args.dump or "/tmp/aquakv-offline-compile", args.sass)
+    print(f"tile {args.tile} warps {args.warps} stages {args.stages} rows {args.rows} maxnreg {args.maxnreg} "
+          f"plain {args.plain} combine {args.combine}: shared {kernel.metadata.shared} B; " + "; ".join(info))
+    if args.sass:
+        print(loop_mix(sass))
+
+
+def combine_launch(args) -> tuple:
+    """(kernel, pointer types, constants) of a decode step's split-K combine (``--combine``)."""
+    fn = attention._combine_kernel
+    pointers = {n: "*bf16" if n == "out_ptr" else "*fp32" for n in fn.arg_names if n.endswith("_ptr")}
+    const = dict(G=3, NUM_Q_HEADS=24, HEAD_DIM=128, ROWS=16, HAS_V_BIAS=not args.plain, HAS_K_BIAS=not args.plain,
+                 V_FROM_K=not args.plain, HAS_WINDOW=args.window, RING_SEGMENT=False,
+                 DOT_DTYPE=triton.language.float16, ONE_PASS=args.combine == "one-pass")
+    return fn, pointers, const
+
+
+def attention_or_write_launch(args) -> tuple:
+    """(kernel, pointer types, constants) of the fused attention launch, or of the cache write (``--write``)."""
+    fn = cache_write._cache_write_kernel if args.write else attention._fused_attention_kernel
     pointers = WRITE_POINTERS if args.write else POINTERS
-    const = WRITE_CONSTANTS if args.write else dict(G=3, NUM_Q_HEADS=24, BLOCK_Q=1 if args.rows == 16 else args.rows // 3, BLOCK_M=args.rows,
+    const = dict(WRITE_CONSTANTS) if args.write else dict(G=3, NUM_Q_HEADS=24, BLOCK_Q=1 if args.rows == 16 else args.rows // 3, BLOCK_M=args.rows,
                  TILE=args.tile, HEAD_DIM=128, PAGE_BLOCK=16, SLOT_ALIGN=4, K_CODE_BYTES=32, K_INDEX_BITS=4,
                  K_ENTRY_VALUES=2, K_LANES=4, V_CODE_OFFSET=32, V_CODE_BYTES=32, V_INDEX_BITS=4, V_ENTRY_VALUES=2,
                  V_LANES=4, K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=not args.plain,
@@ -88,18 +118,7 @@ def main():
     if args.u1n4 is not None and not args.write:  # uniform 2-bit codes: arithmetic decode, (g0, step) tables
         const.update(K_INDEX_BITS=args.u1n4, K_ENTRY_VALUES=1, V_INDEX_BITS=args.u1n4, V_ENTRY_VALUES=1)
         pointers = dict(pointers, k_table_ptr="*fp32", v_table_ptr="*fp32")
-    signature = {n: pointers.get(n, "fp32" if n == "logit_scale" else "i32") for n in names}
-    signature.update({k: "constexpr" for k in const})
-    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in pointers})
-    options = {"num_warps": args.warps, "num_stages": args.stages}
-    if args.maxnreg:
-        options["maxnreg"] = args.maxnreg
-    kernel, info, sass = compile_sm90(src, options, args.dump or "/tmp/aquakv-offline-compile", args.sass)
-    print(f"tile {args.tile} warps {args.warps} stages {args.stages} rows {args.rows} maxnreg {args.maxnreg} "
-          f"plain {args.plain}: shared {kernel.metadata.shared} B; " + "; ".join(info))
-    if args.sass:
-        print(loop_mix(sass))
+    return fn, pointers, const
 
 
 def compile_sm90(src, options: dict, out: str, sass: bool = False):
