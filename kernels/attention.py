@@ -26,8 +26,8 @@ One program handles BLOCK_Q query tokens of one sequence x the G query heads of 
 one segment of that sequence's causal key range (split-K for long decodes).  With 16-bit sinks/window
 (``WindowInputs``), decode steps read those keys from the ring in a pass of their own (``RING_FIRST``): from 16
 requests a launch of its own that writes one more split-K partial (``RING_ONLY``), so that the codes launch keeps the
-register cap of a launch without the window, else in the codes launch's last segment (``RING_IN_LAST``); wider launches
-read the ring inside the codes loop, per tile.  It writes unnormalized partials (running max, denominator,
+register cap of a launch without the window, else in RING_PROGRAMS programs of the codes launch after its segments,
+each writing a partial of a slice of the ring; wider launches read the ring inside the codes loop, per tile.  It writes unnormalized partials (running max, denominator,
 Hadamard-domain value and key sums, in lane order); ``_combine_kernel`` merges the segments and applies the per-query
 epilogue.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
 """
@@ -276,7 +276,8 @@ def _fused_attention_kernel(
     stride_qn, stride_qh, stride_block, stride_head, stride_token, stride_bt, stride_kn, stride_kh, stride_vn,
     stride_vh,
     G: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SINKS: tl.constexpr, WINDOW: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    RING_FIRST: tl.constexpr, RING_ONLY: tl.constexpr, RING_IN_LAST: tl.constexpr, RING_TILE: tl.constexpr,
+    RING_FIRST: tl.constexpr, RING_ONLY: tl.constexpr, RING_PROGRAMS: tl.constexpr,
+    RING_CHUNK: tl.constexpr, RING_TILE: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, SLOT_ALIGN: tl.constexpr,
     K_CODE_BYTES: tl.constexpr, K_INDEX_BITS: tl.constexpr, K_ENTRY_VALUES: tl.constexpr, K_LANES: tl.constexpr,
@@ -345,18 +346,18 @@ def _fused_attention_kernel(
     w_k = tl.zeros([BLOCK_M], tl.float32)
     win_lo = context + first - WINDOW + 1  # the lowest key position any row of the block reads in 16 bits
     # decode launches (RING_FIRST): the sinks/window keys in a pass of their own, in a launch of their own
-    # (RING_ONLY) or in the last segment of the codes launch (RING_IN_LAST; ``AttentionPlan.ring_segment``)
-    ring_at = num_segments - 1  # the segment that reads the ring: the codes launch's last, or the ring launch's
-    if RING_ONLY:
-        ring_at = num_segments
-    if RING_ONLY or RING_IN_LAST:
-        if segment == ring_at:
+    # (RING_ONLY) or in RING_PROGRAMS programs of the codes launch after its segments, each a slice of RING_CHUNK
+    # entries (``AttentionPlan.ring_rows``)
+    if RING_ONLY or RING_PROGRAMS > 0:
+        if segment >= num_segments:
+            ring_lo = (segment - num_segments) * RING_CHUNK  # this program's ring entries [ring_lo, ring_hi)
+            ring_hi = tl.minimum(ring_lo + RING_CHUNK, SINKS + WINDOW)
             q_last = context + first  # the block's one query position
             win_start = tl.maximum(q_last - WINDOW + 1, SINKS)
-            for r0 in range(0, SINKS + WINDOW, RING_TILE):
+            for r0 in range(ring_lo, ring_hi, RING_TILE):
                 r = r0 + tl.arange(0, RING_TILE)  # ring entries: the sinks, then the window's positions in order
                 t = tl.where(r < SINKS, r, win_start + r - SINKS)
-                t_mask = (r < SINKS + WINDOW) & (t <= q_last)
+                t_mask = (r < ring_hi) & (t <= q_last)
                 blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
                 col = _ring_column(t, SINKS, WINDOW)
                 in_chunk = t >= context
@@ -372,7 +373,7 @@ def _fused_attention_kernel(
                                  stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
                 acc_x = tl.dot(p.to(Q_DTYPE), vx.to(Q_DTYPE), acc_x * alpha[:, None], input_precision=Q_PRECISION)
 
-    if RING_ONLY:  # no codes: the loop below is the other launch's
+    if segment >= num_segments:  # no codes in ring programs (RING_ONLY, RING_PROGRAMS)
         tile_hi = tile_lo
     for tile in range(tile_lo, tile_hi):
         t = tile * TILE + tl.arange(0, TILE)  # key positions [T]
@@ -413,7 +414,7 @@ def _fused_attention_kernel(
                                      stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
                     s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale, s)
         m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
-        if HAS_WINDOW and (RING_IN_LAST or not RING_FIRST):
+        if HAS_WINDOW and not RING_FIRST:
             acc_x = acc_x * alpha[:, None]
         if HAS_WINDOW and not RING_FIRST:  # their probabilities weight 16-bit values; the codes get the rest
             if ring_tile:
@@ -443,7 +444,8 @@ def _fused_attention_kernel(
     tl.store(m_ptr + idx, m_i, mask=row_mask)
     tl.store(l_ptr + idx, l_i, mask=row_mask)
     _store_lanes(acc_v_ptr, idx, row_mask, v0, v1, v2, v3, HEAD_DIM, V_LANES, V_CODE_BYTES)
-    if HAS_WINDOW and (RING_ONLY or RING_IN_LAST or not RING_FIRST):  # (a decode's codes launch may have none)
+    if HAS_WINDOW and (RING_ONLY or RING_PROGRAMS > 0 or not RING_FIRST):  # (RING_PROGRAMS: only the ring
+        # programs' are read)
         tl.store(acc_x_ptr + idx[:, None] * HEAD_DIM + j[None, :], acc_x, mask=row_mask[:, None])
     if V_FROM_K:
         _store_lanes(acc_k_ptr, idx, row_mask, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES)
@@ -451,17 +453,18 @@ def _fused_attention_kernel(
 
 @triton.jit(do_not_specialize=["num_segments", "num_tokens"])  # values that change every step
 def _combine_kernel(
-    m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, rot_v_ptr, rot_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr,
+    m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, sign_v_ptr, sign_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr,
     out_ptr, num_segments, num_tokens, stride_out_n, stride_out_h,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
     HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    RING_SEGMENT: tl.constexpr, DOT_DTYPE: tl.constexpr, ONE_PASS: tl.constexpr,
+    RING_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Merge the split-K partials of ROWS // G tokens x the G query heads of one KV head and apply the epilogue:
     softmax normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value
     predictor ((b_k + y_k A^T) W), written in the output's dtype.  Several tokens per program share the loads of
-    the [h, h] matrices (prefill steps have thousands of tokens).  ONE_PASS: one walk over the partials with a
-    running maximum instead of two (the maximum, then the sums): half the dependent loads of a many-segment decode."""
+    the [h, h] matrices (prefill steps have thousands of tokens).  One walk over the partials with a running
+    maximum (benchmarks/results/decode_attention_h200_ring_programs.md: faster than a first pass for the maximum,
+    and than reading the maxima as one tile)."""
     kv_head = tl.program_id(1)
     r = tl.arange(0, ROWS)
     tok = tl.program_id(0) * (ROWS // G) + r // G
@@ -471,46 +474,37 @@ def _combine_kernel(
     idx = tok * NUM_Q_HEADS + q_head  # [R] rows of the [N * Hq] partials
     seg = num_tokens * NUM_Q_HEADS
     m_max = tl.full([ROWS], -1.0e30, tl.float32)
-    if not ONE_PASS:  # the maximum first, then each partial weighted once
-        for s in range(num_segments):
-            m_max = tl.maximum(m_max, tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30))
     denom = tl.zeros([ROWS], tl.float32)
     y_v = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     y_k = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     y_x = tl.zeros([ROWS, HEAD_DIM], tl.float32)  # 16-bit sinks/window values, head order
     for s in range(num_segments):
         m_s = tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30)
-        if ONE_PASS:  # a running maximum: the sums so far are rescaled by alpha when it grows
-            m_new = tl.maximum(m_max, m_s)
-            alpha = tl.exp2(m_max - m_new)
-            w = tl.exp2(m_s - m_new)
-            m_max = m_new
-            denom *= alpha
-            y_v *= alpha[:, None]
-            if V_FROM_K:
-                y_k *= alpha[:, None]
-            if HAS_WINDOW:
-                y_x *= alpha[:, None]
-        else:
-            w = tl.exp2(m_s - m_max)
-        denom += w * tl.load(l_ptr + s * seg + idx, mask=row_mask, other=0.0)
+        m_new = tl.maximum(m_max, m_s)
+        alpha = tl.exp2(m_max - m_new)  # the sums so far are rescaled when the maximum grows
+        w = tl.exp2(m_s - m_new)
+        m_max = m_new
+        denom = denom * alpha + w * tl.load(l_ptr + s * seg + idx, mask=row_mask, other=0.0)
         rows = (s * seg + idx)[:, None] * HEAD_DIM + j[None, :]
-        y_v += w[:, None] * tl.load(acc_v_ptr + rows, mask=row_mask[:, None], other=0.0)
+        y_v = y_v * alpha[:, None] + w[:, None] * tl.load(acc_v_ptr + rows, mask=row_mask[:, None], other=0.0)
         if V_FROM_K:
-            y_k += w[:, None] * tl.load(acc_k_ptr + rows, mask=row_mask[:, None], other=0.0)
-        if HAS_WINDOW:  # (RING_SEGMENT: only the last partial, the ring launch's, has 16-bit sums)
-            if not RING_SEGMENT or s == num_segments - 1:
+            y_k = y_k * alpha[:, None] + w[:, None] * tl.load(acc_k_ptr + rows, mask=row_mask[:, None], other=0.0)
+        if HAS_WINDOW:  # (RING_ROWS > 0: only the last RING_ROWS partials, the ring programs', have 16-bit sums)
+            y_x *= alpha[:, None]
+            if RING_ROWS == 0 or s >= num_segments - RING_ROWS:
                 y_x += w[:, None] * tl.load(acc_x_ptr + rows, mask=row_mask[:, None], other=0.0)
     inv = 1.0 / (tl.where(row_mask, denom, 1.0) * tl.sqrt(HEAD_DIM * 1.0))  # y = z * scale / sqrt(h)
-    a_t = tl.load(rot_v_ptr + j[None, :] * HEAD_DIM + j[:, None]).to(DOT_DTYPE)  # [h (lane order), h] = A^T
-    out = tl.dot((y_v * inv[:, None]).to(DOT_DTYPE), a_t)  # [R, h]
+    # A^T = S^T / sqrt(h) with S = diag(signs) H: the +-1 matrix in 16 bits (exact), 1 / sqrt(h) after the dot
+    rsqrt_h = 1.0 / tl.sqrt(HEAD_DIM * 1.0)
+    s_t = tl.load(sign_v_ptr + j[None, :] * HEAD_DIM + j[:, None]).to(DOT_DTYPE)  # [h (lane order), h] = S^T
+    out = tl.dot((y_v * inv[:, None]).to(DOT_DTYPE), s_t) * rsqrt_h  # [R, h]
     if HAS_WINDOW:  # (their share of the probability is not in y_v, and a window needs no value bias/predictor)
         out += y_x * (inv * tl.sqrt(HEAD_DIM * 1.0))[:, None]
     if HAS_V_BIAS:
         out += tl.load(v_bias_ptr + kv_head * HEAD_DIM + j)[None, :]
     if V_FROM_K:
-        a_t = tl.load(rot_k_ptr + j[None, :] * HEAD_DIM + j[:, None]).to(DOT_DTYPE)
-        k_mean = tl.dot((y_k * inv[:, None]).to(DOT_DTYPE), a_t)  # softmax-weighted keys [R, h]
+        s_t = tl.load(sign_k_ptr + j[None, :] * HEAD_DIM + j[:, None]).to(DOT_DTYPE)
+        k_mean = tl.dot((y_k * inv[:, None]).to(DOT_DTYPE), s_t) * rsqrt_h  # softmax-weighted keys [R, h]
         if HAS_K_BIAS:
             k_mean += tl.load(k_bias_ptr + kv_head * HEAD_DIM + j)[None, :]
         w_head = tl.load(v_weight_ptr + kv_head * HEAD_DIM * HEAD_DIM + j[:, None] * HEAD_DIM + j[None, :])
@@ -592,7 +586,8 @@ class FusedLayer:
 
     rot_k: torch.Tensor  # [h, h] float32: A = diag(signs) H / sqrt(h) with columns in key-lane order
     rot_v: torch.Tensor  # the same in value-lane order; decode is y_lanes @ rot^T
-    sign_k: torch.Tensor  # [h, h] float32: rot_k * sqrt(h), entries exactly +-1 (query rotation in any dtype)
+    sign_k: torch.Tensor  # [h, h] float16: rot_k * sqrt(h), entries exactly +-1 (query rotation in any dtype)
+    sign_v: torch.Tensor  # [h, h] float16: rot_v * sqrt(h) (the combine's rotation back)
     k_lanes: LaneTable
     v_lanes: LaneTable
     k_bias: torch.Tensor | None  # [H, h] post-RoPE key mean, or None
@@ -650,8 +645,8 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
     rot_k, rot_v = (rot[:, lane_order(h, t.lanes).to(rot.device)].contiguous() for t in tables)
     bias = lambda p: None if p is None or p.bias is None else p.bias.float().contiguous()  # noqa: E731
     k_bias, v_bias = bias(kp), bias(vp)
-    sign_k = (rot_k * math.sqrt(h)).round().contiguous()
-    return FusedLayer(rot_k, rot_v, sign_k, k_lanes, v_lanes, k_bias, v_bias, v_weight, layout.code_offsets[1],
+    sign_k, sign_v = ((r * math.sqrt(h)).round().half().contiguous() for r in (rot_k, rot_v))
+    return FusedLayer(rot_k, rot_v, sign_k, sign_v, k_lanes, v_lanes, k_bias, v_bias, v_weight, layout.code_offsets[1],
                       *layout.scale_offsets, *value_prediction_terms(rot_k, k_bias, v_bias, v_weight))
 
 
@@ -668,10 +663,15 @@ def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:
     return fused
 
 
-# decode steps with fewer requests read the 16-bit ring in the codes launch's last segment (benchmarks/results/
-# decode_attention_h200_speed.md, eager: batch 1 0.18 vs 0.29 ms per layer with its own launch; batch 16 at 4k
-# 0.138 vs 0.131 ms, and the own launch keeps the codes launch's register cap at longer contexts)
+# decode steps with the 16-bit window and fewer requests read the ring in RING_PROGRAMS programs of the codes launch,
+# whose split-K aims at WINDOW_DECODE_PROGRAMS programs (1 per H200 SM: the codes launch without the register cap takes
+# ~220 registers, 2 programs per SM, and the ring programs then fit in the first wave); from RING_LAUNCH_MIN_REQUESTS
+# requests in a launch of its own, which keeps the codes launch's register cap (benchmarks/results/
+# decode_attention_h200_ring_programs.md, CUDA graphs, 8k contexts, us per layer: 23.7 / 28.2 / 42.1 / 67.0 at 1 / 2
+# / 4 / 8 requests against 37.2 / 39.2 / 47.8 / 72.3 with the ring's own launch; FA3 bf16: 16.2 / 28.1 / 42.5 / 72.5)
 RING_LAUNCH_MIN_REQUESTS = 16
+RING_PROGRAMS = 2
+WINDOW_DECODE_PROGRAMS = 132
 
 
 @dataclass
@@ -687,12 +687,10 @@ class AttentionPlan:
     num_warps: int = 4
     maxnreg: int | None = None  # register cap per thread; None: ``fused_attention`` picks (as num_stages)
     num_stages: int | None = None  # software pipelining; None: ``fused_attention`` picks the fastest measured
-    # decode with the window: the ring in a launch of its own (``ring_segment``; ``plan_attention``: on CUDA, from
-    # RING_LAUNCH_MIN_REQUESTS requests)
+    # decode with the window: the ring in a launch of its own (``ring_rows``; ``plan_attention``: on CUDA, from
+    # RING_LAUNCH_MIN_REQUESTS requests), else in ``ring_programs`` programs of the codes launch after its segments
     ring_launch: bool = True
-    # merge the split-K partials in one pass with a running maximum (``_combine_kernel``'s ONE_PASS); off until
-    # measured on the GPU (benchmarks/gpu/decode_attention.py --combine-one-pass)
-    combine_one_pass: bool = False
+    ring_programs: int = RING_PROGRAMS
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -701,10 +699,10 @@ class AttentionPlan:
         [segments, N, Hq, h] float32 scratch, allocated once per step: every layer of the step has the same shapes.
         Without ``key_sums`` (no value predictor from keys) or ``exact_sums`` (no 16-bit sinks/window) those are the
         value sums' buffer, which the kernel then does not touch.  Decode steps with ``exact_sums`` have one more
-        segment: the ring launch's (``ring_segment``)."""
+        segment per ring program (``ring_rows``)."""
         key = (num_tokens, num_q_heads, head_dim, key_sums, exact_sums, str(device))
         if self._partials is None or self._partials[0] != key:
-            rows = self.segments + self.ring_segment(exact_sums)
+            rows = self.segments + self.ring_rows(exact_sums)
             part = lambda *shape: torch.empty(rows, num_tokens, num_q_heads, *shape,  # noqa: E731
                                               dtype=torch.float32, device=device)
             m, l, acc_v = part(), part(), part(head_dim)
@@ -712,29 +710,39 @@ class AttentionPlan:
                                     part(head_dim) if exact_sums else acc_v))
         return self._partials[1]
 
-    def ring_segment(self, window: bool) -> bool:
-        """Whether the 16-bit sinks/window take a launch of their own, written as one more split-K partial (decode
-        steps: one query token per program; ``ring_launch``).  Their codes launch then keeps no 16-bit sums and,
-        without the ring pass, fits the same register cap as a launch without the window.  Otherwise a decode reads
-        the ring in its last segment, and prefill launches read it per tile."""
-        return window and self.block_q == 1 and self.ring_launch
+    def ring_rows(self, window: bool) -> int:
+        """How many split-K partials after the codes segments hold the 16-bit sinks/window pass of a decode step (one
+        query token per program): 1 for a launch of its own (``ring_launch``: the codes launch then keeps no 16-bit
+        sums and, without the ring pass, fits the same register cap as a launch without the window), else
+        ``ring_programs`` for programs of the codes launch that each read a slice of the ring.  Prefill launches read
+        the ring per tile (0)."""
+        if not window or self.block_q != 1:
+            return 0
+        if not self.ring_launch and self.ring_programs < 1:
+            raise ValueError(f"ring_programs must be >= 1 without the ring's own launch, got {self.ring_programs}")
+        return 1 if self.ring_launch else self.ring_programs
 
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
-                   num_stages: int | None = None, maxnreg: int | None = None) -> AttentionPlan:
+                   num_stages: int | None = None, maxnreg: int | None = None, window: bool = False) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
-    the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA; 1, i.e. no split, in the CPU
-    interpreter) when there are few sequences (long decodes).  Key tiles: 128 tokens for decode-only steps, 64
-    with prefill rows (the fastest in benchmarks/results/decode_attention_h100's sweep)."""
+    the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA, 1 per SM for decodes with the 16-bit
+    ``window`` below RING_LAUNCH_MIN_REQUESTS requests; 1, i.e. no split, in the CPU interpreter) when there are few
+    sequences (long decodes).  Key tiles: 128 tokens for decode-only steps, 64 with prefill rows (the fastest in
+    benchmarks/results/decode_attention_h100's sweep)."""
+    cuda = torch.device(device).type == "cuda"
+    num_reqs = len(query_start_loc) - 1
+    # the ring's own launch relieves GPU registers, which pays from RING_LAUNCH_MIN_REQUESTS decodes on; below, ring
+    # programs in the codes launch (the CPU interpreter has no registers and copies the cache per launch)
+    ring_launch = cuda and num_reqs >= RING_LAUNCH_MIN_REQUESTS
     if min_programs is None:
-        min_programs = 264 if torch.device(device).type == "cuda" else 1
+        min_programs = (WINDOW_DECODE_PROGRAMS if window and not ring_launch else 264) if cuda else 1
     group = num_q_heads // num_kv_heads
     max_q = max(b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:]))
     tile = tile or (128 if max_q == 1 else 64)
     block_m = max(16, triton.next_power_of_2(group)) if max_q == 1 else max(64, triton.next_power_of_2(group))
     block_q = 1 if max_q == 1 else block_m // group
-    num_reqs = len(query_start_loc) - 1
     if max_q == 1:  # decode: one program row per request, made on the device (no host-to-device copy, so a CUDA
         # graph can capture it; requests without a token, as CUDA-graph padding, get programs that store nothing)
         q_seq = torch.arange(num_reqs, dtype=torch.int32, device=device)
@@ -749,9 +757,6 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
         q_seq, q_first = as_tensor(seq), as_tensor(first)
     programs = q_seq.shape[0] * num_kv_heads
     segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
-    # the ring's own launch relieves GPU registers, which pays from RING_LAUNCH_MIN_REQUESTS decodes on; below, the
-    # extra launch's host time costs more (eager); the CPU interpreter has no registers and copies the cache per launch
-    ring_launch = torch.device(device).type == "cuda" and num_reqs >= RING_LAUNCH_MIN_REQUESTS
     return AttentionPlan(q_seq, q_first, block_q, block_m, segments, tile, num_warps, maxnreg, num_stages,
                          ring_launch=ring_launch)
 
@@ -791,13 +796,16 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     # launch settings: the plan's, else the fastest measured (benchmarks/results/decode_attention_h200: uniform codes
     # in decode launches 2 stages and <= 128 registers without the window, whose 16-bit pass needs more)
     uniform = kl.index_bits <= 1
-    ring_launch = plan.ring_segment(window is not None)
+    w = window
+    ring_rows = plan.ring_rows(window is not None)
+    ring_launch = ring_rows > 0 and plan.ring_launch
+    ring_programs = 0 if ring_launch else ring_rows
+    ring_chunk = 0 if w is None else triton.cdiv(triton.cdiv(w.sinks + w.window, max(ring_programs, 1)), 32) * 32
     stages = plan.num_stages or (2 if uniform else 1)
     maxnreg = plan.maxnreg or (128 if uniform and (window is None or ring_launch) else None)
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
-    w = window
     launch = lambda z, ring_only, **options: _fused_attention_kernel[(plan.q_seq.shape[0], heads, z)](  # noqa: E731
         query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias, kv_cache, block_table, seq_lens,
         query_start_loc, plan.q_seq, plan.q_first, kl.table, vl.table,
@@ -809,7 +817,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
                                                                 w.value.stride(0), w.value.stride(1)),
         G=group, NUM_KV_HEADS=heads, SINKS=0 if w is None else w.sinks, WINDOW=0 if w is None else w.window,
         HAS_WINDOW=w is not None, RING_FIRST=w is not None and plan.block_q == 1, RING_ONLY=ring_only,
-        RING_IN_LAST=w is not None and plan.block_q == 1 and not ring_launch, RING_TILE=32,
+        RING_PROGRAMS=ring_programs,
+        RING_CHUNK=ring_chunk, RING_TILE=32,
         NUM_Q_HEADS=num_q_heads, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE=plan.tile, HEAD_DIM=h,
         PAGE_BLOCK=page_block, SLOT_ALIGN=slot_align,
         K_CODE_BYTES=kl.code_bytes, K_INDEX_BITS=kl.index_bits, K_ENTRY_VALUES=kl.entry_values, K_LANES=kl.lanes,
@@ -820,20 +829,20 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
         num_warps=plan.num_warps, num_stages=stages, **options,
     )
-    launch(segments, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
-    if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_segment``)
+    launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
+    if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)
         launch(1, True)
     if out is None:
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
     rows = _combine_rows(n, group)
     _combine_kernel[(triton.cdiv(n, rows // group), heads)](
-        m, l, acc_v, acc_k, acc_x, layer.rot_v, layer.rot_k, dummy if layer.v_bias is None else layer.v_bias,
+        m, l, acc_v, acc_k, acc_x, layer.sign_v, layer.sign_k, dummy if layer.v_bias is None else layer.v_bias,
         dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_weight is None else layer.v_weight, out,
-        segments + ring_launch, n, out.stride(0), out.stride(1),
+        segments + ring_rows, n, out.stride(0), out.stride(1),
         G=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=h, ROWS=rows,
         HAS_V_BIAS=layer.v_bias is not None, HAS_K_BIAS=layer.k_bias is not None,
-        V_FROM_K=layer.v_weight is not None, HAS_WINDOW=w is not None, RING_SEGMENT=ring_launch,
-        DOT_DTYPE=tl.float32 if interpret else tl.float16, ONE_PASS=plan.combine_one_pass, num_warps=8,
+        V_FROM_K=layer.v_weight is not None, HAS_WINDOW=w is not None, RING_ROWS=ring_rows,
+        DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
     )
     return out
 
@@ -887,7 +896,7 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
         for new_tokens in (1, 2, context):  # decode, short and long prefill launches
             qsl = [0, new_tokens]
             seq_lens = torch.tensor([context], dtype=torch.int32, device=device)
-            plan = plan_attention(qsl, context, num_q_heads, num_kv_heads, device)
+            plan = plan_attention(qsl, context, num_q_heads, num_kv_heads, device, window=window is not None)
             query = torch.randn(new_tokens, num_q_heads, h, device=device).to(dtype)
             win = None
             if window is not None:  # (sinks, window): an empty ring, this step's keys/values as vLLM hands them

@@ -187,22 +187,17 @@ def _cache_write_kernel(
         ring_row = tl.load(ring_row_ptr + n, mask=loaded, other=0)
         ring_col = tl.load(ring_col_ptr + n, mask=loaded, other=0)
         ring = ((ring_row * RING_WIDTH + ring_col) * NUM_KV_HEADS + head).to(tl.int64)[:, None] * HEAD_DIM + j[None, :]
-    if SPLIT_STREAMS:  # keys in programs (., ., 0), values in (., ., 1): two short chains instead of one long
-        if tl.program_id(2) == 0:
-            _write_stream(key_ptr, stride_kt, stride_kh, ring_k_ptr, k_bias_ptr, rot_k_ptr, k_grid_ptr, v_from_k_ptr,
-                          cache_ptr, n, head, loaded, valid, ring, base, 0.0, 0.0, 0.0, 0.0, HEAD_DIM, K_LANES,
-                          K_CODE_BYTES, K_CODE_BITS, K_D, K_POINTS, 0, K_SCALE_OFFSET, HAS_K_BIAS, HAS_RING, False,
-                          K_LANES, K_CODE_BYTES)
-        else:
-            _write_stream(value_ptr, stride_vt, stride_vh, ring_v_ptr, v_bias_ptr, rot_v_ptr, v_grid_ptr,
-                          v_from_k_ptr, cache_ptr, n, head, loaded, valid, ring, base, 0.0, 0.0, 0.0, 0.0, HEAD_DIM,
-                          V_LANES, V_CODE_BYTES, V_CODE_BITS, V_D, V_POINTS, V_CODE_OFFSET, V_SCALE_OFFSET,
-                          HAS_V_BIAS, HAS_RING, False, K_LANES, K_CODE_BYTES)
-    else:  # one program per (tokens, head) for both: the value predictor reads the decoded keys
+    # SPLIT_STREAMS: keys in programs (., ., 0), values in (., ., 1), two short chains instead of one long; else one
+    # program per (tokens, head) does both, as the value predictor reads the decoded keys (V_FROM_K)
+    z = tl.program_id(2)
+    k0 = tl.zeros([BLOCK_N, K_CODE_BYTES], tl.float32)
+    k1, k2, k3 = k0, k0, k0
+    if z == 0:
         k0, k1, k2, k3 = _write_stream(key_ptr, stride_kt, stride_kh, ring_k_ptr, k_bias_ptr, rot_k_ptr, k_grid_ptr,
-                                       v_from_k_ptr, cache_ptr, n, head, loaded, valid, ring, base, 0.0, 0.0, 0.0,
-                                       0.0, HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS, K_D, K_POINTS, 0,
+                                       v_from_k_ptr, cache_ptr, n, head, loaded, valid, ring, base, k0, k1, k2, k3,
+                                       HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS, K_D, K_POINTS, 0,
                                        K_SCALE_OFFSET, HAS_K_BIAS, HAS_RING, False, K_LANES, K_CODE_BYTES)
+    if z == (1 if SPLIT_STREAMS else 0):
         _write_stream(value_ptr, stride_vt, stride_vh, ring_v_ptr, v_bias_ptr, rot_v_ptr, v_grid_ptr, v_from_k_ptr,
                       cache_ptr, n, head, loaded, valid, ring, base, k0, k1, k2, k3, HEAD_DIM, V_LANES, V_CODE_BYTES,
                       V_CODE_BITS, V_D, V_POINTS, V_CODE_OFFSET, V_SCALE_OFFSET, HAS_V_BIAS, HAS_RING, V_FROM_K,

@@ -90,12 +90,9 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
                                       v_lanes=lane_table(vc.grid, vc.code_bits, head_dim, index_bits))
     # no split, split-K over many segments, and the same codes decoded through byte-indexed tables (or, for d1n4,
     # in registers: index_bits=2; for u1n4 through the 1024-exponent trick: index_bits=1)
-    # (and the split partials merged in one pass with a running maximum: ``combine_one_pass``)
-    for min_programs, fused, one_pass in ((1, fused, False), (10_000, fused, False), (10_000, fused, True),
-                                          (1, byte_tables, False)):
+    for min_programs, fused in ((1, fused), (10_000, fused), (1, byte_tables)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
-        plan.combine_one_pass = one_pass
         got = fused_attention(query, kv, block_table, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                               torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan, fused, scale).cpu()
         err = (got - want).norm() / want.norm()
@@ -396,16 +393,16 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     win = WindowInputs(path.exact.k[layer], path.exact.v[layer], path.exact.tags, key, value, sinks, window)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     qsl_dev = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
-    # no split and split-K; decodes read the ring in a launch of its own, or in the last codes segment
-    for min_programs, ring_launch, one_pass in ((1, True, False), (10_000, True, False), (10_000, False, False),
-                                                (10_000, True, True), (10_000, False, True)):
+    # no split and split-K; decodes read the ring in a launch of its own or in 1, 2 (the default) or 3 programs of
+    # the codes launch (slices of the ring)
+    for min_programs, ring_launch, ring_programs in ((1, True, 0), (10_000, True, 0), (10_000, False, 2),
+                                                     (10_000, False, 1), (10_000, False, 3)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
-        plan.ring_launch = ring_launch
-        plan.combine_one_pass = one_pass  # the partials merged with a running maximum
+        plan.ring_launch, plan.ring_programs = ring_launch, ring_programs
         got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
         err = (got - want).norm() / want.norm()
-        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, err)
+        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, err)
     codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
     assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop
     if decode_only:

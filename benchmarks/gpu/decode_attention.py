@@ -12,16 +12,18 @@ only.
 
     python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD] [--prefill-only]
         [--no-prefill] [--graphs] [--batches 1,16,64] [--contexts 4096,16384,32768] [--one-segment]
-        [--min-programs 528,1056] [--combine-one-pass] [--profile]
+        [--min-programs 528,1056] [--ring-programs 1,2] [--profile]
     (needs vLLM 0.26: README.md)
 
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
 modes whose label contains one of the words; ``--graphs`` times CUDA-graph replays (GPU time without the host's
 launch cost; the eager default includes it where the host is slower than the GPU, as in small batches).  A mode with
-the 16-bit window is timed twice: the ring in a launch of its own (the default) and in the last codes segment.
+the 16-bit window is timed with the plan's ring placement and with the ring in a launch of its own ("ring launch";
+the default from 16 requests), and with ``--ring-programs N,..`` in N programs of the codes launch (the default below).
 ``--one-segment`` also times each aquakv mode unsplit (one split-K segment): what FULL-graph decode steps ran before
 their plans were made for ``max_model_len`` (vLLM captures them with 1-token contexts); ``--min-programs`` also
-times each aquakv mode with split-K plans for those program counts (the default plan aims at 264).  Where the bundle
+times each aquakv mode with split-K plans for those program counts (the default plan aims at 264, 132 for window
+decodes below 16 requests).  Where the bundle
 has FlashAttention, a "bf16 (vLLM FlashAttention)" row times vLLM's default bf16 decode on H100/H200 (FLASH_ATTN,
 FA3) on the same pages: ``vs_fa3`` compares against it (``vs_bf16`` against TRITON_ATTN, as the issue asks).
 """
@@ -30,7 +32,6 @@ import argparse
 
 import dataclasses
 import os
-import sys
 import time
 
 import torch
@@ -176,7 +177,7 @@ def flash_decode_ms(batch, ctx, q, block_table, seq_lens, qsl) -> tuple[float, d
     run = lambda: flash(q, k, v, out, qsl, 1, seq_lens, ctx, D ** -0.5, block_table)  # noqa: E731
     ms = bench(run)
     kernels = kernel_us(run) if OPTIONS.profile else None
-    del k, v
+    k = v = run = None  # (frees the pages before empty_cache)
     torch.cuda.empty_cache()
     return ms, kernels
 
@@ -240,13 +241,13 @@ def main():
                        ("--prefill-only", "the prefill table only"), ("--no-prefill", "the decode table only"),
                        ("--graphs", "time CUDA-graph replays (GPU time only)"),
                        ("--profile", "GPU time per kernel of each decode call (kernel_us) and of the window's prefill"),
-                       ("--one-segment", "also each aquakv mode with one split-K segment"),
-                       ("--combine-one-pass", "also each aquakv variant with the split-K partials merged in one pass "
-                                              "(AttentionPlan.combine_one_pass)")):
+                       ("--one-segment", "also each aquakv mode with one split-K segment")):
         ap.add_argument(flag, action="store_true", help=text)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--contexts", default="4096,16384,32768")
     ap.add_argument("--min-programs", default="", help="also each aquakv mode split for these program counts")
+    ap.add_argument("--ring-programs", default="", help="with the window: also the ring read by this many programs "
+                    "of the codes launch (comma list; AttentionPlan.ring_programs)")
     OPTIONS = args = ap.parse_args()
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     t0 = time.time()
@@ -277,28 +278,31 @@ def main():
                 rows.append({**base, "kv_cache_dtype": "bf16 (vLLM FlashAttention)", "ms": fa3_ms, "bytes": nbytes,
                              "hbm_floor_ms": 1e3 * nbytes / peak_bw, "vs_bf16": ref_ms / fa3_ms,
                              **({"kernel_us": fa3[1]} if fa3[1] else {})})
-            plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", **best)
             for label, (path, fused) in setups.items():
                 kv = random_slots(batch * nb, path.layouts[1])
                 out = torch.empty_like(q)  # the model dtype, as vLLM's output buffer
                 win = window_inputs(fused, block_table, ctx, q)
-                # with the window: the ring in a launch of its own, and in the last codes segment; that placement
-                # without the sweep's register cap, as fused_attention picks it (the cap spills its ring pass)
-                rings = (True, False) if win is not None else (True,)
+                plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", window=win is not None, **best)
+                # (ring_launch, ring_programs): the plan's, and with the window the ring's own launch and N programs
+                # of the codes launch (those without the sweep's register cap, as fused_attention picks it)
+                planned = (plan.ring_launch, plan.ring_programs)
+                rings = list(dict.fromkeys([planned] + ([(True, 0)] + [(False, r) for r in ints(args.ring_programs)]
+                                                        if win is not None else [])))
                 counts = [plan.segments] + ([1] if args.one_segment else [])
-                counts += [plan_attention(qsl_list, ctx, HQ, H, "cuda", **{**best, "min_programs": p}).segments
+                counts += [plan_attention(qsl_list, ctx, HQ, H, "cuda", window=win is not None,
+                                          **{**best, "min_programs": p}).segments
                            for p in ints(args.min_programs)]  # other split-K widths
-                variants = [(ring, segments, one_pass) for segments in dict.fromkeys(counts) for ring in rings
-                            for one_pass in ((False, True) if args.combine_one_pass else (False,))]
-                for ring_launch, segments, one_pass in variants:
-                    p = dataclasses.replace(plan, ring_launch=ring_launch, _partials=None, segments=segments,
-                                            maxnreg=plan.maxnreg if ring_launch else None, combine_one_pass=one_pass)
+                variants = [(ring, segments) for segments in dict.fromkeys(counts) for ring in rings]
+                for (ring_launch, ring_programs), segments in variants:
+                    p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
+                                            segments=segments, maxnreg=plan.maxnreg if ring_launch else None)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
-                    name = (label + ("" if ring_launch else ", ring in the last segment")
+                    name = (label + ("" if win is None or (ring_launch, ring_programs) == planned
+                                     else ", ring launch" if ring_launch else f", ring in {ring_programs} programs")
                             + ("" if segments == plan.segments else ", one segment" if segments == 1
-                               else f", {segments} segments") + (", one-pass combine" if one_pass else ""))
+                               else f", {segments} segments"))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
@@ -329,7 +333,7 @@ def main():
     md += [f"| {k} | {v:.3f} | {prefill[8192][k]:.3f} |" for k, v in prefill.get(4096, {}).items()]
     print("\n".join(md))
     name = f"prefill_attention_{gpu}.json" if args.prefill_only else f"decode_attention_{gpu}.json"
-    write_results(os.path.join(out_dir, name), "decode_attention",
+    write_results(os.path.join(args.out_dir, name), "decode_attention",
                   "Llama-3.2-3B attention shape (random data)", rows, "\n".join(md), prefill_ms=prefill,
                   tile_sweep_batch64_ctx16k=sweep, seconds=round(time.time() - t0))
 

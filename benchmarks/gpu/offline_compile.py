@@ -7,7 +7,7 @@ spending device time.  Pointer arguments are compiled 16-byte aligned, as torch 
 
 ``--sass`` also prints the instruction mix of the kernel's innermost loop (one key tile) from the bundled
 ``cuobjdump``: what the loop spends its issue slots on.  ``--write`` compiles the cache write (kernels/cache_write.py, 16 tokens per program) instead of the attention,
-``--combine two-pass|one-pass`` the split-K combine of a decode step (one walk over the partials or two).
+``--combine`` the split-K combine of a decode step.
 To check against the GPU image's Triton (3.6), install it beside the venv's and put it first on the path:
 ``pip install --target /tmp/t36 triton==3.6.0 --no-deps; PYTHONPATH=/tmp/t36 python benchmarks/gpu/offline_compile.py``.
 
@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 
 from vllm_aquakv.kernels import attention, cache_write
 
-POINTERS = {"q_ptr": "*bf16", "sign_k_ptr": "*fp32", "k_bias_ptr": "*fp32", "cache_ptr": "*u8", "block_table_ptr": "*i32",
+POINTERS = {"q_ptr": "*bf16", "sign_k_ptr": "*fp16", "k_bias_ptr": "*fp32", "cache_ptr": "*u8", "block_table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "q_start_ptr": "*i32", "qblock_seq_ptr": "*i32", "qblock_first_ptr": "*i32",
             "k_table_ptr": "*i32", "v_table_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_v_ptr": "*fp32",
             "acc_k_ptr": "*fp32", "acc_x_ptr": "*fp32", "ring_k_ptr": "*bf16", "ring_v_ptr": "*bf16", "tags_ptr": "*i64",
@@ -58,16 +58,16 @@ def main():
     ap.add_argument("--window", action="store_true", help="16-bit sinks 4 + window 128 (needs --plain)")
     ap.add_argument("--ring-only", action="store_true", help="with --window and 16 rows: the ring launch, not the "
                     "codes launch")
-    ap.add_argument("--ring-in-last", action="store_true", help="with --window and 16 rows: the ring in the last "
-                    "segment of the codes launch (AttentionPlan.ring_launch=False)")
+    ap.add_argument("--ring-programs", type=int, default=0, help="with --window and 16 rows: the ring in this "
+                    "many programs of the codes launch after its segments (AttentionPlan.ring_programs)")
     ap.add_argument("--no-asm", action="store_true", help="register decode by integer selects, not PTX")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--sass", action="store_true", help="print the innermost loop's instruction mix")
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M's shapes: 9 q / 3 KV heads, head_dim 64, "
                                                           "blocks of 32")
-    ap.add_argument("--combine", choices=("two-pass", "one-pass"), default=None, help="compile the split-K combine "
-                    "of a decode step (16 rows; AttentionPlan.combine_one_pass) instead; it launches with --warps 8")
+    ap.add_argument("--combine", action="store_true", help="compile the split-K combine of a decode step (16 rows) "
+                    "instead; it launches with --warps 8")
     args = ap.parse_args()
     fn, pointers, const = combine_launch(args) if args.combine else attention_or_write_launch(args)
     names = fn.arg_names
@@ -88,10 +88,11 @@ def main():
 def combine_launch(args) -> tuple:
     """(kernel, pointer types, constants) of a decode step's split-K combine (``--combine``)."""
     fn = attention._combine_kernel
-    pointers = {n: "*bf16" if n == "out_ptr" else "*fp32" for n in fn.arg_names if n.endswith("_ptr")}
+    pointers = {n: "*bf16" if n == "out_ptr" else "*fp16" if n.startswith("sign") else "*fp32"
+                for n in fn.arg_names if n.endswith("_ptr")}
     const = dict(G=3, NUM_Q_HEADS=24, HEAD_DIM=128, ROWS=16, HAS_V_BIAS=not args.plain, HAS_K_BIAS=not args.plain,
-                 V_FROM_K=not args.plain, HAS_WINDOW=args.window, RING_SEGMENT=False,
-                 DOT_DTYPE=triton.language.float16, ONE_PASS=args.combine == "one-pass")
+                 V_FROM_K=not args.plain, HAS_WINDOW=args.window, RING_ROWS=1 if args.window else 0,
+                 DOT_DTYPE=triton.language.float16)
     return fn, pointers, const
 
 
@@ -107,7 +108,8 @@ def attention_or_write_launch(args) -> tuple:
                  Q_PRECISION="tf32", USE_ASM=not args.no_asm, NUM_KV_HEADS=8, SINKS=4 if args.window else 0,
                  WINDOW=128 if args.window else 0, HAS_WINDOW=args.window,
                  RING_FIRST=args.window and args.rows == 16, RING_ONLY=args.ring_only,
-                 RING_IN_LAST=args.window and args.rows == 16 and args.ring_in_last, RING_TILE=32)
+                 RING_PROGRAMS=args.ring_programs if args.window and args.rows == 16 else 0,
+                 RING_CHUNK=triton.cdiv(triton.cdiv(132, max(args.ring_programs, 1)), 32) * 32, RING_TILE=32)
     if args.write and args.window:  # the cache write that also stores the 16-bit ring entries
         const.update(HAS_RING=True)
     if args.smollm2 and not args.write:  # d2n16: 16 code bytes per stream, slot 16 + 16 + 2 + 2 bytes
