@@ -463,8 +463,8 @@ def _combine_kernel(
     softmax normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value
     predictor ((b_k + y_k A^T) W), written in the output's dtype.  Several tokens per program share the loads of
     the [h, h] matrices (prefill steps have thousands of tokens).  One walk over the partials with a running
-    maximum (benchmarks/results/decode_attention_h200_ring_programs.md: faster than a first pass for the maximum,
-    and than reading the maxima as one tile)."""
+    maximum: faster than a first pass for the maximum (benchmarks/results/decode_attention_h200_combine.md) and
+    than reading the maxima as one tile (decode_attention_h200_ring_programs.md)."""
     kv_head = tl.program_id(1)
     r = tl.arange(0, ROWS)
     tok = tl.program_id(0) * (ROWS // G) + r // G
@@ -668,7 +668,8 @@ def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:
 # ~220 registers, 2 programs per SM, and the ring programs then fit in the first wave); from RING_LAUNCH_MIN_REQUESTS
 # requests in a launch of its own, which keeps the codes launch's register cap (benchmarks/results/
 # decode_attention_h200_ring_programs.md, CUDA graphs, 8k contexts, us per layer: 23.7 / 28.2 / 42.1 / 67.0 at 1 / 2
-# / 4 / 8 requests against 37.2 / 39.2 / 47.8 / 72.3 with the ring's own launch; FA3 bf16: 16.2 / 28.1 / 42.5 / 72.5)
+# / 4 / 8 requests against 37.2 / 39.2 / 47.8 / 72.3 with the ring's own launch; FA3 bf16: 16.2 / 28.1 / 42.5 / 72.5;
+# that run's combine was ~1 us slower than the one-pass one used: decode_attention_h200_combine.md)
 RING_LAUNCH_MIN_REQUESTS = 16
 RING_PROGRAMS = 2
 WINDOW_DECODE_PROGRAMS = 132
