@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--no-asm", action="store_true", help="register decode by integer selects, not PTX")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--block-n", type=int, default=16, help="with --write: tokens per program (write_fused's block_n)")
     ap.add_argument("--sass", action="store_true", help="print the innermost loop's instruction mix")
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M's shapes: 9 q / 3 KV heads, head_dim 64, "
                                                           "blocks of 32")
@@ -112,6 +113,12 @@ def attention_or_write_launch(args) -> tuple:
                  RING_CHUNK=triton.cdiv(triton.cdiv(132, max(args.ring_programs, 1)), 32) * 32, RING_TILE=32)
     if args.write and args.window:  # the cache write that also stores the 16-bit ring entries
         const.update(HAS_RING=True)
+    if args.write and args.u1n4 is not None:  # the speed preset's write: u1n4 codes, key mean, keys and values in
+        # programs of their own (write_fused's default without a value predictor)
+        const.update(K_CODE_BITS=2, K_D=1, K_POINTS=4, V_CODE_BITS=2, V_D=1, V_POINTS=4, HAS_V_BIAS=False,
+                     V_FROM_K=False, SPLIT_STREAMS=True)
+    if args.write:
+        const.update(BLOCK_N=args.block_n)
     if args.smollm2 and not args.write:  # d2n16: 16 code bytes per stream, slot 16 + 16 + 2 + 2 bytes
         const.update(NUM_Q_HEADS=9, NUM_KV_HEADS=3, HEAD_DIM=64, PAGE_BLOCK=32, K_CODE_BYTES=16, V_CODE_OFFSET=16,
                      V_CODE_BYTES=16, K_SCALE_OFFSET=32, V_SCALE_OFFSET=34)
