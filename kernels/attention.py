@@ -598,6 +598,8 @@ class FusedLayer:
     v_scale_offset: int
     write_v_bias: torch.Tensor | None = None  # cache write: b_v + b_k W [H, h] (``value_prediction_terms``)
     write_v_from_k: torch.Tensor | None = None  # cache write: A^T W [H, h, h], rows in key-lane order
+    write_k_shift: torch.Tensor | None = None  # cache write (``exact_inputs``): b_k A [H, h] in key-lane order
+    write_v_shift: torch.Tensor | None = None  # the constant value prediction (without write_v_from_k) times A
 
 
 def value_prediction_terms(rot_k, k_bias, v_bias, v_weight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -646,8 +648,11 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
     bias = lambda p: None if p is None or p.bias is None else p.bias.float().contiguous()  # noqa: E731
     k_bias, v_bias = bias(kp), bias(vp)
     sign_k, sign_v = ((r * math.sqrt(h)).round().half().contiguous() for r in (rot_k, rot_v))
+    write_v_bias, write_v_from_k = value_prediction_terms(rot_k, k_bias, v_bias, v_weight)
+    rotated = lambda b, rot: None if b is None else (b @ rot).contiguous()  # noqa: E731  [H, h] lane order
     return FusedLayer(rot_k, rot_v, sign_k, sign_v, k_lanes, v_lanes, k_bias, v_bias, v_weight, layout.code_offsets[1],
-                      *layout.scale_offsets, *value_prediction_terms(rot_k, k_bias, v_bias, v_weight))
+                      *layout.scale_offsets, write_v_bias, write_v_from_k, rotated(k_bias, rot_k),
+                      None if write_v_from_k is not None else rotated(write_v_bias, rot_v))
 
 
 def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:

@@ -85,20 +85,53 @@ def _nearest(z0, z1, z2, z3, grid_ptr, D: tl.constexpr, POINTS: tl.constexpr):
 
 
 @triton.jit
-def _encode(r, rot_ptr, grid_ptr, HEAD_DIM: tl.constexpr, LANES: tl.constexpr, WIDTH: tl.constexpr,
-            CODE_BITS: tl.constexpr, D: tl.constexpr, POINTS: tl.constexpr):
-    """HIGGS-encode residuals r [N, h] (float32): code bytes [N, W] (int32), the fp16-rounded scale [N] (float32),
-    and the decoded Hadamard-domain residual as lanes (y_hat = grid[code] * scale / sqrt(h); lanes 2, 3 repeat 0, 1
-    when LANES == 2)."""
+def _rotate(r, rot_ptr, HEAD_DIM: tl.constexpr, LANES: tl.constexpr, WIDTH: tl.constexpr):
+    """Residuals r [N, h] (float32) in the Hadamard domain, y = r A, as LANES lanes [N, W] (IEEE float32 dots; lanes
+    2, 3 repeat 0, 1 when LANES == 2)."""
     y0 = times_lane(r, rot_ptr, 0, HEAD_DIM, WIDTH, PRECISION)
     y1 = times_lane(r, rot_ptr, 1, HEAD_DIM, WIDTH, PRECISION)
-    sq = tl.sum(y0 * y0, axis=1) + tl.sum(y1 * y1, axis=1)
     if LANES == 4:
         y2 = times_lane(r, rot_ptr, 2, HEAD_DIM, WIDTH, PRECISION)
         y3 = times_lane(r, rot_ptr, 3, HEAD_DIM, WIDTH, PRECISION)
-        sq += tl.sum(y2 * y2, axis=1) + tl.sum(y3 * y3, axis=1)
     else:
         y2, y3 = y0, y1
+    return y0, y1, y2, y3
+
+
+@triton.jit
+def _shifted_lane(x, sign_ptr, shift_ptr, LANE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr,
+                  HAS_SHIFT: tl.constexpr):
+    y = times_lane(x, sign_ptr, LANE, HEAD_DIM, WIDTH, "ieee") * (1.0 / tl.sqrt(HEAD_DIM * 1.0))
+    if HAS_SHIFT:
+        y -= tl.load(shift_ptr + LANE * WIDTH + tl.arange(0, WIDTH))[None, :]
+    return y
+
+
+@triton.jit
+def _rotate_exact(x, sign_ptr, shift_ptr, HEAD_DIM: tl.constexpr, LANES: tl.constexpr, WIDTH: tl.constexpr,
+                  HAS_SHIFT: tl.constexpr):
+    """The same lanes for residuals x - b with x [N, h] in 16 bits (or float32 in the interpreter) and a constant
+    prediction b: y = x S / sqrt(h) - b A with S = diag(signs) H in x's dtype (+-1: exact products, float32 sums, one
+    tensor-core product instead of tf32x3's three) and the shift b A [h] in lane order (``FusedLayer.write_k_shift``)."""
+    y0 = _shifted_lane(x, sign_ptr, shift_ptr, 0, HEAD_DIM, WIDTH, HAS_SHIFT)
+    y1 = _shifted_lane(x, sign_ptr, shift_ptr, 1, HEAD_DIM, WIDTH, HAS_SHIFT)
+    if LANES == 4:
+        y2 = _shifted_lane(x, sign_ptr, shift_ptr, 2, HEAD_DIM, WIDTH, HAS_SHIFT)
+        y3 = _shifted_lane(x, sign_ptr, shift_ptr, 3, HEAD_DIM, WIDTH, HAS_SHIFT)
+    else:
+        y2, y3 = y0, y1
+    return y0, y1, y2, y3
+
+
+@triton.jit
+def _encode(y0, y1, y2, y3, grid_ptr, LANES: tl.constexpr, HEAD_DIM: tl.constexpr, CODE_BITS: tl.constexpr,
+            D: tl.constexpr, POINTS: tl.constexpr):
+    """HIGGS-encode Hadamard-domain residual lanes y0..y3 [N, W] (float32; with LANES == 2, y2, y3 repeat y0, y1):
+    code bytes [N, W] (int32), the fp16-rounded scale [N] (float32), and the decoded residual as lanes
+    (y_hat = grid[code] * scale / sqrt(h))."""
+    sq = tl.sum(y0 * y0, axis=1) + tl.sum(y1 * y1, axis=1)
+    if LANES == 4:
+        sq += tl.sum(y2 * y2, axis=1) + tl.sum(y3 * y3, axis=1)
     scale = tl.minimum(tl.sqrt(sq), FP16_MAX).to(tl.float16).to(tl.float32)  # [N]
     inv = tl.where(scale > 0, tl.sqrt(HEAD_DIM * 1.0) / tl.where(scale > 0, scale, 1.0), 0.0)[:, None]
     z0, z1, z2, z3 = y0 * inv, y1 * inv, y2 * inv, y3 * inv
@@ -134,37 +167,45 @@ def _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET: tl.constexpr
 
 
 @triton.jit
-def _write_stream(x_ptr, stride_t, stride_h, ring_ptr, bias_ptr, rot_ptr, grid_ptr, m_ptr, cache_ptr, n, head,
-                  loaded, valid, ring, base, k0, k1, k2, k3, HEAD_DIM: tl.constexpr, LANES: tl.constexpr,
-                  CODE_BYTES: tl.constexpr, CODE_BITS: tl.constexpr, D: tl.constexpr, POINTS: tl.constexpr,
-                  CODE_OFFSET: tl.constexpr, SCALE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_RING: tl.constexpr, FROM_K: tl.constexpr, K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr):
+def _write_stream(x_ptr, stride_t, stride_h, ring_ptr, bias_ptr, rot_ptr, sign_ptr, shift_ptr, grid_ptr, m_ptr,
+                  cache_ptr, n, head, loaded, valid, ring, base, k0, k1, k2, k3, HEAD_DIM: tl.constexpr,
+                  LANES: tl.constexpr, CODE_BYTES: tl.constexpr, CODE_BITS: tl.constexpr, D: tl.constexpr,
+                  POINTS: tl.constexpr, CODE_OFFSET: tl.constexpr, SCALE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_RING: tl.constexpr, FROM_K: tl.constexpr, K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr,
+                  EXACT: tl.constexpr, X_DOT: tl.constexpr):
     """Encode one stream (keys or values) of BLOCK_N tokens of one head into their slots (and their 16-bit copies
     into the ring); returns the decoded Hadamard-domain residual lanes (the value predictor's input).  FROM_K: also
-    subtract the value prediction from the decoded key lanes k0..k3 (``_lane_times`` with M = A^T W)."""
+    subtract the value prediction from the decoded key lanes k0..k3 (``_lane_times`` with M = A^T W).  EXACT
+    (without FROM_K): rotate the 16-bit inputs in dtype X_DOT and subtract the rotated prediction
+    (``_rotate_exact``)."""
     j = tl.arange(0, HEAD_DIM)
     x = tl.load(x_ptr + n[:, None] * stride_t + head * stride_h + j[None, :], mask=loaded[:, None], other=0.0)
     if HAS_RING:
         tl.store(ring_ptr + ring, x.to(ring_ptr.dtype.element_ty), mask=loaded[:, None])
-    r = x.to(tl.float32)  # [N, h] (rows are encoded independently; stores keep the valid ones)
-    if HAS_BIAS:  # keys: the key mean; values: b_v + b_k W
-        r -= tl.load(bias_ptr + head * HEAD_DIM + j)[None, :]
-    if FROM_K:  # values: + (decoded key residual, Hadamard domain) A^T W, as lanes times M = A^T W
-        m_ptr += head * HEAD_DIM * HEAD_DIM
-        r -= _lane_times(k0, m_ptr, 0, HEAD_DIM, K_CODE_BYTES)
-        r -= _lane_times(k1, m_ptr, 1, HEAD_DIM, K_CODE_BYTES)
-        if K_LANES == 4:
-            r -= _lane_times(k2, m_ptr, 2, HEAD_DIM, K_CODE_BYTES)
-            r -= _lane_times(k3, m_ptr, 3, HEAD_DIM, K_CODE_BYTES)
-    byte, scale, h0, h1, h2, h3 = _encode(r, rot_ptr, grid_ptr, HEAD_DIM, LANES, CODE_BYTES, CODE_BITS, D, POINTS)
+    if EXACT and not FROM_K:
+        y0, y1, y2, y3 = _rotate_exact(x.to(X_DOT), sign_ptr, shift_ptr + head * HEAD_DIM, HEAD_DIM, LANES,
+                                       CODE_BYTES, HAS_BIAS)
+    else:
+        r = x.to(tl.float32)  # [N, h] (rows are encoded independently; stores keep the valid ones)
+        if HAS_BIAS:  # keys: the key mean; values: b_v + b_k W
+            r -= tl.load(bias_ptr + head * HEAD_DIM + j)[None, :]
+        if FROM_K:  # values: + (decoded key residual, Hadamard domain) A^T W, as lanes times M = A^T W
+            m_ptr += head * HEAD_DIM * HEAD_DIM
+            r -= _lane_times(k0, m_ptr, 0, HEAD_DIM, K_CODE_BYTES)
+            r -= _lane_times(k1, m_ptr, 1, HEAD_DIM, K_CODE_BYTES)
+            if K_LANES == 4:
+                r -= _lane_times(k2, m_ptr, 2, HEAD_DIM, K_CODE_BYTES)
+                r -= _lane_times(k3, m_ptr, 3, HEAD_DIM, K_CODE_BYTES)
+        y0, y1, y2, y3 = _rotate(r, rot_ptr, HEAD_DIM, LANES, CODE_BYTES)
+    byte, scale, h0, h1, h2, h3 = _encode(y0, y1, y2, y3, grid_ptr, LANES, HEAD_DIM, CODE_BITS, D, POINTS)
     _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET, SCALE_OFFSET, CODE_BYTES)
     return h0, h1, h2, h3
 
 
 @triton.jit(do_not_specialize=["num_tokens"])  # changes every step
 def _cache_write_kernel(
-    key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, k_bias_ptr, v_bias_ptr, v_from_k_ptr,
-    k_grid_ptr, v_grid_ptr, ring_k_ptr, ring_v_ptr, ring_row_ptr, ring_col_ptr,
+    key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, sign_k_ptr, sign_v_ptr, k_shift_ptr, v_shift_ptr,
+    k_bias_ptr, v_bias_ptr, v_from_k_ptr, k_grid_ptr, v_grid_ptr, ring_k_ptr, ring_v_ptr, ring_row_ptr, ring_col_ptr,
     num_tokens, stride_kt, stride_kh, stride_vt, stride_vh, stride_block, stride_head, stride_token,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr, K_CODE_BITS: tl.constexpr, K_D: tl.constexpr,
@@ -172,6 +213,7 @@ def _cache_write_kernel(
     V_D: tl.constexpr, V_POINTS: tl.constexpr, V_CODE_OFFSET: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, V_FROM_K: tl.constexpr,
     HAS_RING: tl.constexpr, RING_WIDTH: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SPLIT_STREAMS: tl.constexpr,
+    EXACT: tl.constexpr, X_DOT: tl.constexpr,
 ):
     head = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -193,26 +235,29 @@ def _cache_write_kernel(
     k0 = tl.zeros([BLOCK_N, K_CODE_BYTES], tl.float32)
     k1, k2, k3 = k0, k0, k0
     if z == 0:
-        k0, k1, k2, k3 = _write_stream(key_ptr, stride_kt, stride_kh, ring_k_ptr, k_bias_ptr, rot_k_ptr, k_grid_ptr,
-                                       v_from_k_ptr, cache_ptr, n, head, loaded, valid, ring, base, k0, k1, k2, k3,
-                                       HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS, K_D, K_POINTS, 0,
-                                       K_SCALE_OFFSET, HAS_K_BIAS, HAS_RING, False, K_LANES, K_CODE_BYTES)
+        k0, k1, k2, k3 = _write_stream(key_ptr, stride_kt, stride_kh, ring_k_ptr, k_bias_ptr, rot_k_ptr, sign_k_ptr,
+                                       k_shift_ptr, k_grid_ptr, v_from_k_ptr, cache_ptr, n, head, loaded, valid,
+                                       ring, base, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS, K_D,
+                                       K_POINTS, 0, K_SCALE_OFFSET, HAS_K_BIAS, HAS_RING, False, K_LANES,
+                                       K_CODE_BYTES, EXACT, X_DOT)
     if z == (1 if SPLIT_STREAMS else 0):
-        _write_stream(value_ptr, stride_vt, stride_vh, ring_v_ptr, v_bias_ptr, rot_v_ptr, v_grid_ptr, v_from_k_ptr,
-                      cache_ptr, n, head, loaded, valid, ring, base, k0, k1, k2, k3, HEAD_DIM, V_LANES, V_CODE_BYTES,
-                      V_CODE_BITS, V_D, V_POINTS, V_CODE_OFFSET, V_SCALE_OFFSET, HAS_V_BIAS, HAS_RING, V_FROM_K,
-                      K_LANES, K_CODE_BYTES)
+        _write_stream(value_ptr, stride_vt, stride_vh, ring_v_ptr, v_bias_ptr, rot_v_ptr, sign_v_ptr, v_shift_ptr,
+                      v_grid_ptr, v_from_k_ptr, cache_ptr, n, head, loaded, valid, ring, base, k0, k1, k2, k3,
+                      HEAD_DIM, V_LANES, V_CODE_BYTES, V_CODE_BITS, V_D, V_POINTS, V_CODE_OFFSET, V_SCALE_OFFSET,
+                      HAS_V_BIAS, HAS_RING, V_FROM_K, K_LANES, K_CODE_BYTES, EXACT, X_DOT)
 
 
 def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, block_n: int = 16, ring: tuple | None = None, split_streams: bool | None = None,
-                num_warps: int = 4) -> None:
+                num_warps: int = 4, exact_inputs: bool = False) -> None:
     """Encode key (post-RoPE) and value [>= N, H, h] of the N = len(slot_mapping) new tokens into their slots of
     kv_cache [num_blocks, H, page_block, slot] (uint8); slot -1 skips a token.  ``ring``: (ring_k, ring_v
     [rows + 1, width, H, h] contiguous, the step's ``WindowStep``): also store every token's key and value into its
     ring entry (``ExactTokens.write``).  ``split_streams``: keys and values in programs of their own (twice the
     programs, for decode steps' few tokens); the default wherever the value predictor does not read the decoded
-    keys, which it cannot be with one."""
+    keys, which it cannot be with one.  ``exact_inputs`` (experimental, off until timed on the GPU: cache_write.py):
+    16-bit K/V are rotated by the +-1 sign matrix on 16-bit tensor cores and the rotated prediction subtracted,
+    one product instead of tf32x3's three (streams whose prediction reads the decoded keys keep the float32 path)."""
     n = slot_mapping.shape[0]
     _, heads, page_block, _ = kv_cache.shape
     h = key.shape[-1]
@@ -227,12 +272,17 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
         ring_args = (ring_k, ring_v, step.rows, step.cols)
     else:
         ring_args = (key, value, slot_mapping, slot_mapping)  # not read
+    interpret = key.device.type != "cuda"
+    if exact_inputs and key.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"exact_inputs rotates 16-bit keys/values, got {key.dtype}")
+    x_dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(key.dtype, tl.float32)
+    shifts = [dummy if s is None else s for s in (layer.write_k_shift, layer.write_v_shift)]
     if split_streams is None:
         split_streams = v_from_k is None
     elif split_streams and v_from_k is not None:
         raise ValueError("split_streams: this layer's value predictor reads the decoded keys (one program must do both)")
     _cache_write_kernel[(triton.cdiv(n, block_n), heads, 2 if split_streams else 1)](
-        key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v,
+        key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v, layer.sign_k, layer.sign_v, *shifts,
         layer.k_bias if layer.k_bias is not None else dummy, v_bias if v_bias is not None else dummy,
         v_from_k if v_from_k is not None else dummy, kl.grid, vl.grid, *ring_args,
         n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
@@ -244,6 +294,7 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
         K_SCALE_OFFSET=layer.k_scale_offset, V_SCALE_OFFSET=layer.v_scale_offset,
         HAS_K_BIAS=layer.k_bias is not None, HAS_V_BIAS=v_bias is not None, V_FROM_K=v_from_k is not None,
         HAS_RING=ring is not None, RING_WIDTH=1 if ring is None else ring[0].shape[1], NUM_KV_HEADS=heads,
-        SPLIT_STREAMS=split_streams, num_warps=num_warps,
+        SPLIT_STREAMS=split_streams, EXACT=exact_inputs, X_DOT=tl.float32 if interpret else x_dot,
+        num_warps=num_warps,
     )
 

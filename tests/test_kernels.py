@@ -259,24 +259,28 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
     written[slots[slots >= 0]] = True
     written = written.view(num_blocks, 1, page_block).expand(-1, heads, -1)  # [blocks, H, page]
     layout = path.layouts[layer]
-    got_w, want_w = got[written], want[written]  # [slots written x H, slot bytes]
-    k_code, v_code = layout.parts[0][0], layout.parts[1][0]
-    k_scale = layout.scale_offsets[0]
-    # keys: codes equal except at near-ties of float rounding order; scales within one fp16 ulp
-    scale = lambda x, at: x[:, at:at + 2].contiguous().view(torch.float16).float()  # noqa: E731
-    differ = (got_w[:, :k_code] != want_w[:, :k_code]).float().mean().item()
-    assert differ <= 5e-3, differ
-    assert torch.allclose(scale(got_w, k_scale), scale(want_w, k_scale), rtol=2e-3, atol=0)
-    # values: the same, wherever the key codes are equal (a flipped key code changes that token's value prediction)
-    same_key = (got_w[:, :k_code] == want_w[:, :k_code]).all(1)
-    assert same_key.float().mean() > 0.98, same_key.float().mean()
-    got_v, want_v = got_w[same_key], want_w[same_key]
-    v_differ = (got_v[:, k_code:k_code + v_code] != want_v[:, k_code:k_code + v_code]).float().mean().item()
-    assert v_differ <= 5e-3, v_differ
-    v_scale = layout.scale_offsets[1]
-    assert torch.allclose(scale(got_v, v_scale), scale(want_v, v_scale), rtol=2e-3, atol=0)
-    untouched = ~written
-    assert torch.equal(got[untouched], fill[untouched])
+    exact = fill.clone()  # 16-bit inputs rotated on 16-bit tensor cores (``exact_inputs``): the same contract
+    write_fused(fused, exact, slots, key, value, exact_inputs=True)
+    for got in (got, exact):
+        got_w, want_w = got[written], want[written]  # [slots written x H, slot bytes]
+        k_code, v_code = layout.parts[0][0], layout.parts[1][0]
+        k_scale = layout.scale_offsets[0]
+        # keys: codes equal except at near-ties of float rounding order; scales within one fp16 ulp
+        scale = lambda x, at: x[:, at:at + 2].contiguous().view(torch.float16).float()  # noqa: E731
+        differ = (got_w[:, :k_code] != want_w[:, :k_code]).float().mean().item()
+        assert differ <= 5e-3, differ
+        assert torch.allclose(scale(got_w, k_scale), scale(want_w, k_scale), rtol=2e-3, atol=0)
+        # values: the same, wherever the key codes are equal (a flipped key code changes that token's value
+        # prediction)
+        same_key = (got_w[:, :k_code] == want_w[:, :k_code]).all(1)
+        assert same_key.float().mean() > 0.98, same_key.float().mean()
+        got_v, want_v = got_w[same_key], want_w[same_key]
+        v_differ = (got_v[:, k_code:k_code + v_code] != want_v[:, k_code:k_code + v_code]).float().mean().item()
+        assert v_differ <= 5e-3, v_differ
+        v_scale = layout.scale_offsets[1]
+        assert torch.allclose(scale(got_v, v_scale), scale(want_v, v_scale), rtol=2e-3, atol=0)
+        untouched = ~written
+        assert torch.equal(got[untouched], fill[untouched])
 
 
 @pytest.mark.parametrize("heads,head_dim,sinks,window", [(2, 64, 4, 24), (1, 64, 0, 40), (3, 64, 3, 0),

@@ -7,9 +7,11 @@ ceil(batch / 16) programs, each a dependent chain of loads, rotations and grid s
 choices that change that chain: keys and values in programs of their own (``split_streams``) and the warps per
 program.  Times are CUDA-graph replay medians (GPU time only), one layer, Llama-3.2-3B's KV shape (8 x 128).
 Prefill-sized writes (``--tokens 2048,8192``: a chunk's tokens, each into its own slot and ring entry) can also be
-timed with more tokens per program (``--block-n 16,64``) and other warp counts (``--warps``).
+timed with more tokens per program (``--block-n 16,64``) and other warp counts (``--warps``); ``--exact-inputs``
+also times each launch with the experimental 16-bit rotation (``write_fused(exact_inputs=True)``).
 
     python3 benchmarks/gpu/cache_write.py OUT_DIR [--tokens 1,4,16,64,256] [--block-n 16] [--warps 1,2,4,8]
+        [--exact-inputs]
     (needs vLLM 0.26 for the bf16 row: README.md)
 
 Writes cache_write_<gpu>.json + .md (shared RESULTS.md shape) under OUT_DIR.
@@ -56,6 +58,7 @@ def main():
     ap.add_argument("--tokens", default="1,4,16,64,256", help="decode batch sizes (tokens of the step)")
     ap.add_argument("--block-n", default="16", help="tokens per program (write_fused's block_n), comma list")
     ap.add_argument("--warps", default="1,2,4,8", help="warps per program, comma list")
+    ap.add_argument("--exact-inputs", action="store_true", help="also each launch with write_fused(exact_inputs=True)")
     args = ap.parse_args()
     from vllm_aquakv.kernels.cache_write import write_fused
     from vllm_aquakv.results import gpu_tag, machine, write_results
@@ -74,13 +77,14 @@ def main():
                 lambda: ops.reshape_and_cache_flash(key, value, k_cache, v_cache, slots, "auto", one, one))
         except ImportError as e:
             print(f"no vLLM bf16 row: {e}", flush=True)
-        for block_n in (int(b) for b in args.block_n.split(",")):
-            for split in (False, True):
-                for warps in (int(w) for w in args.warps.split(",")):
-                    name = (f"aquakv {'split' if split else 'one program'}, {warps} warps"
-                            + ("" if block_n == 16 else f", {block_n} tokens per program"))
-                    row[name] = time_ms(lambda: write_fused(fused, kv, slots, key, value, block_n=block_n, ring=ring,
-                                                            split_streams=split, num_warps=warps))
+        variants = [(b, split, w, exact) for b in args.block_n.split(",") for split in (False, True)
+                    for w in args.warps.split(",") for exact in ((False, True) if args.exact_inputs else (False,))]
+        for block_n, split, warps, exact in variants:
+            name = (f"aquakv {'split' if split else 'one program'}, {warps} warps"
+                    + ("" if block_n == "16" else f", {block_n} tokens per program")
+                    + (", 16-bit rotation" if exact else ""))
+            row[name] = time_ms(lambda: write_fused(fused, kv, slots, key, value, block_n=int(block_n), ring=ring,
+                                                    split_streams=split, num_warps=int(warps), exact_inputs=exact))
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     names = [k for k in rows[0] if k != "tokens"]

@@ -35,13 +35,15 @@ POINTERS = {"q_ptr": "*bf16", "sign_k_ptr": "*fp16", "k_bias_ptr": "*fp32", "cac
             "key_ptr": "*bf16", "value_ptr": "*bf16"}
 
 WRITE_POINTERS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u8",
-                  "rot_k_ptr": "*fp32", "rot_v_ptr": "*fp32", "k_bias_ptr": "*fp32", "v_bias_ptr": "*fp32",
+                  "rot_k_ptr": "*fp32", "rot_v_ptr": "*fp32", "sign_k_ptr": "*fp16", "sign_v_ptr": "*fp16",
+                  "k_shift_ptr": "*fp32", "v_shift_ptr": "*fp32", "k_bias_ptr": "*fp32", "v_bias_ptr": "*fp32",
                   "v_from_k_ptr": "*fp32", "k_grid_ptr": "*fp32", "v_grid_ptr": "*fp32", "ring_k_ptr": "*bf16",
                   "ring_v_ptr": "*bf16", "ring_row_ptr": "*i64", "ring_col_ptr": "*i64"}
 WRITE_CONSTANTS = dict(HEAD_DIM=128, PAGE_BLOCK=16, BLOCK_N=16, K_LANES=4, K_CODE_BYTES=32, K_CODE_BITS=4, K_D=2,
                        K_POINTS=16, V_LANES=4, V_CODE_BYTES=32, V_CODE_BITS=4, V_D=2, V_POINTS=16, V_CODE_OFFSET=32,
                        K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=True, HAS_V_BIAS=True, V_FROM_K=True,
-                       HAS_RING=False, RING_WIDTH=132, NUM_KV_HEADS=8, SPLIT_STREAMS=False)
+                       HAS_RING=False, RING_WIDTH=132, NUM_KV_HEADS=8, SPLIT_STREAMS=False, EXACT=False,
+                       X_DOT=triton.language.float32)
 
 
 def main():
@@ -64,6 +66,7 @@ def main():
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--block-n", type=int, default=16, help="with --write: tokens per program (write_fused's block_n)")
+    ap.add_argument("--exact-inputs", action="store_true", help="with --write: write_fused(exact_inputs=True)")
     ap.add_argument("--sass", action="store_true", help="print the innermost loop's instruction mix")
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M's shapes: 9 q / 3 KV heads, head_dim 64, "
                                                           "blocks of 32")
@@ -119,6 +122,8 @@ def attention_or_write_launch(args) -> tuple:
                      V_FROM_K=False, SPLIT_STREAMS=True)
     if args.write:
         const.update(BLOCK_N=args.block_n)
+    if args.write and args.exact_inputs:  # write_fused(exact_inputs=True): bf16 inputs rotated on 16-bit cores
+        const.update(EXACT=True, X_DOT=triton.language.bfloat16)
     if args.smollm2 and not args.write:  # d2n16: 16 code bytes per stream, slot 16 + 16 + 2 + 2 bytes
         const.update(NUM_Q_HEADS=9, NUM_KV_HEADS=3, HEAD_DIM=64, PAGE_BLOCK=32, K_CODE_BYTES=16, V_CODE_OFFSET=16,
                      V_CODE_BYTES=16, K_SCALE_OFFSET=32, V_SCALE_OFFSET=34)
