@@ -14,9 +14,10 @@ computed once per layer).  Rotations and predictor
 products are IEEE float32 dots, so the codes equal the torch twin's (``TorchServingPath.write``) except where float
 rounding order decides between two nearly equidistant grid points.
 
-With 16-bit sinks/window (``vllm_aquakv.window.ExactTokens``), the same launch also stores each token's key and value
-as they came into its ring entry (row, column of ``WindowStep``: the scratch row for tokens outside the ring), the
-twin of ``ExactTokens.write``.
+With 16-bit sinks/window (``vllm_aquakv.window.ExactTokens``), the same launch also stores each sink and window
+token's key and value as they came into its ring entry (row, column of ``WindowStep``), the twin of
+``ExactTokens.write``.  Tokens outside the ring, whose ``WindowStep`` entry is the scratch row (one address for all
+of them, never read), are not stored: a prefill's thousands of stores to one address queue on it.
 
 One program encodes BLOCK_N tokens of one KV head.  Lane i of a token holds the head positions L*b + i of code byte b
 (L lanes): the codes of byte b are then computed from the lanes directly, with no reshape.
@@ -112,7 +113,8 @@ def _rotate_exact(x, sign_ptr, shift_ptr, HEAD_DIM: tl.constexpr, LANES: tl.cons
                   HAS_SHIFT: tl.constexpr):
     """The same lanes for residuals x - b with x [N, h] in 16 bits (or float32 in the interpreter) and a constant
     prediction b: y = x S / sqrt(h) - b A with S = diag(signs) H in x's dtype (+-1: exact products, float32 sums, one
-    tensor-core product instead of tf32x3's three) and the shift b A [h] in lane order (``FusedLayer.write_k_shift``)."""
+    tensor-core product instead of tf32x3's three) and the shift b A [h] in lane order
+    (``FusedLayer.write_k_shift``)."""
     y0 = _shifted_lane(x, sign_ptr, shift_ptr, 0, HEAD_DIM, WIDTH, HAS_SHIFT)
     y1 = _shifted_lane(x, sign_ptr, shift_ptr, 1, HEAD_DIM, WIDTH, HAS_SHIFT)
     if LANES == 4:
@@ -168,7 +170,7 @@ def _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET: tl.constexpr
 
 @triton.jit
 def _write_stream(x_ptr, stride_t, stride_h, ring_ptr, bias_ptr, rot_ptr, sign_ptr, shift_ptr, grid_ptr, m_ptr,
-                  cache_ptr, n, head, loaded, valid, ring, base, k0, k1, k2, k3, HEAD_DIM: tl.constexpr,
+                  cache_ptr, n, head, loaded, valid, in_ring, ring, base, k0, k1, k2, k3, HEAD_DIM: tl.constexpr,
                   LANES: tl.constexpr, CODE_BYTES: tl.constexpr, CODE_BITS: tl.constexpr, D: tl.constexpr,
                   POINTS: tl.constexpr, CODE_OFFSET: tl.constexpr, SCALE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                   HAS_RING: tl.constexpr, FROM_K: tl.constexpr, K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr,
@@ -181,7 +183,7 @@ def _write_stream(x_ptr, stride_t, stride_h, ring_ptr, bias_ptr, rot_ptr, sign_p
     j = tl.arange(0, HEAD_DIM)
     x = tl.load(x_ptr + n[:, None] * stride_t + head * stride_h + j[None, :], mask=loaded[:, None], other=0.0)
     if HAS_RING:
-        tl.store(ring_ptr + ring, x.to(ring_ptr.dtype.element_ty), mask=loaded[:, None])
+        tl.store(ring_ptr + ring, x.to(ring_ptr.dtype.element_ty), mask=in_ring[:, None])
     if EXACT and not FROM_K:
         y0, y1, y2, y3 = _rotate_exact(x.to(X_DOT), sign_ptr, shift_ptr + head * HEAD_DIM, HEAD_DIM, LANES,
                                        CODE_BYTES, HAS_BIAS)
@@ -202,11 +204,11 @@ def _write_stream(x_ptr, stride_t, stride_h, ring_ptr, bias_ptr, rot_ptr, sign_p
     return h0, h1, h2, h3
 
 
-@triton.jit(do_not_specialize=["num_tokens"])  # changes every step
+@triton.jit(do_not_specialize=["num_tokens", "ring_scratch"])  # (the scratch row: warm-up's differs from serving's)
 def _cache_write_kernel(
     key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, sign_k_ptr, sign_v_ptr, k_shift_ptr, v_shift_ptr,
     k_bias_ptr, v_bias_ptr, v_from_k_ptr, k_grid_ptr, v_grid_ptr, ring_k_ptr, ring_v_ptr, ring_row_ptr, ring_col_ptr,
-    num_tokens, stride_kt, stride_kh, stride_vt, stride_vh, stride_block, stride_head, stride_token,
+    num_tokens, ring_scratch, stride_kt, stride_kh, stride_vt, stride_vh, stride_block, stride_head, stride_token,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr, K_CODE_BITS: tl.constexpr, K_D: tl.constexpr,
     K_POINTS: tl.constexpr, V_LANES: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_CODE_BITS: tl.constexpr,
@@ -222,12 +224,15 @@ def _cache_write_kernel(
     base = (slot // PAGE_BLOCK) * stride_block + head * stride_head + (slot % PAGE_BLOCK) * stride_token
     j = tl.arange(0, HEAD_DIM)
 
-    loaded = valid  # the tokens whose K/V are read: those encoded, and with the ring every token of the step
-    ring = n  # not read without the ring
-    if HAS_RING:  # 16-bit copies of every token of the step (outside the ring: into the scratch row)
-        loaded = n < num_tokens
-        ring_row = tl.load(ring_row_ptr + n, mask=loaded, other=0)
-        ring_col = tl.load(ring_col_ptr + n, mask=loaded, other=0)
+    loaded = valid  # the tokens whose K/V are read: those encoded, and with the ring those it stores
+    in_ring = valid  # (not read without the ring)
+    ring = n
+    if HAS_RING:  # 16-bit copies of the step's sink and window tokens; not those whose entry is the scratch row
+        # (``WindowStep``: one address for every other token of a prefill, whose stores would queue on it)
+        ring_row = tl.load(ring_row_ptr + n, mask=n < num_tokens, other=ring_scratch)
+        ring_col = tl.load(ring_col_ptr + n, mask=n < num_tokens, other=0)
+        in_ring = (n < num_tokens) & (ring_row != ring_scratch)
+        loaded = valid | in_ring
         ring = ((ring_row * RING_WIDTH + ring_col) * NUM_KV_HEADS + head).to(tl.int64)[:, None] * HEAD_DIM + j[None, :]
     # SPLIT_STREAMS: keys in programs (., ., 0), values in (., ., 1), two short chains instead of one long; else one
     # program per (tokens, head) does both, as the value predictor reads the decoded keys (V_FROM_K)
@@ -237,13 +242,13 @@ def _cache_write_kernel(
     if z == 0:
         k0, k1, k2, k3 = _write_stream(key_ptr, stride_kt, stride_kh, ring_k_ptr, k_bias_ptr, rot_k_ptr, sign_k_ptr,
                                        k_shift_ptr, k_grid_ptr, v_from_k_ptr, cache_ptr, n, head, loaded, valid,
-                                       ring, base, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES, K_CODE_BITS, K_D,
-                                       K_POINTS, 0, K_SCALE_OFFSET, HAS_K_BIAS, HAS_RING, False, K_LANES,
-                                       K_CODE_BYTES, EXACT, X_DOT)
+                                       in_ring, ring, base, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES,
+                                       K_CODE_BITS, K_D, K_POINTS, 0, K_SCALE_OFFSET, HAS_K_BIAS, HAS_RING, False,
+                                       K_LANES, K_CODE_BYTES, EXACT, X_DOT)
     if z == (1 if SPLIT_STREAMS else 0):
         _write_stream(value_ptr, stride_vt, stride_vh, ring_v_ptr, v_bias_ptr, rot_v_ptr, sign_v_ptr, v_shift_ptr,
-                      v_grid_ptr, v_from_k_ptr, cache_ptr, n, head, loaded, valid, ring, base, k0, k1, k2, k3,
-                      HEAD_DIM, V_LANES, V_CODE_BYTES, V_CODE_BITS, V_D, V_POINTS, V_CODE_OFFSET, V_SCALE_OFFSET,
+                      v_grid_ptr, v_from_k_ptr, cache_ptr, n, head, loaded, valid, in_ring, ring, base, k0, k1, k2,
+                      k3, HEAD_DIM, V_LANES, V_CODE_BYTES, V_CODE_BITS, V_D, V_POINTS, V_CODE_OFFSET, V_SCALE_OFFSET,
                       HAS_V_BIAS, HAS_RING, V_FROM_K, K_LANES, K_CODE_BYTES, EXACT, X_DOT)
 
 
@@ -285,7 +290,7 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
         key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v, layer.sign_k, layer.sign_v, *shifts,
         layer.k_bias if layer.k_bias is not None else dummy, v_bias if v_bias is not None else dummy,
         v_from_k if v_from_k is not None else dummy, kl.grid, vl.grid, *ring_args,
-        n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        n, 0 if ring is None else ring[0].shape[0] - 1, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         HEAD_DIM=h, PAGE_BLOCK=page_block, BLOCK_N=block_n,
         K_LANES=kl.lanes, K_CODE_BYTES=kl.code_bytes, K_CODE_BITS=kl.code_bits, K_D=kl.grid.shape[1],

@@ -38,18 +38,24 @@ def time_ms(fn) -> float:
 
 
 def step_inputs(tokens: int, layout_bytes: int):
-    """A decode step of ``tokens`` sequences: their new bf16 K/V [tokens, H, D], distinct random slots in a cache of
-    4x as many blocks, and the window ring with each token's (row, column)."""
-    from vllm_aquakv.window import WindowStep
+    """Up to 256 tokens, a decode step of ``tokens`` sequences; more, one prompt's prefill chunk: the new bf16 K/V
+    [tokens, H, D], distinct random slots in a cache of 4x as many blocks, and the window ring with each token's (row,
+    column) as ``ExactTokens.prepare_write`` makes them (a prefill's tokens outside its sinks 4 + window 128 go to
+    the scratch row, the ring's last)."""
+    from vllm_aquakv.window import WindowStep, ring_column
 
     blocks = 4 * tokens + 4
     slots = torch.randperm(blocks * PAGE, device="cuda")[:tokens]
     key, value = (torch.randn(tokens, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     kv = torch.zeros(blocks, H, PAGE, layout_bytes, dtype=torch.uint8, device="cuda")
-    ring_k, ring_v = (torch.zeros(tokens + 1, 4 + 128, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    rows = torch.arange(tokens, device="cuda")
-    step = WindowStep(rows, torch.randint(0, 4 + 128, (tokens,), device="cuda"), rows)
-    return key, value, slots, kv, (ring_k, ring_v, step), blocks
+    tok = torch.arange(tokens, device="cuda")
+    if tokens <= 256:  # one token per request: each in its own ring row
+        rows, cols, ring_rows = tok, torch.randint(0, 4 + 128, (tokens,), device="cuda"), tokens + 1
+    else:
+        in_ring = (tok < 4) | (tok >= tokens - 128)
+        rows, cols, ring_rows = torch.where(in_ring, 0, 1), torch.where(in_ring, ring_column(tok, 4, 128), 0), 2
+    ring_k, ring_v = (torch.zeros(ring_rows, 4 + 128, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return key, value, slots, kv, (ring_k, ring_v, WindowStep(rows, cols, tok)), blocks
 
 
 def main():
