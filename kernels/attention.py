@@ -763,8 +763,9 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
         q_seq, q_first = as_tensor(seq), as_tensor(first)
     programs = q_seq.shape[0] * num_kv_heads
     segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
+    # (the CPU interpreter runs programs one after another: one ring program, not RING_PROGRAMS slices)
     return AttentionPlan(q_seq, q_first, block_q, block_m, segments, tile, num_warps, maxnreg, num_stages,
-                         ring_launch=ring_launch)
+                         ring_launch=ring_launch, ring_programs=RING_PROGRAMS if cuda else 1)
 
 
 @dataclass
