@@ -19,7 +19,7 @@ def run_vllm(**args) -> dict:
         json.dump(args, f)
         f.flush()
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "@" + f.name], capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=1200)  # (interpreter runs of the fused kernels: minutes)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"vLLM run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
