@@ -414,9 +414,8 @@ def _fused_attention_kernel(
                                      stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
                     s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale, s)
         m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
-        if HAS_WINDOW and not RING_FIRST:
-            acc_x = acc_x * alpha[:, None]
         if HAS_WINDOW and not RING_FIRST:  # their probabilities weight 16-bit values; the codes get the rest
+            acc_x = acc_x * alpha[:, None]
             if ring_tile:
                 vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
                                  stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
@@ -678,6 +677,13 @@ def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:
 RING_LAUNCH_MIN_REQUESTS = 16
 RING_PROGRAMS = 2
 WINDOW_DECODE_PROGRAMS = 132
+RING_TILE = 32  # ring entries per step of a ring pass
+
+
+def ring_chunk(entries: int, programs: int) -> int:
+    """Ring entries per ring program: ``entries`` (sinks + window) split over ``programs`` (at least 1), rounded up
+    to whole RING_TILE steps."""
+    return triton.cdiv(triton.cdiv(entries, max(programs, 1)), RING_TILE) * RING_TILE
 
 
 @dataclass
@@ -807,7 +813,6 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     ring_rows = plan.ring_rows(window is not None)
     ring_launch = ring_rows > 0 and plan.ring_launch
     ring_programs = 0 if ring_launch else ring_rows
-    ring_chunk = 0 if w is None else triton.cdiv(triton.cdiv(w.sinks + w.window, max(ring_programs, 1)), 32) * 32
     stages = plan.num_stages or (2 if uniform else 1)
     maxnreg = plan.maxnreg or (128 if uniform and (window is None or ring_launch) else None)
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
@@ -824,8 +829,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
                                                                 w.value.stride(0), w.value.stride(1)),
         G=group, NUM_KV_HEADS=heads, SINKS=0 if w is None else w.sinks, WINDOW=0 if w is None else w.window,
         HAS_WINDOW=w is not None, RING_FIRST=w is not None and plan.block_q == 1, RING_ONLY=ring_only,
-        RING_PROGRAMS=ring_programs,
-        RING_CHUNK=ring_chunk, RING_TILE=32,
+        RING_PROGRAMS=ring_programs, RING_CHUNK=0 if w is None else ring_chunk(w.sinks + w.window, ring_programs),
+        RING_TILE=RING_TILE,
         NUM_Q_HEADS=num_q_heads, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE=plan.tile, HEAD_DIM=h,
         PAGE_BLOCK=page_block, SLOT_ALIGN=slot_align,
         K_CODE_BYTES=kl.code_bytes, K_INDEX_BITS=kl.index_bits, K_ENTRY_VALUES=kl.entry_values, K_LANES=kl.lanes,

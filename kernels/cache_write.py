@@ -280,7 +280,8 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
     interpret = key.device.type != "cuda"
     if exact_inputs and key.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"exact_inputs rotates 16-bit keys/values, got {key.dtype}")
-    x_dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(key.dtype, tl.float32)
+    # the 16-bit rotation's dot inputs: the keys' dtype (the interpreter's 16-bit dots are wrong: float32 there)
+    x_dot = tl.float32 if interpret else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(key.dtype)
     shifts = [dummy if s is None else s for s in (layer.write_k_shift, layer.write_v_shift)]
     if split_streams is None:
         split_streams = v_from_k is None
@@ -299,7 +300,7 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
         K_SCALE_OFFSET=layer.k_scale_offset, V_SCALE_OFFSET=layer.v_scale_offset,
         HAS_K_BIAS=layer.k_bias is not None, HAS_V_BIAS=v_bias is not None, V_FROM_K=v_from_k is not None,
         HAS_RING=ring is not None, RING_WIDTH=1 if ring is None else ring[0].shape[1], NUM_KV_HEADS=heads,
-        SPLIT_STREAMS=split_streams, EXACT=exact_inputs, X_DOT=tl.float32 if interpret else x_dot,
+        SPLIT_STREAMS=split_streams, EXACT=exact_inputs, X_DOT=x_dot or tl.float32,
         num_warps=num_warps,
     )
 

@@ -113,7 +113,7 @@ def attention_or_write_launch(args) -> tuple:
                  WINDOW=128 if args.window else 0, HAS_WINDOW=args.window,
                  RING_FIRST=args.window and args.rows == 16, RING_ONLY=args.ring_only,
                  RING_PROGRAMS=args.ring_programs if args.window and args.rows == 16 else 0,
-                 RING_CHUNK=triton.cdiv(triton.cdiv(132, max(args.ring_programs, 1)), 32) * 32, RING_TILE=32)
+                 RING_CHUNK=attention.ring_chunk(132, args.ring_programs), RING_TILE=attention.RING_TILE)
     if args.write and args.window:  # the cache write that also stores the 16-bit ring entries
         const.update(HAS_RING=True)
     if args.write and args.u1n4 is not None:  # the speed preset's write: u1n4 codes, key mean, keys and values in
