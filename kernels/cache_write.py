@@ -252,18 +252,40 @@ def _cache_write_kernel(
                       HAS_V_BIAS, HAS_RING, V_FROM_K, K_LANES, K_CODE_BYTES, EXACT, X_DOT)
 
 
+PREFILL_TOKENS = 1024  # steps of this many new tokens or more take the prefill launch (``launch_settings``)
+
+
+def launch_settings(num_tokens: int, dtype: torch.dtype, v_from_k: bool) -> dict:
+    """write_fused's launch for a step of ``num_tokens`` new tokens in ``dtype``, as timed on the H200
+    (benchmarks/results/cache_write_h200_prefill.md, one layer of Llama-3.2-3B, speed preset): 16-bit inputs take the
+    16-bit rotation (``exact_inputs``: 3.7 instead of 6.1 us for one token, 56-89 instead of 194 us for 8192);
+    decode-sized steps keys and values in programs of their own, 16 tokens and 4 warps each; prefill-sized steps
+    (>= ``PREFILL_TOKENS``) both streams in one program of 64 tokens and 8 warps (55.6 us at 8192 tokens), unless the
+    value predictor reads the decoded keys (its float32 path: the decode launch, one program)."""
+    exact = dtype in (torch.bfloat16, torch.float16)
+    if exact and not v_from_k and num_tokens >= PREFILL_TOKENS:
+        return {"block_n": 64, "split_streams": False, "num_warps": 8, "exact_inputs": True}
+    return {"block_n": 16, "split_streams": not v_from_k, "num_warps": 4, "exact_inputs": exact}
+
+
 def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
-                value: torch.Tensor, block_n: int = 16, ring: tuple | None = None, split_streams: bool | None = None,
-                num_warps: int = 4, exact_inputs: bool = False) -> None:
+                value: torch.Tensor, block_n: int | None = None, ring: tuple | None = None,
+                split_streams: bool | None = None, num_warps: int | None = None,
+                exact_inputs: bool | None = None) -> None:
     """Encode key (post-RoPE) and value [>= N, H, h] of the N = len(slot_mapping) new tokens into their slots of
     kv_cache [num_blocks, H, page_block, slot] (uint8); slot -1 skips a token.  ``ring``: (ring_k, ring_v
     [rows + 1, width, H, h] contiguous, the step's ``WindowStep``): also store every token's key and value into its
-    ring entry (``ExactTokens.write``).  ``split_streams``: keys and values in programs of their own (twice the
-    programs, for decode steps' few tokens); the default wherever the value predictor does not read the decoded
-    keys, which it cannot be with one.  ``exact_inputs`` (experimental, off until timed on the GPU: cache_write.py):
-    16-bit K/V are rotated by the +-1 sign matrix on 16-bit tensor cores and the rotated prediction subtracted,
-    one product instead of tf32x3's three (streams whose prediction reads the decoded keys keep the float32 path)."""
+    ring entry (``ExactTokens.write``).  The launch (None: ``launch_settings``): ``block_n`` tokens and ``num_warps``
+    warps per program; ``split_streams``: keys and values in programs of their own (twice the programs), which they
+    cannot be where the value predictor reads the decoded keys; ``exact_inputs``: 16-bit K/V are rotated by the +-1
+    sign matrix on 16-bit tensor cores and the rotated prediction subtracted, one product instead of tf32x3's three
+    (streams whose prediction reads the decoded keys keep the float32 path)."""
     n = slot_mapping.shape[0]
+    settings = launch_settings(n, key.dtype, layer.write_v_from_k is not None)
+    block_n = settings["block_n"] if block_n is None else block_n
+    num_warps = settings["num_warps"] if num_warps is None else num_warps
+    exact_inputs = settings["exact_inputs"] if exact_inputs is None else exact_inputs
+    split_streams = settings["split_streams"] if split_streams is None else split_streams
     _, heads, page_block, _ = kv_cache.shape
     h = key.shape[-1]
     kl, vl = layer.k_lanes, layer.v_lanes
@@ -283,9 +305,7 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
     # the 16-bit rotation's dot inputs: the keys' dtype (the interpreter's 16-bit dots are wrong: float32 there)
     x_dot = tl.float32 if interpret else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(key.dtype)
     shifts = [dummy if s is None else s for s in (layer.write_k_shift, layer.write_v_shift)]
-    if split_streams is None:
-        split_streams = v_from_k is None
-    elif split_streams and v_from_k is not None:
+    if split_streams and v_from_k is not None:
         raise ValueError("split_streams: this layer's value predictor reads the decoded keys (one program must do both)")
     _cache_write_kernel[(triton.cdiv(n, block_n), heads, 2 if split_streams else 1)](
         key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v, layer.sign_k, layer.sign_v, *shifts,

@@ -217,9 +217,10 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
                                         rng):
     """The Triton cache write against TorchServingPath.write on the same new tokens, written to random slots (some
     padded with -1): codes equal except at near-ties of float rounding order (<= 0.5% of bytes), scales equal to
-    fp16 rounding, and untouched slots stay untouched."""
+    fp16 rounding, and untouched slots stay untouched; for the default launch (16-bit rotation of bf16 inputs), the
+    float32 rotation and the prefill launch."""
     from vllm_aquakv.kernels.attention import fused_layer_or_reason
-    from vllm_aquakv.kernels.cache_write import write_fused
+    from vllm_aquakv.kernels.cache_write import PREFILL_TOKENS, launch_settings, write_fused
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
     from vllm_aquakv.serving import StepState, TorchServingPath
 
@@ -259,9 +260,12 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
     written[slots[slots >= 0]] = True
     written = written.view(num_blocks, 1, page_block).expand(-1, heads, -1)  # [blocks, H, page]
     layout = path.layouts[layer]
-    exact = fill.clone()  # 16-bit inputs rotated on 16-bit tensor cores (``exact_inputs``): the same contract
-    write_fused(fused, exact, slots, key, value, exact_inputs=True)
-    for got in (got, exact):
+    float32 = fill.clone()  # the float32 rotation (tf32x3), for inputs that are not 16-bit: the same contract
+    write_fused(fused, float32, slots, key, value, exact_inputs=False)
+    prefill = fill.clone()  # the launch of steps of >= PREFILL_TOKENS tokens (64 tokens, 8 warps per program)
+    write_fused(fused, prefill, slots, key, value,
+                **launch_settings(PREFILL_TOKENS, key.dtype, fused.write_v_from_k is not None))
+    for got in (got, float32, prefill):
         got_w, want_w = got[written], want[written]  # [slots written x H, slot bytes]
         k_code, v_code = layout.parts[0][0], layout.parts[1][0]
         k_scale = layout.scale_offsets[0]

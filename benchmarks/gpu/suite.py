@@ -6,6 +6,14 @@ On the GPU machine (see benchmarks/gpu/README.md), after the vLLM bundle (with F
 
     python3 benchmarks/gpu/suite.py $OUT [--formats auto,fp8,...] [--input-lens 4096,8192,16384] [--output-len 512]
         [--num-prompts 256] [--serve-prompts 64] [--request-rate 1] [--timeout 420] [--no-serve] [--model DIR]
+        [--gpu-memory-utilization 0.9] [--max-num-seqs N]
+
+The all-formats table of benchmarks/results/throughput_h200_8192_512_all_formats.md is this, in a memory the bf16
+cache fills with 22 prompts of 64 (int4 and turboquant do not finish 256 prompts at 0.9 in a device call):
+
+    python3 benchmarks/gpu/suite.py $OUT --no-serve --input-lens 8192 --num-prompts 64 \
+        --gpu-memory-utilization 0.2 --max-num-seqs 64 --timeout 265 \
+        --formats auto,fp8,int4_per_token_head,turboquant_3bit_nc,turboquant_k3v4_nc,aquakv-window
 
 For each prompt length it runs ``throughput.py`` (all formats) and then ``serve.py`` (all formats), each format in its
 own engine, and leaves their JSON + markdown (throughput_<gpu>_<in>_<out>, serve_<gpu>_<in>_<out>) and logs in
@@ -38,12 +46,14 @@ def main():
     ap.add_argument("--serve-prompts", type=int, default=64, help="serve requests per format")
     ap.add_argument("--request-rate", type=float, default=1.0)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's --max-num-seqs for every format")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per format and benchmark")
     ap.add_argument("--no-serve", action="store_true")
     ap.add_argument("--model", default=None, help="model folder (default: the random Llama-3.2-3B shape, built once)")
     args = ap.parse_args()
     common = ["--formats", args.formats, "--output-len", str(args.output_len),
-              "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + (["--model", args.model] if args.model else [])
+              "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + (["--model", args.model] if args.model else []) \
+        + (["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else [])
     failed = []
     for input_len in (int(n) for n in args.input_lens.split(",")):
         out = os.path.join(args.out_dir, str(input_len))

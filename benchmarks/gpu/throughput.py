@@ -3,7 +3,7 @@
 On the GPU machine (see benchmarks/gpu/README.md), after the vLLM bundle and the staged plugin:
 
     python3 benchmarks/gpu/throughput.py $OUT [--formats auto,aquakv,fp8] [--input-len 8192] [--output-len 512]
-        [--num-prompts 256] [--gpu-memory-utilization 0.9] [--model DIR]
+        [--num-prompts 256] [--gpu-memory-utilization 0.9] [--max-num-seqs N] [--model DIR]
 
 Without ``--model`` it builds shared/BASELINES.md's model (Llama-3.2-3B shape, random bf16 weights, 3-letter
 WordLevel tokenizer: ``make_model.py``) in /tmp, so its bf16/fp8 rows can be checked against BASELINES.md.  An aquakv
@@ -85,15 +85,18 @@ def ensure_artifact(model: str, fmt: str = "aquakv") -> tuple[str, float]:
     return out, time.time() - t0
 
 
-def kv_cache_args(model: str, fmt: str) -> list[str]:
-    """The vLLM arguments that select a format: ``--kv-cache-dtype`` (and the artifact of an aquakv preset)."""
+def kv_cache_args(model: str, fmt: str, max_num_seqs: int | None = None) -> list[str]:
+    """The vLLM arguments that select a format: ``--kv-cache-dtype`` (and the artifact of an aquakv preset), and
+    ``--max-num-seqs`` where given (the same for every format)."""
+    seqs = ["--max-num-seqs", str(max_num_seqs)] if max_num_seqs else []
     if fmt not in AQUAKV_PRESETS:
-        return ["--kv-cache-dtype", fmt]
+        return ["--kv-cache-dtype", fmt, *seqs]
     art, _ = ensure_artifact(model, fmt)
     extra = AQUAKV_PRESETS[fmt][1]
     # the window's ring has one row per --max-num-seqs (vLLM's H100 default of 1024 would give it 15 GB here)
-    rows = ["--max-num-seqs", "256"] if extra.get("aquakv_window") else []
-    return ["--kv-cache-dtype", "aquakv", "--additional-config", json.dumps({"aquakv_artifact": art, **extra}), *rows]
+    if extra.get("aquakv_window") and not seqs:
+        seqs = ["--max-num-seqs", "256"]
+    return ["--kv-cache-dtype", "aquakv", "--additional-config", json.dumps({"aquakv_artifact": art, **extra}), *seqs]
 
 
 def kv_tokens(log: str) -> int | None:
@@ -120,6 +123,8 @@ def workload_args(ap: argparse.ArgumentParser, output_len: int, num_prompts: int
     ap.add_argument("--output-len", type=int, default=output_len)
     ap.add_argument("--num-prompts", type=int, default=num_prompts)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's --max-num-seqs for every format (default: "
+                    "vLLM's, 256 for aquakv with the window); a small one also shortens CUDA-graph capture")
     ap.add_argument("--model", default=None)
 
 
@@ -135,7 +140,8 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
     else:
         cmd = ["vllm", "bench", "throughput", "--model", model, "--dataset-name", "random",
                "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-               "--num-prompts", str(args.num_prompts), "--random-range-ratio", "0", *kv_cache_args(model, dtype),
+               "--num-prompts", str(args.num_prompts), "--random-range-ratio", "0",
+               *kv_cache_args(model, dtype, args.max_num_seqs),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len", str(max_len),
                "--output-json", result_json]
         with open(os.path.join(out_dir, f"log_{tag}.txt"), "w") as log:
@@ -144,7 +150,8 @@ def bench(model: str, dtype: str, args, out_dir: str) -> dict:
         text = f.read()
     found = lambda pattern: (re.findall(pattern, text) or [None])[-1]  # noqa: E731
     row = {"kv_cache_dtype": dtype, "input_len": args.input_len, "output_len": args.output_len,
-           "num_prompts": args.num_prompts, "rc": rc, "wall_s": round(time.time() - t0, 1),
+           "num_prompts": args.num_prompts, "gpu_memory_utilization": args.gpu_memory_utilization,
+           "max_num_seqs": args.max_num_seqs, "rc": rc, "wall_s": round(time.time() - t0, 1),
            "kv_tokens": kv_tokens(text),
            "max_concurrency": float(found(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x") or "nan"),
            "engine_init_s": float(found(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+)") or
@@ -239,7 +246,9 @@ def main():
     add_ratios(rows, "vs_bf16")
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     md = [f"`vllm bench throughput`, random dataset, {args.input_len} in / {args.output_len} out, {args.num_prompts} "
-          f"prompts, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM defaults otherwise (torch.compile, "
+          f"prompts, --gpu-memory-utilization {args.gpu_memory_utilization}"
+          + (f", --max-num-seqs {args.max_num_seqs} (every format)" if args.max_num_seqs else "")
+          + ", vLLM defaults otherwise (torch.compile, "
           f"CUDA graphs, chunked prefill, prefix caching). aquakv artifacts (calibrated on random words: speed only): "
           + "; ".join(f"{k}: `{v[0]}` {json.dumps(v[1]) if v[1] else ''}" for k, v in AQUAKV_PRESETS.items()
                       if k in formats) + ".\n",
