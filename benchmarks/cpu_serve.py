@@ -57,13 +57,13 @@ def main():
             dtype, extra = FORMATS[label]
             server_args = ["--kv-cache-dtype", dtype, "--max-num-seqs", str(args.num_prompts), "--enforce-eager",
                            *(["--additional-config", json.dumps(extra)] if extra else [])]
-            row = serve_and_bench(model, label.replace(" ", "").replace("/", "-"), args, logs, vllm=vllm,
-                                  server_args=server_args, env=env)
+            tag = label.replace(" ", "").replace("/", "-")  # the label in the log file names
+            row = serve_and_bench(model, tag, args, logs, vllm=vllm, server_args=server_args, env=env)
             row["kv_cache_dtype"] = label
             if "error" in row or row.get("rc"):
                 tails = []
                 for name in sorted(os.listdir(logs)):  # the failing run's server and client logs
-                    if label.replace(" ", "").replace("/", "-") in name and name.endswith(".txt"):
+                    if tag in name and name.endswith(".txt"):
                         with open(os.path.join(logs, name)) as f:
                             tails.append(f"{name}: {f.read()[-1500:]}")
                 row["log_tail"] = "\n".join(tails)

@@ -2,9 +2,9 @@
 
     python benchmarks/plots.py [--results DIR] [--out DIR]   # defaults: both benchmarks/results/
 
-Writes throughput_h100.png / _h200.png / _h200_all_formats.png, decode_attention_h100.png / _h200.png, serve_h100.png and
-quality_vs_bits.png. A plot whose JSON is
-missing is skipped with a message; a JSON that does not parse, or lacks a field the plot needs, exits 1.
+Writes throughput_h100.png / _h200.png / _h200_all_formats.png, decode_attention_h100.png / _h200.png,
+serve_h100.png / _h200.png and quality_vs_bits.png. A plot whose JSON is missing is skipped with a message; a JSON
+that does not parse, or lacks a field the plot needs, exits 1.
 Every title names the machine and model from the JSON, the JSON file itself and the command that wrote it.
 """
 
@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import ROOT, _num  # noqa: E402
+from report import ROOT, _num, memory_settings  # noqa: E402
 
 DPI = 100
 PLAIN = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 10 else f"{v:g}")  # 0.3, 1, 4,000,000
@@ -87,10 +87,8 @@ def throughput(paths, out):
         if many:
             ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     r0 = rows[0]
-    memory = "" if r0.get("gpu_memory_utilization", 0.9) == 0.9 else \
-        f", --gpu-memory-utilization {r0['gpu_memory_utilization']}"
     _save(fig, f"vllm bench throughput, {r0['input_len']} in / {r0['output_len']} out, {r0['num_prompts']} prompts"
-               f"{memory}",
+               f"{memory_settings(r0)}",
           [(paths[0], d)], out)
 
 

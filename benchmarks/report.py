@@ -24,17 +24,22 @@ def _ratio(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def memory_settings(row: dict) -> str:
+    """", --gpu-memory-utilization X, --max-num-seqs N" for a throughput row run with other than the defaults (0.9,
+    vLLM's), else ""."""
+    out = "" if row.get("gpu_memory_utilization", 0.9) == 0.9 else \
+        f", --gpu-memory-utilization {row['gpu_memory_utilization']}"
+    return out + (f", --max-num-seqs {row['max_num_seqs']}" if row.get("max_num_seqs") else "")
+
+
 def perf_block(results_dir: str) -> str:
     """The markdown block: one throughput table and one serve table per result file."""
     out = [BEGIN]
     for path in sorted(glob.glob(os.path.join(results_dir, "throughput_h[0-9]*_*.json"))):
         d = json.load(open(path))
         r0 = d["rows"][0]
-        memory = "" if r0.get("gpu_memory_utilization", 0.9) == 0.9 else \
-            f", --gpu-memory-utilization {r0['gpu_memory_utilization']}"
-        memory += f", --max-num-seqs {r0['max_num_seqs']}" if r0.get("max_num_seqs") else ""
         out += [f"\n`vllm bench throughput`, {r0['input_len']} in / {r0['output_len']} out, {r0['num_prompts']} "
-                f"prompts{memory} ({d['machine']}, vLLM {d['versions'].get('vllm', '?')}, {d['model']}; "
+                f"prompts{memory_settings(r0)} ({d['machine']}, vLLM {d['versions'].get('vllm', '?')}, {d['model']}; "
                 f"`{os.path.relpath(path, ROOT)}`):\n",
                 "| kv-cache-dtype | KV tokens | vs bf16 | output tok/s | vs bf16 |", "| --- | --- | --- | --- | --- |"]
         out += [f"| {r['kv_cache_dtype']} | {_num(r.get('kv_tokens'), ',')} | {_ratio(r.get('kv_tokens_vs_bf16'))} "

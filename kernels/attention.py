@@ -900,15 +900,15 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
         block_table = torch.arange(blocks, dtype=torch.int32, device=device)[None]
         kv = torch.randn(context, num_kv_heads, h, device=device).to(dtype)
         # the cache write's decode and prefill launches (``launch_settings``), alone and storing the ring entries
-        # (every token into entry 0, 0)
         launches = {tuple(launch_settings(n, dtype, f.write_v_from_k is not None).items()) for n in (1, PREFILL_TOKENS)}
+        slots = torch.arange(context, device=device)
+        rings = [None]
+        if window is not None:
+            ring, zero = torch.zeros(2, sum(window), num_kv_heads, h, dtype=dtype, device=device), 0 * slots
+            rings.append((ring, ring, WindowStep(zero, zero, slots)))  # every token into ring entry (0, 0)
         for launch in launches:
-            write_fused(f, cache, torch.arange(context, device=device), kv, kv, **dict(launch))
-            if window is not None:
-                ring = torch.zeros(2, sum(window), num_kv_heads, h, dtype=dtype, device=device)
-                zero = torch.zeros(context, dtype=torch.int64, device=device)
-                write_fused(f, cache, torch.arange(context, device=device), kv, kv, **dict(launch),
-                            ring=(ring, ring, WindowStep(zero, zero, torch.arange(context, device=device))))
+            for ring_args in rings:
+                write_fused(f, cache, slots, kv, kv, ring=ring_args, **dict(launch))
         for new_tokens in (1, 2, context):  # decode, short and long prefill launches
             qsl = [0, new_tokens]
             seq_lens = torch.tensor([context], dtype=torch.int32, device=device)
