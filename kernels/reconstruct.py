@@ -139,8 +139,9 @@ class ExactRows:
     ring_dst: torch.Tensor  # [E] int64: reconstructed row that a ring entry may replace
     ring_req: torch.Tensor  # [E] int64: its request (= ring row, vLLM's batch row)
     ring_pos: torch.Tensor  # [E] int64: its position
-    step_dst: torch.Tensor  # [C] int64: reconstructed row of a token of this step
-    step_tok: torch.Tensor  # [C] int64: that token's index among the step's tokens (WindowInputs.key / value)
+    # this step's tokens: (first reconstructed row, first index among the step's tokens - WindowInputs.key / value -,
+    # count) per request; a request's tokens are consecutive in both, so each run is one slice copy
+    step_runs: list[tuple[int, int, int]]
     _ring: tuple | None = None  # (ring columns [E], entry holds its position [E, 1, 1]): the same for every layer
 
     def put(self, k: torch.Tensor, v: torch.Tensor, window: WindowInputs, block_table: torch.Tensor,
@@ -156,9 +157,9 @@ class ExactRows:
             col, there = self._ring
             for rows, ring in ((k, window.ring_k), (v, window.ring_v)):
                 rows[self.ring_dst] = torch.where(there, ring[self.ring_req, col].to(rows.dtype), rows[self.ring_dst])
-        if self.step_dst.numel():
-            k[self.step_dst] = window.key[self.step_tok].to(k.dtype)
-            v[self.step_dst] = window.value[self.step_tok].to(v.dtype)
+        for dst, tok, count in self.step_runs:  # one slice copy per request, not an index scatter
+            k[dst:dst + count] = window.key[tok:tok + count]
+            v[dst:dst + count] = window.value[tok:tok + count]
 
 
 @dataclass
@@ -222,7 +223,7 @@ def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
     if exact is not None:
         sinks, window = exact
         split.codes_k = as_tensor([max(seq_lens[r] - window, 0) for r in rest])
-        phases = {True: [[] for _ in range(5)], False: [[] for _ in range(5)]}  # is a sink -> ExactRows fields
+        phases = {True: [[] for _ in range(4)], False: [[] for _ in range(4)]}  # is a sink -> ExactRows fields
         for i, r in enumerate(rest):
             context = seq_lens[r] - q_lens[r]
             # ring: positions before this step that some query of it reads in 16 bits
@@ -240,9 +241,9 @@ def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
                 fields[0].append(cu_k[i] + rp)
                 fields[1].append(torch.full_like(rp, r))
                 fields[2].append(rp)
-                fields[3].append(cu_k[i] + cp)
-                fields[4].append(query_start_loc[r] + cp - context)
-        rows = {s: ExactRows(*(torch.cat(f).to(device, non_blocking=True) for f in fields))
+                if cp.numel():
+                    fields[3].append((cu_k[i] + int(cp[0]), query_start_loc[r] + int(cp[0]) - context, cp.numel()))
+        rows = {s: ExactRows(*(torch.cat(f).to(device, non_blocking=True) for f in fields[:3]), fields[3])
                 for s, fields in phases.items()}
         split.sink_rows, split.window_rows = rows[True], rows[False]
     return split
