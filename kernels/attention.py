@@ -28,10 +28,8 @@ one segment of that sequence's causal key range (split-K for long decodes).  Wit
 requests a launch of its own that writes one more split-K partial (``RING_ONLY``), so that the codes launch keeps the
 register cap of a launch without the window, else in RING_PROGRAMS programs of the codes launch after its segments,
 each writing a partial of a slice of the ring; wider launches read the ring inside the codes loop, per tile.  It writes unnormalized partials (running max, denominator,
-Hadamard-domain value and key sums, in lane order); the last program of each (query block, KV head) to finish - an
-arrival count per group, acquire/release atomics - merges the segments and applies the per-query epilogue
-(``_combine_partials``; ``AttentionPlan.fused_combine``, else a ``_combine_kernel`` launch of its own).  Its torch twin
-is ``vllm_aquakv.serving.TorchServingPath.attend``.
+Hadamard-domain value and key sums, in lane order); ``_combine_kernel`` merges the segments and applies the per-query
+epilogue.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
 """
 
 from __future__ import annotations
@@ -269,15 +267,14 @@ def _exact_scores(q, kx, Q_DTYPE: tl.constexpr, Q_PRECISION: tl.constexpr, HEAD_
     return s_x
 
 
-@triton.jit(do_not_specialize=["num_segments", "num_tokens", "stride_bt", "num_partials"])  # change every step
+@triton.jit(do_not_specialize=["num_segments", "num_tokens", "stride_bt"])  # values that change every step
 def _fused_attention_kernel(
     q_ptr, sign_k_ptr, k_bias_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, qblock_seq_ptr,
     qblock_first_ptr, k_table_ptr, v_table_ptr,
     m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, ring_k_ptr, ring_v_ptr, tags_ptr, key_ptr, value_ptr,
-    counter_ptr, sign_v_ptr, v_bias_ptr, v_weight_ptr, out_ptr,
-    num_segments, num_tokens, logit_scale, num_partials,
+    num_segments, num_tokens, logit_scale,
     stride_qn, stride_qh, stride_block, stride_head, stride_token, stride_bt, stride_kn, stride_kh, stride_vn,
-    stride_vh, stride_out_n, stride_out_h,
+    stride_vh,
     G: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SINKS: tl.constexpr, WINDOW: tl.constexpr, HAS_WINDOW: tl.constexpr,
     RING_FIRST: tl.constexpr, RING_ONLY: tl.constexpr, RING_PROGRAMS: tl.constexpr,
     RING_CHUNK: tl.constexpr, RING_TILE: tl.constexpr,
@@ -287,8 +284,7 @@ def _fused_attention_kernel(
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
     V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr,
-    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr, FUSED_COMBINE: tl.constexpr, HAS_V_BIAS: tl.constexpr,
-    RING_ROWS: tl.constexpr,
+    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -452,33 +448,27 @@ def _fused_attention_kernel(
         tl.store(acc_x_ptr + idx[:, None] * HEAD_DIM + j[None, :], acc_x, mask=row_mask[:, None])
     if V_FROM_K:
         _store_lanes(acc_k_ptr, idx, row_mask, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES)
-    if FUSED_COMBINE:  # the last of the num_partials programs of this (query block, KV head) merges the partials
-        tl.debug_barrier()  # every thread's partials are stored before the count (release) ...
-        counter = counter_ptr + qblock * NUM_KV_HEADS + kv_head
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_partials - 1:  # ... and read from L2 after it (acquire)
-            tl.store(counter, 0)  # ready for the next layer's launch
-            _combine_partials(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, sign_v_ptr, sign_k_ptr, v_bias_ptr,
-                              k_bias_ptr, v_weight_ptr, out_ptr, q_start + tok, q_head, kv_head, row_mask,
-                              num_partials, num_tokens, stride_out_n, stride_out_h, NUM_Q_HEADS, HEAD_DIM, BLOCK_M,
-                              HAS_V_BIAS, HAS_K_BIAS, V_FROM_K, HAS_WINDOW, RING_ROWS, DOT_DTYPE, ".cg")
 
 
-@triton.jit
-def _combine_partials(
+@triton.jit(do_not_specialize=["num_segments", "num_tokens"])  # values that change every step
+def _combine_kernel(
     m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, sign_v_ptr, sign_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr,
-    out_ptr, tok, q_head, kv_head, row_mask, num_segments, num_tokens, stride_out_n, stride_out_h,
-    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, HAS_V_BIAS: tl.constexpr,
-    HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr, RING_ROWS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, LOAD_MODIFIER: tl.constexpr,
+    out_ptr, num_segments, num_tokens, stride_out_n, stride_out_h,
+    G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+    HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    RING_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Merge the split-K partials of ROWS rows (token ``tok`` [R] x query head ``q_head`` [R], all of KV head
-    ``kv_head``) and apply the epilogue: softmax normalization, rotation back from the Hadamard domain (y A^T), the
-    value mean and the per-head value predictor ((b_k + y_k A^T) W), written to ``out`` in its dtype.  One walk over
-    the partials with a running maximum: faster than a first pass for the maximum
-    (benchmarks/results/decode_attention_h200_combine.md) and than reading the maxima as one tile
-    (decode_attention_h200_ring_programs.md).  LOAD_MODIFIER ".cg" reads the partials from L2 (written by other
-    programs of the same launch: ``_fused_attention_kernel``'s FUSED_COMBINE)."""
+    """Merge the split-K partials of ROWS // G tokens x the G query heads of one KV head and apply the epilogue:
+    softmax normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value
+    predictor ((b_k + y_k A^T) W), written in the output's dtype.  Several tokens per program share the loads of
+    the [h, h] matrices (prefill steps have thousands of tokens).  One walk over the partials with a running
+    maximum: faster than a first pass for the maximum (benchmarks/results/decode_attention_h200_combine.md) and
+    than reading the maxima as one tile (decode_attention_h200_ring_programs.md)."""
+    kv_head = tl.program_id(1)
+    r = tl.arange(0, ROWS)
+    tok = tl.program_id(0) * (ROWS // G) + r // G
+    q_head = kv_head * G + r % G
+    row_mask = (r < (ROWS // G) * G) & (tok < num_tokens)
     j = tl.arange(0, HEAD_DIM)
     idx = tok * NUM_Q_HEADS + q_head  # [R] rows of the [N * Hq] partials
     seg = num_tokens * NUM_Q_HEADS
@@ -488,24 +478,20 @@ def _combine_partials(
     y_k = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     y_x = tl.zeros([ROWS, HEAD_DIM], tl.float32)  # 16-bit sinks/window values, head order
     for s in range(num_segments):
-        m_s = tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30, cache_modifier=LOAD_MODIFIER)
+        m_s = tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30)
         m_new = tl.maximum(m_max, m_s)
         alpha = tl.exp2(m_max - m_new)  # the sums so far are rescaled when the maximum grows
         w = tl.exp2(m_s - m_new)
         m_max = m_new
-        denom = denom * alpha + w * tl.load(l_ptr + s * seg + idx, mask=row_mask, other=0.0,
-                                            cache_modifier=LOAD_MODIFIER)
+        denom = denom * alpha + w * tl.load(l_ptr + s * seg + idx, mask=row_mask, other=0.0)
         rows = (s * seg + idx)[:, None] * HEAD_DIM + j[None, :]
-        y_v = y_v * alpha[:, None] + w[:, None] * tl.load(acc_v_ptr + rows, mask=row_mask[:, None], other=0.0,
-                                                          cache_modifier=LOAD_MODIFIER)
+        y_v = y_v * alpha[:, None] + w[:, None] * tl.load(acc_v_ptr + rows, mask=row_mask[:, None], other=0.0)
         if V_FROM_K:
-            y_k = y_k * alpha[:, None] + w[:, None] * tl.load(acc_k_ptr + rows, mask=row_mask[:, None], other=0.0,
-                                                              cache_modifier=LOAD_MODIFIER)
+            y_k = y_k * alpha[:, None] + w[:, None] * tl.load(acc_k_ptr + rows, mask=row_mask[:, None], other=0.0)
         if HAS_WINDOW:  # (RING_ROWS > 0: only the last RING_ROWS partials, the ring programs', have 16-bit sums)
             y_x *= alpha[:, None]
             if RING_ROWS == 0 or s >= num_segments - RING_ROWS:
-                y_x += w[:, None] * tl.load(acc_x_ptr + rows, mask=row_mask[:, None], other=0.0,
-                                            cache_modifier=LOAD_MODIFIER)
+                y_x += w[:, None] * tl.load(acc_x_ptr + rows, mask=row_mask[:, None], other=0.0)
     inv = 1.0 / (tl.where(row_mask, denom, 1.0) * tl.sqrt(HEAD_DIM * 1.0))  # y = z * scale / sqrt(h)
     # A^T = S^T / sqrt(h) with S = diag(signs) H: the +-1 matrix in 16 bits (exact), 1 / sqrt(h) after the dot
     rsqrt_h = 1.0 / tl.sqrt(HEAD_DIM * 1.0)
@@ -524,27 +510,6 @@ def _combine_partials(
         out += tl.dot(k_mean.to(DOT_DTYPE), w_head.to(DOT_DTYPE))
     tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_out_n + q_head[:, None] * stride_out_h + j[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
-
-
-@triton.jit(do_not_specialize=["num_segments", "num_tokens"])  # values that change every step
-def _combine_kernel(
-    m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, sign_v_ptr, sign_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr,
-    out_ptr, num_segments, num_tokens, stride_out_n, stride_out_h,
-    G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-    HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    RING_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-):
-    """``_combine_partials`` as a launch of its own: ROWS // G tokens x the G query heads of one KV head per program
-    (several tokens per program share the loads of the [h, h] matrices: prefill steps have thousands of tokens)."""
-    kv_head = tl.program_id(1)
-    r = tl.arange(0, ROWS)
-    tok = tl.program_id(0) * (ROWS // G) + r // G
-    q_head = kv_head * G + r % G
-    row_mask = (r < (ROWS // G) * G) & (tok < num_tokens)
-    _combine_partials(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, sign_v_ptr, sign_k_ptr, v_bias_ptr, k_bias_ptr,
-                      v_weight_ptr, out_ptr, tok, q_head, kv_head, row_mask, num_segments, num_tokens, stride_out_n,
-                      stride_out_h, NUM_Q_HEADS, HEAD_DIM, ROWS, HAS_V_BIAS, HAS_K_BIAS, V_FROM_K, HAS_WINDOW,
-                      RING_ROWS, DOT_DTYPE, "")
 
 
 @dataclass
@@ -738,11 +703,7 @@ class AttentionPlan:
     # RING_LAUNCH_MIN_REQUESTS requests), else in ``ring_programs`` programs of the codes launch after its segments
     ring_launch: bool = True
     ring_programs: int = RING_PROGRAMS
-    # the last program of each (query block, KV head) to finish merges the partials (``_combine_partials``) instead
-    # of a combine launch of its own
-    fused_combine: bool = False
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
-    _counters: torch.Tensor | None = None  # [query blocks x KV heads] int32 arrivals (``counters``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
                  device) -> tuple[torch.Tensor, ...]:
@@ -760,14 +721,6 @@ class AttentionPlan:
             self._partials = (key, (m, l, acc_v, part(head_dim) if key_sums else acc_v,
                                     part(head_dim) if exact_sums else acc_v))
         return self._partials[1]
-
-    def counters(self, num_kv_heads: int, device) -> torch.Tensor:
-        """The fused combine's arrival counts, one per (query block, KV head): zeros, allocated once per step (the
-        last program of each group resets its count for the next layer; in a CUDA graph the zeroing is replayed)."""
-        size = self.q_seq.shape[0] * num_kv_heads
-        if self._counters is None or self._counters.numel() != size:
-            self._counters = torch.zeros(size, dtype=torch.int32, device=device)
-        return self._counters
 
     def ring_rows(self, window: bool) -> int:
         """How many split-K partials after the codes segments hold the 16-bit sinks/window pass of a decode step (one
@@ -841,9 +794,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     kv_cache [num_blocks, H, page_block, slot] (uint8) -> out [N, Hq, h] (any float dtype and strides with a
     contiguous last dim; float32 if not given).  block_table [R, max_blocks], seq_lens [R] (context incl. this step's
     tokens) and query_start_loc [R + 1] are int32 on the device.  With ``window``, key j of query i is read from
-    16 bits when j < sinks or i - j < window and a copy is there (ring row = the request's batch row).  The attention
-    kernel writes split-K partials; the last program of each (query block, KV head) merges them into ``out``
-    (``plan.fused_combine``), else a ``_combine_kernel`` launch does."""
+    16 bits when j < sinks or i - j < window and a copy is there (ring row = the request's batch row).  Two launches:
+    the attention kernel writes split-K partials, ``_combine_kernel`` merges them into ``out``."""
     if window is not None and (layer.v_bias is not None or layer.v_weight is not None):
         raise ValueError("16-bit sinks/window in the fused kernel need an artifact without a value predictor")
     n, num_q_heads, h = query.shape
@@ -866,21 +818,15 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
-    if out is None:
-        out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
-    counters = plan.counters(heads, query.device) if plan.fused_combine else dummy
     launch = lambda z, ring_only, **options: _fused_attention_kernel[(plan.q_seq.shape[0], heads, z)](  # noqa: E731
         query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias, kv_cache, block_table, seq_lens,
         query_start_loc, plan.q_seq, plan.q_first, kl.table, vl.table,
         m, l, acc_v, acc_k, acc_x, *(dummy,) * 3 if w is None else (w.ring_k, w.ring_v, w.tags),
         *(query, query) if w is None else (w.key, w.value),
-        counters, layer.sign_v, dummy if layer.v_bias is None else layer.v_bias,
-        dummy if layer.v_weight is None else layer.v_weight, out,
-        segments, n, scale * LOG2E, segments + ring_rows,
+        segments, n, scale * LOG2E,
         query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         block_table.stride(0), *(0, 0, 0, 0) if w is None else (w.key.stride(0), w.key.stride(1),
                                                                 w.value.stride(0), w.value.stride(1)),
-        out.stride(0), out.stride(1),
         G=group, NUM_KV_HEADS=heads, SINKS=0 if w is None else w.sinks, WINDOW=0 if w is None else w.window,
         HAS_WINDOW=w is not None, RING_FIRST=w is not None and plan.block_q == 1, RING_ONLY=ring_only,
         RING_PROGRAMS=ring_programs, RING_CHUNK=0 if w is None else ring_chunk(w.sinks + w.window, ring_programs),
@@ -893,14 +839,13 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16,
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
-        FUSED_COMBINE=plan.fused_combine, HAS_V_BIAS=layer.v_bias is not None, RING_ROWS=ring_rows,
         num_warps=plan.num_warps, num_stages=stages, **options,
     )
     launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
     if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)
         launch(1, True)
-    if plan.fused_combine:
-        return out
+    if out is None:
+        out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
     rows = _combine_rows(n, group)
     _combine_kernel[(triton.cdiv(n, rows // group), heads)](
         m, l, acc_v, acc_k, acc_x, layer.sign_v, layer.sign_k, dummy if layer.v_bias is None else layer.v_bias,

@@ -88,25 +88,18 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
         index_bits = 1 if k_grid == "u1n4" else 8
     byte_tables = dataclasses.replace(fused, k_lanes=lane_table(kc.grid, kc.code_bits, head_dim, index_bits),
                                       v_lanes=lane_table(vc.grid, vc.code_bits, head_dim, index_bits))
-    # no split, split-K over many segments (the partials merged by the last program of each group, twice with the
-    # same plan as consecutive layers do, and by a combine launch of their own), and the same codes decoded through
-    # byte-indexed tables (or, for d1n4, in registers: index_bits=2; for u1n4 through the 1024-exponent trick)
-    for min_programs, fused, fused_combine, calls in ((1, fused, True, 1), (10_000, fused, True, 2),
-                                                      (10_000, fused, False, 1), (1, byte_tables, True, 1)):
+    # no split, split-K over many segments, and the same codes decoded through byte-indexed tables (or, for d1n4,
+    # in registers: index_bits=2; for u1n4 through the 1024-exponent trick: index_bits=1)
+    for min_programs, fused in ((1, fused), (10_000, fused), (1, byte_tables)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
-        plan.fused_combine = fused_combine
-        assert min_programs == 1 or plan.segments > 1
-        for _ in range(calls):
-            got = fused_attention(query, kv, block_table, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
-                                  torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan, fused, scale).cpu()
-            err = (got - want).norm() / want.norm()
-            tol = 1e-5 if DEVICE == "cpu" else 3e-3  # float32 dots in the interpreter; float16 queries and
-            # probabilities on the GPU (the grids are float16 values in both)
-            assert err < tol, (min_programs, fused_combine, err)
-            assert torch.allclose(got, want, atol=tol * 5 * want.abs().max().item()), (got - want).abs().max()
-        if fused_combine:  # every group's last program reset its count for the next layer
-            assert plan._counters.abs().sum().item() == 0
+        got = fused_attention(query, kv, block_table, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                              torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan, fused, scale).cpu()
+        err = (got - want).norm() / want.norm()
+        tol = 1e-5 if DEVICE == "cpu" else 3e-3  # float32 dots in the interpreter; float16 queries and probabilities
+        # on the GPU (the grids are float16 values in both)
+        assert err < tol, (min_programs, err)
+        assert torch.allclose(got, want, atol=tol * 5 * want.abs().max().item()), (got - want).abs().max()
     if decode_only:
         return
     check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want)
@@ -412,18 +405,15 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     qsl_dev = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
     # no split and split-K; decodes read the ring in a launch of its own or in 1, 2 (the default) or 3 programs of
-    # the codes launch (slices of the ring); the partials merged by the last program of each group (its count then
-    # spans both launches with the ring's own) or by a combine launch
-    for min_programs, ring_launch, ring_programs, fused_combine in (
-            (1, True, 0, True), (10_000, True, 0, True), (10_000, False, 2, True), (10_000, False, 1, True),
-            (10_000, False, 3, True), (10_000, True, 0, False), (10_000, False, 2, False)):
+    # the codes launch (slices of the ring)
+    for min_programs, ring_launch, ring_programs in ((1, True, 0), (10_000, True, 0), (10_000, False, 2),
+                                                     (10_000, False, 1), (10_000, False, 3)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
-        plan.ring_launch, plan.ring_programs, plan.fused_combine = ring_launch, ring_programs, fused_combine
+        plan.ring_launch, plan.ring_programs = ring_launch, ring_programs
         got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
         err = (got - want).norm() / want.norm()
-        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, fused_combine,
-                                                           err)
+        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, err)
     codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
     assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop
     if decode_only:

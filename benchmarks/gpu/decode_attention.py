@@ -12,7 +12,7 @@ only.
 
     python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD] [--prefill-only]
         [--no-prefill] [--graphs] [--batches 1,16,64] [--contexts 4096,16384,32768] [--one-segment]
-        [--min-programs 528,1056] [--ring-programs 1,2] [--combine-launch] [--profile]
+        [--min-programs 528,1056] [--ring-programs 1,2] [--profile]
     (needs vLLM 0.26: README.md)
 
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
@@ -23,9 +23,7 @@ the default from 16 requests), and with ``--ring-programs N,..`` in N programs o
 ``--one-segment`` also times each aquakv mode unsplit (one split-K segment): what FULL-graph decode steps ran before
 their plans were made for ``max_model_len`` (vLLM captures them with 1-token contexts); ``--min-programs`` also
 times each aquakv mode with split-K plans for those program counts (the default plan aims at 264, 132 for window
-decodes below 16 requests).  ``--combine-launch`` also times each variant with the split-K partials merged by a
-launch of their own (before 2026-12-03's tenth session; since, the last program of each group merges them in the
-attention launch).  Where the bundle
+decodes below 16 requests).  Where the bundle
 has FlashAttention, a "bf16 (vLLM FlashAttention)" row times vLLM's default bf16 decode on H100/H200 (FLASH_ATTN,
 FA3) on the same pages: ``vs_fa3`` compares against it (``vs_bf16`` against TRITON_ATTN, as the issue asks).
 """
@@ -243,9 +241,7 @@ def main():
                        ("--prefill-only", "the prefill table only"), ("--no-prefill", "the decode table only"),
                        ("--graphs", "time CUDA-graph replays (GPU time only)"),
                        ("--profile", "GPU time per kernel of each decode call (kernel_us) and of the window's prefill"),
-                       ("--one-segment", "also each aquakv mode with one split-K segment"),
-                       ("--combine-launch", "also each aquakv variant with the split-K combine in a launch of its own "
-                        "(AttentionPlan.fused_combine false; the default merges in the attention launch)")):
+                       ("--one-segment", "also each aquakv mode with one split-K segment")):
         ap.add_argument(flag, action="store_true", help=text)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--contexts", default="4096,16384,32768")
@@ -296,20 +292,17 @@ def main():
                 counts += [plan_attention(qsl_list, ctx, HQ, H, "cuda", window=win is not None,
                                           **{**best, "min_programs": p}).segments
                            for p in ints(args.min_programs)]  # other split-K widths
-                combines = [True, False] if args.combine_launch else [True]
-                variants = [(ring, segments, c) for segments in dict.fromkeys(counts) for ring in rings
-                            for c in combines]
-                for (ring_launch, ring_programs), segments, fused_combine in variants:
+                variants = [(ring, segments) for segments in dict.fromkeys(counts) for ring in rings]
+                for (ring_launch, ring_programs), segments in variants:
                     p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
-                                            _counters=None, segments=segments, fused_combine=fused_combine,
-                                            maxnreg=plan.maxnreg if ring_launch else None)
+                                            segments=segments, maxnreg=plan.maxnreg if ring_launch else None)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
                     name = (label + ("" if win is None or (ring_launch, ring_programs) == planned
                                      else ", ring launch" if ring_launch else f", ring in {ring_programs} programs")
                             + ("" if segments == plan.segments else ", one segment" if segments == 1
-                               else f", {segments} segments") + ("" if fused_combine else ", combine launch"))
+                               else f", {segments} segments"))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})

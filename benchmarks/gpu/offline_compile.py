@@ -32,8 +32,7 @@ POINTERS = {"q_ptr": "*bf16", "sign_k_ptr": "*fp16", "k_bias_ptr": "*fp32", "cac
             "seq_lens_ptr": "*i32", "q_start_ptr": "*i32", "qblock_seq_ptr": "*i32", "qblock_first_ptr": "*i32",
             "k_table_ptr": "*i32", "v_table_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_v_ptr": "*fp32",
             "acc_k_ptr": "*fp32", "acc_x_ptr": "*fp32", "ring_k_ptr": "*bf16", "ring_v_ptr": "*bf16", "tags_ptr": "*i64",
-            "key_ptr": "*bf16", "value_ptr": "*bf16", "counter_ptr": "*i32", "sign_v_ptr": "*fp16",
-            "v_bias_ptr": "*fp32", "v_weight_ptr": "*fp32", "out_ptr": "*bf16"}
+            "key_ptr": "*bf16", "value_ptr": "*bf16"}
 
 WRITE_POINTERS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u8",
                   "rot_k_ptr": "*fp32", "rot_v_ptr": "*fp32", "sign_k_ptr": "*fp16", "sign_v_ptr": "*fp16",
@@ -73,8 +72,6 @@ def main():
                                                           "blocks of 32")
     ap.add_argument("--combine", action="store_true", help="compile the split-K combine of a decode step (16 rows) "
                     "instead; it launches with --warps 8")
-    ap.add_argument("--combine-launch", action="store_true", help="the attention launch without the merged combine "
-                    "(AttentionPlan.fused_combine false)")
     args = ap.parse_args()
     fn, pointers, const = combine_launch(args) if args.combine else attention_or_write_launch(args)
     names = fn.arg_names
@@ -116,10 +113,7 @@ def attention_or_write_launch(args) -> tuple:
                  WINDOW=128 if args.window else 0, HAS_WINDOW=args.window,
                  RING_FIRST=args.window and args.rows == 16, RING_ONLY=args.ring_only,
                  RING_PROGRAMS=args.ring_programs if args.window and args.rows == 16 else 0,
-                 RING_CHUNK=attention.ring_chunk(132, args.ring_programs), RING_TILE=attention.RING_TILE,
-                 FUSED_COMBINE=not args.combine_launch, HAS_V_BIAS=not args.plain,
-                 RING_ROWS=(1 if args.ring_only or not args.ring_programs else args.ring_programs)
-                 if args.window and args.rows == 16 else 0)
+                 RING_CHUNK=attention.ring_chunk(132, args.ring_programs), RING_TILE=attention.RING_TILE)
     if args.write and args.window:  # the cache write that also stores the 16-bit ring entries
         const.update(HAS_RING=True)
     if args.write and args.u1n4 is not None:  # the speed preset's write: u1n4 codes, key mean, keys and values in
