@@ -68,6 +68,43 @@ def test_serve_profile_summary_reads_a_real_torch_trace(tmp_path):
     assert kernel_times(trace, top=50) == []  # no GPU kernels in a CPU trace
 
 
+def test_serve_step_times_split_host_span_and_kernels(tmp_path):
+    """serve.py's engine-step table: steps grouped by vLLM's annotation kind, with median host time, GPU span and
+    the kernel time inside each span (kernels outside every span never count), on a trace of random steps."""
+    import json
+    import random
+    import statistics
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
+    from serve import step_table, step_times
+
+    rng = random.Random()
+    events, want, t = [], {}, 0
+    for kind, name in (("2 decodes", "execute_context_0(0)_generation_2(2)"),
+                       ("1 prefill (4 tokens) + 3 decodes", "execute_context_1(4)_generation_3(3)")):
+        host, span, busy = [], [], []
+        for _ in range(rng.randint(1, 5)):
+            h, s = rng.randint(100, 900), rng.randint(1000, 5000)
+            kernels = [rng.randint(10, 200) for _ in range(rng.randint(1, 4))]
+            events.append({"ph": "X", "cat": "user_annotation", "name": name, "ts": t, "dur": h})
+            events.append({"ph": "X", "cat": "gpu_user_annotation", "name": name, "ts": t + 10, "dur": s})
+            at = t + 20
+            for d in kernels:
+                events.append({"ph": "X", "cat": "kernel", "name": "k", "ts": at, "dur": d})
+                at += d + 5
+            events.append({"ph": "X", "cat": "kernel", "name": "k", "ts": t + s + 100, "dur": 50})  # between steps
+            host.append(h)
+            span.append(s)
+            busy.append(sum(kernels))
+            t += s + 1000
+        want[kind] = (len(span), *(round(statistics.median(x) / 1e3, 3) for x in (host, span, busy)))
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    rows = step_times(str(trace))
+    assert {r["step"]: (r["steps"], r["host_ms"], r["gpu_span_ms"], r["kernel_ms"]) for r in rows} == want
+    assert len(step_table(rows)) == 2 + len(want)
+
+
 def test_steady_decode_takes_pure_decode_intervals_only():
     """throughput.py's pure-decode rate: the highest 10-second generation rate among vLLM's log lines whose interval
     ran no prompt tokens, with its running requests; intervals that mixed in prefill never count."""

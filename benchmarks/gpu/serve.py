@@ -13,17 +13,21 @@ server.  Writes serve_<gpu>_<in>_<out>.json + .md (shared RESULTS.md shape) unde
 
 ``--profile``: the server runs vLLM's torch profiler (``--profiler-config``) over engine steps 2,000-2,499 of the
 run (``vllm bench serve --profile``), and each row gets the GPU kernels that took the most time in them
-(``kernel_times``, CUDA-graph replays included): where a step's time goes, per format.  The traces stay under
-$OUT/profile_<format>/; that run's latencies include the profiler's overhead in those steps.
+(``kernel_times``, CUDA-graph replays included) and the steps by kind with their host time, GPU span and GPU kernel
+time (``step_times``; ``--steps-of TRACE`` prints that table for a trace): where a step's time goes, per format.
+The traces stay under $OUT/profile_<format>/; that run's latencies include the profiler's overhead in those steps.
 """
 
 import argparse
+import bisect
 import collections
 import glob
 import gzip
 import json
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -57,8 +61,7 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
 def kernel_times(trace: str, categories=("kernel",), top: int = 15) -> list[dict]:
     """The ``top`` event names of a torch-profiler Chrome trace (.json or .json.gz) by total duration, among events
     of the given categories ("kernel": GPU kernels): [{"name", "calls", "total_ms", "share"}]."""
-    with (gzip.open if trace.endswith(".gz") else open)(trace, "rt") as f:
-        events = json.load(f)["traceEvents"]
+    events = _events(trace)
     total, calls = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in categories:
@@ -67,6 +70,47 @@ def kernel_times(trace: str, categories=("kernel",), top: int = 15) -> list[dict
     everything = sum(total.values()) or 1
     return [{"name": name[:120], "calls": calls[name], "total_ms": round(us / 1e3, 3), "share": round(us / everything, 4)}
             for name, us in total.most_common(top)]
+
+
+def _events(trace: str) -> list[dict]:
+    with (gzip.open if trace.endswith(".gz") else open)(trace, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def step_times(trace: str) -> list[dict]:
+    """Engine steps of a torch-profiler trace by kind (vLLM's "execute_context_N(T)_generation_M(M)" annotations: N
+    requests with T prompt tokens, M decodes): steps, and medians of the host time (CPU annotation), the GPU span (GPU
+    annotation) and the GPU's kernel time inside that span.  A span well above its kernel time is a step the GPU
+    waited on the host for.  [{"step", "steps", "host_ms", "gpu_span_ms", "kernel_ms"}], most steps first."""
+    events = _events(trace)
+    kernels = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("cat") == "kernel")
+    starts = [k[0] for k in kernels]
+    groups = collections.defaultdict(lambda: {"host": [], "span": [], "busy": []})
+    for e in events:
+        m = re.match(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)", e.get("name", ""))
+        if not m or e.get("cat") not in ("user_annotation", "gpu_user_annotation"):
+            continue
+        n, tokens, decodes = map(int, m.groups())
+        kind = f"{decodes} decodes" if n == 0 else f"{n} prefill ({tokens} tokens) + {decodes} decodes"
+        g = groups[kind]
+        if e["cat"] == "user_annotation":
+            g["host"].append(e["dur"])
+            continue
+        g["span"].append(e["dur"])
+        lo, hi = bisect.bisect_left(starts, e["ts"]), bisect.bisect_right(starts, e["ts"] + e["dur"])
+        g["busy"].append(sum(b - a for a, b in kernels[lo:hi]))
+    median = lambda xs: round(statistics.median(xs) / 1e3, 3) if xs else None  # noqa: E731
+    rows = [{"step": kind, "steps": len(g["span"]), "host_ms": median(g["host"]), "gpu_span_ms": median(g["span"]),
+             "kernel_ms": median(g["busy"])} for kind, g in groups.items() if g["span"]]
+    return sorted(rows, key=lambda r: -r["steps"])
+
+
+def step_table(rows: list[dict]) -> list[str]:
+    """Markdown of ``step_times``."""
+    fmt = lambda x: "-" if x is None else f"{x:,.2f}"  # noqa: E731
+    return ["| engine step | steps | host ms | GPU span ms | GPU kernel ms |", "| --- | --- | --- | --- | --- |"] + [
+        f"| {r['step']} | {r['steps']} | {fmt(r['host_ms'])} | {fmt(r['gpu_span_ms'])} | {fmt(r['kernel_ms'])} |"
+        for r in rows]
 
 
 def profiler_config(out_dir: str, dtype: str) -> str:
@@ -134,10 +178,12 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
         if not traces:
             row["kernel_times"] = f"no trace under {out_dir}/profile_{dtype}"
             return row
-        row["kernel_times"] = kernel_times(max(traces, key=os.path.getsize))  # the GPU worker's (front end off)
+        trace = max(traces, key=os.path.getsize)  # the GPU worker's (front end off)
+        row["kernel_times"], row["step_times"] = kernel_times(trace), step_times(trace)
         print(f"{dtype}: GPU kernels by total time in the profiled steps", flush=True)
         for k in row["kernel_times"]:
             print(f"  {k['total_ms']:10.3f} ms {100 * k['share']:5.1f}% {k['calls']:7d} calls  {k['name']}", flush=True)
+        print("\n".join(step_table(row["step_times"])), flush=True)
     return row
 
 
@@ -159,7 +205,12 @@ def main():
     ap.add_argument("--start-timeout", type=int, default=240)
     ap.add_argument("--bench-timeout", type=int, default=300)
     ap.add_argument("--profile", action="store_true", help="GPU kernel times of engine steps 2,000-2,499 per format")
+    ap.add_argument("--steps-of", default=None, metavar="TRACE", help="print the engine-step table (step_times) of a "
+                    "--profile run's trace and exit (no GPU needed)")
     args = ap.parse_args()
+    if args.steps_of:
+        print("\n".join(step_table(step_times(args.steps_of))))
+        return
 
     from vllm_aquakv.results import gpu_tag, machine, write_results
 
