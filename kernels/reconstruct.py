@@ -195,17 +195,22 @@ class PrefillSplit:
 
 
 PAGE = 64  # reconstructed rows per FlashAttention page
+# steps whose non-decode requests all have at most this many query tokens stay in the fused kernel (``split_prefills``)
+FUSED_QUERY_TOKENS = 16
 
 
 def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
                    exact: tuple[int, int] | None = None) -> PrefillSplit | None:
-    """The step's split, or None when every request decodes one token (the fused kernel alone is faster).
-    ``exact`` = (sinks, window): where their 16-bit copies go (``ExactRows``)."""
+    """The step's split, or None when the fused kernel alone is faster: every request decodes one token, or the others
+    have at most FUSED_QUERY_TOKENS tokens each (e.g. the last tokens of a prompt that vLLM's token budget cut, over
+    its whole context: reconstruction + FlashAttention would rebuild that context and run ~20 host-side ops per
+    layer for them, benchmarks/results/serve_profile_h200_8192_256_write.md).  ``exact`` = (sinks, window): where
+    their 16-bit copies go (``ExactRows``)."""
     q_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
     d = 0
     while d < len(q_lens) and q_lens[d] == 1:
         d += 1
-    if d == len(q_lens):
+    if d == len(q_lens) or max(q_lens[d:]) <= FUSED_QUERY_TOKENS:
         return None
     rest = range(d, len(q_lens))
     cu_q, cu_k = [0], [0]

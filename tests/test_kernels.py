@@ -447,6 +447,27 @@ def test_fused_window_decode_step(head_dim, heads, q_heads, page_block, grid, si
                                          decode_only=True)
 
 
+def test_short_prefills_stay_in_the_fused_kernel(rng):
+    """split_prefills leaves a step to the fused kernel when its non-decode requests are all short (the last tokens
+    of a prompt cut by vLLM's token budget, over its whole context), and splits it at the leading decodes when one
+    request has more than FUSED_QUERY_TOKENS tokens."""
+    from vllm_aquakv.kernels.reconstruct import FUSED_QUERY_TOKENS, split_prefills
+
+    decodes = int(torch.randint(0, 4, (), generator=rng))
+    short = torch.randint(2, FUSED_QUERY_TOKENS + 1, (int(torch.randint(1, 4, (), generator=rng)),), generator=rng)
+    q_lens = [1] * decodes + short.tolist()
+    contexts = torch.randint(0, 9000, (len(q_lens),), generator=rng).tolist()
+    qsl = [0]
+    for q in q_lens:
+        qsl.append(qsl[-1] + q)
+    seq_lens = [c + q for c, q in zip(contexts, q_lens)]
+    assert split_prefills(qsl, seq_lens, "cpu", exact=(4, 128)) is None
+    long_q = FUSED_QUERY_TOKENS + int(torch.randint(1, 100, (), generator=rng))
+    split = split_prefills(qsl + [qsl[-1] + long_q], seq_lens + [long_q], "cpu", exact=(4, 128))
+    assert split.decode_reqs == decodes and split.decode_tokens == decodes
+    assert split.max_q == long_q and split.rows.tolist() == list(range(decodes, len(q_lens) + 1))
+
+
 @ON_GPU
 def test_vllm_flash_attention_keeps_the_twins_contract(rng):
     """compat.flash_attention (vLLM's FA3 on the H100/H200) computes what torch_flash does: paged K/V, causal,
