@@ -199,6 +199,13 @@ PAGE = 64  # reconstructed rows per FlashAttention page
 FUSED_QUERY_TOKENS = 16
 
 
+def prefills_need_flash(query_start_loc: list[int]) -> bool:
+    """Whether some request of the step has more than FUSED_QUERY_TOKENS query tokens: only then does
+    ``split_prefills`` send the step's prefills to reconstruction + FlashAttention (the backend asks first, so that
+    a step the fused kernel takes whole reads no sequence lengths back from the device)."""
+    return max((b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])), default=0) > FUSED_QUERY_TOKENS
+
+
 def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
                    exact: tuple[int, int] | None = None) -> PrefillSplit | None:
     """The step's split, or None when the fused kernel alone is faster: every request decodes one token, or the others
@@ -206,12 +213,12 @@ def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
     its whole context: reconstruction + FlashAttention would rebuild that context and run ~20 host-side ops per
     layer for them, benchmarks/results/serve_profile_h200_8192_256_write.md).  ``exact`` = (sinks, window): where
     their 16-bit copies go (``ExactRows``)."""
+    if not prefills_need_flash(query_start_loc):
+        return None
     q_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
     d = 0
-    while d < len(q_lens) and q_lens[d] == 1:
+    while q_lens[d] == 1:
         d += 1
-    if d == len(q_lens) or max(q_lens[d:]) <= FUSED_QUERY_TOKENS:
-        return None
     rest = range(d, len(q_lens))
     cu_q, cu_k = [0], [0]
     for r in rest:

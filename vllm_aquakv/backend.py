@@ -24,7 +24,7 @@ from . import compat
 from .codec import head_dim_supported
 from .kernels.attention import AttentionPlan, WindowInputs, fused_attention, plan_attention
 from .kernels.cache_write import write_fused
-from .kernels.reconstruct import FUSED_QUERY_TOKENS, PrefillSplit, prefill_attention, split_prefills
+from .kernels.reconstruct import PrefillSplit, prefill_attention, prefills_need_flash, split_prefills
 from .runtime import refuse_impl_features, serving_state
 from .serving import StepState, TorchServingPath
 
@@ -166,14 +166,11 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
             out = output[:n].view(n, self.num_heads, self.head_size)
             if not md.planned:  # the step's first layer: who takes which kernel, and the fused kernel's launch
                 qsl = md.query_start_loc
-                longest = max((b - a for a, b in zip(qsl[:-1], qsl[1:])), default=0)
-                if md.path.flash is not None and longest > FUSED_QUERY_TOKENS:  # a prefill the fused kernel leaves
-                    # to reconstruction + FlashAttention (``split_prefills``)
+                if md.path.flash is not None and prefills_need_flash(qsl):  # the rest after the leading decodes
                     ring = md.path.exact
                     md.split = split_prefills(qsl, md.seq_lens, query.device,
                                               None if ring is None else (ring.sinks, ring.window))
-                    if md.split is not None:  # (None: short prefills, which the fused kernel takes too)
-                        qsl = qsl[: md.split.decode_reqs + 1]
+                    qsl = qsl[: md.split.decode_reqs + 1]
                 if len(qsl) > 1:
                     md.plan = plan_attention(qsl, md.max_seq_len, self.num_heads, self.num_kv_heads, query.device,
                                              window=md.path.exact is not None)
