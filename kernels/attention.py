@@ -450,20 +450,44 @@ def _fused_attention_kernel(
         _store_lanes(acc_k_ptr, idx, row_mask, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES)
 
 
+@triton.jit
+def _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s, num_segments, seg, idx, j, row_mask,
+                  HEAD_DIM: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr, RING_ROWS: tl.constexpr):
+    """Split-K partial ``s`` of the combine's rows: (max, denominator) [R] and (value, key, 16-bit value sums) [R, h];
+    a partial past the last reads as empty (max -1e30, zero sums)."""
+    s_row = s + tl.zeros_like(idx)  # [R] (a tensor, as masks must be)
+    mask = row_mask & (s_row < num_segments)
+    m_s = tl.load(m_ptr + s * seg + idx, mask=mask, other=-1.0e30)
+    l_s = tl.load(l_ptr + s * seg + idx, mask=mask, other=0.0)
+    rows = (s * seg + idx)[:, None] * HEAD_DIM + j[None, :]
+    v_s = tl.load(acc_v_ptr + rows, mask=mask[:, None], other=0.0)
+    k_s = v_s
+    if V_FROM_K:
+        k_s = tl.load(acc_k_ptr + rows, mask=mask[:, None], other=0.0)
+    x_s = v_s
+    if HAS_WINDOW:  # (RING_ROWS > 0: only the last RING_ROWS partials, the ring programs', have 16-bit sums)
+        x_mask = mask
+        if RING_ROWS > 0:
+            x_mask = mask & (s_row >= num_segments - RING_ROWS)
+        x_s = tl.load(acc_x_ptr + rows, mask=x_mask[:, None], other=0.0)
+    return m_s, l_s, v_s, k_s, x_s
+
+
 @triton.jit(do_not_specialize=["num_segments", "num_tokens"])  # values that change every step
 def _combine_kernel(
     m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, sign_v_ptr, sign_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr,
     out_ptr, num_segments, num_tokens, stride_out_n, stride_out_h,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
     HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    RING_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    RING_ROWS: tl.constexpr, STEP: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Merge the split-K partials of ROWS // G tokens x the G query heads of one KV head and apply the epilogue:
     softmax normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value
     predictor ((b_k + y_k A^T) W), written in the output's dtype.  Several tokens per program share the loads of
     the [h, h] matrices (prefill steps have thousands of tokens).  One walk over the partials with a running
-    maximum: faster than a first pass for the maximum (benchmarks/results/decode_attention_h200_combine.md) and
-    than reading the maxima as one tile (decode_attention_h200_ring_programs.md)."""
+    maximum (faster than a first pass for the maximum: benchmarks/results/decode_attention_h200_combine.md, and
+    than reading the maxima as one tile: decode_attention_h200_ring_programs.md), STEP (1, 2 or 4) partials per
+    iteration: their loads are independent, so a decode step's ~19 partials take ~5 dependent memory round trips."""
     kv_head = tl.program_id(1)
     r = tl.arange(0, ROWS)
     tok = tl.program_id(0) * (ROWS // G) + r // G
@@ -477,21 +501,52 @@ def _combine_kernel(
     y_v = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     y_k = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     y_x = tl.zeros([ROWS, HEAD_DIM], tl.float32)  # 16-bit sinks/window values, head order
-    for s in range(num_segments):
-        m_s = tl.load(m_ptr + s * seg + idx, mask=row_mask, other=-1.0e30)
-        m_new = tl.maximum(m_max, m_s)
+    for s in range(0, num_segments, STEP):
+        m0, l0, v0, k0, x0 = _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s, num_segments, seg, idx,
+                                           j, row_mask, HEAD_DIM, V_FROM_K, HAS_WINDOW, RING_ROWS)
+        m_new = tl.maximum(m_max, m0)
+        if STEP > 1:
+            m1, l1, v1, k1, x1 = _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s + 1, num_segments,
+                                               seg, idx, j, row_mask, HEAD_DIM, V_FROM_K, HAS_WINDOW, RING_ROWS)
+            m_new = tl.maximum(m_new, m1)
+        if STEP > 2:
+            m2, l2, v2, k2, x2 = _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s + 2, num_segments,
+                                               seg, idx, j, row_mask, HEAD_DIM, V_FROM_K, HAS_WINDOW, RING_ROWS)
+            m3, l3, v3, k3, x3 = _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s + 3, num_segments,
+                                               seg, idx, j, row_mask, HEAD_DIM, V_FROM_K, HAS_WINDOW, RING_ROWS)
+            m_new = tl.maximum(m_new, tl.maximum(m2, m3))
         alpha = tl.exp2(m_max - m_new)  # the sums so far are rescaled when the maximum grows
-        w = tl.exp2(m_s - m_new)
         m_max = m_new
-        denom = denom * alpha + w * tl.load(l_ptr + s * seg + idx, mask=row_mask, other=0.0)
-        rows = (s * seg + idx)[:, None] * HEAD_DIM + j[None, :]
-        y_v = y_v * alpha[:, None] + w[:, None] * tl.load(acc_v_ptr + rows, mask=row_mask[:, None], other=0.0)
+        w = tl.exp2(m0 - m_new)
+        denom = denom * alpha + w * l0
+        y_v = y_v * alpha[:, None] + w[:, None] * v0
         if V_FROM_K:
-            y_k = y_k * alpha[:, None] + w[:, None] * tl.load(acc_k_ptr + rows, mask=row_mask[:, None], other=0.0)
-        if HAS_WINDOW:  # (RING_ROWS > 0: only the last RING_ROWS partials, the ring programs', have 16-bit sums)
-            y_x *= alpha[:, None]
-            if RING_ROWS == 0 or s >= num_segments - RING_ROWS:
-                y_x += w[:, None] * tl.load(acc_x_ptr + rows, mask=row_mask[:, None], other=0.0)
+            y_k = y_k * alpha[:, None] + w[:, None] * k0
+        if HAS_WINDOW:
+            y_x = y_x * alpha[:, None] + w[:, None] * x0
+        if STEP > 1:
+            w = tl.exp2(m1 - m_new)
+            denom += w * l1
+            y_v += w[:, None] * v1
+            if V_FROM_K:
+                y_k += w[:, None] * k1
+            if HAS_WINDOW:
+                y_x += w[:, None] * x1
+        if STEP > 2:
+            w = tl.exp2(m2 - m_new)
+            denom += w * l2
+            y_v += w[:, None] * v2
+            if V_FROM_K:
+                y_k += w[:, None] * k2
+            if HAS_WINDOW:
+                y_x += w[:, None] * x2
+            w = tl.exp2(m3 - m_new)
+            denom += w * l3
+            y_v += w[:, None] * v3
+            if V_FROM_K:
+                y_k += w[:, None] * k3
+            if HAS_WINDOW:
+                y_x += w[:, None] * x3
     inv = 1.0 / (tl.where(row_mask, denom, 1.0) * tl.sqrt(HEAD_DIM * 1.0))  # y = z * scale / sqrt(h)
     # A^T = S^T / sqrt(h) with S = diag(signs) H: the +-1 matrix in 16 bits (exact), 1 / sqrt(h) after the dot
     rsqrt_h = 1.0 / tl.sqrt(HEAD_DIM * 1.0)
@@ -678,6 +733,7 @@ RING_LAUNCH_MIN_REQUESTS = 16
 RING_PROGRAMS = 2
 WINDOW_DECODE_PROGRAMS = 132
 RING_TILE = 32  # ring entries per step of a ring pass
+COMBINE_STEP = 4  # split-K partials per iteration of a decode step's combine (``_combine_kernel``)
 
 
 def ring_chunk(entries: int, programs: int) -> int:
@@ -703,6 +759,8 @@ class AttentionPlan:
     # RING_LAUNCH_MIN_REQUESTS requests), else in ``ring_programs`` programs of the codes launch after its segments
     ring_launch: bool = True
     ring_programs: int = RING_PROGRAMS
+    combine_step: int | None = None  # partials per iteration of the combine (1, 2 or 4); None: COMBINE_STEP for
+    # decode-sized steps, 1 for prefill (whose plans have few segments and twice the combine rows)
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -847,13 +905,14 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     if out is None:
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
     rows = _combine_rows(n, group)
+    step = plan.combine_step or (COMBINE_STEP if rows <= 16 else 1)
     _combine_kernel[(triton.cdiv(n, rows // group), heads)](
         m, l, acc_v, acc_k, acc_x, layer.sign_v, layer.sign_k, dummy if layer.v_bias is None else layer.v_bias,
         dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_weight is None else layer.v_weight, out,
         segments + ring_rows, n, out.stride(0), out.stride(1),
         G=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=h, ROWS=rows,
         HAS_V_BIAS=layer.v_bias is not None, HAS_K_BIAS=layer.k_bias is not None,
-        V_FROM_K=layer.v_weight is not None, HAS_WINDOW=w is not None, RING_ROWS=ring_rows,
+        V_FROM_K=layer.v_weight is not None, HAS_WINDOW=w is not None, RING_ROWS=ring_rows, STEP=step,
         DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
     )
     return out

@@ -405,15 +405,16 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     qsl_dev = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
     # no split and split-K; decodes read the ring in a launch of its own or in 1, 2 (the default) or 3 programs of
-    # the codes launch (slices of the ring)
-    for min_programs, ring_launch, ring_programs in ((1, True, 0), (10_000, True, 0), (10_000, False, 2),
-                                                     (10_000, False, 1), (10_000, False, 3)):
+    # the codes launch (slices of the ring); the combine walks 1, 2 or (the default) 4 partials per iteration
+    for min_programs, ring_launch, ring_programs, step in ((1, True, 0, None), (10_000, True, 0, None),
+                                                           (10_000, False, 2, None), (10_000, False, 1, 2),
+                                                           (10_000, False, 3, 1)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
-        plan.ring_launch, plan.ring_programs = ring_launch, ring_programs
+        plan.ring_launch, plan.ring_programs, plan.combine_step = ring_launch, ring_programs, step
         got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
         err = (got - want).norm() / want.norm()
-        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, err)
+        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, step, err)
     codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
     assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop
     if decode_only:

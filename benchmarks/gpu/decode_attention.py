@@ -12,7 +12,7 @@ only.
 
     python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD] [--prefill-only]
         [--no-prefill] [--graphs] [--batches 1,16,64] [--contexts 4096,16384,32768] [--one-segment]
-        [--min-programs 528,1056] [--ring-programs 1,2] [--profile]
+        [--min-programs 528,1056] [--ring-programs 1,2] [--combine-steps 1,2] [--profile]
     (needs vLLM 0.26: README.md)
 
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
@@ -23,7 +23,8 @@ the default from 16 requests), and with ``--ring-programs N,..`` in N programs o
 ``--one-segment`` also times each aquakv mode unsplit (one split-K segment): what FULL-graph decode steps ran before
 their plans were made for ``max_model_len`` (vLLM captures them with 1-token contexts); ``--min-programs`` also
 times each aquakv mode with split-K plans for those program counts (the default plan aims at 264, 132 for window
-decodes below 16 requests).  Where the bundle
+decodes below 16 requests); ``--combine-steps`` also times each with the split-K combine walking that many partials
+per iteration (the default: kernels/attention.py COMBINE_STEP).  Where the bundle
 has FlashAttention, a "bf16 (vLLM FlashAttention)" row times vLLM's default bf16 decode on H100/H200 (FLASH_ATTN,
 FA3) on the same pages: ``vs_fa3`` compares against it (``vs_bf16`` against TRITON_ATTN, as the issue asks).
 """
@@ -248,6 +249,8 @@ def main():
     ap.add_argument("--min-programs", default="", help="also each aquakv mode split for these program counts")
     ap.add_argument("--ring-programs", default="", help="with the window: also the ring read by this many programs "
                     "of the codes launch (comma list; AttentionPlan.ring_programs)")
+    ap.add_argument("--combine-steps", default="", help="also each aquakv mode with the combine walking this many "
+                    "split-K partials per iteration (comma list of 1, 2, 4; AttentionPlan.combine_step)")
     OPTIONS = args = ap.parse_args()
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     t0 = time.time()
@@ -292,17 +295,20 @@ def main():
                 counts += [plan_attention(qsl_list, ctx, HQ, H, "cuda", window=win is not None,
                                           **{**best, "min_programs": p}).segments
                            for p in ints(args.min_programs)]  # other split-K widths
-                variants = [(ring, segments) for segments in dict.fromkeys(counts) for ring in rings]
-                for (ring_launch, ring_programs), segments in variants:
+                steps = [None] + ints(args.combine_steps)  # None: the kernel's default
+                variants = [(ring, segments, step) for segments in dict.fromkeys(counts) for ring in rings
+                            for step in steps]
+                for (ring_launch, ring_programs), segments, step in variants:
                     p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
-                                            segments=segments, maxnreg=plan.maxnreg if ring_launch else None)
+                                            segments=segments, maxnreg=plan.maxnreg if ring_launch else None,
+                                            combine_step=step)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
                     name = (label + ("" if win is None or (ring_launch, ring_programs) == planned
                                      else ", ring launch" if ring_launch else f", ring in {ring_programs} programs")
                             + ("" if segments == plan.segments else ", one segment" if segments == 1
-                               else f", {segments} segments"))
+                               else f", {segments} segments") + ("" if step is None else f", combine step {step}"))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})

@@ -96,7 +96,7 @@ def combine_launch(args) -> tuple:
                 for n in fn.arg_names if n.endswith("_ptr")}
     const = dict(G=3, NUM_Q_HEADS=24, HEAD_DIM=128, ROWS=16, HAS_V_BIAS=not args.plain, HAS_K_BIAS=not args.plain,
                  V_FROM_K=not args.plain, HAS_WINDOW=args.window, RING_ROWS=1 if args.window else 0,
-                 DOT_DTYPE=triton.language.float16)
+                 STEP=attention.COMBINE_STEP, DOT_DTYPE=triton.language.float16)
     return fn, pointers, const
 
 
