@@ -473,6 +473,20 @@ def _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s, num_segments
     return m_s, l_s, v_s, k_s, x_s
 
 
+@triton.jit
+def _add_partial(denom, y_v, y_k, y_x, m_s, l_s, v_s, k_s, x_s, m_max, V_FROM_K: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr):
+    """The combine's running sums plus one partial (``_load_partial``), weighted for the running maximum m_max."""
+    w = tl.exp2(m_s - m_max)
+    denom += w * l_s
+    y_v += w[:, None] * v_s
+    if V_FROM_K:
+        y_k += w[:, None] * k_s
+    if HAS_WINDOW:
+        y_x += w[:, None] * x_s
+    return denom, y_v, y_k, y_x
+
+
 @triton.jit(do_not_specialize=["num_segments", "num_tokens"])  # values that change every step
 def _combine_kernel(
     m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, sign_v_ptr, sign_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr,
@@ -517,36 +531,21 @@ def _combine_kernel(
             m_new = tl.maximum(m_new, tl.maximum(m2, m3))
         alpha = tl.exp2(m_max - m_new)  # the sums so far are rescaled when the maximum grows
         m_max = m_new
-        w = tl.exp2(m0 - m_new)
-        denom = denom * alpha + w * l0
-        y_v = y_v * alpha[:, None] + w[:, None] * v0
+        denom *= alpha
+        y_v *= alpha[:, None]
         if V_FROM_K:
-            y_k = y_k * alpha[:, None] + w[:, None] * k0
+            y_k *= alpha[:, None]
         if HAS_WINDOW:
-            y_x = y_x * alpha[:, None] + w[:, None] * x0
+            y_x *= alpha[:, None]
+        denom, y_v, y_k, y_x = _add_partial(denom, y_v, y_k, y_x, m0, l0, v0, k0, x0, m_new, V_FROM_K, HAS_WINDOW)
         if STEP > 1:
-            w = tl.exp2(m1 - m_new)
-            denom += w * l1
-            y_v += w[:, None] * v1
-            if V_FROM_K:
-                y_k += w[:, None] * k1
-            if HAS_WINDOW:
-                y_x += w[:, None] * x1
+            denom, y_v, y_k, y_x = _add_partial(denom, y_v, y_k, y_x, m1, l1, v1, k1, x1, m_new, V_FROM_K,
+                                                HAS_WINDOW)
         if STEP > 2:
-            w = tl.exp2(m2 - m_new)
-            denom += w * l2
-            y_v += w[:, None] * v2
-            if V_FROM_K:
-                y_k += w[:, None] * k2
-            if HAS_WINDOW:
-                y_x += w[:, None] * x2
-            w = tl.exp2(m3 - m_new)
-            denom += w * l3
-            y_v += w[:, None] * v3
-            if V_FROM_K:
-                y_k += w[:, None] * k3
-            if HAS_WINDOW:
-                y_x += w[:, None] * x3
+            denom, y_v, y_k, y_x = _add_partial(denom, y_v, y_k, y_x, m2, l2, v2, k2, x2, m_new, V_FROM_K,
+                                                HAS_WINDOW)
+            denom, y_v, y_k, y_x = _add_partial(denom, y_v, y_k, y_x, m3, l3, v3, k3, x3, m_new, V_FROM_K,
+                                                HAS_WINDOW)
     inv = 1.0 / (tl.where(row_mask, denom, 1.0) * tl.sqrt(HEAD_DIM * 1.0))  # y = z * scale / sqrt(h)
     # A^T = S^T / sqrt(h) with S = diag(signs) H: the +-1 matrix in 16 bits (exact), 1 / sqrt(h) after the dot
     rsqrt_h = 1.0 / tl.sqrt(HEAD_DIM * 1.0)
