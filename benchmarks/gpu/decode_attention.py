@@ -79,8 +79,9 @@ MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
 }
 
 
-def fused_setup(overrides):
-    """A 2-layer post-RoPE AquaKVCache with random predictors; returns (serving path, layer-1 FusedLayer)."""
+def fused_setup(overrides, device="cuda"):
+    """A 2-layer post-RoPE AquaKVCache with random predictors on ``device``; returns (serving path, layer-1
+    FusedLayer)."""
     from vllm_aquakv.kernels.attention import fused_layer_or_reason, lane_table
     from vllm_aquakv.predictors import LinearPredictor
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
@@ -95,9 +96,9 @@ def fused_setup(overrides):
     if cfg.value_predictor == "per_head":
         preds["v", 1] = LinearPredictor("per_head", (("k", 1),), bias=torch.randn(H, D),
                                         weight=torch.randn(H, D, D) / D ** 0.5)
-    cache = AquaKVCache(cfg, 2, H, D, preds).to("cuda")
+    cache = AquaKVCache(cfg, 2, H, D, preds).to(device)
     rope = Rope({"rope_theta": 500000.0}, D)
-    rope.inv_freq = rope.inv_freq.cuda()
+    rope.inv_freq = rope.inv_freq.to(device)
     path = TorchServingPath(cache, rope)
     fused = fused_layer_or_reason(cache, path.layouts[1], 1)
     assert not isinstance(fused, str), fused
