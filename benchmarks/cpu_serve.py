@@ -6,7 +6,8 @@ the GPU's code, speed is not the point here).
         [--num-prompts 16] [--request-rate 0.1] [--kv-space-gib 1] [--model DIR] [--out benchmarks/results]
 
 The formats are ``cpu_throughput.py``'s (aquakv: the artifact in MODEL/aquakv, which ``aquakv-calibrate MODEL`` or
-the README's demo makes).  Each server gets ``VLLM_CPU_KVCACHE_SPACE`` GiB of KV cache, ``--max-num-seqs`` = the
+the README's demo makes; the speed preset's: MODEL/aquakv-speed, made if missing).  Each server gets
+``VLLM_CPU_KVCACHE_SPACE`` GiB of KV cache, ``--max-num-seqs`` = the
 number of prompts and ``--enforce-eager`` (vllm-cpu's torch.compile warm-up takes minutes per server); the client is
 ``benchmarks/gpu/serve.py``'s (random dataset, fixed lengths, Poisson arrivals, --ignore-eos).  Writes
 cpu_serve_<in>_<out>.json + .md (shared RESULTS.md shape) and the server/client logs under a temporary folder.
@@ -20,7 +21,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "gpu"))
-from cpu_throughput import FORMATS  # noqa: E402
+from cpu_throughput import FORMATS, format_args  # noqa: E402
 from serve import serve_and_bench, table  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as logs:
         for label in labels:
-            dtype, extra = FORMATS[label]
+            dtype, extra = format_args(model, label)
             server_args = ["--kv-cache-dtype", dtype, "--max-num-seqs", str(args.num_prompts), "--enforce-eager",
                            *(["--additional-config", json.dumps(extra)] if extra else [])]
             tag = label.replace(" ", "").replace("/", "-")  # the label in the log file names
@@ -72,8 +73,8 @@ def main():
     md = [f"`aquakv-vllm bench serve` against `aquakv-vllm serve` on 127.0.0.1 (vllm-cpu): random dataset, "
           f"{args.input_len} in / {args.output_len} out (--ignore-eos), {args.num_prompts} prompts, Poisson arrivals "
           f"at {args.request_rate} req/s, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib} GiB, --max-num-seqs "
-          f"{args.num_prompts}, --enforce-eager, model float32; aquakv = the artifact in MODEL/aquakv (torch path on "
-          "CPU). Times in ms.\n", *table(rows)]
+          f"{args.num_prompts}, --enforce-eager, model float32; aquakv = the artifact in MODEL/aquakv, aquakv speed "
+          "preset = MODEL/aquakv-speed (torch path on CPU). Times in ms.\n", *table(rows)]
     print("\n".join(md))
     write_results(os.path.join(args.out, f"cpu_serve_{args.input_len}_{args.output_len}.json"), "serve",
                   "SmolLM2-135M-Instruct (Q4_1 GGUF wheel, float32)", rows, "\n".join(md))

