@@ -55,6 +55,16 @@ def speed_artifact(model: str, tokens: int) -> str:
     return out
 
 
+def resolve_artifact(model: str, extra: dict | None) -> dict | None:
+    """A format's --additional-config with the SPEED placeholder replaced by ``speed_artifact``'s folder, calibrated
+    on as many tokens as the default artifact MODEL/aquakv if missing; other configs unchanged."""
+    if (extra or {}).get("aquakv_artifact") != SPEED:
+        return extra
+    with open(os.path.join(model, "aquakv", "manifest.json")) as f:
+        tokens = json.load(f)["calibration"].get("tokens") or 16384
+    return {**extra, "aquakv_artifact": speed_artifact(model, tokens)}
+
+
 def main():
     from transformers import AutoTokenizer
     from vllm_runner import run_vllm
@@ -89,7 +99,7 @@ def main():
         t0 = time.time()
         artifact, name = manifest, "default"
         if (extra or {}).get("aquakv_artifact") == SPEED:
-            extra = {**extra, "aquakv_artifact": speed_artifact(model, manifest["calibration"].get("tokens") or 16384)}
+            extra = resolve_artifact(model, extra)
             with open(os.path.join(extra["aquakv_artifact"], "manifest.json")) as f:
                 artifact, name = json.load(f), "speed"
         if kv_dtype == "aquakv":

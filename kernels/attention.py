@@ -859,6 +859,10 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     _, heads, page_block, _ = kv_cache.shape
     group = num_q_heads // heads
     segments = plan.segments
+    rows = _combine_rows(n, group)  # the combine's launch
+    step = plan.combine_step or (COMBINE_STEP if rows <= 16 else 1)
+    if step not in (1, 2, 4):  # (the kernel unrolls exactly these)
+        raise ValueError(f"combine_step must be 1, 2 or 4, got {step}")
     m, l, acc_v, acc_k, acc_x = plan.partials(n, num_q_heads, h, layer.v_weight is not None, window is not None,
                                               query.device)
     interpret = query.device.type != "cuda"  # the interpreter takes float32 dots: the torch twin's arithmetic
@@ -903,8 +907,6 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         launch(1, True)
     if out is None:
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
-    rows = _combine_rows(n, group)
-    step = plan.combine_step or (COMBINE_STEP if rows <= 16 else 1)
     _combine_kernel[(triton.cdiv(n, rows // group), heads)](
         m, l, acc_v, acc_k, acc_x, layer.sign_v, layer.sign_k, dummy if layer.v_bias is None else layer.v_bias,
         dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_weight is None else layer.v_weight, out,

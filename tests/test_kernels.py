@@ -417,6 +417,9 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
         assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, step, err)
     codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
     assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop
+    plan.combine_step = 3  # not one the combine unrolls: refused before any launch
+    with pytest.raises(ValueError, match="combine_step"):
+        fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win)
     if decode_only:
         return
     # the backend's prefill split with the window: the decode through the fused kernel, the prefill chunk and the

@@ -27,17 +27,19 @@ SETUP = "aquakv speed preset u1n4 + sinks/window (16-bit 4 + 128)"
 
 
 class CapturedLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the arguments of the first call."""
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` keeps the arguments of the latest call."""
 
     def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
+        self.kernel, self.call = kernel, None
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+        def launch(*args, **kwargs):
+            self.call = args, kwargs
+        return launch
 
 
 def per_call_us(fn, reps: int) -> float:
-    """Median-free mean of ``reps`` calls after 50 warm-up calls, in us."""
+    """Mean time of ``reps`` calls after 50 warm-up calls, in us."""
     for _ in range(50):
         fn()
     t = time.perf_counter()
@@ -58,15 +60,11 @@ def main():
     torch.manual_seed(0)
     path, fused = da.fused_setup(da.MODES[SETUP], device="cpu")
     n, ctx, (sinks, window) = 4, 256, fused.window
-    stubs = {name: CapturedLaunch(getattr(module, name)) for module, name in
-             ((attention, "_fused_attention_kernel"), (attention, "_combine_kernel"),
-              (cache_write, "_cache_write_kernel"))}
-    originals = {}
-    for module in (attention, cache_write):
-        for name, stub in stubs.items():
-            if hasattr(module, name):
-                originals[module, name] = getattr(module, name)
-                setattr(module, name, stub)
+    kernels = ((attention, "_fused_attention_kernel"), (attention, "_combine_kernel"),
+               (cache_write, "_cache_write_kernel"))
+    stubs = {name: CapturedLaunch(getattr(module, name)) for module, name in kernels}
+    for module, name in kernels:
+        setattr(module, name, stubs[name])
     try:
         blocks = ctx // da.PAGE * n
         kv_cache = torch.zeros(blocks, da.H, da.PAGE, path.layouts[1].slot_bytes, dtype=torch.uint8)
@@ -90,11 +88,11 @@ def main():
         rows = [{"part": f"{name} (launches stubbed)", "us": per_call_us(fn, args.reps)}
                 for name, fn in wrappers.items()]
     finally:
-        for (module, name), kernel in originals.items():
-            setattr(module, name, kernel)
+        for module, name in kernels:
+            setattr(module, name, stubs[name].kernel)
     backend = make_backend(GPUTarget("cuda", 90, 32))
     for name, stub in stubs.items():
-        call_args, kwargs = stub.calls[0]
+        call_args, kwargs = stub.call
         kwargs = {**kwargs, "debug": False, "instrumentation_mode": ""}  # as JITFunction.run adds them
         binder = create_function_from_signature(stub.kernel.signature, stub.kernel.params, backend)
         keys = {}
