@@ -76,10 +76,11 @@ def test_serve_step_times_split_host_span_and_kernels(tmp_path):
     import statistics
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
-    from serve import step_table, step_times
+    from serve import step_kernels, step_table, step_times
 
     rng = random.Random()
     events, want, t = [], {}, 0
+    per_step = {}  # kind -> kernel name -> [total us, calls]
     for kind, name in (("2 decodes", "execute_context_0(0)_generation_2(2)"),
                        ("1 prefill (4 tokens) + 3 decodes", "execute_context_1(4)_generation_3(3)")):
         host, span, busy = [], [], []
@@ -90,7 +91,11 @@ def test_serve_step_times_split_host_span_and_kernels(tmp_path):
             events.append({"ph": "X", "cat": "gpu_user_annotation", "name": name, "ts": t + 10, "dur": s})
             at = t + 20
             for d in kernels:
-                events.append({"ph": "X", "cat": "kernel", "name": "k", "ts": at, "dur": d})
+                k = rng.choice(("k", "k2"))
+                events.append({"ph": "X", "cat": "kernel", "name": k, "ts": at, "dur": d})
+                per_step.setdefault(kind, {}).setdefault(k, [0, 0])
+                per_step[kind][k][0] += d
+                per_step[kind][k][1] += 1
                 at += d + 5
             events.append({"ph": "X", "cat": "kernel", "name": "k", "ts": t + s + 100, "dur": 50})  # between steps
             host.append(h)
@@ -103,6 +108,10 @@ def test_serve_step_times_split_host_span_and_kernels(tmp_path):
     rows = step_times(str(trace))
     assert {r["step"]: (r["steps"], r["host_ms"], r["gpu_span_ms"], r["kernel_ms"]) for r in rows} == want
     assert len(step_table(rows)) == 2 + len(want)
+    for kind, names in per_step.items():  # kernels per step of one kind, averaged over its steps
+        got = {r["name"]: (r["calls_per_step"], r["ms_per_step"]) for r in step_kernels(str(trace), kind)}
+        assert got == {k: (round(c / want[kind][0], 1), round(us / 1e3 / want[kind][0], 3))
+                       for k, (us, c) in names.items()}
 
 
 def test_steady_decode_takes_pure_decode_intervals_only():

@@ -105,6 +105,28 @@ def step_times(trace: str) -> list[dict]:
     return sorted(rows, key=lambda r: -r["steps"])
 
 
+def step_kernels(trace: str, kind: str, top: int = 12) -> list[dict]:
+    """GPU kernels inside the engine steps whose ``step_times`` kind contains ``kind`` (e.g. "prefill (819"), by
+    total time: [{"name", "calls_per_step", "ms_per_step"}] averaged over those steps (where a step's time goes)."""
+    events = _events(trace)
+    kernels = sorted((e["ts"], e.get("dur", 0), e["name"]) for e in events if e.get("cat") == "kernel")
+    starts = [k[0] for k in kernels]
+    total, calls, steps = collections.Counter(), collections.Counter(), 0
+    for e in events:
+        m = re.match(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)", e.get("name", ""))
+        if not m or e.get("cat") != "gpu_user_annotation":
+            continue
+        n, tokens, decodes = map(int, m.groups())
+        if kind not in (f"{decodes} decodes" if n == 0 else f"{n} prefill ({tokens} tokens) + {decodes} decodes"):
+            continue
+        steps += 1
+        for _, dur, name in kernels[bisect.bisect_left(starts, e["ts"]):bisect.bisect_right(starts, e["ts"] + e["dur"])]:
+            total[name] += dur
+            calls[name] += 1
+    return [{"name": name[:100], "calls_per_step": round(calls[name] / steps, 1),
+             "ms_per_step": round(us / 1e3 / steps, 3)} for name, us in total.most_common(top)]
+
+
 def step_table(rows: list[dict]) -> list[str]:
     """Markdown of ``step_times``."""
     fmt = lambda x: "-" if x is None else f"{x:,.2f}"  # noqa: E731
@@ -207,9 +229,15 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU kernel times of engine steps 2,000-2,499 per format")
     ap.add_argument("--steps-of", default=None, metavar="TRACE", help="print the engine-step table (step_times) of a "
                     "--profile run's trace and exit (no GPU needed)")
+    ap.add_argument("--step-kernels", default=None, metavar="KIND", help="with --steps-of: also the GPU kernels of "
+                    "the steps whose kind contains KIND (e.g. 'prefill (819'), per step")
     args = ap.parse_args()
     if args.steps_of:
         print("\n".join(step_table(step_times(args.steps_of))))
+        if args.step_kernels:
+            rows = step_kernels(args.steps_of, args.step_kernels)
+            print(f"\nGPU kernels per step of kind '{args.step_kernels}':\n| GPU kernel | calls | ms |\n| --- | --- | --- |")
+            print("\n".join(f"| {r['name']} | {r['calls_per_step']} | {r['ms_per_step']:.3f} |" for r in rows))
         return
 
     from vllm_aquakv.results import gpu_tag, machine, write_results
