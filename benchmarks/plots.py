@@ -2,7 +2,7 @@
 
     python benchmarks/plots.py [--results DIR] [--out DIR]   # defaults: both benchmarks/results/
 
-Writes throughput_h100.png / _h200.png / _h200_all_formats.png, decode_attention_h100.png / _h200.png,
+Writes throughput_h100.png / _h200.png / _h200_all_formats.png, throughput_vs_context_h200.png, decode_attention_h100.png / _h200.png,
 serve_h100.png / _h200.png and quality_vs_bits.png. A plot whose JSON is missing is skipped with a message; a JSON
 that does not parse, or lacks a field the plot needs, exits 1.
 Every title names the machine and model from the JSON, the JSON file itself and the command that wrote it.
@@ -90,6 +90,39 @@ def throughput(paths, out):
     _save(fig, f"vllm bench throughput, {r0['input_len']} in / {r0['output_len']} out, {r0['num_prompts']} prompts"
                f"{memory_settings(r0)}",
           [(paths[0], d)], out)
+
+
+def throughput_vs_context(paths, out):
+    """One line per format over the workloads of several throughput JSONs (prompt lengths, left to right): output
+    tok/s and KV tokens, each relative to bf16 in the same run."""
+    data = sorted(((p, load(p)) for p in paths), key=lambda pd: pd[1]["rows"][0]["input_len"])
+    series = {}  # format -> [(workload index, output ratio, capacity ratio)]
+    labels = []
+    for i, (_, d) in enumerate(data):
+        rows = _auto_first(d["rows"])
+        base = rows[0]
+        if base["kv_cache_dtype"] != "auto":
+            raise ValueError("a throughput JSON without an auto (bf16) row cannot give ratios")
+        labels.append(f"{base['input_len']} in / {base['output_len']} out\n{base['num_prompts']} prompts, "
+                      f"memory {base['gpu_memory_utilization']}")
+        for r in rows:
+            if r.get("output_tokens_per_s") and r.get("kv_tokens"):
+                series.setdefault(r["kv_cache_dtype"], []).append(
+                    (i, r["output_tokens_per_s"] / base["output_tokens_per_s"], r["kv_tokens"] / base["kv_tokens"]))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), layout="constrained")
+    for ax, k, ylabel in zip(axes, (1, 2), ("output tok/s vs bf16 (same run)", "KV-cache tokens vs bf16 (same run)")):
+        for name, pts in series.items():
+            xs, ys = [p[0] for p in pts], [p[k] for p in pts]
+            ax.plot(xs, ys, marker="o" if len(pts) > 1 else "x", color=_color(name), label=name)
+            for x, y in zip(xs, ys):
+                if len(pts) > 1:  # formats measured at one length only: marker and legend, no label
+                    ax.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                                fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set(ylabel=ylabel)
+        ax.margins(x=0.15, y=0.2)
+        ax.legend(fontsize=8)
+    _save(fig, "vllm bench throughput by prompt length (each workload's ratios from one run)", data, out)
 
 
 def decode_attention(paths, out):
@@ -187,6 +220,9 @@ PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
          ("throughput_h200.png", ["throughput_h200_8192_512_vs_fp8.json"], throughput),  # bf16, fp8, aquakv: one machine
          # every vLLM KV format and aquakv in one machine session, in 0.2 of the memory
          ("throughput_h200_all_formats.png", ["throughput_h200_8192_512_all_formats.json"], throughput),
+         ("throughput_vs_context_h200.png", ["throughput_h200_4096_1024.json",
+                                             "throughput_h200_8192_512_all_formats.json",
+                                             "throughput_h200_16384_512.json"], throughput_vs_context),
          ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("serve_h100.png", ["serve_h100_*.json"], serve),

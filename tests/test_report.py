@@ -114,6 +114,42 @@ def test_serve_step_times_split_host_span_and_kernels(tmp_path):
                        for k, (us, c) in names.items()}
 
 
+def test_serve_step_gaps_name_the_host_op_behind_the_longest_gap(tmp_path):
+    """serve.py's idle-gap table: per step, the GPU's idle time in gaps over 0.1 ms between kernels, the longest gap,
+    and the CPU ops on the launching thread that began after the previous launch and lasted over half that gap."""
+    import json
+    import random
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
+    from serve import step_gaps
+
+    rng = random.Random()
+    name = "execute_context_1(8192)_generation_0(0)"
+    gaps = [rng.randint(150, 900) for _ in range(4)] + [rng.randint(50, 99)]  # the last one is below the threshold
+    rng.shuffle(gaps)
+    longest = max(gaps)
+    events, t, corr = [{"ph": "X", "cat": "gpu_user_annotation", "name": name, "ts": 0, "dur": 10 ** 6}], 10, 0
+    host_t = 0
+    for i, gap in enumerate([0] + gaps):
+        t += gap
+        corr += 1
+        events.append({"ph": "X", "cat": "kernel", "name": f"k{i}", "ts": t, "dur": 100, "args": {"correlation": corr}})
+        if gap == longest:  # the host op that held the launch back: before it, launched after the previous kernel
+            events.append({"ph": "X", "cat": "cpu_op", "name": "aten::index", "ts": host_t + 5, "dur": gap, "tid": 7})
+            events.append({"ph": "X", "cat": "cpu_op", "name": "aten::short", "ts": host_t + 6, "dur": 1, "tid": 7})
+            host_t += gap + 10
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": host_t, "dur": 3,
+                       "tid": 7, "args": {"correlation": corr}})
+        host_t += 20
+        t += 100
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    (row,) = step_gaps(str(trace), "prefill (8192")
+    assert row["idle_ms"] == round(sum(g for g in gaps if g > 100) / 1e3, 2)
+    assert row["longest_gap_ms"] == round(longest / 1e3, 2) and row["host_ops"] == ["aten::index"]
+    assert step_gaps(str(trace), "decodes only") == []
+
+
 def test_steady_decode_takes_pure_decode_intervals_only():
     """throughput.py's pure-decode rate: the highest 10-second generation rate among vLLM's log lines whose interval
     ran no prompt tokens, with its running requests; intervals that mixed in prefill never count."""

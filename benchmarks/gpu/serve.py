@@ -14,7 +14,9 @@ server.  Writes serve_<gpu>_<in>_<out>.json + .md (shared RESULTS.md shape) unde
 ``--profile``: the server runs vLLM's torch profiler (``--profiler-config``) over engine steps 2,000-2,499 of the
 run (``vllm bench serve --profile``), and each row gets the GPU kernels that took the most time in them
 (``kernel_times``, CUDA-graph replays included) and the steps by kind with their host time, GPU span and GPU kernel
-time (``step_times``; ``--steps-of TRACE`` prints that table for a trace): where a step's time goes, per format.
+time (``step_times``; ``--steps-of TRACE`` prints that table for a trace, and with ``--step-kernels KIND`` the
+kernels of the steps of one kind, ``step_kernels``, and the GPU's idle gaps in them with the host ops behind the
+longest, ``step_gaps``): where a step's time goes, per format.
 The traces stay under $OUT/profile_<format>/; that run's latencies include the profiler's overhead in those steps.
 """
 
@@ -125,6 +127,43 @@ def step_kernels(trace: str, kind: str, top: int = 12) -> list[dict]:
             calls[name] += 1
     return [{"name": name[:100], "calls_per_step": round(calls[name] / steps, 1),
              "ms_per_step": round(us / 1e3 / steps, 3)} for name, us in total.most_common(top)]
+
+
+def step_gaps(trace: str, kind: str, min_gap_us: float = 100.0) -> list[dict]:
+    """For each engine step whose kind contains ``kind``: the GPU's idle time in gaps longer than ``min_gap_us``
+    between its kernels, its longest gap, and the host ops that kept the GPU waiting there: the CPU ops on the
+    thread that launched the kernel after the gap which began after the previous kernel's launch and lasted over
+    half the gap, outermost first.  [{"step", "idle_ms", "longest_gap_ms", "host_ops"}]"""
+    events = _events(trace)
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    starts = [k["ts"] for k in kernels]
+    cpu_ops = [e for e in events if e.get("cat") == "cpu_op" and e.get("ph") == "X"]
+    rows = []
+    for e in events:
+        m = re.match(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)", e.get("name", ""))
+        if not m or e.get("cat") != "gpu_user_annotation":
+            continue
+        n, tokens, decodes = map(int, m.groups())
+        name = f"{decodes} decodes" if n == 0 else f"{n} prefill ({tokens} tokens) + {decodes} decodes"
+        if kind not in name:
+            continue
+        inside = kernels[bisect.bisect_left(starts, e["ts"]):bisect.bisect_right(starts, e["ts"] + e["dur"])]
+        gaps = [(b["ts"] - a["ts"] - a.get("dur", 0), a, b) for a, b in zip(inside, inside[1:])]
+        gaps = [g for g in gaps if g[0] > min_gap_us]
+        if not gaps:
+            rows.append({"step": name, "idle_ms": 0.0, "longest_gap_ms": 0.0, "host_ops": []})
+            continue
+        gap, a, b = max(gaps, key=lambda g: g[0])
+        la, lb = (launches.get(k.get("args", {}).get("correlation")) for k in (a, b))
+        ops = []
+        if la is not None and lb is not None:
+            ops = [o["name"] for o in sorted(cpu_ops, key=lambda o: (o["ts"], -o["dur"]))
+                   if o.get("tid") == lb.get("tid") and la["ts"] <= o["ts"] <= lb["ts"] and o["dur"] > gap / 2]
+        rows.append({"step": name, "idle_ms": round(sum(g[0] for g in gaps) / 1e3, 2),
+                     "longest_gap_ms": round(gap / 1e3, 2), "host_ops": ops})
+    return rows
 
 
 def step_table(rows: list[dict]) -> list[str]:
@@ -238,6 +277,10 @@ def main():
             rows = step_kernels(args.steps_of, args.step_kernels)
             print(f"\nGPU kernels per step of kind '{args.step_kernels}':\n| GPU kernel | calls | ms |\n| --- | --- | --- |")
             print("\n".join(f"| {r['name']} | {r['calls_per_step']} | {r['ms_per_step']:.3f} |" for r in rows))
+            print(f"\nGPU idle in steps of kind '{args.step_kernels}' (gaps over 0.1 ms between kernels):\n"
+                  "| engine step | idle ms | longest gap ms | host ops during it |\n| --- | --- | --- | --- |")
+            print("\n".join(f"| {r['step']} | {r['idle_ms']:.2f} | {r['longest_gap_ms']:.2f} | "
+                             f"{' > '.join(r['host_ops']) or '-'} |" for r in step_gaps(args.steps_of, args.step_kernels)))
         return
 
     from vllm_aquakv.results import gpu_tag, machine, write_results
