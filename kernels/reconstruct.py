@@ -225,40 +225,64 @@ def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
         cu_q.append(cu_q[-1] + q_lens[r])
         cu_k.append(cu_k[-1] + -(-seq_lens[r] // PAGE) * PAGE)
     max_k = max(seq_lens[d:])
-    pages = torch.zeros(len(rest), -(-max_k // PAGE), dtype=torch.int32)  # [P, max pages]
+    max_pages = -(-max_k // PAGE)
+    pages = []  # [P, max pages], flat: the pages of PAGE rows that hold each request's context, zero-padded
     for i in range(len(rest)):
         n = (cu_k[i + 1] - cu_k[i]) // PAGE
-        pages[i, :n] = torch.arange(cu_k[i] // PAGE, cu_k[i] // PAGE + n)
-    as_tensor = lambda x: torch.as_tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-    split = PrefillSplit(d, query_start_loc[d], as_tensor(list(rest)), as_tensor(cu_q), as_tensor(cu_k),
-                         as_tensor(pages), as_tensor(seq_lens[d:]), max(q_lens[d:]), max_k, cu_k[-1])
+        pages += [*range(cu_k[i] // PAGE, cu_k[i] // PAGE + n), *[0] * (max_pages - n)]
+    codes_k = [] if exact is None else [max(seq_lens[r] - exact[1], 0) for r in rest]
+    # every int32 field in one host tensor and one copy (built from Python lists: no torch CPU op, whose thread pool
+    # cost up to 6 ms per step inside vLLM's engine, serve_profile_h200_8192_256_split.md)
+    rows, cu_q_dev, cu_k_dev, pages_dev, seq_k, codes_k_dev = _on_device(
+        [list(rest), cu_q, cu_k, pages, seq_lens[d:], codes_k], torch.int32, device)
+    split = PrefillSplit(d, query_start_loc[d], rows, cu_q_dev, cu_k_dev, pages_dev.view(len(rest), max_pages), seq_k,
+                         max(q_lens[d:]), max_k, cu_k[-1])
     if exact is not None:
-        sinks, window = exact
-        split.codes_k = as_tensor([max(seq_lens[r] - window, 0) for r in rest])
-        phases = {True: [[] for _ in range(4)], False: [[] for _ in range(4)]}  # is a sink -> ExactRows fields
-        for i, r in enumerate(rest):
-            context = seq_lens[r] - q_lens[r]
-            # ring: positions before this step that some query of it reads in 16 bits
-            ring = [torch.arange(min(sinks, context))]
-            if window:
-                ring.append(torch.arange(min(max(sinks, context - window + 1), context), context))
-            ring = torch.cat(ring)
-            chunk = torch.arange(context, seq_lens[r])
-            for is_sink in (True, False):
-                rp = ring[(ring < sinks) == is_sink]
-                cp = chunk[(chunk < sinks) == is_sink]
-                if not is_sink and not window:
-                    cp = cp[:0]
-                fields = phases[is_sink]
-                fields[0].append(cu_k[i] + rp)
-                fields[1].append(torch.full_like(rp, r))
-                fields[2].append(rp)
-                if cp.numel():
-                    fields[3].append((cu_k[i] + int(cp[0]), query_start_loc[r] + int(cp[0]) - context, cp.numel()))
-        rows = {s: ExactRows(*(torch.cat(f).to(device, non_blocking=True) for f in fields[:3]), fields[3])
-                for s, fields in phases.items()}
-        split.sink_rows, split.window_rows = rows[True], rows[False]
+        split.codes_k = codes_k_dev
+        split.sink_rows, split.window_rows = _exact_rows(query_start_loc, seq_lens, q_lens, rest, cu_k, *exact, device)
     return split
+
+
+def _exact_rows(query_start_loc: list[int], seq_lens: list[int], q_lens: list[int], rest: range, cu_k: list[int],
+                sinks: int, window: int, device) -> tuple[ExactRows, ExactRows]:
+    """The ExactRows of the sinks and of the window's positions for the split's requests (``split_prefills``): from the
+    ring, positions before this step that some query of it reads in 16 bits (sinks; the window's last window - 1);
+    from this step's tokens, one run per request and phase.  Positions are consecutive ranges, so this is arithmetic."""
+    ring = {True: ([], [], []), False: ([], [], [])}  # is a sink -> reconstructed rows, requests, positions
+    runs = {True: [], False: []}
+    for i, r in enumerate(rest):
+        context = seq_lens[r] - q_lens[r]
+        ring_ranges = {True: range(min(sinks, context)),
+                       False: range(min(max(sinks, context - window + 1), context), context) if window else range(0)}
+        step_ranges = {True: range(context, min(sinks, seq_lens[r])),
+                       False: range(max(context, sinks), seq_lens[r]) if window else range(0)}
+        for is_sink in (True, False):
+            dst, req, pos = ring[is_sink]
+            dst += [cu_k[i] + t for t in ring_ranges[is_sink]]
+            req += [r] * len(ring_ranges[is_sink])
+            pos += ring_ranges[is_sink]
+            chunk = step_ranges[is_sink]
+            if len(chunk):
+                runs[is_sink].append((cu_k[i] + chunk[0], query_start_loc[r] + chunk[0] - context, len(chunk)))
+    tensors = _on_device([*ring[True], *ring[False]], torch.int64, device)
+    return ExactRows(*tensors[:3], runs[True]), ExactRows(*tensors[3:], runs[False])
+
+
+def _on_device(fields: list[list[int]], dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """Integer lists as 1-D tensors on ``device`` through one host tensor and one copy; each starts 16-byte aligned
+    (Triton specializes kernels on their pointers' alignment: an unaligned one would compile a variant mid-serving).
+    The host tensor is pinned (torch's caching host allocator, which keeps it until the copy ran): a copy from
+    pageable memory may wait for the stream, i.e. for the GPU to finish the work queued before it (51-59 ms in two
+    prefill steps of serve_profile_h200_8192_256_split.md)."""
+    per_16 = 16 // torch.tensor([], dtype=dtype).element_size()
+    flat, starts = [], []
+    for f in fields:
+        starts.append(len(flat))
+        flat += f
+        flat += [0] * (-len(flat) % per_16)
+    host = torch.tensor(flat, dtype=dtype)
+    on_device = (host.pin_memory() if torch.device(device).type == "cuda" else host).to(device, non_blocking=True)
+    return [on_device[a:a + len(f)] for a, f in zip(starts, fields)]
 
 
 def merge_partials(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,

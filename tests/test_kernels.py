@@ -472,6 +472,59 @@ def test_short_prefills_stay_in_the_fused_kernel(rng):
     assert split.max_q == long_q and split.rows.tolist() == list(range(decodes, len(q_lens) + 1))
 
 
+@pytest.mark.parametrize("sinks,window", [(4, 128), (4, 0), (0, 40), (3, 7)])
+def test_split_prefills_places_every_16_bit_row(sinks, window, rng):
+    """split_prefills' tensors and ExactRows against a position-by-position count: the reconstructed rows and pages of
+    each prefill request, and which of its positions take a 16-bit copy from the ring (before this step: sinks, and
+    with a window those within window - 1 of the step's first token) or from the step's own keys (sinks, and every
+    such token with a window), for random mixes of decodes, chunks over a context and fresh prompts."""
+    from vllm_aquakv.kernels.reconstruct import PAGE, split_prefills
+
+    decodes = int(torch.randint(0, 3, (), generator=rng))
+    q_lens = [1] * decodes + torch.randint(1, 300, (int(torch.randint(1, 4, (), generator=rng)),), generator=rng).tolist()
+    q_lens[-1] = max(q_lens[-1], 17)  # one request long enough for FlashAttention
+    contexts = [int(torch.randint(0, 5, (), generator=rng)) if torch.rand((), generator=rng) < 0.3
+                else int(torch.randint(0, 700, (), generator=rng)) for _ in q_lens]
+    qsl = [0]
+    for q in q_lens:
+        qsl.append(qsl[-1] + q)
+    seq_lens = [c + q for c, q in zip(contexts, q_lens)]
+    split = split_prefills(qsl, seq_lens, "cpu", exact=(sinks, window))
+    want = {True: ([], [], [], []), False: ([], [], [], [])}  # is a sink -> ring rows, requests, positions; step runs
+    first_row, cu_q, pages = 0, [0], []
+    for r in range(decodes, len(q_lens)):
+        context = contexts[r]
+        cu_q.append(cu_q[-1] + q_lens[r])
+        n_pages = -(-seq_lens[r] // PAGE)
+        pages.append(list(range(first_row // PAGE, first_row // PAGE + n_pages)))
+        for t in range(seq_lens[r]):
+            is_sink = t < sinks
+            if t < context and (is_sink or (window and context - t < window)):
+                for field, x in zip(want[is_sink], (first_row + t, r, t)):
+                    field.append(x)
+            elif t >= context and (is_sink or window):
+                runs = want[is_sink][3]
+                if runs and runs[-1][0] + runs[-1][2] == first_row + t:
+                    runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+                else:
+                    runs.append((first_row + t, qsl[r] + t - context, 1))
+        first_row += n_pages * PAGE
+    assert (split.decode_reqs, split.decode_tokens) == (decodes, decodes)
+    assert split.rows.tolist() == list(range(decodes, len(q_lens))) and split.cu_q.tolist() == cu_q
+    assert split.seq_k.tolist() == seq_lens[decodes:] and split.total_k == first_row
+    assert split.codes_k.tolist() == [max(n - window, 0) for n in seq_lens[decodes:]]
+    assert [row[:len(p)] for row, p in zip(split.pages.tolist(), pages)] == pages
+    assert split.max_q == max(q_lens[decodes:]) and split.max_k == max(seq_lens[decodes:])
+    for is_sink, rows in ((True, split.sink_rows), (False, split.window_rows)):
+        dst, req, pos, runs = want[is_sink]
+        assert (rows.ring_dst.tolist(), rows.ring_req.tolist(), rows.ring_pos.tolist()) == (dst, req, pos)
+        assert rows.step_runs == runs
+    # every device tensor 16-byte aligned (Triton specializes on it: no variant compiled mid-serving)
+    tensors = [split.rows, split.cu_q, split.cu_k, split.pages, split.seq_k, split.codes_k]
+    tensors += [getattr(x, f) for x in (split.sink_rows, split.window_rows) for f in ("ring_dst", "ring_req", "ring_pos")]
+    assert all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in tensors)
+
+
 @ON_GPU
 def test_vllm_flash_attention_keeps_the_twins_contract(rng):
     """compat.flash_attention (vLLM's FA3 on the H100/H200) computes what torch_flash does: paged K/V, causal,

@@ -54,7 +54,9 @@ class AquaKVMetadata:
 
     @property
     def seq_lens(self) -> list[int]:
-        """Context lengths on the host (torch path only: copying them waits for the device)."""
+        """Context lengths on the host: vLLM's host copy where it has one (``compat.host_seq_lens``), else copied from
+        the device, which waits for it (a prefill step's wait cost up to 59 ms of host time in
+        serve_profile_h200_8192_256_split.md)."""
         if self._seq_lens is None:
             self._seq_lens = self.seq_lens_dev.cpu().tolist()
         return self._seq_lens
@@ -110,6 +112,7 @@ class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping[:n],
             seq_lens_dev=cm.seq_lens[:num_reqs],
+            _seq_lens=compat.host_seq_lens(cm),
             query_start_loc_dev=cm.query_start_loc[: num_reqs + 1],
             path=self.state.path,
             common=cm,

@@ -188,6 +188,14 @@ def step_scratch(factory):
     return scratch
 
 
+def host_seq_lens(cm) -> list[int] | None:
+    """The step's context lengths [num_reqs] as vLLM's runner knew them on the host (``seq_lens_cpu_upper_bound``,
+    vLLM 0.26 and 0.32: exact without speculative decoding, which aquakv refuses), or None where it is absent (the
+    caller then copies the device tensor, which waits for the GPU to finish the work queued before it)."""
+    host = getattr(cm, "seq_lens_cpu_upper_bound", None)
+    return None if host is None else host[: cm.num_reqs].tolist()
+
+
 def token_positions(cm) -> torch.Tensor:
     """Absolute positions [num_actual_tokens] from CommonAttentionMetadata (derived when the field is absent)."""
     n = cm.num_actual_tokens
