@@ -5,21 +5,26 @@ import math
 import pytest
 import torch
 
-from vllm_aquakv.codec import HiggsCodec, fwht, pack_codes, unpack_codes, rel_mse
+from vllm_aquakv.codec import HiggsCodec, fwht, fwht_butterfly, pack_codes, unpack_codes, rel_mse
 from vllm_aquakv.grids import GRID_SPECS, grid_code_bits, grid_info, load_grid
 
 
 def sylvester(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
+    """H[i, j] = (-1)^popcount(i & j): the Sylvester Hadamard matrix, from its closed form."""
+    i = torch.arange(n)
+    bits = (i[:, None] & i[None, :]).tolist()
+    return torch.tensor([[(-1.0) ** bin(b).count("1") for b in row] for row in bits], dtype=torch.float64)
 
 
 def test_fwht_is_sylvester_hadamard(rng):
     for n in (16, 64, 128):
-        x = torch.randn(7, n, generator=rng, dtype=torch.float64)
+        x = torch.randn(7, 3, n, generator=rng, dtype=torch.float64)
         assert torch.allclose(fwht(x), x @ sylvester(n), atol=1e-10)
+        assert torch.allclose(fwht_butterfly(x), x @ sylvester(n), atol=1e-10)  # the GPU's form
+        assert torch.allclose(fwht(fwht(x)), n * x, atol=1e-9)  # H H = n I
+        x32 = x.float()  # float32 in, float32 out, within float32 rounding of the exact transform
+        assert fwht(x32).dtype == torch.float32
+        assert torch.allclose(fwht(x32).double(), x32.double() @ sylvester(n), atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", sorted({grid_code_bits(g) for g in GRID_SPECS} | {1, 5, 7}))

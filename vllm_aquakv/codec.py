@@ -57,8 +57,34 @@ def hadamard_signs(head_dim: int, seed: int) -> torch.Tensor:
     return (torch.randint(0, 2, (head_dim,), generator=gen) * 2 - 1).float()
 
 
+_SYLVESTER: dict[tuple, torch.Tensor] = {}  # (n, dtype, device) -> the Sylvester Hadamard matrix [n, n]
+_CODE_TABLES: dict[tuple, torch.Tensor] = {}  # (bits, device) -> codes of every byte value [256, 8 // bits]
+
+
+def sylvester(n: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    """The Sylvester-ordered Hadamard matrix H [n, n] (entries +-1, n a power of two), cached per dtype and device."""
+    key = (n, dtype, str(device))
+    if key not in _SYLVESTER:
+        if n & (n - 1):
+            raise ValueError(f"a Hadamard transform needs a power-of-two length, got {n}")
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _SYLVESTER[key] = h.to(dtype=dtype, device=device)
+    return _SYLVESTER[key]
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized fast Walsh-Hadamard transform over the last dim (a power of two): x @ H (Sylvester order)."""
+    """Unnormalized Walsh-Hadamard transform over the last dim (a power of two): x @ H (Sylvester order).  On CPU one
+    matrix product (the +-1 entries are exact; ~25x faster there than log2(n) strided butterfly passes); elsewhere
+    the butterfly, whose additions stay exact where float32 matrix products may run as TF32."""
+    if x.device.type == "cpu":
+        return x @ sylvester(x.shape[-1], x.dtype, x.device)
+    return fwht_butterfly(x)
+
+
+def fwht_butterfly(x: torch.Tensor) -> torch.Tensor:
+    """``fwht`` as log2(n) passes of sums and differences (exact additions on any device)."""
     n = x.shape[-1]
     shape = x.shape
     y = x.reshape(-1, n)
@@ -76,6 +102,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     m = codes.shape[-1]
     if (m * bits) % 8:
         raise ValueError(f"{m} codes of {bits} bits do not fill whole bytes")
+    if 8 % bits == 0:  # whole codes per byte: code k of a byte at bits k * bits..
+        per_byte = 8 // bits
+        shifts = torch.arange(0, 8, bits, device=codes.device)
+        return (codes.long().reshape(*codes.shape[:-1], m // per_byte, per_byte) << shifts).sum(-1).to(torch.uint8)
     shifts = torch.arange(bits, device=codes.device)
     bit_string = (codes.long()[..., None] >> shifts) & 1  # [..., m, bits]
     bit_string = bit_string.reshape(*codes.shape[:-1], m * bits // 8, 8)
@@ -85,6 +115,17 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
     """Inverse of ``pack_codes``: uint8 [..., m * bits / 8] -> int64 codes [..., m]."""
+    if 8 % bits == 0:  # whole codes per byte: one lookup of the byte's codes
+        key = (bits, str(packed.device))
+        if key not in _CODE_TABLES:
+            _CODE_TABLES[key] = _unpack_bit_string(torch.arange(256, dtype=torch.uint8, device=packed.device)[:, None],
+                                                   bits, 8 // bits)  # [256, 8 / bits]
+        codes = torch.nn.functional.embedding(packed.long(), _CODE_TABLES[key])  # [..., bytes, 8 / bits]
+        return codes.reshape(*packed.shape[:-1], m)
+    return _unpack_bit_string(packed, bits, m)
+
+
+def _unpack_bit_string(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
     bit_string = (packed.long()[..., None] >> torch.arange(8, device=packed.device)) & 1  # [..., nbytes, 8]
     bit_string = bit_string.reshape(*packed.shape[:-1], m, bits)
     return (bit_string << torch.arange(bits, device=packed.device)).sum(-1)
@@ -140,10 +181,12 @@ class HiggsCodec:
         if tuple(self.signs.shape) != (head_dim,):
             raise ValueError(f"signs must have shape ({head_dim},), got {tuple(self.signs.shape)}")
         self.grid = load_grid(grid)
+        self._table: torch.Tensor | None = None  # ``_byte_table``
 
     def to(self, device) -> "HiggsCodec":
         """Move signs and grid to ``device`` (in place); returns self."""
         self.signs, self.grid = self.signs.to(device), self.grid.to(device)
+        self._table = None
         return self
 
     # ---- bit accounting -------------------------------------------------------------------------------
@@ -188,11 +231,23 @@ class HiggsCodec:
     def decode(self, enc: Encoded) -> torch.Tensor:
         """Encoded -> reconstruction [..., num_kv_heads, head_dim], float32."""
         lead = enc.codes.shape[:-1]
-        idx = unpack_codes(enc.codes.reshape(-1, self.code_bytes), self.code_bits, self.num_codes)
-        z = self.grid.to(idx.device)[idx].reshape(-1, self.num_groups, self.group_size)  # [N, groups, g]
+        packed = enc.codes.reshape(-1, self.code_bytes)
+        if 8 % self.code_bits == 0:  # whole codes per byte: each byte looks up its grid coordinates at once
+            z = torch.nn.functional.embedding(packed.long(), self._byte_table(packed.device))  # [N, bytes, values]
+        else:
+            z = self.grid.to(packed.device)[unpack_codes(packed, self.code_bits, self.num_codes)]  # [N, codes, d]
+        z = z.reshape(-1, self.num_groups, self.group_size)  # [N, groups, g]
         y = z * (enc.scales.reshape(-1, self.num_groups, 1).float() / math.sqrt(self.group_size))
         x = self.unrotate_heads(y.reshape(-1, self.num_kv_heads, self.head_dim))
         return x.reshape(*lead, self.num_kv_heads, self.head_dim)
+
+    def _byte_table(self, device) -> torch.Tensor:
+        """[256, codes per byte * grid dim]: the grid coordinates of every code byte, in code order (cached)."""
+        if self._table is None or self._table.device != torch.device(device):
+            per_byte = 8 // self.code_bits
+            codes = unpack_codes(torch.arange(256, dtype=torch.uint8, device=device)[:, None], self.code_bits, per_byte)
+            self._table = self.grid.to(device)[codes].reshape(256, per_byte * self.grid_dim)
+        return self._table
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)): the reconstruction the decoder will see, float32."""
