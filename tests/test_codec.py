@@ -25,6 +25,8 @@ def test_fwht_is_sylvester_hadamard(rng):
         x32 = x.float()  # float32 in, float32 out, within float32 rounding of the exact transform
         assert fwht(x32).dtype == torch.float32
         assert torch.allclose(fwht(x32).double(), x32.double() @ sylvester(n), atol=1e-4)
+        rows = x32.reshape(-1, n)  # each row's transform is the same alone as in a batch (codes must not depend on it)
+        assert all(torch.equal(fwht(rows[i:i + 1]), fwht(rows)[i:i + 1]) for i in range(rows.shape[0]))
 
 
 @pytest.mark.parametrize("bits", sorted({grid_code_bits(g) for g in GRID_SPECS} | {1, 5, 7}))

@@ -75,11 +75,10 @@ def sylvester(n: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Walsh-Hadamard transform over the last dim (a power of two): x @ H (Sylvester order).  On CPU one
-    matrix product (the +-1 entries are exact; ~25x faster there than log2(n) strided butterfly passes); elsewhere
-    the butterfly, whose additions stay exact where float32 matrix products may run as TF32."""
-    if x.device.type == "cpu":
-        return x @ sylvester(x.shape[-1], x.dtype, x.device)
+    """Unnormalized Walsh-Hadamard transform over the last dim (a power of two): x @ H (Sylvester order), as log2(n)
+    passes of sums and differences.  (A float32/float64 matrix product with ``sylvester`` is ~25x faster on CPU but
+    rounds differently, and with it tests/test_vllm_plugin.py::test_perplexity_through_vllm_equals_reference failed:
+    vLLM 14.26 vs reference 14.51 with every token as codes; kept out until that is understood.)"""
     return fwht_butterfly(x)
 
 
