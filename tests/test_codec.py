@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vllm_aquakv.codec import HiggsCodec, fwht, fwht_butterfly, pack_codes, unpack_codes, rel_mse
+from vllm_aquakv.codec import HiggsCodec, fwht, pack_codes, unpack_codes, rel_mse
 from vllm_aquakv.grids import GRID_SPECS, grid_code_bits, grid_info, load_grid
 
 
@@ -20,7 +20,6 @@ def test_fwht_is_sylvester_hadamard(rng):
     for n in (16, 64, 128):
         x = torch.randn(7, 3, n, generator=rng, dtype=torch.float64)
         assert torch.allclose(fwht(x), x @ sylvester(n), atol=1e-10)
-        assert torch.allclose(fwht_butterfly(x), x @ sylvester(n), atol=1e-10)  # the GPU's form
         assert torch.allclose(fwht(fwht(x)), n * x, atol=1e-9)  # H H = n I
         x32 = x.float()  # float32 in, float32 out, within float32 rounding of the exact transform
         assert fwht(x32).dtype == torch.float32

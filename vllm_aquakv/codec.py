@@ -57,33 +57,14 @@ def hadamard_signs(head_dim: int, seed: int) -> torch.Tensor:
     return (torch.randint(0, 2, (head_dim,), generator=gen) * 2 - 1).float()
 
 
-_SYLVESTER: dict[tuple, torch.Tensor] = {}  # (n, dtype, device) -> the Sylvester Hadamard matrix [n, n]
 _CODE_TABLES: dict[tuple, torch.Tensor] = {}  # (bits, device) -> codes of every byte value [256, 8 // bits]
 
 
-def sylvester(n: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
-    """The Sylvester-ordered Hadamard matrix H [n, n] (entries +-1, n a power of two), cached per dtype and device."""
-    key = (n, dtype, str(device))
-    if key not in _SYLVESTER:
-        if n & (n - 1):
-            raise ValueError(f"a Hadamard transform needs a power-of-two length, got {n}")
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < n:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        _SYLVESTER[key] = h.to(dtype=dtype, device=device)
-    return _SYLVESTER[key]
-
-
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Walsh-Hadamard transform over the last dim (a power of two): x @ H (Sylvester order), as log2(n)
-    passes of sums and differences.  (A float32/float64 matrix product with ``sylvester`` is ~25x faster on CPU but
-    rounds differently, and with it tests/test_vllm_plugin.py::test_perplexity_through_vllm_equals_reference failed:
-    vLLM 14.26 vs reference 14.51 with every token as codes; kept out until that is understood.)"""
-    return fwht_butterfly(x)
-
-
-def fwht_butterfly(x: torch.Tensor) -> torch.Tensor:
-    """``fwht`` as log2(n) passes of sums and differences (exact additions on any device)."""
+    """Unnormalized fast Walsh-Hadamard transform over the last dim (a power of two): x @ H (Sylvester order), as
+    log2(n) passes of sums and differences.  (A matrix product with H is ~25x faster on CPU but rounds differently,
+    and with it tests/test_vllm_plugin.py::test_perplexity_through_vllm_equals_reference failed: vLLM 14.26 vs
+    reference 14.51 with every token as codes; kept out until that is understood.)"""
     n = x.shape[-1]
     shape = x.shape
     y = x.reshape(-1, n)
