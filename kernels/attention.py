@@ -151,22 +151,14 @@ def _softmax_step(m_i, l_i, s):
 
 
 @triton.jit
-def _load_lanes(cache_ptr, base, t_mask, table_ptr, stride_head, CODE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr,
+def _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr,
                 INDEX_BITS: tl.constexpr, ENTRY_VALUES: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                USE_ASM: tl.constexpr, HEADS: tl.constexpr, SLOT_ALIGN: tl.constexpr):
+                USE_ASM: tl.constexpr):
     """One stream's grid coordinates for the tokens at ``base`` [T] as lanes, each [T, CODE_BYTES] in DOT_DTYPE: lane i
     holds the values at head positions LANES * b + i for code byte b (LANES = ENTRY_VALUES * 8 / INDEX_BITS, or 4 for
-    the register decode INDEX_BITS == 2; lanes 2, 3 repeat 0, 1 when LANES == 2).  HEADS > 1: the codes of HEADS
-    consecutive KV heads side by side, lanes [T, HEADS * CODE_BYTES] (column g * CODE_BYTES + b: head g, byte b)."""
-    if HEADS == 1:
-        col = tl.arange(0, CODE_BYTES)
-    else:
-        b = tl.arange(0, HEADS * CODE_BYTES)
-        col = (b // CODE_BYTES) * stride_head + b % CODE_BYTES
-        # runs of CODE_BYTES contiguous bytes, each starting at a multiple of SLOT_ALIGN (which divides stride_head),
-        # so the loads stay vectorized (and pipelined into shared memory)
-        col = tl.max_contiguous(tl.multiple_of(col, SLOT_ALIGN), CODE_BYTES)
-    byte = tl.load(cache_ptr + (base + CODE_OFFSET)[:, None] + col[None, :], mask=t_mask[:, None], other=0)
+    the register decode INDEX_BITS == 2; lanes 2, 3 repeat 0, 1 when LANES == 2)."""
+    b = tl.arange(0, CODE_BYTES)
+    byte = tl.load(cache_ptr + (base + CODE_OFFSET)[:, None] + b[None, :], mask=t_mask[:, None], other=0)
     if INDEX_BITS <= 1:  # uniform 2-bit codes: code c as an exact float16, no table (``_uniform_terms``)
         return (_uniform_lane(byte, 0, INDEX_BITS, DOT_DTYPE), _uniform_lane(byte, 1, INDEX_BITS, DOT_DTYPE),
                 _uniform_lane(byte, 2, INDEX_BITS, DOT_DTYPE), _uniform_lane(byte, 3, INDEX_BITS, DOT_DTYPE))
@@ -217,39 +209,6 @@ def _store_lanes(ptr, rows, row_mask, a0, a1, a2, a3, ROW_LEN: tl.constexpr, LAN
     if LANES == 4:
         _store_lane(ptr, rows, row_mask, a2, ROW_LEN, 2, WIDTH)
         _store_lane(ptr, rows, row_mask, a3, ROW_LEN, 3, WIDTH)
-
-
-@triton.jit
-def _per_head_lanes(x, rows, G: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
-    """A query lane x [M, W] of a program over HEADS KV heads as the block-diagonal [M, HEADS * W] that multiplies
-    those heads' codes side by side (``_load_lanes``): row r's values in the columns of its head r // G, zeros in
-    the others, so one tensor-core product gives every row the scores against its own head's keys."""
-    g = tl.arange(0, HEADS)
-    x3 = tl.where((rows // G)[:, None, None] == g[None, :, None], x[:, None, :], 0.0)  # [M, HEADS, W]
-    return tl.reshape(x3, [BLOCK_M, HEADS * WIDTH])
-
-
-@triton.jit
-def _own_head(x, rows, G: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
-    """Each row's own head's columns of a side-by-side lane sum x [M, HEADS * W] -> [M, W] (the other heads'
-    columns hold that row's probabilities times another head's codes)."""
-    if HEADS == 1:
-        return x
-    g = tl.arange(0, HEADS)
-    x3 = tl.reshape(x, [BLOCK_M, HEADS, WIDTH])
-    return tl.sum(tl.where((rows // G)[:, None, None] == g[None, :, None], x3, 0.0), axis=1)
-
-
-@triton.jit
-def _row_scales(cache_ptr, base, t_mask, row_head, stride_head, OFFSET: tl.constexpr, HEADS: tl.constexpr):
-    """The fp16 scales at byte OFFSET of the slots at ``base`` [T] as float32: [1, T] for one KV head, else [M, T] with
-    row r's from its head row_head[r] (0 <= row_head < HEADS, relative to base's)."""
-    if HEADS == 1:
-        x = tl.load((cache_ptr + base + OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)[None, :]
-    else:
-        ptr = cache_ptr + (base[None, :] + OFFSET) + (row_head * stride_head)[:, None]
-        x = tl.load(ptr.to(tl.pointer_type(tl.float16)), mask=t_mask[None, :], other=0.0)
-    return x.to(tl.float32)
 
 
 @triton.jit
@@ -325,14 +284,10 @@ def _fused_attention_kernel(
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
     V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr,
-    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr, HEADS: tl.constexpr,
+    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     qblock = tl.program_id(0)
-    # HEADS > 1 (decode launches, BLOCK_Q == 1): the program's rows are the G query heads of HEADS consecutive KV
-    # heads, and their codes are read side by side, so that the softmax, masks and address arithmetic of a key tile
-    # serve HEADS heads at once (``_per_head_lanes``); kv_head is the first of them
-    tl.static_assert(HEADS == 1 or (BLOCK_Q == 1 and (RING_FIRST or not HAS_WINDOW)))
-    kv_head = tl.program_id(1) * HEADS
+    kv_head = tl.program_id(1)
     # RING_ONLY (decode launches with the window): the sinks/window pass alone, as the extra partial num_segments
     segment = num_segments if RING_ONLY else tl.program_id(2)
     seq = tl.load(qblock_seq_ptr + qblock)
@@ -342,15 +297,9 @@ def _fused_attention_kernel(
     context = tl.load(seq_lens_ptr + seq) - q_len  # position of the sequence's first query token
 
     rows = tl.arange(0, BLOCK_M)
-    if HEADS == 1:
-        tok = first + rows // G  # query token of each row, relative to q_start
-        q_head = kv_head * G + rows % G
-        row_head = rows * 0  # each row's KV head, relative to kv_head
-    else:
-        tok = first + rows * 0
-        q_head = kv_head * G + rows
-        row_head = tl.minimum(rows // G, HEADS - 1)
-    row_mask = (rows < BLOCK_Q * G * HEADS) & (tok < q_len)
+    tok = first + rows // G  # query token of each row, relative to q_start
+    q_head = kv_head * G + rows % G
+    row_mask = (rows < BLOCK_Q * G) & (tok < q_len)
     q_pos = context + tok
     j = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_qn + q_head[:, None] * stride_qh + j[None, :],
@@ -367,20 +316,13 @@ def _fused_attention_kernel(
         k_mul, k_g0 = _uniform_terms(k_table_ptr, K_INDEX_BITS)
         q_sum = (tl.sum(q0, axis=1) + tl.sum(q1, axis=1) + tl.sum(q2, axis=1) + tl.sum(q3, axis=1)) * k_g0
         q1, q2, q3 = q1 * 0.25, q2 * 0.0625, q3 * 0.015625
-    if HEADS > 1:  # [M, HEADS * B_k]: each row's lane in its own head's columns
-        q0 = _per_head_lanes(q0, rows, G, HEADS, BLOCK_M, K_CODE_BYTES)
-        q1 = _per_head_lanes(q1, rows, G, HEADS, BLOCK_M, K_CODE_BYTES)
-        if K_LANES == 4:
-            q2 = _per_head_lanes(q2, rows, G, HEADS, BLOCK_M, K_CODE_BYTES)
-            q3 = _per_head_lanes(q3, rows, G, HEADS, BLOCK_M, K_CODE_BYTES)
     q0, q1 = q0.to(DOT_DTYPE), q1.to(DOT_DTYPE)
     if K_LANES == 4:
         q2, q3 = q2.to(DOT_DTYPE), q3.to(DOT_DTYPE)
     if V_INDEX_BITS <= 1:
         v_mul, v_g0 = _uniform_terms(v_table_ptr, V_INDEX_BITS)
     if HAS_K_BIAS:  # q . b_k in base-2 logits [M]
-        b_k = tl.load(k_bias_ptr + (kv_head + row_head)[:, None] * HEAD_DIM + j[None, :])  # [M, h]
-        q_bias = tl.sum(q.to(tl.float32) * b_k, axis=1) * logit_scale
+        q_bias = tl.sum(q.to(tl.float32) * tl.load(k_bias_ptr + kv_head * HEAD_DIM + j)[None, :], axis=1) * logit_scale
 
     # this segment's share of the causal key range [0, last query position + 1)
     kv_end = context + tl.minimum(first + BLOCK_Q, q_len)
@@ -391,15 +333,14 @@ def _fused_attention_kernel(
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    # Hadamard-domain value sums, one per value lane (HEADS heads side by side: a row's own head's are kept)
-    v0 = tl.zeros([BLOCK_M, HEADS * V_CODE_BYTES], tl.float32)
-    v1 = tl.zeros([BLOCK_M, HEADS * V_CODE_BYTES], tl.float32)
-    v2 = tl.zeros([BLOCK_M, HEADS * V_CODE_BYTES], tl.float32)
-    v3 = tl.zeros([BLOCK_M, HEADS * V_CODE_BYTES], tl.float32)
-    k0 = tl.zeros([BLOCK_M, HEADS * K_CODE_BYTES], tl.float32)  # key sums (V_FROM_K), one per key lane
-    k1 = tl.zeros([BLOCK_M, HEADS * K_CODE_BYTES], tl.float32)
-    k2 = tl.zeros([BLOCK_M, HEADS * K_CODE_BYTES], tl.float32)
-    k3 = tl.zeros([BLOCK_M, HEADS * K_CODE_BYTES], tl.float32)
+    v0 = tl.zeros([BLOCK_M, V_CODE_BYTES], tl.float32)  # Hadamard-domain value sums, one per value lane
+    v1 = tl.zeros([BLOCK_M, V_CODE_BYTES], tl.float32)
+    v2 = tl.zeros([BLOCK_M, V_CODE_BYTES], tl.float32)
+    v3 = tl.zeros([BLOCK_M, V_CODE_BYTES], tl.float32)
+    k0 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)  # key sums (V_FROM_K), one per key lane
+    k1 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
+    k2 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
+    k3 = tl.zeros([BLOCK_M, K_CODE_BYTES], tl.float32)
     acc_x = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # softmax-weighted 16-bit values (HAS_WINDOW), head order
     w_v = tl.zeros([BLOCK_M], tl.float32)  # sums of the value and key lanes' weights (uniform codes)
     w_k = tl.zeros([BLOCK_M], tl.float32)
@@ -423,20 +364,14 @@ def _fused_attention_kernel(
                 visible = (t[None, :] <= q_pos[:, None]) & t_mask[None, :]
                 exact = _exact_rows(t, t_mask, blk, seq, col, in_chunk, q_pos, visible, tags_ptr, PAGE_BLOCK, SINKS,
                                     WINDOW)
-                s = tl.zeros([BLOCK_M, RING_TILE], tl.float32)
-                for g in tl.static_range(HEADS):  # each row's scores against its own KV head's 16-bit keys
-                    kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head + g, context, q_start, col, in_chunk,
-                                     t_mask, stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-                    s_g = _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM)
-                    s = s_g if HEADS == 1 else tl.where(row_head[:, None] == g, s_g, s)
-                s = tl.where(exact, s * logit_scale, float("-inf"))
+                kx = _exact_tile(ring_k_ptr, key_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                 stride_kn, stride_kh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                s = tl.where(exact, _exact_scores(q, kx, Q_DTYPE, Q_PRECISION, HEAD_DIM) * logit_scale,
+                             float("-inf"))
                 m_i, alpha, p, l_i = _softmax_step(m_i, l_i, s)
-                acc_x = acc_x * alpha[:, None]
-                for g in tl.static_range(HEADS):
-                    vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head + g, context, q_start, col, in_chunk,
-                                     t_mask, stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
-                    p_g = p if HEADS == 1 else tl.where(row_head[:, None] == g, p, 0.0)
-                    acc_x = tl.dot(p_g.to(Q_DTYPE), vx.to(Q_DTYPE), acc_x, input_precision=Q_PRECISION)
+                vx = _exact_tile(ring_v_ptr, value_ptr, t, seq, kv_head, context, q_start, col, in_chunk, t_mask,
+                                 stride_vn, stride_vh, NUM_KV_HEADS, SINKS + WINDOW, HEAD_DIM)
+                acc_x = tl.dot(p.to(Q_DTYPE), vx.to(Q_DTYPE), acc_x * alpha[:, None], input_precision=Q_PRECISION)
 
     if segment >= num_segments:  # no codes in ring programs (RING_ONLY, RING_PROGRAMS)
         tile_hi = tile_lo
@@ -446,10 +381,12 @@ def _fused_attention_kernel(
         blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
         base = blk * stride_block + kv_head * stride_head + (t % PAGE_BLOCK) * stride_token
         base = tl.multiple_of(base, SLOT_ALIGN)  # lets the code loads use whole words
-        scale_k = _row_scales(cache_ptr, base, t_mask, row_head, stride_head, K_SCALE_OFFSET, HEADS)  # [1 or M, T]
-        scale_v = _row_scales(cache_ptr, base, t_mask, row_head, stride_head, V_SCALE_OFFSET, HEADS)
-        x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, stride_head, 0, K_CODE_BYTES, K_INDEX_BITS,
-                                     K_ENTRY_VALUES, DOT_DTYPE, USE_ASM, HEADS, SLOT_ALIGN)
+        scale_k = tl.load((cache_ptr + base + K_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
+                          other=0.0).to(tl.float32)
+        scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
+                          other=0.0).to(tl.float32)
+        x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS,
+                                     K_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
         s = tl.dot(q0, tl.trans(x0))
         s = tl.dot(q1, tl.trans(x1), s)
         if K_LANES == 4:
@@ -457,7 +394,7 @@ def _fused_attention_kernel(
             s = tl.dot(q3, tl.trans(x3), s)
         if K_INDEX_BITS <= 1:
             s = s * k_mul + q_sum[:, None]
-        s = s * scale_k  # [M, T], base-2 logits
+        s = s * scale_k[None, :]  # [M, T], base-2 logits
         if HAS_K_BIAS:
             s += q_bias[:, None]
         visible = (t[None, :] <= q_pos[:, None]) & t_mask[None, :]
@@ -486,29 +423,17 @@ def _fused_attention_kernel(
                                input_precision=Q_PRECISION)
                 p = tl.where(exact, 0.0, p)
         if V_FROM_K:
-            wk = (p * scale_k).to(DOT_DTYPE)
+            wk = (p * scale_k[None, :]).to(DOT_DTYPE)
             if K_INDEX_BITS <= 1:
                 w_k = w_k * alpha + tl.sum(wk.to(tl.float32), axis=1)
             k0, k1, k2, k3 = _accumulate_lanes(wk, x0, x1, x2, x3, k0, k1, k2, k3, alpha, K_LANES)
-        y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, stride_head, V_CODE_OFFSET, V_CODE_BYTES,
-                                     V_INDEX_BITS, V_ENTRY_VALUES, DOT_DTYPE, USE_ASM, HEADS, SLOT_ALIGN)
-        wv = (p * scale_v).to(DOT_DTYPE)
+        y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
+                                     V_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
+        wv = (p * scale_v[None, :]).to(DOT_DTYPE)
         if V_INDEX_BITS <= 1:
             w_v = w_v * alpha + tl.sum(wv.to(tl.float32), axis=1)
         v0, v1, v2, v3 = _accumulate_lanes(wv, y0, y1, y2, y3, v0, v1, v2, v3, alpha, V_LANES)
 
-    if HEADS > 1:  # each row's own head's sums [M, B]
-        v0 = _own_head(v0, rows, G, HEADS, BLOCK_M, V_CODE_BYTES)
-        v1 = _own_head(v1, rows, G, HEADS, BLOCK_M, V_CODE_BYTES)
-        if V_LANES == 4:
-            v2 = _own_head(v2, rows, G, HEADS, BLOCK_M, V_CODE_BYTES)
-            v3 = _own_head(v3, rows, G, HEADS, BLOCK_M, V_CODE_BYTES)
-        if V_FROM_K:
-            k0 = _own_head(k0, rows, G, HEADS, BLOCK_M, K_CODE_BYTES)
-            k1 = _own_head(k1, rows, G, HEADS, BLOCK_M, K_CODE_BYTES)
-            if K_LANES == 4:
-                k2 = _own_head(k2, rows, G, HEADS, BLOCK_M, K_CODE_BYTES)
-                k3 = _own_head(k3, rows, G, HEADS, BLOCK_M, K_CODE_BYTES)
     if V_INDEX_BITS <= 1:  # lanes of c * unit -> grid coordinates (``_uniform_terms``)
         v0, v1, v2, v3 = _to_grid_units(v0, v1, v2, v3, v_mul, v_g0, w_v)
     if V_FROM_K and K_INDEX_BITS <= 1:
@@ -833,7 +758,6 @@ class AttentionPlan:
     # RING_LAUNCH_MIN_REQUESTS requests), else in ``ring_programs`` programs of the codes launch after its segments
     ring_launch: bool = True
     ring_programs: int = RING_PROGRAMS
-    kv_heads: int = 1  # KV heads per program (decode plans: their G query heads share the program's rows)
     combine_step: int | None = None  # partials per iteration of the combine (1, 2 or 4); None: COMBINE_STEP for
     # decode-sized steps, 1 for prefill (whose plans have few segments and twice the combine rows)
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
@@ -870,14 +794,12 @@ class AttentionPlan:
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
-                   num_stages: int | None = None, maxnreg: int | None = None, window: bool = False,
-                   kv_heads: int = 1) -> AttentionPlan:
+                   num_stages: int | None = None, maxnreg: int | None = None, window: bool = False) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
     the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA, 1 per SM for decodes with the 16-bit
     ``window`` below RING_LAUNCH_MIN_REQUESTS requests; 1, i.e. no split, in the CPU interpreter) when there are few
     sequences (long decodes).  Key tiles: 128 tokens for decode-only steps, 64 with prefill rows (the fastest in
-    benchmarks/results/decode_attention_h100's sweep).  ``kv_heads`` > 1: decode-only steps give each program that
-    many KV heads (G x kv_heads rows, padded to a power of two)."""
+    benchmarks/results/decode_attention_h100's sweep)."""
     cuda = torch.device(device).type == "cuda"
     num_reqs = len(query_start_loc) - 1
     # the ring's own launch relieves GPU registers, which pays from RING_LAUNCH_MIN_REQUESTS decodes on; below, ring
@@ -888,11 +810,7 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     group = num_q_heads // num_kv_heads
     max_q = max(b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:]))
     tile = tile or (128 if max_q == 1 else 64)
-    kv_heads = kv_heads if max_q == 1 else 1
-    if num_kv_heads % kv_heads:
-        raise ValueError(f"kv_heads={kv_heads} does not divide the {num_kv_heads} KV heads")
-    block_m = (max(16, triton.next_power_of_2(group * kv_heads)) if max_q == 1
-               else max(64, triton.next_power_of_2(group)))
+    block_m = max(16, triton.next_power_of_2(group)) if max_q == 1 else max(64, triton.next_power_of_2(group))
     block_q = 1 if max_q == 1 else block_m // group
     if max_q == 1:  # decode: one program row per request, made on the device (no host-to-device copy, so a CUDA
         # graph can capture it; requests without a token, as CUDA-graph padding, get programs that store nothing)
@@ -906,11 +824,11 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
                 first.append(f)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
         q_seq, q_first = as_tensor(seq), as_tensor(first)
-    programs = q_seq.shape[0] * num_kv_heads // kv_heads
+    programs = q_seq.shape[0] * num_kv_heads
     segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
     # (the CPU interpreter runs programs one after another: one ring program, not RING_PROGRAMS slices)
     return AttentionPlan(q_seq, q_first, block_q, block_m, segments, tile, num_warps, maxnreg, num_stages,
-                         ring_launch=ring_launch, ring_programs=RING_PROGRAMS if cuda else 1, kv_heads=kv_heads)
+                         ring_launch=ring_launch, ring_programs=RING_PROGRAMS if cuda else 1)
 
 
 @dataclass
@@ -961,8 +879,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
-    launch = lambda z, ring_only, **options: _fused_attention_kernel[  # noqa: E731
-        (plan.q_seq.shape[0], heads // plan.kv_heads, z)](
+    launch = lambda z, ring_only, **options: _fused_attention_kernel[(plan.q_seq.shape[0], heads, z)](  # noqa: E731
         query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias, kv_cache, block_table, seq_lens,
         query_start_loc, plan.q_seq, plan.q_first, kl.table, vl.table,
         m, l, acc_v, acc_k, acc_x, *(dummy,) * 3 if w is None else (w.ring_k, w.ring_v, w.tags),
@@ -983,7 +900,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16,
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
-        HEADS=plan.kv_heads, num_warps=plan.num_warps, num_stages=stages, **options,
+        num_warps=plan.num_warps, num_stages=stages, **options,
     )
     launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
     if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)

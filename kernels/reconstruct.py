@@ -83,8 +83,8 @@ def _reconstruct_kernel(
     out_rows = ((tl.load(cu_k_ptr + r) + t) * NUM_KV_HEADS + head).to(tl.int64)[:, None] * HEAD_DIM + j[None, :]
 
     scale_k = tl.load((cache_ptr + base + K_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)
-    x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, 0, K_CODE_BYTES, K_INDEX_BITS,
-                                 K_ENTRY_VALUES, DOT_DTYPE, USE_ASM, 1, 1)
+    x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS, K_ENTRY_VALUES,
+                                 DOT_DTYPE, USE_ASM)
     k = _rotate_lanes(x0, x1, x2, x3, rot_k_ptr, K_LANES, K_CODE_BYTES, HEAD_DIM)
     k = k * (scale_k.to(tl.float32) * inv_sqrt_h)[:, None]  # [T, h]
     if HAS_K_BIAS:
@@ -92,8 +92,8 @@ def _reconstruct_kernel(
     tl.store(k_out_ptr + out_rows, k.to(k_out_ptr.dtype.element_ty), mask=t_mask[:, None])
 
     scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)
-    y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, 0, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
-                                 V_ENTRY_VALUES, DOT_DTYPE, USE_ASM, 1, 1)
+    y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
+                                 V_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
     v = _rotate_lanes(y0, y1, y2, y3, rot_v_ptr, V_LANES, V_CODE_BYTES, HEAD_DIM)
     v = v * (scale_v.to(tl.float32) * inv_sqrt_h)[:, None]
     if HAS_V_BIAS:

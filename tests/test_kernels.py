@@ -29,7 +29,7 @@ ON_GPU = pytest.mark.skipif(DEVICE == "cpu", reason="real shapes: too slow for t
     pytest.param(128, 8, 24, 16, "mean", "per_head", "u1n4", "u1n4", marks=ON_GPU),
 ])
 def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block, key_predictor, value_predictor,
-                                            k_grid, v_grid, rng, index_bits=None, decode_only=False, kv_heads=1):
+                                            k_grid, v_grid, rng, index_bits=None, decode_only=False):
     """The fused kernel (scores and value sums in the Hadamard domain, split-K partials, torch epilogue) against
     TorchServingPath.attend on the same paged cache: ragged batch mixing a decode, a prefill chunk across block
     boundaries and a long single-token decode; blocks handed out in random order."""
@@ -92,7 +92,7 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     # in registers: index_bits=2; for u1n4 through the 1024-exponent trick: index_bits=1)
     for min_programs, fused in ((1, fused), (10_000, fused), (1, byte_tables)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
-                              min_programs=min_programs, kv_heads=kv_heads)
+                              min_programs=min_programs)
         got = fused_attention(query, kv, block_table, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                               torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan, fused, scale).cpu()
         err = (got - want).norm() / want.norm()
@@ -159,21 +159,17 @@ def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, s
     assert err < (1e-5 if query.dtype == torch.float32 else 5e-3), err
 
 
-@pytest.mark.parametrize("head_dim,heads,q_heads,page_block,value_predictor,kv_heads", [
-    (64, 2, 6, 16, "per_head", 1),
-    (64, 2, 6, 16, "per_head", 2),  # both KV heads in one program (rows 0-2 and 3-5)
-    (64, 4, 8, 16, "none", 4),  # four KV heads of 2 query heads each, codes side by side
-    (64, 1, 4, 32, "none", 1),
-    *[pytest.param(128, 8, q, page, v, kvh, marks=ON_GPU)
-      for q, page, v in ((24, 16, "none"), (32, 32, "per_head"), (24, 64, "none"), (32, 128, "none"))
-      for kvh in (1, 4)],
+@pytest.mark.parametrize("head_dim,heads,q_heads,page_block,value_predictor", [
+    (64, 2, 6, 16, "per_head"),
+    (64, 1, 4, 32, "none"),
+    *[pytest.param(128, 8, q, page, v, marks=ON_GPU)
+      for q, page, v in ((24, 16, "none"), (32, 32, "per_head"), (24, 64, "none"), (32, 128, "none"))],
 ])
-def test_uniform_decode_step(head_dim, heads, q_heads, page_block, value_predictor, kv_heads, rng):
+def test_uniform_decode_step(head_dim, heads, q_heads, page_block, value_predictor, rng):
     """A decode step (one token per request, ragged contexts across block boundaries) over uniform codes: the
-    arithmetic decode (subnormal, and the 1024-exponent variant) against the torch path, split-K and not, with one
-    or several KV heads per program."""
+    arithmetic decode (subnormal, and the 1024-exponent variant) against the torch path, split-K and not."""
     test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block, "mean", value_predictor, "u1n4",
-                                            "u1n4", rng, decode_only=True, kv_heads=kv_heads)
+                                            "u1n4", rng, decode_only=True)
 
 
 @pytest.mark.parametrize("head_dim,page_block", [(64, 64), (128, 16)])
@@ -348,7 +344,7 @@ def test_cache_write_stores_the_ring(heads, head_dim, sinks, window, rng):
     pytest.param(128, 8, 32, 64, "d1n4", 4, 128, marks=ON_GPU),
 ])
 def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, grid, sinks, window, rng,
-                                         decode_only=False, kv_heads=1):
+                                         decode_only=False):
     """16-bit sinks/window in the fused kernel (``WindowInputs``) against the torch path's ``window_attention`` on
     the same paged cache and ring: a first step writes every request's context, a second writes a decode token, a
     prefill chunk and a fresh prompt and attends (no split and split-K).  ``decode_only``: the second step is one
@@ -414,7 +410,7 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
                                                            (10_000, False, 2, None), (10_000, False, 1, 2),
                                                            (10_000, False, 3, 1)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
-                              min_programs=min_programs, kv_heads=kv_heads)
+                              min_programs=min_programs)
         plan.ring_launch, plan.ring_programs, plan.combine_step = ring_launch, ring_programs, step
         got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
         err = (got - want).norm() / want.norm()
@@ -441,21 +437,18 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     assert err < (1e-5 if DEVICE == "cpu" else 1e-2), err
 
 
-@pytest.mark.parametrize("head_dim,heads,q_heads,page_block,grid,sinks,window,kv_heads", [
-    (64, 2, 6, 16, "u1n4", 4, 24, 1),
-    (64, 2, 6, 16, "u1n4", 4, 24, 2),  # both KV heads in one program, the ring's rows per head too
-    (64, 1, 4, 32, "d2n16", 0, 40, 1),  # window only
-    (64, 2, 6, 16, "u1n4", 3, 0, 1),  # sinks only
-    pytest.param(128, 8, 24, 16, "u1n4", 4, 128, 1, marks=ON_GPU),
-    pytest.param(128, 8, 24, 16, "u1n4", 4, 128, 4, marks=ON_GPU),
-    pytest.param(128, 8, 32, 64, "d2n16", 4, 128, 1, marks=ON_GPU),
-    pytest.param(128, 8, 32, 64, "d2n16", 4, 128, 2, marks=ON_GPU),
+@pytest.mark.parametrize("head_dim,heads,q_heads,page_block,grid,sinks,window", [
+    (64, 2, 6, 16, "u1n4", 4, 24),
+    (64, 1, 4, 32, "d2n16", 0, 40),  # window only
+    (64, 2, 6, 16, "u1n4", 3, 0),  # sinks only
+    pytest.param(128, 8, 24, 16, "u1n4", 4, 128, marks=ON_GPU),
+    pytest.param(128, 8, 32, 64, "d2n16", 4, 128, marks=ON_GPU),
 ])
-def test_fused_window_decode_step(head_dim, heads, q_heads, page_block, grid, sinks, window, kv_heads, rng):
+def test_fused_window_decode_step(head_dim, heads, q_heads, page_block, grid, sinks, window, rng):
     """A decode step with 16-bit sinks/window: the ring's own pass before the codes loop (``RING_FIRST``), contexts
-    shorter and longer than the window, against the torch path, with one or several KV heads per program."""
+    shorter and longer than the window, against the torch path."""
     test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, grid, sinks, window, rng,
-                                         decode_only=True, kv_heads=kv_heads)
+                                         decode_only=True)
 
 
 def test_short_prefills_stay_in_the_fused_kernel(rng):

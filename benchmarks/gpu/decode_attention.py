@@ -250,8 +250,6 @@ def main():
     ap.add_argument("--min-programs", default="", help="also each aquakv mode split for these program counts")
     ap.add_argument("--ring-programs", default="", help="with the window: also the ring read by this many programs "
                     "of the codes launch (comma list; AttentionPlan.ring_programs)")
-    ap.add_argument("--launches", default="", help="also each aquakv mode with these launch settings: comma list "
-                    "of KV_HEADS/WARPS/TILE/MAXNREG (KV heads per program, AttentionPlan.kv_heads; MAXNREG 0: none)")
     ap.add_argument("--combine-steps", default="", help="also each aquakv mode with the combine walking this many "
                     "split-K partials per iteration (comma list of 1, 2, 4; AttentionPlan.combine_step)")
     OPTIONS = args = ap.parse_args()
@@ -299,29 +297,19 @@ def main():
                                           **{**best, "min_programs": p}).segments
                            for p in ints(args.min_programs)]  # other split-K widths
                 steps = [None] + ints(args.combine_steps)  # None: the kernel's default
-                variants = [(ring, segments, step, None) for segments in dict.fromkeys(counts) for ring in rings
+                variants = [(ring, segments, step) for segments in dict.fromkeys(counts) for ring in rings
                             for step in steps]
-                variants += [(planned, None, None, spec) for spec in args.launches.split(",") if spec]
-                for (ring_launch, ring_programs), segments, step, spec in variants:
-                    if spec:  # KV_HEADS/WARPS/TILE/MAXNREG: a plan of its own (its split-K for its program count)
-                        kvh, warps, tile, maxnreg = (int(x) for x in spec.split("/"))
-                        p = plan_attention(qsl_list, ctx, HQ, H, "cuda", window=win is not None, kv_heads=kvh,
-                                           num_warps=warps, tile=tile, num_stages=best.get("num_stages"))
-                        p.maxnreg = maxnreg or None
-                        segments = p.segments
-                    else:
-                        p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs,
-                                                _partials=None, segments=segments,
-                                                maxnreg=plan.maxnreg if ring_launch else None, combine_step=step)
+                for (ring_launch, ring_programs), segments, step in variants:
+                    p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
+                                            segments=segments, maxnreg=plan.maxnreg if ring_launch else None,
+                                            combine_step=step)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
                     name = (label + ("" if win is None or (ring_launch, ring_programs) == planned
                                      else ", ring launch" if ring_launch else f", ring in {ring_programs} programs")
                             + ("" if segments == plan.segments else ", one segment" if segments == 1
-                               else f", {segments} segments") + ("" if step is None else f", combine step {step}")
-                            + ("" if not spec else f", {kvh} KV heads/program, {warps} warps, tile {tile}, "
-                               f"maxnreg {maxnreg or '-'}"))
+                               else f", {segments} segments") + ("" if step is None else f", combine step {step}"))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})

@@ -62,7 +62,6 @@ def main():
                     "codes launch")
     ap.add_argument("--ring-programs", type=int, default=0, help="with --window and 16 rows: the ring in this "
                     "many programs of the codes launch after its segments (AttentionPlan.ring_programs)")
-    ap.add_argument("--heads", type=int, default=1, help="KV heads per decode program (AttentionPlan.kv_heads)")
     ap.add_argument("--no-asm", action="store_true", help="register decode by integer selects, not PTX")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
     ap.add_argument("--write", action="store_true")
@@ -84,8 +83,7 @@ def main():
     if args.maxnreg:
         options["maxnreg"] = args.maxnreg
     kernel, info, sass = compile_sm90(src, options, args.dump or "/tmp/aquakv-offline-compile", args.sass)
-    print(f"tile {args.tile} warps {args.warps} stages {args.stages} rows {args.rows} heads {args.heads} "
-          f"maxnreg {args.maxnreg} "
+    print(f"tile {args.tile} warps {args.warps} stages {args.stages} rows {args.rows} maxnreg {args.maxnreg} "
           f"plain {args.plain} combine {args.combine}: shared {kernel.metadata.shared} B; " + "; ".join(info))
     if args.sass:
         print(loop_mix(sass))
@@ -115,8 +113,7 @@ def attention_or_write_launch(args) -> tuple:
                  WINDOW=128 if args.window else 0, HAS_WINDOW=args.window,
                  RING_FIRST=args.window and args.rows == 16, RING_ONLY=args.ring_only,
                  RING_PROGRAMS=args.ring_programs if args.window and args.rows == 16 else 0,
-                 RING_CHUNK=attention.ring_chunk(132, args.ring_programs), RING_TILE=attention.RING_TILE,
-                 HEADS=args.heads)
+                 RING_CHUNK=attention.ring_chunk(132, args.ring_programs), RING_TILE=attention.RING_TILE)
     if args.write and args.window:  # the cache write that also stores the 16-bit ring entries
         const.update(HAS_RING=True)
     if args.write and args.u1n4 is not None:  # the speed preset's write: u1n4 codes, key mean, keys and values in
