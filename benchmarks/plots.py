@@ -226,7 +226,7 @@ PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
          ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("serve_h100.png", ["serve_h100_*.json"], serve),
-         ("serve_h200.png", ["serve_h200_8192_256_combine_step.json"], serve),
+         ("serve_h200.png", ["serve_h200_8192_256_split.json"], serve),
          ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json",
                                   "eval_smollm2_vllm_formats.json"], quality)]
 
