@@ -79,6 +79,16 @@ def _events(trace: str) -> list[dict]:
         return json.load(f)["traceEvents"]
 
 
+def _step_kind(e: dict, categories=("gpu_user_annotation",)) -> str | None:
+    """The engine-step kind of a trace event, if it is one of vLLM's step annotations in ``categories``
+    ("execute_context_N(T)_generation_M(M)": "M decodes" or "N prefill (T tokens) + M decodes"), else None."""
+    m = re.match(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)", e.get("name", ""))
+    if not m or e.get("cat") not in categories:
+        return None
+    n, tokens, decodes = map(int, m.groups())
+    return f"{decodes} decodes" if n == 0 else f"{n} prefill ({tokens} tokens) + {decodes} decodes"
+
+
 def step_times(trace: str) -> list[dict]:
     """Engine steps of a torch-profiler trace by kind (vLLM's "execute_context_N(T)_generation_M(M)" annotations: N
     requests with T prompt tokens, M decodes): steps, and medians of the host time (CPU annotation), the GPU span (GPU
@@ -89,11 +99,9 @@ def step_times(trace: str) -> list[dict]:
     starts = [k[0] for k in kernels]
     groups = collections.defaultdict(lambda: {"host": [], "span": [], "busy": []})
     for e in events:
-        m = re.match(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)", e.get("name", ""))
-        if not m or e.get("cat") not in ("user_annotation", "gpu_user_annotation"):
+        kind = _step_kind(e, ("user_annotation", "gpu_user_annotation"))
+        if kind is None:
             continue
-        n, tokens, decodes = map(int, m.groups())
-        kind = f"{decodes} decodes" if n == 0 else f"{n} prefill ({tokens} tokens) + {decodes} decodes"
         g = groups[kind]
         if e["cat"] == "user_annotation":
             g["host"].append(e["dur"])
@@ -115,11 +123,8 @@ def step_kernels(trace: str, kind: str, top: int = 12) -> list[dict]:
     starts = [k[0] for k in kernels]
     total, calls, steps = collections.Counter(), collections.Counter(), 0
     for e in events:
-        m = re.match(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)", e.get("name", ""))
-        if not m or e.get("cat") != "gpu_user_annotation":
-            continue
-        n, tokens, decodes = map(int, m.groups())
-        if kind not in (f"{decodes} decodes" if n == 0 else f"{n} prefill ({tokens} tokens) + {decodes} decodes"):
+        name = _step_kind(e)
+        if name is None or kind not in name:
             continue
         steps += 1
         for _, dur, name in kernels[bisect.bisect_left(starts, e["ts"]):bisect.bisect_right(starts, e["ts"] + e["dur"])]:
@@ -142,12 +147,8 @@ def step_gaps(trace: str, kind: str, min_gap_us: float = 100.0) -> list[dict]:
     cpu_ops = [e for e in events if e.get("cat") == "cpu_op" and e.get("ph") == "X"]
     rows = []
     for e in events:
-        m = re.match(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)", e.get("name", ""))
-        if not m or e.get("cat") != "gpu_user_annotation":
-            continue
-        n, tokens, decodes = map(int, m.groups())
-        name = f"{decodes} decodes" if n == 0 else f"{n} prefill ({tokens} tokens) + {decodes} decodes"
-        if kind not in name:
+        name = _step_kind(e)
+        if name is None or kind not in name:
             continue
         inside = kernels[bisect.bisect_left(starts, e["ts"]):bisect.bisect_right(starts, e["ts"] + e["dur"])]
         gaps = [(b["ts"] - a["ts"] - a.get("dur", 0), a, b) for a, b in zip(inside, inside[1:])]
