@@ -185,24 +185,6 @@ def _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET: tl.constexpr, C
 
 
 @triton.jit
-def _slot_scales(cache_ptr, base, t_mask, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-                 SLOT_ALIGN: tl.constexpr):
-    """The fp16 key and value scales of the slots at ``base`` [T] as float32.  Adjacent and word-aligned (the
-    layout's usual place), as one 32-bit load per token: one global round trip and one layout change per tile
-    instead of two."""
-    if V_SCALE_OFFSET == K_SCALE_OFFSET + 2 and K_SCALE_OFFSET % 4 == 0 and SLOT_ALIGN % 4 == 0:
-        w = tl.load((cache_ptr + base + K_SCALE_OFFSET).to(tl.pointer_type(tl.int32)), mask=t_mask, other=0)
-        scale_k = _half(w).to(tl.float32)
-        scale_v = _half(w >> 16).to(tl.float32)
-    else:
-        scale_k = tl.load((cache_ptr + base + K_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
-                          other=0.0).to(tl.float32)
-        scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
-                          other=0.0).to(tl.float32)
-    return scale_k, scale_v
-
-
-@triton.jit
 def times_lane(x, mat_ptr, LANE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
     """Lane LANE of x M: x [N, h] @ mat[:, LANE * W:(LANE + 1) * W] -> [N, W] float32 (mat [h, h] row-major with
     columns in lane order, cast to x's dtype)."""
@@ -399,7 +381,10 @@ def _fused_attention_kernel(
         blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
         base = blk * stride_block + kv_head * stride_head + (t % PAGE_BLOCK) * stride_token
         base = tl.multiple_of(base, SLOT_ALIGN)  # lets the code loads use whole words
-        scale_k, scale_v = _slot_scales(cache_ptr, base, t_mask, K_SCALE_OFFSET, V_SCALE_OFFSET, SLOT_ALIGN)
+        scale_k = tl.load((cache_ptr + base + K_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
+                          other=0.0).to(tl.float32)
+        scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
+                          other=0.0).to(tl.float32)
         x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS,
                                      K_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
         s = tl.dot(q0, tl.trans(x0))
