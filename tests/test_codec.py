@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vllm_aquakv.codec import HiggsCodec, fwht, pack_codes, unpack_codes, rel_mse
+from vllm_aquakv.codec import HiggsCodec, fwht, fwht_radix2, pack_codes, unpack_codes, rel_mse
 from vllm_aquakv.grids import GRID_SPECS, grid_code_bits, grid_info, load_grid
 
 
@@ -17,7 +17,7 @@ def sylvester(n: int) -> torch.Tensor:
 
 
 def test_fwht_is_sylvester_hadamard(rng):
-    for n in (16, 64, 128):
+    for n in (2, 8, 16, 32, 64, 128, 256):  # even and odd numbers of levels
         x = torch.randn(7, 3, n, generator=rng, dtype=torch.float64)
         assert torch.allclose(fwht(x), x @ sylvester(n), atol=1e-10)
         assert torch.allclose(fwht(fwht(x)), n * x, atol=1e-9)  # H H = n I
@@ -26,6 +26,11 @@ def test_fwht_is_sylvester_hadamard(rng):
         assert torch.allclose(fwht(x32).double(), x32.double() @ sylvester(n), atol=1e-4)
         rows = x32.reshape(-1, n)  # each row's transform is the same alone as in a batch (codes must not depend on it)
         assert all(torch.equal(fwht(rows[i:i + 1]), fwht(rows)[i:i + 1]) for i in range(rows.shape[0]))
+        # two levels per pass add in the same order as one: the same float32 and bfloat16 bits (codes written before
+        # and after this change agree; the GPU twins compare against it)
+        wide = torch.randn(500, n, generator=rng) * torch.logspace(-3, 3, n)
+        for z in (wide, wide.bfloat16(), x32):
+            assert torch.equal(fwht(z), fwht_radix2(z))
 
 
 @pytest.mark.parametrize("bits", sorted({grid_code_bits(g) for g in GRID_SPECS} | {1, 5, 7}))
