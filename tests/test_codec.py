@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vllm_aquakv.codec import HiggsCodec, fwht, fwht_radix2, pack_codes, unpack_codes, rel_mse
+from vllm_aquakv.codec import HiggsCodec, fwht, pack_codes, unpack_codes, rel_mse
 from vllm_aquakv.grids import GRID_SPECS, grid_code_bits, grid_info, load_grid
 
 
@@ -14,6 +14,18 @@ def sylvester(n: int) -> torch.Tensor:
     i = torch.arange(n)
     bits = (i[:, None] & i[None, :]).tolist()
     return torch.tensor([[(-1.0) ** bin(b).count("1") for b in row] for row in bits], dtype=torch.float64)
+
+
+def fwht_radix2(x: torch.Tensor) -> torch.Tensor:
+    """The textbook butterfly, one level per pass: ``fwht`` (two levels per pass) must add in its order."""
+    n = x.shape[-1]
+    y = x.reshape(-1, n)
+    step = 1
+    while step < n:
+        y = y.view(-1, n // (2 * step), 2, step)  # [rows, blocks, pair half, step]
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+        step *= 2
+    return y.reshape(x.shape)
 
 
 def test_fwht_is_sylvester_hadamard(rng):

@@ -62,9 +62,9 @@ _CODE_TABLES: dict[tuple, torch.Tensor] = {}  # (bits, device) -> codes of every
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalized fast Walsh-Hadamard transform over the last dim (a power of two): x @ H (Sylvester order), as
-    log2(n) levels of sums and differences, two levels per pass over the data (``fwht_radix2``'s additions in the
-    same order, so the same float32 results bit for bit, ~2x faster on CPU).  Element-wise, so a row's transform does
-    not depend on the batch it is in.  (A matrix product with H is ~10x faster on CPU but rounds differently, and
+    log2(n) levels of sums and differences, two levels per pass over the data (the one-level butterfly's additions
+    in the same order, so the same float32 results bit for bit, ~2x faster on CPU; tests/test_codec.py compares
+    them).  Element-wise, so a row's transform does not depend on the batch it is in.  (A matrix product with H is ~10x faster on CPU but rounds differently, and
     with it tests/test_vllm_plugin.py::test_perplexity_through_vllm_equals_reference failed: vLLM 14.26 vs reference
     14.51 with every token as codes; not explained: one guess is that BLAS results depend on the thread count, which
     differs between the test process and vLLM's engine.)"""
@@ -82,18 +82,6 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         y = y.view(-1, 1, 2, step)
         y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
     return y.reshape(shape)
-
-
-def fwht_radix2(x: torch.Tensor) -> torch.Tensor:
-    """``fwht`` one level per pass (the textbook butterfly): its reference in tests."""
-    n = x.shape[-1]
-    y = x.reshape(-1, n)
-    step = 1
-    while step < n:
-        y = y.view(-1, n // (2 * step), 2, step)  # [rows, blocks, pair half, step]
-        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
-        step *= 2
-    return y.reshape(x.shape)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

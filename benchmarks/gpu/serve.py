@@ -123,8 +123,8 @@ def step_kernels(trace: str, kind: str, top: int = 12) -> list[dict]:
     starts = [k[0] for k in kernels]
     total, calls, steps = collections.Counter(), collections.Counter(), 0
     for e in events:
-        name = _step_kind(e)
-        if name is None or kind not in name:
+        step = _step_kind(e)
+        if step is None or kind not in step:
             continue
         steps += 1
         for _, dur, name in kernels[bisect.bisect_left(starts, e["ts"]):bisect.bisect_right(starts, e["ts"] + e["dur"])]:
