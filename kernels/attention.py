@@ -15,7 +15,9 @@ Uniform 2-bit codes (grid u1n4: grid[c] = g0 + step c) need no table in decode l
 float16 subnormal c 2^-24, which the tensor cores multiply exactly, and g0 / step are applied per query
 (``_uniform_lane``, ``_uniform_terms``).  Other grids, and 64-row launches of uniform codes (``launch_lanes``), decode a
 code byte by one or two gathers from a lane table of at most 256 entries (``lane_table``): a nibble or byte of codes
-indexes fp16 grid coordinates packed in one integer.  (Experimental, off by default: 2-bit scalar codes decoded by
+indexes fp16 grid coordinates packed in one integer.  With ``AttentionPlan.qk_int8`` (opt-in, decode launches, head_dim >= 128) uniform key
+codes skip that: scores run on int8 tensor cores against queries rounded to int8 per row, each code taken as it lies in
+its byte (``_int8_scores``).  (Experimental, off by default: 2-bit scalar codes decoded by
 PTX byte permutes from two registers, 1.5 instructions per value, ``_register_lanes``.)  The coordinates of byte b
 land in *lanes*:
 lane i of a token holds the values at head positions L*b + i (L lanes), a [tokens, code bytes] tile.  A score is
@@ -138,6 +140,48 @@ def _to_grid_units(a0, a1, a2, a3, mul, g0, w):
     sum_t w_t (g0 + step c_t): times ``mul`` / 4^i plus g0 times the weights' sum w [M] (``_uniform_terms``)."""
     return (a0 * mul + g0 * w[:, None], a1 * (mul * 0.25) + g0 * w[:, None], a2 * (mul * 0.0625) + g0 * w[:, None],
             a3 * (mul * 0.015625) + g0 * w[:, None])
+
+
+@triton.jit
+def _round_int8(x):
+    """float32 x in [-127.5, 127.5] -> nearest int8 (halves away from zero)."""
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+
+
+# code i of 4 code bytes at once: one 32-bit shift and mask (LLVM shifts int8 vectors byte by byte)
+_CODE_LANE = [tl.constexpr(f"{{ .reg .b32 t; shr.b32 t, $1, {2 * i}; and.b32 $0, t, 0x03030303; }}")
+              for i in range(4)]
+_CODE_LANE0, _CODE_LANE1, _CODE_LANE2, _CODE_LANE3 = _CODE_LANE
+
+
+@triton.jit
+def _code_lane(byte, LANE: tl.constexpr, USE_ASM: tl.constexpr):
+    """Code LANE of uint8 code bytes (bits 2 LANE, 2 LANE + 1) as int8 0..3, same shape."""
+    if USE_ASM:
+        if LANE == 0:
+            x = (byte & 3).to(tl.int8)
+        elif LANE == 1:
+            x = tl.inline_asm_elementwise(_CODE_LANE1, "=r,r", [byte], dtype=tl.int8, is_pure=True, pack=4)
+        elif LANE == 2:
+            x = tl.inline_asm_elementwise(_CODE_LANE2, "=r,r", [byte], dtype=tl.int8, is_pure=True, pack=4)
+        else:
+            x = tl.inline_asm_elementwise(_CODE_LANE3, "=r,r", [byte], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        x = ((byte >> (2 * LANE)) & 3).to(tl.int8)
+    return x
+
+
+@triton.jit
+def _int8_scores(cache_ptr, base, t_mask, q0, q1, q2, q3, K_CODE_BYTES: tl.constexpr, USE_ASM: tl.constexpr):
+    """Integer scores [M, T] (int32) of int8 query lanes q_i [M, B] against uniform 2-bit key codes at ``base`` [T]:
+    lane i of code byte b is (b >> 2 i) & 3, an int8 operand as it lies in the byte, so the int8 tensor cores
+    take the code bytes without widening them to 16 bits."""
+    b = tl.arange(0, K_CODE_BYTES)
+    byte = tl.load(cache_ptr + base[:, None] + b[None, :], mask=t_mask[:, None], other=0)  # [T, B] uint8
+    s = tl.dot(q0, tl.trans(_code_lane(byte, 0, USE_ASM)), out_dtype=tl.int32)
+    s = tl.dot(q1, tl.trans(_code_lane(byte, 1, USE_ASM)), s, out_dtype=tl.int32)
+    s = tl.dot(q2, tl.trans(_code_lane(byte, 2, USE_ASM)), s, out_dtype=tl.int32)
+    return tl.dot(q3, tl.trans(_code_lane(byte, 3, USE_ASM)), s, out_dtype=tl.int32)
 
 
 @triton.jit
@@ -284,7 +328,7 @@ def _fused_attention_kernel(
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
     V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr,
-    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr,
+    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr, QK_INT8: tl.constexpr = False,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -312,13 +356,24 @@ def _fused_attention_kernel(
     if K_LANES == 4:
         q2 = times_lane(q, sign_k_ptr, 2, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
         q3 = times_lane(q, sign_k_ptr, 3, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
-    if K_INDEX_BITS <= 1:  # uniform key codes: scores need the query lanes' sum, and lane i holds c 4^i units
-        k_mul, k_g0 = _uniform_terms(k_table_ptr, K_INDEX_BITS)
-        q_sum = (tl.sum(q0, axis=1) + tl.sum(q1, axis=1) + tl.sum(q2, axis=1) + tl.sum(q3, axis=1)) * k_g0
-        q1, q2, q3 = q1 * 0.25, q2 * 0.0625, q3 * 0.015625
-    q0, q1 = q0.to(DOT_DTYPE), q1.to(DOT_DTYPE)
-    if K_LANES == 4:
-        q2, q3 = q2.to(DOT_DTYPE), q3.to(DOT_DTYPE)
+    if QK_INT8:  # uniform key codes on int8 tensor cores: the query lanes as int8 in units of q_unit [M] per row
+        k_mul, k_g0 = _uniform_terms(k_table_ptr, 1)
+        q_amax = tl.maximum(tl.maximum(tl.max(tl.abs(q0), axis=1), tl.max(tl.abs(q1), axis=1)),
+                            tl.maximum(tl.max(tl.abs(q2), axis=1), tl.max(tl.abs(q3), axis=1)))
+        q_unit = tl.maximum(q_amax, 1.0e-30) / 127.0
+        q0, q1 = _round_int8(q0 / q_unit[:, None]), _round_int8(q1 / q_unit[:, None])
+        q2, q3 = _round_int8(q2 / q_unit[:, None]), _round_int8(q3 / q_unit[:, None])
+        q_sum = (tl.sum(q0.to(tl.int32), axis=1) + tl.sum(q1.to(tl.int32), axis=1) + tl.sum(q2.to(tl.int32), axis=1)
+                 + tl.sum(q3.to(tl.int32), axis=1)).to(tl.float32) * q_unit * k_g0  # the rounded queries' sum
+        k_mul = k_mul * q_unit  # [M]: an integer score times this is a float one
+    else:
+        if K_INDEX_BITS <= 1:  # uniform key codes: scores need the query lanes' sum, and lane i holds c 4^i units
+            k_mul, k_g0 = _uniform_terms(k_table_ptr, K_INDEX_BITS)
+            q_sum = (tl.sum(q0, axis=1) + tl.sum(q1, axis=1) + tl.sum(q2, axis=1) + tl.sum(q3, axis=1)) * k_g0
+            q1, q2, q3 = q1 * 0.25, q2 * 0.0625, q3 * 0.015625
+        q0, q1 = q0.to(DOT_DTYPE), q1.to(DOT_DTYPE)
+        if K_LANES == 4:
+            q2, q3 = q2.to(DOT_DTYPE), q3.to(DOT_DTYPE)
     if V_INDEX_BITS <= 1:
         v_mul, v_g0 = _uniform_terms(v_table_ptr, V_INDEX_BITS)
     if HAS_K_BIAS:  # q . b_k in base-2 logits [M]
@@ -385,15 +440,19 @@ def _fused_attention_kernel(
                           other=0.0).to(tl.float32)
         scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask,
                           other=0.0).to(tl.float32)
-        x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS,
-                                     K_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
-        s = tl.dot(q0, tl.trans(x0))
-        s = tl.dot(q1, tl.trans(x1), s)
-        if K_LANES == 4:
-            s = tl.dot(q2, tl.trans(x2), s)
-            s = tl.dot(q3, tl.trans(x3), s)
-        if K_INDEX_BITS <= 1:
-            s = s * k_mul + q_sum[:, None]
+        if QK_INT8:
+            s = _int8_scores(cache_ptr, base, t_mask, q0, q1, q2, q3, K_CODE_BYTES, USE_ASM).to(tl.float32)
+            s = s * k_mul[:, None] + q_sum[:, None]
+        else:
+            x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS,
+                                         K_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
+            s = tl.dot(q0, tl.trans(x0))
+            s = tl.dot(q1, tl.trans(x1), s)
+            if K_LANES == 4:
+                s = tl.dot(q2, tl.trans(x2), s)
+                s = tl.dot(q3, tl.trans(x3), s)
+            if K_INDEX_BITS <= 1:
+                s = s * k_mul + q_sum[:, None]
         s = s * scale_k[None, :]  # [M, T], base-2 logits
         if HAS_K_BIAS:
             s += q_bias[:, None]
@@ -760,6 +819,9 @@ class AttentionPlan:
     ring_programs: int = RING_PROGRAMS
     combine_step: int | None = None  # partials per iteration of the combine (1, 2 or 4); None: COMBINE_STEP for
     # decode-sized steps, 1 for prefill (whose plans have few segments and twice the combine rows)
+    # uniform key codes in 16-row launches: scores on int8 tensor cores, queries rounded to int8 per row in the
+    # Hadamard domain (``_int8_scores``); None: off
+    qk_int8: bool | None = None
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -794,12 +856,14 @@ class AttentionPlan:
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
-                   num_stages: int | None = None, maxnreg: int | None = None, window: bool = False) -> AttentionPlan:
+                   num_stages: int | None = None, maxnreg: int | None = None, window: bool = False,
+                   int8_scores: bool = False) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
     the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA, 1 per SM for decodes with the 16-bit
     ``window`` below RING_LAUNCH_MIN_REQUESTS requests; 1, i.e. no split, in the CPU interpreter) when there are few
     sequences (long decodes).  Key tiles: 128 tokens for decode-only steps, 64 with prefill rows (the fastest in
-    benchmarks/results/decode_attention_h100's sweep)."""
+    benchmarks/results/decode_attention_h100's sweep).  ``int8_scores``: decode steps score on int8 tensor cores
+    (``AttentionPlan.qk_int8``)."""
     cuda = torch.device(device).type == "cuda"
     num_reqs = len(query_start_loc) - 1
     # the ring's own launch relieves GPU registers, which pays from RING_LAUNCH_MIN_REQUESTS decodes on; below, ring
@@ -828,7 +892,8 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
     # (the CPU interpreter runs programs one after another: one ring program, not RING_PROGRAMS slices)
     return AttentionPlan(q_seq, q_first, block_q, block_m, segments, tile, num_warps, maxnreg, num_stages,
-                         ring_launch=ring_launch, ring_programs=RING_PROGRAMS if cuda else 1)
+                         ring_launch=ring_launch, ring_programs=RING_PROGRAMS if cuda else 1,
+                         qk_int8=int8_scores and max_q == 1)
 
 
 @dataclass
@@ -877,6 +942,9 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     stages = plan.num_stages or (2 if uniform else 1)
     maxnreg = plan.maxnreg or (128 if uniform and (window is None or ring_launch) else None)
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
+    qk_int8 = bool(plan.qk_int8)
+    if qk_int8 and not (uniform and int8_scores_refusal(layer) is None):
+        raise ValueError(f"qk_int8: {int8_scores_refusal(layer) or 'decode launches only (16 rows)'}")
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
     launch = lambda z, ring_only, **options: _fused_attention_kernel[(plan.q_seq.shape[0], heads, z)](  # noqa: E731
@@ -900,7 +968,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16,
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
-        num_warps=plan.num_warps, num_stages=stages, **options,
+        QK_INT8=qk_int8, num_warps=plan.num_warps, num_stages=stages, **options,
     )
     launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
     if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)
@@ -917,6 +985,18 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
     )
     return out
+
+
+def int8_scores_refusal(layer: FusedLayer) -> str | None:
+    """Why a fused layer cannot take decode scores on int8 tensor cores (``AttentionPlan.qk_int8``), or None."""
+    k = layer.k_lanes
+    if k.index_bits > 1 or k.lanes != 4:
+        return "int8 scores need uniform 2-bit key codes (u1n4, the speed preset's grid)"
+    if k.code_bytes < 32:
+        return f"int8 scores need head_dim >= 128 (int8 tensor-core dots take 32 code bytes; this has {k.code_bytes})"
+    if layer.v_weight is not None:
+        return "int8 scores do not combine with a value predictor from keys (it needs the keys as 16-bit lanes)"
+    return None
 
 
 def compiled_variants() -> int | None:
@@ -938,7 +1018,8 @@ def _combine_rows(num_tokens: int, group: int) -> int:
 
 
 def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: int, num_kv_heads: int,
-            page_block: int, dtype: torch.dtype, window: tuple[int, int] | None = None) -> int:
+            page_block: int, dtype: torch.dtype, window: tuple[int, int] | None = None,
+            int8_scores: bool = False) -> int:
     """Compile the attention kernel (as decode and as prefill launches) and the cache write for every distinct layer
     configuration, so that no request waits for Triton's JIT (seconds per variant).  Returns the number of layer
     variants."""
@@ -972,7 +1053,8 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
         for new_tokens in (1, 2, context):  # decode, short and long prefill launches
             qsl = [0, new_tokens]
             seq_lens = torch.tensor([context], dtype=torch.int32, device=device)
-            plan = plan_attention(qsl, context, num_q_heads, num_kv_heads, device, window=window is not None)
+            plan = plan_attention(qsl, context, num_q_heads, num_kv_heads, device, window=window is not None,
+                                  int8_scores=int8_scores)
             query = torch.randn(new_tokens, num_q_heads, h, device=device).to(dtype)
             win = None
             if window is not None:  # (sinks, window): an empty ring, this step's keys/values as vLLM hands them

@@ -172,6 +172,92 @@ def test_uniform_decode_step(head_dim, heads, q_heads, page_block, value_predict
                                             "u1n4", rng, decode_only=True)
 
 
+@pytest.mark.parametrize("head_dim,heads,q_heads,page_block", [
+    (128, 2, 6, 16),
+    (128, 1, 4, 32),
+    *[pytest.param(128, 8, q, page, marks=ON_GPU) for q, page in ((24, 16), (32, 128))],
+])
+def test_int8_scores_match_rounded_queries(head_dim, heads, q_heads, page_block, rng):
+    """A decode step with scores on int8 tensor cores (AttentionPlan.qk_int8: uniform key codes, queries rounded to
+    int8 per row in the Hadamard domain) equals the torch path given those rounded queries, and differs from it given
+    the exact ones by the rounding (so the comparison can fail)."""
+    from vllm_aquakv.kernels.attention import fused_attention, fused_layer_or_reason, plan_attention
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.rope import Rope
+    from vllm_aquakv.serving import StepState, TorchServingPath
+
+    config = AquaKVConfig(key_rope="post", key_predictor="none", value_predictor="none", value_topology="none",
+                          key_grid="u1n4", value_grid="u1n4", layer0_grid="u1n4")
+    rope = Rope({"rope_theta": 10000.0}, head_dim)
+    T = 300
+    k = rope.apply(torch.randn(T, heads, head_dim, generator=rng) * 2, torch.arange(T))
+    v = torch.randn(T, heads, head_dim, generator=rng)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v]).to(DEVICE)
+    rope.inv_freq = rope.inv_freq.to(DEVICE)
+    path = TorchServingPath(cache, rope)
+    layer = 1
+    fused = fused_layer_or_reason(cache, path.layouts[layer], layer)
+    lens = torch.randint(1, T, (5,), generator=rng).tolist()
+    blocks = [-(-n // page_block) for n in lens]
+    perm = torch.randperm(sum(blocks), generator=rng).to(torch.int32)
+    block_table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
+    kv = torch.zeros(sum(blocks), heads, page_block, path.slot_bytes(layer), dtype=torch.uint8, device=DEVICE)
+    at = 0
+    for r, n in enumerate(lens):
+        block_table[r, :blocks[r]] = perm[at:at + blocks[r]]
+        at += blocks[r]
+        pos = torch.arange(n)
+        slots = (block_table[r, pos // page_block].long() * page_block + pos % page_block).to(DEVICE)
+        path.write(layer, kv, slots, k[pos].to(DEVICE), v[pos].to(DEVICE), pos.to(DEVICE), StepState(), [n])
+    block_table = block_table.to(DEVICE)
+    qsl = list(range(len(lens) + 1))
+    query = (torch.randn(len(lens), q_heads, head_dim, generator=rng) * 3).to(DEVICE)
+    if DEVICE == "cuda":
+        query = query.to(torch.bfloat16)
+    plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else None,
+                          int8_scores=True)
+    assert plan.qk_int8
+    got = fused_attention(query, kv, block_table, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                          torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan, fused, head_dim ** -0.5).cpu()
+    rot = fused.rot_k.double()  # [h, h] orthogonal: the codec's rotation, columns in lane order
+    q_rot = query.double() @ rot
+    unit = q_rot.abs().amax(-1, keepdim=True) / 127
+    rounded = ((q_rot / unit).round() * unit @ rot.T).float()
+    attend = lambda q: path.attend(layer, q, kv, block_table, lens, qsl, head_dim ** -0.5, StepState()).cpu()  # noqa
+    want, exact = attend(rounded), attend(query.float())
+    err = ((got - want).norm() / want.norm()).item()
+    rounding = ((exact - want).norm() / want.norm()).item()
+    assert err < (1e-4 if DEVICE == "cpu" else 3e-3), (err, rounding)
+    assert rounding > 3 * err, (err, rounding)
+
+
+@pytest.mark.parametrize("head_dim,grid,value_predictor,reason", [
+    (128, "u1n4", "none", None), (64, "u1n4", "none", "head_dim >= 128"), (128, "d2n16", "none", "uniform"),
+    (128, "u1n4", "per_head", "value predictor")])
+def test_int8_scores_refusals(head_dim, grid, value_predictor, reason, rng):
+    """Which layers can take int8 scores, and the reason given for those that cannot (the plugin refuses
+    aquakv_int8_scores at startup with it); a plan that asks anyway is refused at launch, not computed wrong."""
+    from vllm_aquakv.kernels.attention import fused_attention, fused_layer_or_reason, int8_scores_refusal, plan_attention
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.serving import TorchServingPath
+
+    config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor=value_predictor,
+                          value_topology="k_same" if value_predictor == "per_head" else "none", key_grid=grid,
+                          value_grid=grid, layer0_grid=grid)
+    k, v = torch.randn(64, 1, head_dim, generator=rng), torch.randn(64, 1, head_dim, generator=rng)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v])
+    path = TorchServingPath(cache, None)
+    fused = fused_layer_or_reason(cache, path.layouts[1], 1)
+    got = int8_scores_refusal(fused)
+    assert got is None if reason is None else reason in got, got
+    if reason is not None:
+        kv = torch.zeros(1, 1, 16, path.slot_bytes(1), dtype=torch.uint8)
+        plan = plan_attention([0, 1], 1, 3, 1, "cpu", int8_scores=True)
+        with pytest.raises(ValueError, match="qk_int8"):
+            fused_attention(torch.randn(1, 3, head_dim), kv, torch.zeros(1, 1, dtype=torch.int32),
+                            torch.ones(1, dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), plan, fused, 1.0)
+
+
 @pytest.mark.parametrize("head_dim,page_block", [(64, 64), (128, 16)])
 def test_register_decode(head_dim, page_block, rng):
     """d1n4 codes decoded in registers (``lane_table(..., index_bits=2)``) against the torch path: right in the

@@ -120,7 +120,9 @@ class ServingState:
         if fused is not None:
             self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,
-                                      extra.get("aquakv_flash_prefill", True))
+                                      extra.get("aquakv_flash_prefill", True), extra.get("aquakv_int8_scores", False))
+        elif extra.get("aquakv_int8_scores"):
+            raise UnsupportedModel("aquakv_int8_scores is an option of the fused Triton kernels (CUDA): drop it")
         # decode-only steps in vLLM's FULL CUDA graphs (AquaKVMetadataBuilder.get_cudagraph_support): the fused
         # kernels' decode path has no host sync and sizes everything by the batch alone; the torch path syncs.
         # Checked on the H200: tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph (the step itself) and
@@ -132,7 +134,8 @@ class ServingState:
         self._log()
 
     def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,
-                             block_size: int, compile_now: bool, flash_prefill: bool = True) -> None:
+                             block_size: int, compile_now: bool, flash_prefill: bool = True,
+                             int8_scores: bool = False) -> None:
         """Serve all layers with the fused Triton attention kernel (kernels/attention.py) if every layer can take
         it, else all with the torch path; the startup log says which and why.  On CUDA, compile the kernel's
         variants now rather than during the first requests."""
@@ -144,10 +147,22 @@ class ServingState:
         if exact is not None and not isinstance(fused, str) and _has_value_predictor(fused):
             fused = "16-bit sinks/window (aquakv_window) with a value predictor (calibrate with --value-predictor none)"
         if isinstance(fused, str):
+            if int8_scores:
+                raise UnsupportedModel(f"aquakv_int8_scores needs the fused Triton kernels, which cannot serve {fused}: "
+                                       "drop aquakv_int8_scores")
             self.kernel_note = f"torch attention path (slow): the fused Triton kernel cannot serve {fused}"
             return
+        from .kernels.attention import int8_scores_refusal
+
         self.path.fused.update(fused)
         self.kernel_note = f"fused Triton attention on all {num_layers} layers"
+        if int8_scores:
+            refusal = next((r for r in map(int8_scores_refusal, fused.values()) if r), None)
+            if refusal:
+                raise UnsupportedModel(f"aquakv_int8_scores: {refusal}; drop aquakv_int8_scores (or calibrate with "
+                                       "--preset speed)")
+            self.path.int8_scores = True
+            self.kernel_note += "; decode scores on int8 tensor cores (aquakv_int8_scores: queries rounded to int8)"
         if compile_now and flash_prefill:  # prefill: reconstruction + vLLM's FlashAttention (window: 2 calls)
             if self.model_dtype not in (torch.float16, torch.bfloat16):  # FlashAttention refuses float32 at the
                 # first prefill (found on the H200, 2026-12-02)
@@ -161,7 +176,8 @@ class ServingState:
         if compile_now:
             t0 = time.time()
             variants = warm_up(fused, [self.path.slot_bytes(l) for l in range(num_layers)], num_q_heads, num_kv_heads,
-                               block_size, self.model_dtype, None if exact is None else (exact.sinks, exact.window))
+                               block_size, self.model_dtype, None if exact is None else (exact.sinks, exact.window),
+                               int8_scores)
             if self.path.flash is not None:
                 from .kernels.reconstruct import warm_up as warm_up_reconstruct
 

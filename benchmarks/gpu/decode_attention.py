@@ -243,7 +243,8 @@ def main():
                        ("--prefill-only", "the prefill table only"), ("--no-prefill", "the decode table only"),
                        ("--graphs", "time CUDA-graph replays (GPU time only)"),
                        ("--profile", "GPU time per kernel of each decode call (kernel_us) and of the window's prefill"),
-                       ("--one-segment", "also each aquakv mode with one split-K segment")):
+                       ("--one-segment", "also each aquakv mode with one split-K segment"),
+                       ("--qk-int8", "also each aquakv mode with scores on int8 tensor cores (AttentionPlan.qk_int8)")):
         ap.add_argument(flag, action="store_true", help=text)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--contexts", default="4096,16384,32768")
@@ -297,19 +298,21 @@ def main():
                                           **{**best, "min_programs": p}).segments
                            for p in ints(args.min_programs)]  # other split-K widths
                 steps = [None] + ints(args.combine_steps)  # None: the kernel's default
-                variants = [(ring, segments, step) for segments in dict.fromkeys(counts) for ring in rings
-                            for step in steps]
-                for (ring_launch, ring_programs), segments, step in variants:
+                qk = [None] + ([True] if args.qk_int8 else [])
+                variants = [(ring, segments, step, q8) for segments in dict.fromkeys(counts) for ring in rings
+                            for step in steps for q8 in qk]
+                for (ring_launch, ring_programs), segments, step, q8 in variants:
                     p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
                                             segments=segments, maxnreg=plan.maxnreg if ring_launch else None,
-                                            combine_step=step)
+                                            combine_step=step, qk_int8=q8)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
                     name = (label + ("" if win is None or (ring_launch, ring_programs) == planned
                                      else ", ring launch" if ring_launch else f", ring in {ring_programs} programs")
                             + ("" if segments == plan.segments else ", one segment" if segments == 1
-                               else f", {segments} segments") + ("" if step is None else f", combine step {step}"))
+                               else f", {segments} segments") + ("" if step is None else f", combine step {step}")
+                            + (", int8 scores" if q8 else ""))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})

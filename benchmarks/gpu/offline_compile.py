@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--d1n4", action="store_true", help="d1n4 keys and values (register decode)")
     ap.add_argument("--u1n4", type=int, default=None, choices=(0, 1),
                     help="uniform 2-bit keys and values (the speed preset), decoded as subnormals (0) or via 1024 (1)")
+    ap.add_argument("--qk-int8", action="store_true", help="with --u1n4 --plain: scores on int8 tensor cores")
     ap.add_argument("--window", action="store_true", help="16-bit sinks 4 + window 128 (needs --plain)")
     ap.add_argument("--ring-only", action="store_true", help="with --window and 16 rows: the ring launch, not the "
                     "codes launch")
@@ -132,6 +133,7 @@ def attention_or_write_launch(args) -> tuple:
     if args.u1n4 is not None and not args.write:  # uniform 2-bit codes: arithmetic decode, (g0, step) tables
         const.update(K_INDEX_BITS=args.u1n4, K_ENTRY_VALUES=1, V_INDEX_BITS=args.u1n4, V_ENTRY_VALUES=1)
         pointers = dict(pointers, k_table_ptr="*fp32", v_table_ptr="*fp32")
+        const.update(QK_INT8=args.qk_int8)
     return fn, pointers, const
 
 
