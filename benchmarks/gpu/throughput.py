@@ -58,14 +58,22 @@ AQUAKV_PRESETS = {
     "aquakv-window-graphs": ("--preset speed", {"aquakv_window": True, "aquakv_decode_graphs": True}),
     # the window with attention eager between PIECEWISE graphs (the default before those runs)
     "aquakv-window-piecewise": ("--preset speed", {"aquakv_window": True, "aquakv_decode_graphs": False}),
+    # the window with decode scores on int8 tensor cores (aquakv_int8_scores, opt-in since 2026-12-04); the
+    # artifact of aquakv-window (``ARTIFACT_OF``)
+    "aquakv-window-int8": ("--preset speed", {"aquakv_window": True, "aquakv_int8_scores": True}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
 }
 
 
+# formats that serve another format's artifact (same calibration, other serving options)
+ARTIFACT_OF = {"aquakv-window-int8": "aquakv-window"}
+
+
 def ensure_artifact(model: str, fmt: str = "aquakv") -> tuple[str, float]:
-    """The artifact folder MODEL/<fmt> of an aquakv format (``AQUAKV_PRESETS``), calibrated on the GPU if missing;
-    returns (folder, seconds the calibration took)."""
+    """The artifact folder MODEL/<fmt> of an aquakv format (``AQUAKV_PRESETS``; ``ARTIFACT_OF`` names a shared one),
+    calibrated on the GPU if missing; returns (folder, seconds the calibration took)."""
+    fmt = ARTIFACT_OF.get(fmt, fmt)
     out = os.path.join(model, fmt)
     if os.path.exists(os.path.join(out, "manifest.json")):
         return out, 0.0
