@@ -32,6 +32,7 @@ import time
 import torch
 
 from ..artifact import default_artifact_dir, load_artifact
+from ..codec import fwht
 from ..reference import AquaKVCache
 from ..rope import Rope
 from .calibrate import load_model, model_text_config
@@ -74,8 +75,9 @@ class MixedCache:
     """
 
     def __init__(self, model, reconstruct, num_kv_heads: int, head_dim: int, sinks: int, window: int, rope: Rope,
-                 key_rope: str = "pre"):
+                 key_rope: str = "pre", int8_scores: "Int8Scores | None" = None):
         self.model, self.reconstruct = model, reconstruct
+        self.int8_scores = int8_scores  # scores of reconstructed keys as the fused kernel's int8 option computes them
         self.h, self.d, self.sinks, self.window, self.rope = num_kv_heads, head_dim, sinks, window, rope
         self.key_rope = key_rope
         self.delta: dict[tuple[str, int], torch.Tensor] = {}  # recon - exact, pre-RoPE [T, H, h]
@@ -107,6 +109,9 @@ class MixedCache:
         rep = lambda x: x.repeat_interleave(group, dim=1)  # noqa: E731
         s_exact = query @ rep(key).transpose(2, 3) * scaling  # [1, Hq, T, T]
         s_rec = query @ rep(k_rec).transpose(2, 3) * scaling
+        if self.int8_scores is not None:  # + (q' - q) . (k_rec - b_k): the rounded queries meet the codes' part only
+            dq = self.int8_scores.rounded(layer, query) - query
+            s_rec = s_rec + dq @ rep(k_rec - self.int8_scores.key_bias(layer, key)).transpose(2, 3) * scaling
         i, j = pos[:, None], pos[None, :]
         exact = (j < self.sinks) | (i - j < self.window)
         scores = torch.where(exact, s_exact, s_rec).masked_fill(j > i, float("-inf"))
@@ -131,6 +136,41 @@ class MixedCache:
     def layer_errors(self) -> dict[str, float]:
         """relMSE of the reconstruction per 'k.l' / 'v.l' over everything evaluated."""
         return {f"{s}.{l}": e / max(n, 1e-30) for (s, l), (e, n) in sorted(self.errors.items(), key=lambda kv: kv[0][::-1])}
+
+
+class Int8Scores:
+    """The fused kernel's ``aquakv_int8_scores`` in torch (kernels/attention.py ``_int8_scores``): each query row is
+    rounded to int8 in its layer's key rotation (units of max |q A| / 127) and scores the codes' part of a key with
+    that, while the key mean b_k meets the exact query.  For artifacts the kernel serves: post-RoPE keys whose
+    predictor has no sources (a mean or none)."""
+
+    def __init__(self, cache: AquaKVCache):
+        if cache.config.key_rope != "post":
+            raise ValueError("--int8-scores emulates the fused kernels, which serve post-RoPE artifacts (--preset speed)")
+        h = cache.head_dim
+        self.rot, self.bias = {}, {}
+        for layer in range(cache.num_layers):
+            kp = cache.predictors.get(("k", layer))
+            if kp is not None and kp.sources:
+                raise ValueError(f"--int8-scores: layer {layer}'s key predictor reads {kp.sources}; the fused kernels "
+                                 "serve key predictors without sources (--preset speed)")
+            signs = cache.codecs["k", layer].signs.float().cpu()
+            self.rot[layer] = signs[:, None] * fwht(torch.eye(h)) / math.sqrt(h)  # [h, h] orthogonal
+            self.bias[layer] = None if kp is None or kp.bias is None else kp.bias.float().cpu()  # [H, h]
+
+    def rounded(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """query [..., h] as the kernel scores the codes with it: rounded to int8 per row in the rotated frame."""
+        rot = self.rot[layer].to(query.device, torch.float32)
+        q = query.float() @ rot
+        unit = q.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+        return ((q / unit).round() * unit @ rot.T).to(query.dtype)
+
+    def key_bias(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+        """The key mean b_k [1, H, 1, h] in key's dtype and device (zeros without one)."""
+        b = self.bias[layer]
+        if b is None:
+            return torch.zeros_like(key[:, :, :1])
+        return b.to(key.device, key.dtype)[None, :, None, :]
 
 
 @torch.no_grad()
@@ -191,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="context of the copy-retrieval check (capped at the model's max positions; 0: skip)")
     ap.add_argument("--retrieval-trials", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--int8-scores", action="store_true", help="also the artifact with the fused kernels' "
+                    "aquakv_int8_scores (queries rounded to int8 for the codes' scores), emulated in torch")
     args = ap.parse_args(argv)
     t0 = time.time()
     art = args.artifact or default_artifact_dir(args.model)
@@ -210,6 +252,10 @@ def main(argv: list[str] | None = None) -> None:
             ("aquakv", "sinks only", aqua(cache), cfg.num_sink_tokens, 0, bpv),
             ("aquakv", "window only", aqua(cache), 0, cfg.window, bpv),
             ("aquakv", "paper", aqua(cache), cfg.num_sink_tokens, cfg.window, bpv)]
+    int8 = Int8Scores(cache) if args.int8_scores else None
+    if int8 is not None:
+        runs += [("aquakv int8 scores", "serving", aqua(cache), 0, 0, bpv),
+                 ("aquakv int8 scores", "paper", aqua(cache), cfg.num_sink_tokens, cfg.window, bpv)]
     if not args.no_baselines:
         higgs = AquaKVCache(type(cfg)(**{**cfg.to_json(), "key_predictor": "none", "value_predictor": "none"}),
                             cache.num_layers, H, D, signs=cache.signs)
@@ -227,14 +273,15 @@ def main(argv: list[str] | None = None) -> None:
         rows[0]["copy_accuracy"] = copy_accuracy(model, copy)
     per_layer = {}
     for name, semantics, fn, sinks, window, bits in runs:
-        mixed = MixedCache(model, fn, H, D, sinks, window, rope, cfg.key_rope)
+        rounding = int8 if name == "aquakv int8 scores" else None
+        mixed = MixedCache(model, fn, H, D, sinks, window, rope, cfg.key_rope, rounding)
         ppl = perplexity(model, windows, mixed)
         n_exact = min(args.ctx, sinks + window)
         rows.append({"kv_cache_dtype": name, "semantics": f"{semantics} (sinks {sinks}, window {window})",
                      "bits_per_value": bits, "bits_total": (16 * n_exact + bits * (args.ctx - n_exact)) / args.ctx,
                      "ppl": ppl, "rel_ppl_delta": ppl / plain - 1})
         if copy and semantics in ("serving", "paper"):  # a fresh cache: its per-layer errors stay perplexity's
-            retrieval = MixedCache(model, fn, H, D, sinks, window, rope, cfg.key_rope)
+            retrieval = MixedCache(model, fn, H, D, sinks, window, rope, cfg.key_rope, rounding)
             rows[-1]["copy_accuracy"] = copy_accuracy(model, copy, ctx=retrieval)
         per_layer[f"{name}/{semantics}"] = mixed.layer_errors()
         print(f"{name:20s} {semantics:8s} bits {bits:.3f}  ppl {ppl:.4f}  ({100 * (ppl / plain - 1):+.2f}%)", flush=True)

@@ -90,3 +90,33 @@ def test_aquakv_eval_end_to_end(tiny, tmp_path):
                            ("turboquant_3bit_nc", "serving")}
     assert all(0.0 <= a <= 1.0 for a in copied.values())
     assert all(r["ppl"] > 1 for r in rows)
+
+
+def test_int8_scores_emulation_is_the_kernels(rng):
+    """aquakv-eval --int8-scores rounds each query as the fused kernel does (its lane-order rotation, units of
+    max |q A| / 127: float64 reference here) and scores codes with the rounded query and the key mean with the exact
+    one; pre-RoPE artifacts (not served by the kernel) are refused."""
+    from vllm_aquakv.calibration.evaluate import Int8Scores
+    from vllm_aquakv.kernels.attention import fused_layer_or_reason
+    from vllm_aquakv.serving import TorchServingPath
+
+    h, heads = 64, 2
+    config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor="none", value_topology="none",
+                          key_grid="u1n4", value_grid="u1n4", layer0_grid="u1n4")
+    k = torch.randn(200, heads, h, generator=rng) + 3 * torch.randn(heads, h, generator=rng)
+    v = torch.randn(200, heads, h, generator=rng)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v])
+    emulation = Int8Scores(cache)
+    fused = fused_layer_or_reason(cache, TorchServingPath(cache, None).layouts[1], 1)
+    q = torch.randn(1, 3 * heads, 5, h, generator=rng)  # [1, Hq, T, h], as MixedCache hands queries over
+    rot = fused.rot_k.double()  # the kernel's rotation, columns in lane order
+    q_rot = q.double() @ rot
+    unit = q_rot.abs().amax(-1, keepdim=True) / 127
+    want = (q_rot / unit).round() * unit @ rot.T
+    got = emulation.rounded(1, q)
+    assert torch.allclose(got.double(), want, atol=1e-5 * unit.max().item())
+    assert not torch.allclose(got, q, atol=1e-3)  # the rounding is really there
+    assert torch.equal(emulation.key_bias(1, k.transpose(0, 1)[None])[0, :, 0], cache.predictors["k", 1].bias.float())
+    pre = AquaKVCache.calibrate(AquaKVConfig(**{**config.to_json(), "key_rope": "pre"}), [k, k], [v, v])
+    with pytest.raises(ValueError, match="post-RoPE"):
+        Int8Scores(pre)
