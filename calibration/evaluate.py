@@ -32,7 +32,6 @@ import time
 import torch
 
 from ..artifact import default_artifact_dir, load_artifact
-from ..codec import fwht
 from ..reference import AquaKVCache
 from ..rope import Rope
 from .calibrate import load_model, model_text_config
@@ -147,30 +146,27 @@ class Int8Scores:
     def __init__(self, cache: AquaKVCache):
         if cache.config.key_rope != "post":
             raise ValueError("--int8-scores emulates the fused kernels, which serve post-RoPE artifacts (--preset speed)")
-        h = cache.head_dim
-        self.rot, self.bias = {}, {}
         for layer in range(cache.num_layers):
             kp = cache.predictors.get(("k", layer))
             if kp is not None and kp.sources:
                 raise ValueError(f"--int8-scores: layer {layer}'s key predictor reads {kp.sources}; the fused kernels "
                                  "serve key predictors without sources (--preset speed)")
-            signs = cache.codecs["k", layer].signs.float().cpu()
-            self.rot[layer] = signs[:, None] * fwht(torch.eye(h)) / math.sqrt(h)  # [h, h] orthogonal
-            self.bias[layer] = None if kp is None or kp.bias is None else kp.bias.float().cpu()  # [H, h]
+        self.cache = cache
 
     def rounded(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        """query [..., h] as the kernel scores the codes with it: rounded to int8 per row in the rotated frame."""
-        rot = self.rot[layer].to(query.device, torch.float32)
-        q = query.float() @ rot
+        """query [..., h] as the kernel scores the codes with it: rounded to int8 per row in the layer's key
+        rotation (the codec's own ``rotate_heads``)."""
+        codec = self.cache.codecs["k", layer]
+        q = codec.rotate_heads(query)
         unit = q.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
-        return ((q / unit).round() * unit @ rot.T).to(query.dtype)
+        return codec.unrotate_heads((q / unit).round() * unit).to(query.dtype)
 
     def key_bias(self, layer: int, key: torch.Tensor) -> torch.Tensor:
         """The key mean b_k [1, H, 1, h] in key's dtype and device (zeros without one)."""
-        b = self.bias[layer]
-        if b is None:
+        kp = self.cache.predictors.get(("k", layer))
+        if kp is None or kp.bias is None:
             return torch.zeros_like(key[:, :, :1])
-        return b.to(key.device, key.dtype)[None, :, None, :]
+        return kp.bias.to(key.device, key.dtype)[None, :, None, :]
 
 
 @torch.no_grad()
