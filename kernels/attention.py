@@ -643,7 +643,8 @@ class LaneTable:
 
 def launch_lanes(lanes: LaneTable, block_m: int) -> LaneTable:
     """The decode a launch of ``block_m`` query rows uses: uniform codes decode arithmetically only in decode-shaped
-    launches (16 rows); wider ones (prefill rows, and the reconstruction) read the same codes through nibble tables.
+    launches (at most 16 rows); wider ones (prefill rows, and the reconstruction) read the same codes through nibble
+    tables.
     On the H200 with Triton 3.6, the arithmetic decode inside a 64-row launch (where Triton takes Hopper's wgmma)
     makes a kernel that accesses memory out of bounds (2026-12-02, tests/test_kernels.py); decode steps are where
     the arithmetic decode pays."""
@@ -791,6 +792,11 @@ RING_LAUNCH_MIN_REQUESTS = 16
 RING_PROGRAMS = 2
 WINDOW_DECODE_PROGRAMS = 132
 RING_TILE = 32  # ring entries per step of a ring pass
+# query rows per decode program: the G query heads of one KV head padded to a power of two, at least this many.  Triton
+# pads dots below 16 rows on the tensor cores, while the scores' softmax runs on the rows the tensor holds: at 16 rows
+# GQA 3:1 spends 13 of 16 on padding (offline SASS of the key-tile loop: 900 -> 707 instructions per warp with int8
+# scores, 1,039 -> 791 without; benchmarks/gpu/offline_compile.py --rows)
+DECODE_MIN_ROWS = 4
 COMBINE_STEP = 4  # split-K partials per iteration of a decode step's combine (``_combine_kernel``)
 
 
@@ -819,7 +825,7 @@ class AttentionPlan:
     ring_programs: int = RING_PROGRAMS
     combine_step: int | None = None  # partials per iteration of the combine (1, 2 or 4); None: COMBINE_STEP for
     # decode-sized steps, 1 for prefill (whose plans have few segments and twice the combine rows)
-    # uniform key codes in 16-row launches: scores on int8 tensor cores, queries rounded to int8 per row in the
+    # uniform key codes in decode launches: scores on int8 tensor cores, queries rounded to int8 per row in the
     # Hadamard domain (``_int8_scores``); None: off
     qk_int8: bool | None = None
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
@@ -857,13 +863,14 @@ class AttentionPlan:
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
                    num_stages: int | None = None, maxnreg: int | None = None, window: bool = False,
-                   int8_scores: bool = False) -> AttentionPlan:
+                   int8_scores: bool = False, decode_rows: int = DECODE_MIN_ROWS) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
     the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA, 1 per SM for decodes with the 16-bit
     ``window`` below RING_LAUNCH_MIN_REQUESTS requests; 1, i.e. no split, in the CPU interpreter) when there are few
     sequences (long decodes).  Key tiles: 128 tokens for decode-only steps, 64 with prefill rows (the fastest in
     benchmarks/results/decode_attention_h100's sweep).  ``int8_scores``: decode steps score on int8 tensor cores
-    (``AttentionPlan.qk_int8``)."""
+    (``AttentionPlan.qk_int8``).  Decode programs hold the G query heads of one KV head, padded to a power of two of
+    at least ``decode_rows`` rows (``DECODE_MIN_ROWS``); prefill programs 64 rows."""
     cuda = torch.device(device).type == "cuda"
     num_reqs = len(query_start_loc) - 1
     # the ring's own launch relieves GPU registers, which pays from RING_LAUNCH_MIN_REQUESTS decodes on; below, ring
@@ -874,7 +881,7 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     group = num_q_heads // num_kv_heads
     max_q = max(b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:]))
     tile = tile or (128 if max_q == 1 else 64)
-    block_m = max(16, triton.next_power_of_2(group)) if max_q == 1 else max(64, triton.next_power_of_2(group))
+    block_m = max(decode_rows if max_q == 1 else 64, triton.next_power_of_2(group))
     block_q = 1 if max_q == 1 else block_m // group
     if max_q == 1:  # decode: one program row per request, made on the device (no host-to-device copy, so a CUDA
         # graph can capture it; requests without a token, as CUDA-graph padding, get programs that store nothing)
@@ -944,7 +951,7 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     slot_align = math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16)
     qk_int8 = bool(plan.qk_int8)
     if qk_int8 and not (uniform and int8_scores_refusal(layer) is None):
-        raise ValueError(f"qk_int8: {int8_scores_refusal(layer) or 'decode launches only (16 rows)'}")
+        raise ValueError(f"qk_int8: {int8_scores_refusal(layer) or 'decode launches only (one query token each)'}")
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
     launch = lambda z, ring_only, **options: _fused_attention_kernel[(plan.q_seq.shape[0], heads, z)](  # noqa: E731

@@ -253,6 +253,8 @@ def main():
                     "of the codes launch (comma list; AttentionPlan.ring_programs)")
     ap.add_argument("--combine-steps", default="", help="also each aquakv mode with the combine walking this many "
                     "split-K partials per iteration (comma list of 1, 2, 4; AttentionPlan.combine_step)")
+    ap.add_argument("--rows", default="", help="also each aquakv mode with decode programs of this many query rows "
+                    "(comma list; plan_attention's decode_rows, default DECODE_MIN_ROWS)")
     OPTIONS = args = ap.parse_args()
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     t0 = time.time()
@@ -299,12 +301,14 @@ def main():
                            for p in ints(args.min_programs)]  # other split-K widths
                 steps = [None] + ints(args.combine_steps)  # None: the kernel's default
                 qk = [None] + ([True] if args.qk_int8 else [])
-                variants = [(ring, segments, step, q8) for segments in dict.fromkeys(counts) for ring in rings
-                            for step in steps for q8 in qk]
-                for (ring_launch, ring_programs), segments, step, q8 in variants:
+                # rows per decode program: the plan's and --rows (at least the G query heads, a power of two)
+                block_ms = [plan.block_m] + [max(r, triton.next_power_of_2(HQ // H)) for r in ints(args.rows)]
+                variants = [(ring, segments, step, q8, bm) for segments in dict.fromkeys(counts) for ring in rings
+                            for step in steps for q8 in qk for bm in dict.fromkeys(block_ms)]
+                for (ring_launch, ring_programs), segments, step, q8, block_m in variants:
                     p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
                                             segments=segments, maxnreg=plan.maxnreg if ring_launch else None,
-                                            combine_step=step, qk_int8=q8)
+                                            combine_step=step, qk_int8=q8, block_m=block_m)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
@@ -312,7 +316,8 @@ def main():
                                      else ", ring launch" if ring_launch else f", ring in {ring_programs} programs")
                             + ("" if segments == plan.segments else ", one segment" if segments == 1
                                else f", {segments} segments") + ("" if step is None else f", combine step {step}")
-                            + (", int8 scores" if q8 else ""))
+                            + (", int8 scores" if q8 else "")
+                            + ("" if block_m == plan.block_m else f", {block_m} rows"))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})

@@ -2,7 +2,7 @@
 spills, shared memory.  Runs on the CPU machine (Triton's bundled ptxas); a quick check of a kernel change before
 spending device time.  Pointer arguments are compiled 16-byte aligned, as torch allocations are at launch.
 
-    python benchmarks/gpu/offline_compile.py [--tile 128] [--warps 4] [--stages 1] [--rows 16] [--maxnreg N]
+    python benchmarks/gpu/offline_compile.py [--tile 128] [--warps 4] [--stages 1] [--rows 4] [--maxnreg N]
         [--plain] [--dump DIR] [--write]
 
 ``--sass`` also prints the instruction mix of the kernel's innermost loop (one key tile) from the bundled
@@ -11,7 +11,8 @@ spending device time.  Pointer arguments are compiled 16-byte aligned, as torch 
 To check against the GPU image's Triton (3.6), install it beside the venv's and put it first on the path:
 ``pip install --target /tmp/t36 triton==3.6.0 --no-deps; PYTHONPATH=/tmp/t36 python benchmarks/gpu/offline_compile.py``.
 
-``--rows 16`` is a decode launch (one query token x G=3 heads, padded), 64 a prefill launch; ``--plain`` drops the
+``--rows 4`` is a decode launch (one query token x G=3 heads, padded to 4: ``DECODE_MIN_ROWS``; 16 was the
+decode launch before 2026-12-04), 64 a prefill launch; ``--plain`` drops the
 key mean and the value predictor (plain HIGGS); ``--d1n4`` compiles d1n4 codes (register decode), ``--u1n4 0|1`` uniform codes (the speed preset).  Shapes: Llama-3.2-3B (24 q / 8 KV heads, head_dim 128), d2n16 keys
 and values, blocks of 16.
 """
@@ -51,7 +52,7 @@ def main():
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=1)
-    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--d1n4", action="store_true", help="d1n4 keys and values (register decode)")
@@ -59,9 +60,9 @@ def main():
                     help="uniform 2-bit keys and values (the speed preset), decoded as subnormals (0) or via 1024 (1)")
     ap.add_argument("--qk-int8", action="store_true", help="with --u1n4 --plain: scores on int8 tensor cores")
     ap.add_argument("--window", action="store_true", help="16-bit sinks 4 + window 128 (needs --plain)")
-    ap.add_argument("--ring-only", action="store_true", help="with --window and 16 rows: the ring launch, not the "
+    ap.add_argument("--ring-only", action="store_true", help="with --window and decode rows: the ring launch, not the "
                     "codes launch")
-    ap.add_argument("--ring-programs", type=int, default=0, help="with --window and 16 rows: the ring in this "
+    ap.add_argument("--ring-programs", type=int, default=0, help="with --window and decode rows: the ring in this "
                     "many programs of the codes launch after its segments (AttentionPlan.ring_programs)")
     ap.add_argument("--no-asm", action="store_true", help="register decode by integer selects, not PTX")
     ap.add_argument("--dump", default=None, help="write the ttgir and ptx here")
@@ -105,15 +106,15 @@ def attention_or_write_launch(args) -> tuple:
     """(kernel, pointer types, constants) of the fused attention launch, or of the cache write (``--write``)."""
     fn = cache_write._cache_write_kernel if args.write else attention._fused_attention_kernel
     pointers = WRITE_POINTERS if args.write else POINTERS
-    const = dict(WRITE_CONSTANTS) if args.write else dict(G=3, NUM_Q_HEADS=24, BLOCK_Q=1 if args.rows == 16 else args.rows // 3, BLOCK_M=args.rows,
+    const = dict(WRITE_CONSTANTS) if args.write else dict(G=3, NUM_Q_HEADS=24, BLOCK_Q=1 if args.rows <= 16 else args.rows // 3, BLOCK_M=args.rows,
                  TILE=args.tile, HEAD_DIM=128, PAGE_BLOCK=16, SLOT_ALIGN=4, K_CODE_BYTES=32, K_INDEX_BITS=4,
                  K_ENTRY_VALUES=2, K_LANES=4, V_CODE_OFFSET=32, V_CODE_BYTES=32, V_INDEX_BITS=4, V_ENTRY_VALUES=2,
                  V_LANES=4, K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=not args.plain,
                  V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16, Q_DTYPE=triton.language.bfloat16,
                  Q_PRECISION="tf32", USE_ASM=not args.no_asm, NUM_KV_HEADS=8, SINKS=4 if args.window else 0,
                  WINDOW=128 if args.window else 0, HAS_WINDOW=args.window,
-                 RING_FIRST=args.window and args.rows == 16, RING_ONLY=args.ring_only,
-                 RING_PROGRAMS=args.ring_programs if args.window and args.rows == 16 else 0,
+                 RING_FIRST=args.window and args.rows <= 16, RING_ONLY=args.ring_only,
+                 RING_PROGRAMS=args.ring_programs if args.window and args.rows <= 16 else 0,
                  RING_CHUNK=attention.ring_chunk(132, args.ring_programs), RING_TILE=attention.RING_TILE)
     if args.write and args.window:  # the cache write that also stores the 16-bit ring entries
         const.update(HAS_RING=True)
