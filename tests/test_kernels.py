@@ -162,6 +162,8 @@ def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, s
 @pytest.mark.parametrize("head_dim,heads,q_heads,page_block,value_predictor", [
     (64, 2, 6, 16, "per_head"),
     (64, 1, 4, 32, "none"),
+    (64, 3, 3, 16, "none"),  # MHA: one query head in a program of 4 rows, 3 of them padding
+    (64, 1, 8, 16, "none"),  # GQA 8:1: 8 rows
     *[pytest.param(128, 8, q, page, v, marks=ON_GPU)
       for q, page, v in ((24, 16, "none"), (32, 32, "per_head"), (24, 64, "none"), (32, 128, "none"))],
 ])
@@ -170,6 +172,21 @@ def test_uniform_decode_step(head_dim, heads, q_heads, page_block, value_predict
     arithmetic decode (subnormal, and the 1024-exponent variant) against the torch path, split-K and not."""
     test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block, "mean", value_predictor, "u1n4",
                                             "u1n4", rng, decode_only=True)
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,rows", [(24, 8, 4), (32, 8, 4), (8, 8, 4), (64, 8, 8), (32, 2, 16)])
+def test_decode_programs_pad_query_heads_to_a_power_of_two(q_heads, kv_heads, rows):
+    """Decode programs hold one KV head's G query heads padded to a power of two of at least DECODE_MIN_ROWS rows
+    (the softmax runs on every row the program holds), prefill programs 64 rows; the kernel tests above check the
+    padded rows' results against the torch path."""
+    from vllm_aquakv.kernels.attention import DECODE_MIN_ROWS, plan_attention
+
+    assert DECODE_MIN_ROWS == 4
+    decode = plan_attention([0, 1, 2], 300, q_heads, kv_heads, "cpu")
+    assert (decode.block_q, decode.block_m) == (1, rows)
+    assert plan_attention([0, 1, 2], 300, q_heads, kv_heads, "cpu", decode_rows=16).block_m == max(16, rows)
+    prefill = plan_attention([0, 5, 6], 300, q_heads, kv_heads, "cpu")
+    assert prefill.block_m == max(64, rows) and prefill.block_q == prefill.block_m // (q_heads // kv_heads)
 
 
 @pytest.mark.parametrize("head_dim,heads,q_heads,page_block", [
