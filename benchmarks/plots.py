@@ -2,7 +2,8 @@
 
     python benchmarks/plots.py [--results DIR] [--out DIR]   # defaults: both benchmarks/results/
 
-Writes throughput_h100.png / _h200.png / _h200_all_formats.png, throughput_vs_context_h200.png, decode_attention_h100.png / _h200.png,
+Writes throughput_h100.png / _h200.png / _h200_all_formats.png, throughput_vs_context_h200.png / _h200_rows.png,
+decode_attention_h100.png / _h200.png / _h200_rows.png,
 serve_h100.png / _h200.png and quality_vs_bits.png. A plot whose JSON is missing is skipped with a message; a JSON
 that does not parse, or lacks a field the plot needs, exits 1.
 Every title names the machine and model from the JSON, the JSON file itself and the command that wrote it.
@@ -131,12 +132,15 @@ def decode_attention(paths, out):
     labels = list(dict.fromkeys(r["kv_cache_dtype"] for r in rows))
     contexts = sorted({r["context"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(12, 5), layout="constrained", squeeze=False)
+    many = len(labels) > 10  # (a legend of two columns under the plots, 20 distinct colours)
+    fig, axes = plt.subplots(1, len(batches), figsize=(12, 5 + (0.15 * len(labels) if many else 0)),
+                             layout="constrained", squeeze=False)
     for ax, b in zip(axes[0], batches):
         for i, lab in enumerate(labels):
             pts = sorted((r["context"], r["ms"]) for r in rows if r["batch"] == b and r["kv_cache_dtype"] == lab)
             bf16 = lab.startswith("bf16")
-            ax.plot(*zip(*pts), marker="s" if bf16 else "o", ms=5, label=lab, color="black" if bf16 else f"C{i}",
+            ax.plot(*zip(*pts), marker="s" if bf16 else "o", ms=5, label=lab,
+                    color="black" if bf16 else plt.get_cmap("tab20")(i % 20) if many else f"C{i}",
                     lw=3 if bf16 else 1.2, ls="-" if bf16 or lab.startswith("aquakv") else "--",
                     zorder=3 if bf16 else 2)
         ax.set(xscale="log", yscale="log", title=f"batch {b}", xlabel="context, tokens")
@@ -147,7 +151,7 @@ def decode_attention(paths, out):
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("decode attention time, ms (one layer, log scale)")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=2 if many else 3, fontsize=8)
     _save(fig, "Decode attention time per step vs context, one layer (bf16 = thick black line; lower is faster)",
           [(paths[0], d)], out)
 
@@ -223,8 +227,11 @@ PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
          ("throughput_vs_context_h200.png", ["throughput_h200_4096_1024.json",
                                              "throughput_h200_8192_512_all_formats.json",
                                              "throughput_h200_16384_512.json"], throughput_vs_context),
+         ("throughput_vs_context_h200_rows.png", ["throughput_h200_4096_1024_rows.json",  # 4-row decode programs
+                                                  "throughput_h200_8192_512_rows.json"], throughput_vs_context),
          ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
+         ("decode_attention_h200_rows.png", ["decode_attention_h200_rows.json"], decode_attention),  # 4 vs 16 rows
          ("serve_h100.png", ["serve_h100_*.json"], serve),
          ("serve_h200.png", ["serve_h200_8192_256_split.json"], serve),
          ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json",
