@@ -301,8 +301,9 @@ def main():
                            for p in ints(args.min_programs)]  # other split-K widths
                 steps = [None] + ints(args.combine_steps)  # None: the kernel's default
                 qk = [None] + ([True] if args.qk_int8 else [])
-                # rows per decode program: the plan's and --rows (at least the G query heads, a power of two)
-                block_ms = [plan.block_m] + [max(r, triton.next_power_of_2(HQ // H)) for r in ints(args.rows)]
+                # rows per decode program: the plan's and those plan_attention pads --rows to
+                block_ms = [plan.block_m] + [plan_attention(qsl_list, ctx, HQ, H, "cuda", decode_rows=r).block_m
+                                             for r in ints(args.rows)]
                 variants = [(ring, segments, step, q8, bm) for segments in dict.fromkeys(counts) for ring in rings
                             for step in steps for q8 in qk for bm in dict.fromkeys(block_ms)]
                 for (ring_launch, ring_programs), segments, step, q8, block_m in variants:

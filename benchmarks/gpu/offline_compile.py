@@ -106,15 +106,16 @@ def attention_or_write_launch(args) -> tuple:
     """(kernel, pointer types, constants) of the fused attention launch, or of the cache write (``--write``)."""
     fn = cache_write._cache_write_kernel if args.write else attention._fused_attention_kernel
     pointers = WRITE_POINTERS if args.write else POINTERS
-    const = dict(WRITE_CONSTANTS) if args.write else dict(G=3, NUM_Q_HEADS=24, BLOCK_Q=1 if args.rows <= 16 else args.rows // 3, BLOCK_M=args.rows,
+    decode = args.rows <= 16  # one query token per program (plan_attention's decode rows), else a prefill launch
+    const = dict(WRITE_CONSTANTS) if args.write else dict(G=3, NUM_Q_HEADS=24, BLOCK_Q=1 if decode else args.rows // 3, BLOCK_M=args.rows,
                  TILE=args.tile, HEAD_DIM=128, PAGE_BLOCK=16, SLOT_ALIGN=4, K_CODE_BYTES=32, K_INDEX_BITS=4,
                  K_ENTRY_VALUES=2, K_LANES=4, V_CODE_OFFSET=32, V_CODE_BYTES=32, V_INDEX_BITS=4, V_ENTRY_VALUES=2,
                  V_LANES=4, K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=not args.plain,
                  V_FROM_K=not args.plain, DOT_DTYPE=triton.language.float16, Q_DTYPE=triton.language.bfloat16,
                  Q_PRECISION="tf32", USE_ASM=not args.no_asm, NUM_KV_HEADS=8, SINKS=4 if args.window else 0,
                  WINDOW=128 if args.window else 0, HAS_WINDOW=args.window,
-                 RING_FIRST=args.window and args.rows <= 16, RING_ONLY=args.ring_only,
-                 RING_PROGRAMS=args.ring_programs if args.window and args.rows <= 16 else 0,
+                 RING_FIRST=args.window and decode, RING_ONLY=args.ring_only,
+                 RING_PROGRAMS=args.ring_programs if args.window and decode else 0,
                  RING_CHUNK=attention.ring_chunk(132, args.ring_programs), RING_TILE=attention.RING_TILE)
     if args.write and args.window:  # the cache write that also stores the 16-bit ring entries
         const.update(HAS_RING=True)
