@@ -29,7 +29,9 @@ one segment of that sequence's causal key range (split-K for long decodes).  Wit
 (``WindowInputs``), decode steps read those keys from the ring in a pass of their own (``RING_FIRST``): from 16
 requests a launch of its own that writes one more split-K partial (``RING_ONLY``), so that the codes launch keeps the
 register cap of a launch without the window, else in RING_PROGRAMS programs of the codes launch after its segments,
-each writing a partial of a slice of the ring; wider launches read the ring inside the codes loop, per tile.  It writes unnormalized partials (running max, denominator,
+each writing a partial of a slice of the ring; wider launches read the ring inside the codes loop, per tile.  One-token
+programs never read the codes of the step's own token (it is in the window): a decode step's cache write may run
+beside them (``cache_write.write_beside``).  It writes unnormalized partials (running max, denominator,
 Hadamard-domain value and key sums, in lane order); ``_combine_kernel`` merges the segments and applies the per-query
 epilogue.  Its torch twin is ``vllm_aquakv.serving.TorchServingPath.attend``.
 """
@@ -379,8 +381,13 @@ def _fused_attention_kernel(
     if HAS_K_BIAS:  # q . b_k in base-2 logits [M]
         q_bias = tl.sum(q.to(tl.float32) * tl.load(k_bias_ptr + kv_head * HEAD_DIM + j)[None, :], axis=1) * logit_scale
 
-    # this segment's share of the causal key range [0, last query position + 1)
+    # this segment's share of the causal key range [0, last query position + 1).  With a window, one-token programs
+    # (RING_FIRST) read the step's own tokens inside the query's window from the 16-bit inputs, never from their
+    # codes: the codes range ends before them, so a decode step's cache write may store those codes while this
+    # launch runs (``AquaKVImpl.do_kv_cache_update``)
     kv_end = context + tl.minimum(first + BLOCK_Q, q_len)
+    if RING_FIRST and WINDOW > 0:
+        kv_end = tl.maximum(context, context + first - WINDOW + 1)
     num_tiles = tl.cdiv(kv_end, TILE)
     per_segment = tl.cdiv(num_tiles, num_segments)
     tile_lo = segment * per_segment

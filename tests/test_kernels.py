@@ -525,6 +525,16 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
         got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
         err = (got - want).norm() / want.norm()
         assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, step, err)
+    if decode_only and window > 0:  # a decode's own token comes from its 16-bit input, never from its codes, so
+        # the cache write may store them while the attention runs (``write_beside``): NaN bytes there change nothing
+        own = [(r, n - 1) for r, n in enumerate(lens)]
+        blocks = torch.stack([block_table[r, p // page_block] for r, p in own]).long()
+        offsets = torch.tensor([p % page_block for _, p in own], device=DEVICE)
+        saved = kv[blocks, :, offsets].clone()
+        kv[blocks, :, offsets] = 255  # fp16 scales 0xffff: NaN
+        got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
+        assert (got - want).norm() / want.norm() < (1e-5 if DEVICE == "cpu" else 5e-3)
+        kv[blocks, :, offsets] = saved
     codes_only = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale).cpu()
     assert (codes_only - want).norm() / want.norm() > 10 * err  # the 16-bit keys and values are in the loop
     plan.combine_step = 3  # not one the combine unrolls: refused before any launch
@@ -695,14 +705,16 @@ def test_vllm_merge_matches_merge_partials(rng):
 
 
 @ON_GPU
-@pytest.mark.parametrize("window", [None, (4, 128)])
-def test_decode_step_replays_in_a_cuda_graph(window, rng):
+@pytest.mark.parametrize("window,beside", [(None, False), ((4, 128), False), ((4, 128), True)])
+def test_decode_step_replays_in_a_cuda_graph(window, beside, rng):
     """A decode step as the backend runs it (ring bookkeeping, fused cache write with the ring, fused attention),
     captured in a CUDA graph with a batch padded as vLLM pads FULL-graph batches (a request with no token, length 0,
     null block, slot -1), then replayed for two consecutive steps: outputs, paged cache and ring equal the same
-    steps run eagerly without padding.  Fails if any input is baked into the graph (a host copy, a host-side size)."""
+    steps run eagerly without padding.  Fails if any input is baked into the graph (a host copy, a host-side size).
+    ``beside``: the graph's steps write on the side stream beside the attention (``write_beside``, the backend's
+    decode steps with the window), the eager ones before it."""
     from vllm_aquakv.kernels.attention import WindowInputs, fused_attention, fused_layer_or_reason, plan_attention
-    from vllm_aquakv.kernels.cache_write import write_fused
+    from vllm_aquakv.kernels.cache_write import write_beside, write_fused
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
     from vllm_aquakv.rope import Rope
     from vllm_aquakv.serving import StepState, TorchServingPath
@@ -730,15 +742,20 @@ def test_decode_step_replays_in_a_cuda_graph(window, rng):
         p = torch.as_tensor(positions, device=DEVICE)
         return table[r, p // page_block].long() * page_block + p % page_block
 
-    def run(query, key, value, slot_mapping, seq_lens, qsl, qsl_list, block_table, out):
+    def run(query, key, value, slot_mapping, seq_lens, qsl, qsl_list, block_table, out, side=False):
         state = StepState()
         ring_args, win = None, None
         if ring is not None:
             ring_args = ring.prepare_write(1, state, key, block_table, seq_lens, qsl, slot_mapping, page_block)
             win = WindowInputs(ring.k[1], ring.v[1], ring.tags, key, value, *window)
-        write_fused(fused, kv, slot_mapping, key, value, ring=ring_args)
+        if side:
+            stream = write_beside(fused, kv, slot_mapping, key, value, ring_args)
+        else:
+            write_fused(fused, kv, slot_mapping, key, value, ring=ring_args)
         plan = plan_attention(qsl_list, 4096, q_heads, heads, DEVICE)
         fused_attention(query, kv, block_table, seq_lens, qsl, plan, fused, h ** -0.5, out=out, window=win)
+        if side:
+            torch.cuda.current_stream().wait_stream(stream)
 
     # the contexts: one prefill step of all three prompts
     qsl0 = [0, lens[0], lens[0] + lens[1], sum(lens)]
@@ -770,7 +787,7 @@ def test_decode_step_replays_in_a_cuda_graph(window, rng):
                   block_table=torch.cat([table, torch.zeros_like(table[:1])]),
                   out=torch.zeros(4, q_heads, h, device=DEVICE, dtype=torch.bfloat16))
     args = lambda: (static["query"], static["key"], static["value"], static["slot_mapping"],  # noqa: E731
-                    static["seq_lens"], static["qsl"], [0, 1, 2, 3, 3], static["block_table"], static["out"])
+                    static["seq_lens"], static["qsl"], [0, 1, 2, 3, 3], static["block_table"], static["out"], beside)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (compiles), as vLLM runs one eager step before each capture

@@ -5,6 +5,8 @@ vLLM gives each aquakv layer a uint8 page [num_blocks, num_kv_heads, block_size,
 slots (undo RoPE, predict from earlier layers' reconstructions, quantize the residual); ``forward`` reconstructs
 each request's context and attends.  The torch path serves on CPU; on CUDA the Triton kernels serve, and
 decode-only steps run inside vLLM's FULL CUDA graphs (``get_cudagraph_support``; ``aquakv_decode_graphs`` false keeps them eager between PIECEWISE graphs).
+In decode-only steps with the 16-bit window, each layer's cache write runs on a second stream beside its attention
+(``kernels.cache_write.write_beside``; ``aquakv_overlap_write`` false keeps it before).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from vllm.v1.attention.backend import (
 from . import compat
 from .codec import head_dim_supported
 from .kernels.attention import AttentionPlan, WindowInputs, fused_attention, plan_attention
-from .kernels.cache_write import write_fused
+from .kernels.cache_write import write_beside, write_fused
 from .kernels.reconstruct import PrefillSplit, prefill_attention, prefills_need_flash, split_prefills
 from .runtime import refuse_impl_features, serving_state
 from .serving import StepState, TorchServingPath
@@ -45,6 +47,8 @@ class AquaKVMetadata:
     plan: AttentionPlan | None = None  # the fused kernel's launch plan, made by the step's first fused layer
     split: PrefillSplit | None = None  # with ``path.flash``: the requests that take reconstruction + FlashAttention
     planned: bool = False  # plan and split are made
+    decode_only: bool = False  # every request has one new token
+    write_stream: torch.cuda.Stream | None = None  # a layer's cache write running beside its attention (joined there)
     _seq_lens: list[int] | None = None
     _positions: torch.Tensor | None = None
 
@@ -116,6 +120,7 @@ class AquaKVMetadataBuilder(AttentionMetadataBuilder[AquaKVMetadata]):
             query_start_loc_dev=cm.query_start_loc[: num_reqs + 1],
             path=self.state.path,
             common=cm,
+            decode_only=cm.max_query_len == 1,
         )
 
 
@@ -148,7 +153,12 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
                 ring = exact.prepare_write(index, compat.step_scratch(StepState), key[:md.num_actual_tokens],
                                            md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.slot_mapping,
                                            kv_cache.shape[2])
-            write_fused(fused, kv_cache, md.slot_mapping, key, value, ring=ring)
+            if md.decode_only and ring is not None and exact.window > 0 and md.path.overlap_write:
+                # nothing this layer's attention reads is stored here (each decode's own token comes from its 16-bit
+                # input): the write runs on a side stream beside the attention, which ``forward`` then joins
+                md.write_stream = write_beside(fused, kv_cache, md.slot_mapping, key, value, ring)
+            else:
+                write_fused(fused, kv_cache, md.slot_mapping, key, value, ring=ring)
             return
         md.path.write(index, kv_cache, md.slot_mapping, key, value, md.positions, compat.step_scratch(StepState),
                       md.query_lens, md.block_table, md.seq_lens)
@@ -185,6 +195,9 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
             if decodes:
                 fused_attention(query[:decodes], kv_cache, md.block_table, md.seq_lens_dev, md.query_start_loc_dev,
                                 md.plan, fused, self.scale, out=out[:decodes], window=window)
+            if md.write_stream is not None:  # the layer's cache write, run beside the attention: join it
+                torch.cuda.current_stream(query.device).wait_stream(md.write_stream)
+                md.write_stream = None
             if md.split is not None:
                 prefill_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.split, fused, self.scale, out,
                                   md.path.flash, window, md.path.merge)

@@ -128,9 +128,14 @@ class ServingState:
         # Checked on the H200: tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph (the step itself) and
         # plugin_smoke.py --decode-graphs (greedy tokens and prompt logprobs equal to PIECEWISE inside vLLM)
         self.decode_graphs = bool(on_cuda and self.path.fused and extra.get("aquakv_decode_graphs", True))
+        # decode steps with the 16-bit window: each layer's cache write on a second stream beside its attention
+        self.path.overlap_write = bool(on_cuda and self.path.fused and self.path.exact is not None
+                                       and self.path.exact.window > 0 and extra.get("aquakv_overlap_write", True))
         if self.path.fused and on_cuda:
             self.kernel_note += ("; decode-only steps in FULL CUDA graphs" if self.decode_graphs else
                                  "; attention eager between PIECEWISE CUDA graphs (aquakv_decode_graphs false)")
+        if self.path.overlap_write:
+            self.kernel_note += "; decode cache writes beside attention on a second CUDA stream (aquakv_overlap_write)"
         self._log()
 
     def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,

@@ -88,6 +88,7 @@ class TorchServingPath:
         self.cache, self.rope = cache, rope
         self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
         self.int8_scores = False  # fused decode steps score on int8 tensor cores (``aquakv_int8_scores``)
+        self.overlap_write = False  # fused decode steps with the window write beside attention (``aquakv_overlap_write``)
         self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (aquakv_window; runtime sets the default)
         self.flash = None  # compat.flash_attention's function: prefill steps through reconstruction + FlashAttention
         self.merge = None  # compat.merge_attention_states's function (the window's prefill merges two FA calls)

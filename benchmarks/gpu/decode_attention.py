@@ -12,7 +12,7 @@ only.
 
     python3 benchmarks/gpu/decode_attention.py OUT_DIR [--no-sweep] [--only WORD,WORD] [--prefill-only]
         [--no-prefill] [--graphs] [--batches 1,16,64] [--contexts 4096,16384,32768] [--one-segment]
-        [--min-programs 528,1056] [--ring-programs 1,2] [--combine-steps 1,2] [--profile]
+        [--min-programs 528,1056] [--ring-programs 1,2] [--combine-steps 1,2] [--profile] [--with-write]
     (needs vLLM 0.26: README.md)
 
 ``--no-sweep`` skips the launch-settings sweep and uses ``plan_attention``'s defaults; ``--only`` keeps the aquakv
@@ -244,7 +244,9 @@ def main():
                        ("--graphs", "time CUDA-graph replays (GPU time only)"),
                        ("--profile", "GPU time per kernel of each decode call (kernel_us) and of the window's prefill"),
                        ("--one-segment", "also each aquakv mode with one split-K segment"),
-                       ("--qk-int8", "also each aquakv mode with scores on int8 tensor cores (AttentionPlan.qk_int8)")):
+                       ("--qk-int8", "also each aquakv mode with scores on int8 tensor cores (AttentionPlan.qk_int8)"),
+                       ("--with-write", "modes with the window: also the decode layer step, cache write + attention, "
+                                        "with the write before the attention and beside it on a second stream")):
         ap.add_argument(flag, action="store_true", help=text)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--contexts", default="4096,16384,32768")
@@ -263,7 +265,7 @@ def main():
     setups = {label: fused_setup(o) for label, o in MODES.items() if not only or any(w in label for w in only)}
     sweep, best = ({}, {}) if args.no_sweep else tile_sweep(next(iter(setups.values())))
     print("best launch settings", best, flush=True)
-    rows = []
+    rows, steps_ms = [], []
     for batch in () if args.prefill_only else ints(args.batches):
         for ctx in ints(args.contexts):
             nb = ctx // PAGE
@@ -325,6 +327,10 @@ def main():
                     if args.profile:  # which launch of the call takes the time (attention kernel, combine, ...)
                         rows[-1]["kernel_us"] = kernel_us(lambda kv=kv, p=p: fused_attention(
                             q, kv, block_table, seq_lens, qsl, p, fused, D ** -0.5, out=out, window=win))
+                if args.with_write and win is not None:
+                    steps_ms.append({**base, "kv_cache_dtype": label, **layer_step(fused, kv, win, block_table, ctx,
+                                                                                      q, seq_lens, qsl, plan, out)})
+                    print(steps_ms[-1], flush=True)
                 del kv
                 torch.cuda.empty_cache()
             for r in rows[first:]:
@@ -344,6 +350,14 @@ def main():
     md += [f"| {r['batch']} | {r['context']} | {r['kv_cache_dtype']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x | "
            + (f"{r['vs_fa3']:.2f}x" if "vs_fa3" in r else "-") + f" | {100 * r['fraction_of_floor']:.1f}% |"
            for r in rows]
+    if steps_ms:
+        md += ["\nDecode layer step with the window (kernels/cache_write.py write_fused of the batch's new tokens + "
+               "fused_attention), ms: the write alone, then before the attention (one stream) and beside it "
+               "(``write_beside``, the backend's default for decode steps with the window):\n",
+               "| batch | context | mode | write | write, then attention | write beside attention | saved |",
+               "| --- | --- | --- | --- | --- | --- | --- |"]
+        md += [f"| {r['batch']} | {r['context']} | {r['kv_cache_dtype']} | {r['write_ms']:.4f} | {r['serial_ms']:.4f} "
+               f"| {r['beside_ms']:.4f} | {r['serial_ms'] - r['beside_ms']:.4f} |" for r in steps_ms]
     md += ["\nPrefill of one prompt, one layer:\n", "| step | 4096 tokens, ms | 8192 tokens, ms |",
            "| --- | --- | --- |"]
     md += [f"| {k} | {v:.3f} | {prefill[8192][k]:.3f} |" for k, v in prefill.get(4096, {}).items()]
@@ -351,7 +365,33 @@ def main():
     name = f"prefill_attention_{gpu}.json" if args.prefill_only else f"decode_attention_{gpu}.json"
     write_results(os.path.join(args.out_dir, name), "decode_attention",
                   "Llama-3.2-3B attention shape (random data)", rows, "\n".join(md), prefill_ms=prefill,
+                  layer_step_ms=steps_ms,
                   tile_sweep_batch64_ctx16k=sweep, seconds=round(time.time() - t0))
+
+
+def layer_step(fused, kv, win, block_table, ctx, q, seq_lens, qsl, plan, out) -> dict:
+    """ms of one decode layer step with the window: the cache write of the batch's new tokens (position ctx - 1,
+    into their slots and ring entries) alone, then before the attention on one stream, and beside it
+    (``write_beside``)."""
+    from vllm_aquakv.kernels.attention import fused_attention
+    from vllm_aquakv.kernels.cache_write import write_beside, write_fused
+    from vllm_aquakv.window import WindowStep, ring_column
+
+    batch = q.shape[0]
+    rows = torch.arange(batch, device="cuda")
+    pos = torch.full((batch,), ctx - 1, device="cuda")
+    slots = block_table[:, (ctx - 1) // PAGE].long() * PAGE + (ctx - 1) % PAGE
+    ring = (win.ring_k, win.ring_v, WindowStep(rows, ring_column(pos, win.sinks, win.window), rows))
+    attend = lambda: fused_attention(q, kv, block_table, seq_lens, qsl, plan, fused, D ** -0.5, out=out,  # noqa: E731
+                                     window=win)
+    write = lambda: write_fused(fused, kv, slots, win.key, win.value, ring=ring)  # noqa: E731
+
+    def beside():
+        stream = write_beside(fused, kv, slots, win.key, win.value, ring)
+        attend()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    return {"write_ms": bench(write), "serial_ms": bench(lambda: (write(), attend())), "beside_ms": bench(beside)}
 
 
 def tile_sweep(setup) -> tuple[dict, dict]:

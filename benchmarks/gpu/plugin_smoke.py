@@ -10,7 +10,7 @@ the 3 short prompts only).  Run on the device machine (see
 benchmarks/gpu/README.md):
 
     python3 benchmarks/gpu/plugin_smoke.py $OUT [--short | --parity] [--fp32-model] [--profile] [--graphs]
-        [--decode-graphs] [--model DIR]
+        [--decode-graphs | --overlap-write] [--model DIR]
 
 ``--parity``: the three short prompts through the fused kernels and the torch path only (no auto run).
 ``--from-json RUN.json --machine NAME --versions-from RESULTS.json``: rebuild the results table of an earlier run.
@@ -21,6 +21,8 @@ operators by CPU and by GPU self time, total GPU time) and under cProfile (Pytho
 enforce_eager) beside the eager aquakv run, and compares their greedy tokens.
 ``--decode-graphs`` runs aquakv with PIECEWISE graphs and with FULL decode graphs (``aquakv_decode_graphs``): the same
 kernels, so their greedy tokens and prompt logprobs must be equal.
+``--overlap-write`` runs aquakv (FULL decode graphs) with each decode layer's cache write before its attention and
+beside it on a second stream (``aquakv_overlap_write``): the same arithmetic, so equal tokens and logprobs, or a race.
 """
 
 import argparse
@@ -69,10 +71,17 @@ def main(args):
     if args.graphs:
         runs = {"aquakv": ("aquakv", {}), "aquakv-graphs": ("aquakv", {"enforce_eager": False}),
                 "auto-graphs": ("auto", {"enforce_eager": False})}
+    pair = None  # two aquakv runs whose greedy tokens and prompt logprobs must be equal: (label, run a, run b)
     if args.decode_graphs:
         graphs = {"enforce_eager": False}
         runs = {"aquakv-graphs": ("aquakv", {**graphs, "additional_config": {"aquakv_decode_graphs": False}}),
                 "aquakv-decode-graphs": ("aquakv", {**graphs, "additional_config": {"aquakv_decode_graphs": True}})}
+        pair = ("FULL decode graphs vs PIECEWISE", "aquakv-decode-graphs", "aquakv-graphs")
+    if args.overlap_write:
+        graphs = {"enforce_eager": False}
+        runs = {"aquakv-write-serial": ("aquakv", {**graphs, "additional_config": {"aquakv_overlap_write": False}}),
+                "aquakv-write-beside": ("aquakv", {**graphs, "additional_config": {"aquakv_overlap_write": True}})}
+        pair = ("decode cache writes beside attention vs before it", "aquakv-write-beside", "aquakv-write-serial")
     if args.profile:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
         runs = {k: (d, {**e, "enable_prefix_caching": False}) for k, (d, e) in runs.items() if k != "aquakv-torch-path"}
     if args.parity:  # greedy tokens and prompt logprobs: fused kernels vs the torch path only
@@ -103,12 +112,12 @@ def main(args):
         return sum(d) / len(d)
 
     result["model_dtype"] = model_dtype
-    if args.decode_graphs:
-        a, b = result["runs"]["aquakv-graphs"], result["runs"]["aquakv-decode-graphs"]
-        result["decode_graphs_vs_piecewise_first_divergence"] = first_divergence(b["outputs"], a["outputs"])
-        result["decode_graphs_vs_piecewise_prompt_logprob_mean_abs_diff"] = mean_abs(b["prompt_logprobs"],
-                                                                                   a["prompt_logprobs"])
-        result["decode_graphs_vs_piecewise_generate_s"] = [a["generate_seconds"], b["generate_seconds"]]
+    if pair is not None:
+        label, b, a = pair[0], result["runs"][pair[1]], result["runs"][pair[2]]
+        result["pair"] = {"label": label, "runs": pair[1:], "first_divergence": first_divergence(b["outputs"],
+                                                                                                a["outputs"]),
+                          "prompt_logprob_mean_abs_diff": mean_abs(b["prompt_logprobs"], a["prompt_logprobs"]),
+                          "generate_s": [b["generate_seconds"], a["generate_seconds"]]}
         finish(out_dir, result)
         return
     if args.graphs:
@@ -132,6 +141,15 @@ def main(args):
     finish(out_dir, result)
 
 
+PAIR_RUNS = {  # what the two runs of a pair are, for the table's caption
+    "FULL decode graphs vs PIECEWISE": "aquakv-graphs: attention eager between PIECEWISE graphs (`aquakv_decode_graphs` "
+                                       "false); aquakv-decode-graphs: decode-only steps in FULL CUDA graphs.",
+    "decode cache writes beside attention vs before it": "aquakv-write-serial: each decode layer's cache write before "
+                                                         "its attention (`aquakv_overlap_write` false); "
+                                                         "aquakv-write-beside: on a second stream beside it (default).",
+}
+
+
 def first_divergence(outputs: list[list[int]], others: list[list[int]]) -> list[int]:
     """Per prompt, the index of the first generated token where the two runs differ (the length if none)."""
     return [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(outputs, others)]
@@ -148,21 +166,20 @@ def finish(out_dir: str, result: dict, **extra) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     gpu = extra.get("machine") or machine()
     path = os.path.join(out_dir, f"plugin_smoke_{gpu_tag(gpu)}.json")
-    if "decode_graphs_vs_piecewise_first_divergence" in result:  # --decode-graphs: FULL decode graphs vs PIECEWISE
-        diverge = result["decode_graphs_vs_piecewise_first_divergence"]
-        logprob = result["decode_graphs_vs_piecewise_prompt_logprob_mean_abs_diff"]
+    if "pair" in result:  # --decode-graphs, --overlap-write: two runs of the same kernels
+        pair = result["pair"]
         rows = [{"kv_cache_dtype": name, "kv_tokens": r["kv_tokens"], "generate_s": r["generate_seconds"],
                  "seconds_incl_engine_start": r["seconds"]} for name, r in result["runs"].items()]
         md = [f"{result['model']}, {result['model_dtype']}; artifact `aquakv-calibrate --preset speed` on random token "
               "text (plumbing, not quality), default 16-bit sinks/window; LLM(..., enforce_eager=False, block_size=16, "
               "--gpu-memory-utilization 0.5): vLLM's default compilation and CUDA graphs; 3 short prompts + 32 of "
-              "2,048 tokens, 64 greedy tokens each. aquakv-graphs: attention eager between PIECEWISE graphs "
-              "(`aquakv_decode_graphs` false); aquakv-decode-graphs: decode-only steps in FULL CUDA graphs.\n",
+              "2,048 tokens, 64 greedy tokens each. " + PAIR_RUNS[pair["label"]] + "\n",
               "| run | KV tokens | generate() s | s incl. engine start |", "| --- | --- | --- | --- |"]
         md += [f"| {r['kv_cache_dtype']} | {r['kv_tokens']:,} | {r['generate_s']:.2f} | "
                f"{r['seconds_incl_engine_start']:.1f} |" for r in rows]
-        md += [f"\nFULL decode graphs vs PIECEWISE: first differing generated token per short prompt {diverge} (64 = "
-               f"none), prompt logprobs mean abs diff {logprob:.4f} nats."]
+        md += [f"\n{pair['label'][0].upper() + pair['label'][1:]}: first differing generated token per short prompt "
+               f"{pair['first_divergence']} (64 = none), prompt logprobs mean abs diff "
+               f"{pair['prompt_logprob_mean_abs_diff']:.4f} nats."]
         write_results(path, "plugin_smoke", result["model"], rows, "\n".join(md), **extra)
         return
     diverge = result.get("fused_vs_torch_path_first_divergence")
@@ -198,7 +215,7 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", nargs="?", default="/tmp/out")
     ap.add_argument("--model", default=None, help="an existing Llama-3.2-3B-shaped model folder instead of a new one")
-    for flag in ("--short", "--parity", "--fp32-model", "--profile", "--graphs", "--decode-graphs"):
+    for flag in ("--short", "--parity", "--fp32-model", "--profile", "--graphs", "--decode-graphs", "--overlap-write"):
         ap.add_argument(flag, action="store_true")
     ap.add_argument("--from-json", default=None, help="rebuild the table of this earlier run (runs nothing)")
     ap.add_argument("--machine", default=None, help="with --from-json: the GPU the run was on")

@@ -61,13 +61,16 @@ AQUAKV_PRESETS = {
     # the window with decode scores on int8 tensor cores (aquakv_int8_scores, opt-in since 2026-12-04); the
     # artifact of aquakv-window (``ARTIFACT_OF``)
     "aquakv-window-int8": ("--preset speed", {"aquakv_window": True, "aquakv_int8_scores": True}),
+    # the window with each decode layer's cache write before its attention on one stream (aquakv_overlap_write false;
+    # the default before 2026-12-04's sixteenth session writes beside the attention on a second stream)
+    "aquakv-window-serial": ("--preset speed", {"aquakv_window": True, "aquakv_overlap_write": False}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
 }
 
 
 # formats that serve another format's artifact (same calibration, other serving options)
-ARTIFACT_OF = {"aquakv-window-int8": "aquakv-window"}
+ARTIFACT_OF = {"aquakv-window-int8": "aquakv-window", "aquakv-window-serial": "aquakv-window"}
 
 
 def ensure_artifact(model: str, fmt: str = "aquakv") -> tuple[str, float]:
