@@ -789,15 +789,19 @@ def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:
 
 
 # decode steps with the 16-bit window and fewer requests read the ring in RING_PROGRAMS programs of the codes launch,
-# whose split-K aims at WINDOW_DECODE_PROGRAMS programs (1 per H200 SM: the codes launch without the register cap takes
-# ~220 registers, 2 programs per SM, and the ring programs then fit in the first wave); from RING_LAUNCH_MIN_REQUESTS
+# whose split-K aims at WINDOW_DECODE_PROGRAMS programs (2 per H200 SM since the 4-row decode programs: 132, one per
+# SM, was faster with 16 rows; decode_attention_h200_window_programs.md: 44 instead of 63 us at 2 requests / 32k, 27
+# instead of 33 at 4 / 8k, each segment at least MIN_SEGMENT_TILES key tiles); from RING_LAUNCH_MIN_REQUESTS
 # requests in a launch of its own, which keeps the codes launch's register cap (benchmarks/results/
 # decode_attention_h200_ring_programs.md, CUDA graphs, 8k contexts, us per layer: 23.7 / 28.2 / 42.1 / 67.0 at 1 / 2
 # / 4 / 8 requests against 37.2 / 39.2 / 47.8 / 72.3 with the ring's own launch; FA3 bf16: 16.2 / 28.1 / 42.5 / 72.5;
 # that run's combine was ~1 us slower than the one-pass one used: decode_attention_h200_combine.md)
 RING_LAUNCH_MIN_REQUESTS = 16
 RING_PROGRAMS = 2
-WINDOW_DECODE_PROGRAMS = 132
+WINDOW_DECODE_PROGRAMS = 264
+# split-K segments hold at least this many key tiles: shorter ones cost more in the combine than they save (1 request /
+# 8k with the window: 22 us in 33 segments of 2 tiles, 18 in 17 of 4; decode_attention_h200_window_programs.md)
+MIN_SEGMENT_TILES = 4
 RING_TILE = 32  # ring entries per step of a ring pass
 # query rows per decode program: the G query heads of one KV head padded to a power of two, at least this many.  Triton
 # pads dots below 16 rows on the tensor cores, while the scores' softmax runs on the rows the tensor holds: at 16 rows
@@ -870,11 +874,13 @@ class AttentionPlan:
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
                    num_stages: int | None = None, maxnreg: int | None = None, window: bool = False,
-                   int8_scores: bool = False, decode_rows: int = DECODE_MIN_ROWS) -> AttentionPlan:
+                   int8_scores: bool = False, decode_rows: int = DECODE_MIN_ROWS,
+                   min_segment_tiles: int = MIN_SEGMENT_TILES) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
     the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA, 1 per SM for decodes with the 16-bit
     ``window`` below RING_LAUNCH_MIN_REQUESTS requests; 1, i.e. no split, in the CPU interpreter) when there are few
-    sequences (long decodes).  Key tiles: 128 tokens for decode-only steps, 64 with prefill rows (the fastest in
+    sequences (long decodes), each segment at least ``min_segment_tiles`` key tiles of the ``max_seq_len`` range.
+    Key tiles: 128 tokens for decode-only steps, 64 with prefill rows (the fastest in
     benchmarks/results/decode_attention_h100's sweep).  ``int8_scores``: decode steps score on int8 tensor cores
     (``AttentionPlan.qk_int8``).  Decode programs hold the G query heads of one KV head, padded to a power of two of
     at least ``decode_rows`` rows (``DECODE_MIN_ROWS``); prefill programs 64 rows."""
@@ -903,7 +909,7 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
         q_seq, q_first = as_tensor(seq), as_tensor(first)
     programs = q_seq.shape[0] * num_kv_heads
-    segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile), 64))
+    segments = max(1, min(triton.cdiv(min_programs, programs), triton.cdiv(max_seq_len, tile * min_segment_tiles), 64))
     # (the CPU interpreter runs programs one after another: one ring program, not RING_PROGRAMS slices)
     return AttentionPlan(q_seq, q_first, block_q, block_m, segments, tile, num_warps, maxnreg, num_stages,
                          ring_launch=ring_launch, ring_programs=RING_PROGRAMS if cuda else 1,

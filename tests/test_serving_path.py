@@ -250,7 +250,8 @@ def test_ring_step_ignores_cuda_graph_padding(rng):
 
 def test_decode_graph_plan_splits_long_contexts():
     """A decode step captured in a FULL CUDA graph is planned from vLLM's capture metadata (contexts of 1 token) and
-    replayed for long contexts: its split-K segments must be those a plan from the real 8k context gets, not 1."""
+    replayed for long contexts: its split-K segments must be those of a plan for max_model_len, at least as many as a
+    plan from the real context gets, not 1."""
     from vllm_aquakv.backend import planned_seq_len
     from vllm_aquakv.kernels.attention import plan_attention
 
@@ -264,6 +265,6 @@ def test_decode_graph_plan_splits_long_contexts():
     real = segments(context)
     assert real > 1
     captured = segments(planned_seq_len(1, 1, True, 16384))
-    assert captured == real
+    assert captured == segments(16384) >= real
     assert segments(planned_seq_len(1, 1, False, 16384)) == 1  # eager steps plan from their own lengths
     assert planned_seq_len(300, 64, True, 16384) == 300  # prefill / mixed steps are never FULL graphs

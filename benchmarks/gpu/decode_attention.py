@@ -255,6 +255,8 @@ def main():
                     "of the codes launch (comma list; AttentionPlan.ring_programs)")
     ap.add_argument("--combine-steps", default="", help="also each aquakv mode with the combine walking this many "
                     "split-K partials per iteration (comma list of 1, 2, 4; AttentionPlan.combine_step)")
+    ap.add_argument("--segment-tiles", default="", help="also each aquakv mode split with segments of at least this "
+                    "many key tiles (comma list; plan_attention's min_segment_tiles, default MIN_SEGMENT_TILES)")
     ap.add_argument("--rows", default="", help="also each aquakv mode with decode programs of this many query rows "
                     "(comma list; plan_attention's decode_rows, default DECODE_MIN_ROWS)")
     OPTIONS = args = ap.parse_args()
@@ -301,6 +303,9 @@ def main():
                 counts += [plan_attention(qsl_list, ctx, HQ, H, "cuda", window=win is not None,
                                           **{**best, "min_programs": p}).segments
                            for p in ints(args.min_programs)]  # other split-K widths
+                counts += [plan_attention(qsl_list, ctx, HQ, H, "cuda", window=win is not None,
+                                          **{**best, "min_segment_tiles": t}).segments
+                           for t in ints(args.segment_tiles)]
                 steps = [None] + ints(args.combine_steps)  # None: the kernel's default
                 qk = [None] + ([True] if args.qk_int8 else [])
                 # rows per decode program: the plan's and those plan_attention pads --rows to
