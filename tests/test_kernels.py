@@ -809,3 +809,37 @@ def test_decode_step_replays_in_a_cuda_graph(window, beside, rng):
         if ring is not None:
             for t, want in zip(tensors[1:], state[1:]):
                 assert torch.equal(t[:3], want[:3])  # real rows; the padded row is cleared, the scratch row any
+
+
+@pytest.mark.parametrize("sinks,window", [(4, 24), (0, 40), (3, 0), (4, 128)])
+def test_fused_begin_step_matches_torch(sinks, window, rng):
+    """``kernels/window_step.py``'s one-launch ring bookkeeping against ``ExactTokens.begin_step`` over three steps:
+    prefill chunks longer and shorter than the window, decodes, requests that continue in their row, move to another
+    row or are replaced, a padded request without tokens and padding tokens past the last request (as in FULL CUDA
+    graphs): the same ring entries per token and the same tags, lengths and last blocks, exactly."""
+    from vllm_aquakv.window import ExactTokens
+
+    page, max_rows, max_blocks = 16, 5, 40
+    table = torch.randperm(max_rows * max_blocks + 8, generator=rng)[:max_rows * max_blocks].view(max_rows, max_blocks)
+    twin, fused = ExactTokens(sinks, window, max_rows, 1), ExactTokens(sinks, window, max_rows, 1)
+    fused.fused_begin = True
+    # per batch row (= ring row): (the request's block-table row, its context before the step, its new tokens); -1: a
+    # padded request
+    steps = [[(0, 0, 37), (1, 0, 150), (2, 0, 5)],
+             [(0, 37, 1), (2, 5, 60), (1, 150, 1), (3, 0, 9)],  # row 0 continues, rows 1 and 2 swap, row 3 is new
+             [(0, 38, 1), (1, 151, 1), (3, 9, 1), (-1, 0, 0)]]  # row 0 continues, the others move up, one finished
+    for reqs in steps:
+        block_table = torch.stack([table[max(r, 0)] for r, _, _ in reqs]).int().to(DEVICE)
+        lens = torch.tensor([c + q if r >= 0 else 0 for r, c, q in reqs], dtype=torch.int32, device=DEVICE)
+        qsl = torch.tensor([0] + [q for _, _, q in reqs], dtype=torch.int32).cumsum(0).int().to(DEVICE)
+        pos = torch.cat([torch.arange(c, c + q) for _, c, q in reqs])
+        req = torch.cat([torch.full((q,), i) for i, (_, _, q) in enumerate(reqs)])
+        slots = (block_table.cpu()[req, pos // page].long() * page + pos % page).to(DEVICE)
+        n = slots.shape[0] + 3  # padding tokens past the last request
+        slots = torch.cat([slots, torch.full((3,), -1, device=DEVICE)])
+        want = twin.begin_step(block_table, lens, qsl, n, slots, page)
+        got = fused.begin_step(block_table, lens, qsl, n, slots, page)
+        for a, b in ((got.rows, want.rows), (got.cols, want.cols), (got.tokens, want.tokens), (fused.tags, twin.tags),
+                     (fused.length, twin.length), (fused.last_block, twin.last_block)):
+            assert torch.equal(a.cpu(), b.cpu()), (reqs, a, b)
+    assert (twin.tags[:max_rows] >= 0).any() and (twin.tags == -1).any()  # some entries kept, others dropped

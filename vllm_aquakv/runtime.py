@@ -114,6 +114,11 @@ class ServingState:
             # allocated now, while vLLM sizes the KV cache, so that its memory profile sees the ring
             self.path.exact = ExactTokens(c.config.num_sink_tokens, c.config.window, rows, num_layers, num_kv_heads,
                                           head_dim, self.model_dtype, device)
+            # experimental, off: the step's ring bookkeeping in one Triton launch (kernels/window_step.py)
+            self.path.exact.fused_begin = bool(extra.get("aquakv_fused_ring_step", False))
+            if self.path.exact.fused_begin and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise UnsupportedModel("aquakv_fused_ring_step runs a Triton kernel: CUDA only (or TRITON_INTERPRET=1 "
+                                       "for tests); drop it")
             ring = 2 * self.path.exact.k[0].numel() * self.model_dtype.itemsize * num_layers
             self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
                                 f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache)")

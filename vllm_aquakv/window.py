@@ -49,6 +49,9 @@ class ExactTokens:
         self.tags: torch.Tensor | None = None  # [rows + 1, width] int64 slot of each entry, -1 empty
         self.length: torch.Tensor | None = None  # [rows] int64 each row's context length after the previous step
         self.last_block: torch.Tensor | None = None  # [rows] int64 block id of that step's last token, -1 none
+        # begin_step in one Triton launch (kernels/window_step.py) instead of ~50 small torch kernels; off until it
+        # has run on a GPU (checked against this twin under TRITON_INTERPRET=1 only)
+        self.fused_begin = False
         if head_dim is not None:  # allocate now (before vLLM measures free memory for the KV cache)
             self._allocate(device)
             for layer in range(num_layers):
@@ -74,6 +77,12 @@ class ExactTokens:
         seq_lens [num_reqs] and query_start_loc [num_reqs + 1]: lists or device tensors (then no host sync, and the
         step can be captured in a CUDA graph: every shape here follows num_reqs and num_tokens only)."""
         device = slot_mapping.device
+        if self.fused_begin:
+            from .kernels.window_step import begin_step_fused
+
+            return begin_step_fused(self, block_table, torch.as_tensor(seq_lens, device=device),
+                                    torch.as_tensor(query_start_loc, device=device), num_tokens, slot_mapping,
+                                    block_size)
         qsl = torch.as_tensor(query_start_loc, device=device).long()
         num_reqs, n = qsl.shape[0] - 1, num_tokens
         if num_reqs > self.max_rows:

@@ -64,13 +64,17 @@ AQUAKV_PRESETS = {
     # the window with each decode layer's cache write before its attention on one stream (aquakv_overlap_write false;
     # the default before 2026-12-04's sixteenth session writes beside the attention on a second stream)
     "aquakv-window-serial": ("--preset speed", {"aquakv_window": True, "aquakv_overlap_write": False}),
+    # the window with the step's ring bookkeeping in one Triton launch (aquakv_fused_ring_step, experimental, off by
+    # default: not yet measured on a GPU when added)
+    "aquakv-window-fused-step": ("--preset speed", {"aquakv_window": True, "aquakv_fused_ring_step": True}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
 }
 
 
 # formats that serve another format's artifact (same calibration, other serving options)
-ARTIFACT_OF = {"aquakv-window-int8": "aquakv-window", "aquakv-window-serial": "aquakv-window"}
+ARTIFACT_OF = {"aquakv-window-int8": "aquakv-window", "aquakv-window-serial": "aquakv-window",
+               "aquakv-window-fused-step": "aquakv-window"}
 
 
 def ensure_artifact(model: str, fmt: str = "aquakv") -> tuple[str, float]:
