@@ -325,7 +325,6 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
     )
 
 
-
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 

@@ -15,20 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import _ring_column
+
 BLOCK_T = 512  # tokens per loop step of a request's program
-
-
-@triton.jit
-def _ring_entries(pos, lens, SINKS: tl.constexpr, WINDOW: tl.constexpr):
-    """(in ring, column) of key positions ``pos`` of a request with ``lens`` tokens (``window.ring_column``)."""
-    in_ring = pos < SINKS
-    if WINDOW > 0:
-        in_ring = in_ring | (pos >= lens - WINDOW)
-        col = tl.where(pos < SINKS, pos, SINKS + pos % WINDOW)
-    else:
-        col = pos
-    col = tl.minimum(col, SINKS + WINDOW - 1)
-    return in_ring & (pos >= 0), col
 
 
 @triton.jit
@@ -59,7 +48,12 @@ def _begin_step_kernel(block_table_ptr, seq_lens_ptr, qsl_ptr, slot_ptr, tags_pt
         for t0 in range(q0, q1, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             t_mask = tok < q1
-            in_ring, col = _ring_entries(context + (tok - q0), lens, SINKS, WINDOW)
+            pos = context + (tok - q0)  # the token's key position
+            in_ring = pos < SINKS
+            if WINDOW > 0:
+                in_ring = in_ring | (pos >= lens - WINDOW)
+            in_ring = in_ring & (pos >= 0)
+            col = _ring_column(pos, SINKS, WINDOW)
             row = tl.where(in_ring, r, max_rows).to(tl.int64)
             col = tl.where(in_ring, col, 0).to(tl.int64)
             tl.store(rows_ptr + tok, row, mask=t_mask)
@@ -85,15 +79,12 @@ def _begin_step_kernel(block_table_ptr, seq_lens_ptr, qsl_ptr, slot_ptr, tags_pt
 def begin_step_fused(ring, block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                      num_tokens: int, slot_mapping: torch.Tensor, block_size: int):
     """``ExactTokens.begin_step`` in one launch (same arguments as device tensors, same ``WindowStep``, same ring
-    state afterwards); ``ring`` is the ``ExactTokens`` whose tags, lengths and last blocks it updates."""
+    state afterwards); ``ring`` is the ``ExactTokens`` whose tags, lengths and last blocks it updates (allocated, the
+    step's request count checked by ``begin_step``)."""
     from vllm_aquakv.window import WindowStep
 
     device = slot_mapping.device
     num_reqs = query_start_loc.shape[0] - 1
-    if num_reqs > ring.max_rows:
-        raise RuntimeError(f"aquakv window ring has {ring.max_rows} rows, the step has {num_reqs} requests")
-    if ring.tags is None:
-        ring._allocate(device)
     rows, cols, tokens = (torch.empty(num_tokens, dtype=torch.int64, device=device) for _ in range(3))
     _begin_step_kernel[(ring.max_rows + 1,)](
         block_table, seq_lens, query_start_loc, slot_mapping, ring.tags, ring.length, ring.last_block,

@@ -153,7 +153,7 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
                 ring = exact.prepare_write(index, compat.step_scratch(StepState), key[:md.num_actual_tokens],
                                            md.block_table, md.seq_lens_dev, md.query_start_loc_dev, md.slot_mapping,
                                            kv_cache.shape[2])
-            if md.decode_only and ring is not None and exact.window > 0 and md.path.overlap_write:
+            if md.decode_only and md.path.overlap_write:  # (overlap_write: CUDA, fused kernels, a window)
                 # nothing this layer's attention reads is stored here (each decode's own token comes from its 16-bit
                 # input): the write runs on a side stream beside the attention, which ``forward`` then joins
                 md.write_stream = write_beside(fused, kv_cache, md.slot_mapping, key, value, ring)

@@ -77,18 +77,18 @@ class ExactTokens:
         seq_lens [num_reqs] and query_start_loc [num_reqs + 1]: lists or device tensors (then no host sync, and the
         step can be captured in a CUDA graph: every shape here follows num_reqs and num_tokens only)."""
         device = slot_mapping.device
-        if self.fused_begin:
-            from .kernels.window_step import begin_step_fused
-
-            return begin_step_fused(self, block_table, torch.as_tensor(seq_lens, device=device),
-                                    torch.as_tensor(query_start_loc, device=device), num_tokens, slot_mapping,
-                                    block_size)
-        qsl = torch.as_tensor(query_start_loc, device=device).long()
+        qsl = torch.as_tensor(query_start_loc, device=device)
         num_reqs, n = qsl.shape[0] - 1, num_tokens
         if num_reqs > self.max_rows:
             raise RuntimeError(f"aquakv window ring has {self.max_rows} rows, the step has {num_reqs} requests")
         if self.tags is None:
             self._allocate(device)
+        if self.fused_begin:
+            from .kernels.window_step import begin_step_fused
+
+            return begin_step_fused(self, block_table, torch.as_tensor(seq_lens, device=device), qsl, n, slot_mapping,
+                                    block_size)
+        qsl = qsl.long()
         lens = torch.as_tensor(seq_lens, device=device).long()
         counts = qsl[1:] - qsl[:-1]
         context = lens - counts

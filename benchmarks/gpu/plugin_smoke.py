@@ -72,13 +72,12 @@ def main(args):
         runs = {"aquakv": ("aquakv", {}), "aquakv-graphs": ("aquakv", {"enforce_eager": False}),
                 "auto-graphs": ("auto", {"enforce_eager": False})}
     pair = None  # two aquakv runs whose greedy tokens and prompt logprobs must be equal: (label, run a, run b)
+    graphs = {"enforce_eager": False}
     if args.decode_graphs:
-        graphs = {"enforce_eager": False}
         runs = {"aquakv-graphs": ("aquakv", {**graphs, "additional_config": {"aquakv_decode_graphs": False}}),
                 "aquakv-decode-graphs": ("aquakv", {**graphs, "additional_config": {"aquakv_decode_graphs": True}})}
         pair = ("FULL decode graphs vs PIECEWISE", "aquakv-decode-graphs", "aquakv-graphs")
     if args.overlap_write:
-        graphs = {"enforce_eager": False}
         runs = {"aquakv-write-serial": ("aquakv", {**graphs, "additional_config": {"aquakv_overlap_write": False}}),
                 "aquakv-write-beside": ("aquakv", {**graphs, "additional_config": {"aquakv_overlap_write": True}})}
         pair = ("decode cache writes beside attention vs before it", "aquakv-write-beside", "aquakv-write-serial")

@@ -61,8 +61,8 @@ AQUAKV_PRESETS = {
     # the window with decode scores on int8 tensor cores (aquakv_int8_scores, opt-in since 2026-12-04); the
     # artifact of aquakv-window (``ARTIFACT_OF``)
     "aquakv-window-int8": ("--preset speed", {"aquakv_window": True, "aquakv_int8_scores": True}),
-    # the window with each decode layer's cache write before its attention on one stream (aquakv_overlap_write false;
-    # the default before 2026-12-04's sixteenth session writes beside the attention on a second stream)
+    # the window with each decode layer's cache write before its attention on one stream (aquakv_overlap_write false:
+    # how every decode step ran before 2026-12-04; the default now writes beside the attention on a second stream)
     "aquakv-window-serial": ("--preset speed", {"aquakv_window": True, "aquakv_overlap_write": False}),
     # the window with the step's ring bookkeeping in one Triton launch (aquakv_fused_ring_step, experimental, off by
     # default: not yet measured on a GPU when added)
