@@ -219,6 +219,20 @@ def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
     d = 0
     while q_lens[d] == 1:
         d += 1
+    return _split_from(d, query_start_loc, seq_lens, device, exact)
+
+
+def context_rows(query_start_loc: list[int], seq_lens: list[int], device,
+                 exact: tuple[int, int] | None = None) -> PrefillSplit:
+    """The rows of every request of the step (decodes too), for attention over K/V reconstructed in torch
+    (``vllm_aquakv.serving.TorchServingPath.attend``: artifacts the fused kernels do not serve)."""
+    return _split_from(0, query_start_loc, seq_lens, device, exact)
+
+
+def _split_from(d: int, query_start_loc: list[int], seq_lens: list[int], device,
+                exact: tuple[int, int] | None) -> PrefillSplit:
+    """The PrefillSplit whose reconstructed requests are d.. of the step (``split_prefills``, ``context_rows``)."""
+    q_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
     rest = range(d, len(q_lens))
     cu_q, cu_k = [0], [0]
     for r in rest:
@@ -297,18 +311,54 @@ def merge_partials(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_
     out.copy_((o_a * w_a + o_b * w_b) / (w_a + w_b))
 
 
+def flash_twin(q, k, v, out, cu_q, max_q, seqused_k, max_k, scale, block_table, window_left=None, return_lse=False):
+    """``compat.flash_attention``'s function in float32 torch (where vLLM has no FlashAttention: the CPU build):
+    varlen attention over paged K/V [pages, page, H, h], causal with queries aligned to the end of their keys, a left
+    window, the natural-log LSE [Hq, total_q] (+inf where a query has no keys, as FA2)."""
+    cu_q, used = cu_q.tolist(), seqused_k.tolist()
+    group = q.shape[1] // k.shape[2]
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), device=q.device)
+    for r in range(len(cu_q) - 1):
+        n_k = used[r]
+        qr = q[cu_q[r]:cu_q[r + 1]].float()
+        kr, vr = (x[block_table[r].long()].flatten(0, 1)[:n_k].float().repeat_interleave(group, dim=1)
+                  for x in (k, v))  # [n_k, Hq, h]
+        s = torch.einsum("qhd,khd->hqk", qr, kr) * scale  # [Hq, Tq, Tk]
+        last = torch.arange(qr.shape[0], device=q.device)[:, None] + n_k - qr.shape[0]  # each query's last key
+        j = torch.arange(n_k, device=q.device)[None, :]
+        hidden = (j > last) if window_left is None else (j > last) | (j < last - window_left)
+        s = s.masked_fill(hidden, float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)  # [Hq, Tq]
+        seen = torch.isfinite(row_lse)
+        # softmax itself, not exp(s - lse): the same float32 rounding as a plain attention (2-bit caches with every
+        # token as codes amplify a last-bit difference: it flips codes of later layers, ~1% of held-out perplexity)
+        p = torch.where(seen[..., None], s.softmax(dim=-1), 0.0)
+        out[cu_q[r]:cu_q[r + 1]] = torch.einsum("hqk,khd->qhd", p, vr).to(out.dtype)
+        lse[:, cu_q[r]:cu_q[r + 1]] = torch.where(seen, row_lse, float("inf"))
+    return lse if return_lse else None
+
+
 def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, split: PrefillSplit, layer: FusedLayer, scale: float,
                       out: torch.Tensor, flash, window: WindowInputs | None = None, merge=None) -> None:
     """Causal attention of the split's non-decode queries (query [N, Hq, h] rows decode_tokens..N) over their
     reconstructed contexts, written to the same rows of ``out`` [N, Hq, h]; ``flash`` is
-    ``compat.flash_attention``'s function (or any with its signature, e.g. a torch twin in tests).  With ``window``
+    ``compat.flash_attention``'s function (or any with its signature: ``flash_twin``).  With ``window``
     (and a split made with its sinks/window), the 16-bit sinks and window are read as the module docstring says;
     ``merge``: ``compat.merge_attention_states``'s function (vLLM's CUDA kernel; default ``merge_partials``, torch:
     ~0.37 ms per layer at 4k tokens on the H200, most of the window's prefill cost)."""
-    heads, h = kv_cache.shape[1], query.shape[-1]
-    k, v = split.scratch(heads, h, query.dtype, query.device)
+    k, v = split.scratch(kv_cache.shape[1], query.shape[-1], query.dtype, query.device)
     reconstruct(kv_cache, block_table, seq_lens, split.rows, split.cu_k, split.max_k, layer, k, v)
+    attend_rows(query, block_table, kv_cache.shape[2], split, scale, out, flash, window, merge)
+
+
+def attend_rows(query: torch.Tensor, block_table: torch.Tensor, page_block: int, split: PrefillSplit, scale: float,
+                out: torch.Tensor, flash, window: WindowInputs | None = None, merge=None) -> None:
+    """The attention half of ``prefill_attention``: the split's queries (query rows decode_tokens..N) over the
+    reconstructed K/V rows already in ``split.scratch``, written to the same rows of ``out``; the 16-bit sinks and
+    window (``window``) put into those rows here (vLLM's pages hold ``page_block`` tokens)."""
+    heads, h = split._scratch[0].shape[1:]
+    k, v = split._scratch
     d = split.decode_tokens
     q = query[d:]
     k_pages, v_pages = (x.view(-1, PAGE, heads, h) for x in (k, v))  # [pages, PAGE, H, h]
@@ -320,14 +370,15 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: 
         attend(out[d:], split.seq_k)
         return
     if split.sink_rows is None:
-        raise ValueError("prefill_attention with a window needs split_prefills(..., exact=(sinks, window))")
-    split.sink_rows.put(k, v, window, block_table, kv_cache.shape[2])
+        raise ValueError("attention with a window needs rows made with exact=(sinks, window) (split_prefills, "
+                         "context_rows)")
+    split.sink_rows.put(k, v, window, block_table, page_block)
     if window.window == 0:  # sinks only: every other key from its codes
         attend(out[d:], split.seq_k)
         return
     o_codes, o_window = torch.empty_like(q), torch.empty_like(q)
     lse_codes = attend(o_codes, split.codes_k, return_lse=True)
-    split.window_rows.put(k, v, window, block_table, kv_cache.shape[2])
+    split.window_rows.put(k, v, window, block_table, page_block)
     lse_window = attend(o_window, split.seq_k, window_left=window.window - 1, return_lse=True)
     (merge or merge_partials)(out[d:], o_window, lse_window, o_codes, lse_codes)
 

@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from vllm_aquakv.kernels.reconstruct import flash_twin
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = pytest.mark.skipif(DEVICE == "cpu", reason="real shapes: too slow for the interpreter, run on the GPU")
@@ -105,31 +107,6 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
     check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want)
 
 
-def torch_flash(q, k, v, out, cu_q, max_q, seqused_k, max_k, scale, block_table, window_left=None, return_lse=False):
-    """vLLM's varlen FlashAttention over paged K/V (``compat.flash_attention``: causal, queries aligned to the end of
-    their keys, a left window, the natural-log LSE [Hq, total_q], +inf where a query has no keys, as FA2) in float32
-    torch."""
-    cu_q, used = cu_q.tolist(), seqused_k.tolist()
-    group = q.shape[1] // k.shape[2]
-    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), device=q.device)
-    for r in range(len(cu_q) - 1):
-        n_k = used[r]
-        qr = q[cu_q[r]:cu_q[r + 1]].float()
-        kr, vr = (x[block_table[r].long()].flatten(0, 1)[:n_k].float().repeat_interleave(group, dim=1)
-                  for x in (k, v))  # [n_k, Hq, h]
-        s = torch.einsum("qhd,khd->hqk", qr, kr) * scale  # [Hq, Tq, Tk]
-        last = torch.arange(qr.shape[0], device=q.device)[:, None] + n_k - qr.shape[0]  # each query's last key
-        j = torch.arange(n_k, device=q.device)[None, :]
-        hidden = (j > last) if window_left is None else (j > last) | (j < last - window_left)
-        s = s.masked_fill(hidden, float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1)  # [Hq, Tq]
-        seen = torch.isfinite(row_lse)
-        p = torch.where(seen[..., None], torch.exp(s - row_lse[..., None]), 0.0)
-        out[cu_q[r]:cu_q[r + 1]] = torch.einsum("hqk,khd->qhd", p, vr).to(out.dtype)
-        lse[:, cu_q[r]:cu_q[r + 1]] = torch.where(seen, row_lse, float("inf"))
-    return lse if return_lse else None
-
-
 def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want):
     """The backend's prefill split: the decode request through the fused kernel, the others through
     ``reconstruct`` (checked against the torch path's own reconstruction) + FlashAttention (its torch twin here;
@@ -144,7 +121,7 @@ def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, s
     plan = plan_attention(qsl[:2], max(lens), query.shape[1], kv.shape[1], DEVICE, tile=16 if DEVICE == "cpu" else None)
     fused_attention(query[:1], kv, block_table, seq_lens, torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan,
                     fused, scale, out=out[:1])
-    prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, out, torch_flash)
+    prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, out, flash_twin)
     k_rows, v_rows = split.scratch(kv.shape[1], query.shape[2], query.dtype, DEVICE)
     for i, r in enumerate(split.rows.tolist()):  # the reconstructed rows are the torch path's K/V
         recon = {}
@@ -455,7 +432,7 @@ def test_cache_write_stores_the_ring(heads, head_dim, sinks, window, rng):
 ])
 def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, grid, sinks, window, rng,
                                          decode_only=False):
-    """16-bit sinks/window in the fused kernel (``WindowInputs``) against the torch path's ``window_attention`` on
+    """16-bit sinks/window in the fused kernel (``WindowInputs``) against the torch path (``TorchServingPath.attend``) on
     the same paged cache and ring: a first step writes every request's context, a second writes a decode token, a
     prefill chunk and a fresh prompt and attends (no split and split-K).  ``decode_only``: the second step is one
     token per request (decode launches: the ring is read in its own pass before the codes)."""
@@ -551,7 +528,7 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     got = torch.empty(query.shape, dtype=query.dtype, device=DEVICE)
     plan = plan_attention(qsl[:2], max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else None)
     fused_attention(query[:1], kv, block_table, seq_lens, qsl_dev, plan, fused, scale, out=got[:1], window=win)
-    prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, got, torch_flash, window=win)
+    prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, got, flash_twin, window=win)
     err = (got.float().cpu() - want).norm() / want.norm()
     # GPU: bfloat16 reconstructed K/V rows and output (2^-9 relative rounding each; 0.0052 seen on the H200 once)
     assert err < (1e-5 if DEVICE == "cpu" else 1e-2), err
@@ -647,7 +624,7 @@ def test_split_prefills_places_every_16_bit_row(sinks, window, rng):
 
 @ON_GPU
 def test_vllm_flash_attention_keeps_the_twins_contract(rng):
-    """compat.flash_attention (vLLM's FA3 on the H100/H200) computes what torch_flash does: paged K/V, causal,
+    """compat.flash_attention (vLLM's FA3 on the H100/H200) computes what flash_twin does: paged K/V, causal,
     queries aligned to the end of their keys, GQA, varlen, fewer keys than pages hold, a left window and the LSE."""
     from vllm_aquakv import compat
 
@@ -664,7 +641,7 @@ def test_vllm_flash_attention_keeps_the_twins_contract(rng):
     lens = torch.tensor(k_lens, dtype=torch.int32, device=DEVICE)
     got, want = torch.empty_like(q), torch.empty_like(q)
     flash(q, k, v, got, cu_q, max(q_lens), lens, max(k_lens), 0.1, table)
-    torch_flash(q, k, v, want, cu_q, max(q_lens), lens, max(k_lens), 0.1, table)
+    flash_twin(q, k, v, want, cu_q, max(q_lens), lens, max(k_lens), 0.1, table)
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < 1e-2, err
     # the window prefill's two calls: fewer keys per sequence (the first 10 queries of the first sequence, the second
@@ -672,7 +649,7 @@ def test_vllm_flash_attention_keeps_the_twins_contract(rng):
     fewer = torch.tensor([20, 0, 150], dtype=torch.int32, device=DEVICE)
     for used, extra in ((fewer, {}), (lens, {"window_left": 27})):
         lse_got = flash(q, k, v, got, cu_q, max(q_lens), used, max(k_lens), 0.1, table, return_lse=True, **extra)
-        lse_want = torch_flash(q, k, v, want, cu_q, max(q_lens), used, max(k_lens), 0.1, table, return_lse=True,
+        lse_want = flash_twin(q, k, v, want, cu_q, max(q_lens), used, max(k_lens), 0.1, table, return_lse=True,
                                **extra)
         seen = torch.isfinite(lse_want)  # [Hq, N]
         assert torch.equal(torch.isfinite(lse_got), seen), extra
@@ -702,6 +679,68 @@ def test_vllm_merge_matches_merge_partials(rng):
     assert torch.allclose(got[:60].float(), o_a[:60].float())  # no keys in part b: part a alone
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < 1e-2, err
+
+
+@ON_GPU
+@pytest.mark.parametrize("window", [None, (4, 16)])
+def test_torch_path_through_flash_attention(window, rng):
+    """The torch path on CUDA (artifacts the fused kernels do not serve, e.g. the pre-RoPE quality default): every
+    request's context reconstructed at once, attended through vLLM's FlashAttention in bf16 (``path.flash``), equals
+    the same path through ``flash_twin`` in float32 within bf16 rounding, over a prefill step and a decode step of a
+    ragged batch, with and without the 16-bit sinks/window."""
+    from vllm_aquakv import compat
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.rope import Rope
+    from vllm_aquakv.serving import StepState, TorchServingPath
+    from vllm_aquakv.window import ExactTokens
+
+    flash = compat.flash_attention(128)
+    if flash is None:
+        pytest.skip("this vLLM build has no FlashAttention")
+    heads, q_heads, h, page_block, layers = 8, 24, 128, 16, 3
+    calib_k = [torch.randn(600, heads, h, generator=rng) + torch.randn(1, heads, h, generator=rng) for _ in range(layers)]
+    calib_v = [torch.randn(600, heads, h, generator=rng) for _ in range(layers)]
+    cache = AquaKVCache.calibrate(AquaKVConfig(), calib_k, calib_v)  # the quality default: pre-RoPE chain
+    cache.to(DEVICE)
+    rope = Rope({"rope_theta": 500000.0}, h)
+    rope.inv_freq = rope.inv_freq.to(DEVICE)
+    paths = [TorchServingPath(cache, rope) for _ in range(2)]
+    paths[1].flash, paths[1].merge = flash, compat.merge_attention_states()
+    lens = [300, 77, 1000]
+    blocks = sum(-(-n // page_block) + 1 for n in lens)
+    order = torch.randperm(blocks, generator=rng).to(DEVICE)
+    table = torch.zeros(len(lens), 70, dtype=torch.int32, device=DEVICE)
+    used = 0
+    for r, n in enumerate(lens):
+        k = -(-n // page_block) + 1
+        table[r, :k] = order[used:used + k].int()
+        used += k
+    kvs = [[torch.zeros(blocks, heads, page_block, p.slot_bytes(l), dtype=torch.uint8, device=DEVICE)
+            for l in range(layers)] for p in paths]
+    for p in paths:
+        if window is not None:
+            p.exact = ExactTokens(*window, 4, layers, heads, h, torch.bfloat16, DEVICE)
+    for counts, starts in (([n - 1 for n in lens], [0] * 3), ([1] * 3, [n - 1 for n in lens])):
+        qsl = [0]
+        for n in counts:
+            qsl.append(qsl[-1] + n)
+        seq_lens = [s + n for s, n in zip(starts, counts)]
+        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]).to(DEVICE)
+        req = torch.cat([torch.full((n,), r) for r, n in enumerate(counts)]).to(DEVICE)
+        slots = table[req, pos // page_block].long() * page_block + pos % page_block
+        steps = [StepState(), StepState()]
+        for l in range(layers):
+            key = torch.randn(len(pos), heads, h, generator=rng).to(DEVICE, torch.bfloat16)
+            value = torch.randn(len(pos), heads, h, generator=rng).to(DEVICE, torch.bfloat16)
+            query = torch.randn(len(pos), q_heads, h, generator=rng).to(DEVICE, torch.bfloat16)
+            outs = []
+            for p, kv, step in zip(paths, kvs, steps):
+                p.write(l, kv[l], slots, key, value, pos, step, counts, table, seq_lens)
+                outs.append(p.attend(l, query, kv[l], table, seq_lens, qsl, h ** -0.5, step, key, value))
+            want, got = outs
+            assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
+            err = (got.float() - want).norm() / want.norm()
+            assert err < 1e-2, (counts, l, err)
 
 
 @ON_GPU

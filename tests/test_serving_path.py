@@ -9,7 +9,8 @@ import torch
 from test_reference import correlated_kv
 from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
 from vllm_aquakv.rope import Rope
-from vllm_aquakv.serving import StepState, TorchServingPath, causal_attention
+from vllm_aquakv.kernels.reconstruct import flash_twin
+from vllm_aquakv.serving import StepState, TorchServingPath
 
 H, D, HQ = 2, 32, 6  # GQA 3:1
 ROPE_CFG = {"rope_theta": 10000.0}
@@ -110,9 +111,31 @@ def test_paged_steps_match_reference(config, block_size, rng):
     assert done == lens
 
 
-def test_causal_attention_matches_float64(rng):
-    q, k, v = torch.randn(5, 6, 32, generator=rng), torch.randn(9, 2, 32, generator=rng), torch.randn(9, 2, 32, generator=rng)
-    assert torch.allclose(causal_attention(q, k, v, 0.2, 4).double(), attention64(q, k, v, 0.2, 4), atol=1e-5)
+@pytest.mark.parametrize("window_left", [None, 5])
+def test_flash_twin_matches_float64(window_left, rng):
+    """flash_twin (the CPU path's attention, vLLM's FlashAttention call in torch) against float64 attention: paged
+    K/V in shuffled pages, varlen queries aligned to the end of their keys, GQA 3:1, a left window, the LSE."""
+    q_lens, k_lens, page = [5, 1, 12], [9, 20, 12], 4
+    q = torch.randn(sum(q_lens), HQ, D, generator=rng)
+    k, v = torch.randn(15, page, H, D, generator=rng), torch.randn(15, page, H, D, generator=rng)
+    table = torch.randperm(15, generator=rng).view(3, 5).int()
+    cu_q = torch.tensor([0, 5, 6, 18], dtype=torch.int32)
+    out = torch.empty_like(q)
+    lse = flash_twin(q, k, v, out, cu_q, 12, torch.tensor(k_lens, dtype=torch.int32), 20, 0.2, table, window_left,
+                     return_lse=True)
+    for r, (a, b) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist())):
+        kr, vr = (x[table[r].long()].flatten(0, 1)[:k_lens[r]] for x in (k, v))
+        first = k_lens[r] - (b - a)
+        if window_left is None:
+            want = attention64(q[a:b], kr, vr, 0.2, first)
+        else:  # float64 with the window: query i sees keys (i - window_left - 1, i]
+            rep = lambda x: x.double().repeat_interleave(HQ // H, 1)  # noqa: E731
+            s = torch.einsum("qhd,khd->hqk", q[a:b].double(), rep(kr)) * 0.2
+            qp, kp = torch.arange(b - a)[:, None] + first, torch.arange(k_lens[r])[None]
+            s = s.masked_fill((kp > qp) | (kp < qp - window_left), -math.inf)
+            want = torch.einsum("hqk,khd->qhd", s.softmax(-1), rep(vr))
+            assert torch.allclose(lse[:, a:b].double(), torch.logsumexp(s, -1), atol=1e-5)
+        assert torch.allclose(out[a:b].double(), want, atol=1e-5)
 
 
 def test_rope_undo_inverts_apply(rng):

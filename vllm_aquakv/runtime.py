@@ -90,8 +90,8 @@ class ServingState:
         c.to(device)
         self.rope.inv_freq = self.rope.inv_freq.to(device)
         self.path = TorchServingPath(c, self.rope)
-        self.kernel_note = "torch attention path (CPU)"
         on_cuda = str(device).startswith("cuda")
+        self.kernel_note = "torch attention path (aquakv_kernels false)" if on_cuda else "torch attention path (CPU)"
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
         self.window_note = "every token is stored as codes (no 16-bit sinks/window)"
         fused = None  # with aquakv_kernels: every layer's fused-kernel constants, or why not all layers fit
@@ -128,6 +128,8 @@ class ServingState:
                                       extra.get("aquakv_flash_prefill", True), extra.get("aquakv_int8_scores", False))
         elif extra.get("aquakv_int8_scores"):
             raise UnsupportedModel("aquakv_int8_scores is an option of the fused Triton kernels (CUDA): drop it")
+        if on_cuda and not self.path.fused:
+            self._torch_path_attention()
         # decode-only steps in vLLM's FULL CUDA graphs (AquaKVMetadataBuilder.get_cudagraph_support): the fused
         # kernels' decode path has no host sync and sizes everything by the batch alone; the torch path syncs.
         # Checked on the H200: tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph (the step itself) and
@@ -142,6 +144,18 @@ class ServingState:
         if self.path.overlap_write:
             self.kernel_note += "; decode cache writes beside attention on a second CUDA stream (aquakv_overlap_write)"
         self._log()
+
+    def _torch_path_attention(self) -> None:
+        """CUDA without the fused kernels (e.g. the pre-RoPE quality default): each step reconstructs every request's
+        context in torch, then attends through vLLM's FlashAttention where this build has it for a 16-bit model."""
+        if self.model_dtype not in (torch.float16, torch.bfloat16):
+            self.kernel_note += f"; attention in float32 torch (FlashAttention takes 16-bit models, this one is " \
+                                f"{str(self.model_dtype).replace('torch.', '')})"
+            return
+        self.path.flash = compat.flash_attention(self.cache.head_dim)
+        self.path.merge = compat.merge_attention_states()
+        self.kernel_note += ("; attention over the reconstructed K/V through FlashAttention" if self.path.flash else
+                             "; no FlashAttention in this vLLM build for this head size: attention in float32 torch")
 
     def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,
                              block_size: int, compile_now: bool, flash_prefill: bool = True,

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .codec import Encoded, HiggsCodec
+from .kernels.attention import WindowInputs
+from .kernels.reconstruct import PrefillSplit, attend_rows, context_rows, flash_twin
 from .reference import AquaKVCache
 from .rope import Rope
-from .window import window_attention
 
 
 class SlotLayout:
@@ -74,10 +75,42 @@ class SlotLayout:
 
 
 @dataclass
-class StepState:
-    """Per-forward-step scratch shared by all layers: reconstructed K/V of each request's whole context."""
+class ContextRows:
+    """Every request's whole context in one step, as T rows (request by request, positions ascending): where each
+    token's slot is, and where its reconstruction goes for attention (``split``)."""
 
-    recon: list[dict[tuple[str, int], torch.Tensor]] = field(default_factory=list)  # per request
+    split: PrefillSplit  # the rows' attention layout (``kernels.reconstruct.context_rows``) and its K/V scratch
+    blocks: torch.Tensor  # [T] int64 paged block of each context token
+    offsets: torch.Tensor  # [T] int64 its slot in that block
+    positions: torch.Tensor  # [T] int64 its position
+    dst: torch.Tensor  # [T] int64 its row in ``split.scratch``
+    new: torch.Tensor  # [N] int64 the row (among the T) of each of this step's tokens
+
+    @classmethod
+    def make(cls, query_start_loc: list[int], seq_lens: list[int], block_table: torch.Tensor, page_block: int,
+             device, exact: tuple[int, int] | None) -> "ContextRows":
+        """The step's rows from host lists (query_start_loc [R + 1], seq_lens [R]) and vLLM's block table."""
+        split = context_rows(query_start_loc, seq_lens, device, exact)
+        q_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
+        starts = [0]
+        for n in seq_lens[:-1]:
+            starts.append(starts[-1] + n)
+        lens, q_len, start, q_start = torch.tensor([seq_lens, q_lens, starts, query_start_loc[:-1]]).to(device)
+        num_reqs, total, n = len(seq_lens), sum(seq_lens), query_start_loc[-1]
+        req = torch.repeat_interleave(torch.arange(num_reqs, device=device), lens, output_size=total)  # [T]
+        positions = torch.arange(total, device=device) - start[req]
+        tok_req = torch.repeat_interleave(torch.arange(num_reqs, device=device), q_len, output_size=n)  # [N]
+        new = start[tok_req] + (lens - q_len)[tok_req] + torch.arange(n, device=device) - q_start[tok_req]
+        return cls(split, block_table[req, positions // page_block].long(), positions % page_block, positions,
+                   split.cu_k.long()[req] + positions, new)
+
+
+@dataclass
+class StepState:
+    """Per-forward-step scratch shared by all layers: the step's context rows and their reconstructions."""
+
+    rows: ContextRows | None = None  # made by the step's first ``attend``
+    recon: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (stream, layer) -> [T, H, h] float32
     window: object = None  # window.WindowStep: this step's 16-bit ring entries (with ``TorchServingPath.exact``)
 
 
@@ -90,7 +123,9 @@ class TorchServingPath:
         self.int8_scores = False  # fused decode steps score on int8 tensor cores (``aquakv_int8_scores``)
         self.overlap_write = False  # fused decode steps with the window write beside attention (``aquakv_overlap_write``)
         self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (aquakv_window; runtime sets the default)
-        self.flash = None  # compat.flash_attention's function: prefill steps through reconstruction + FlashAttention
+        # compat.flash_attention's function: prefill steps of the fused kernels, and every step of this path, attend
+        # over reconstructed K/V through it (None: ``flash_twin``, torch)
+        self.flash = None
         self.merge = None  # compat.merge_attention_states's function (the window's prefill merges two FA calls)
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
                                    cache.exact_dtype) for l in range(cache.num_layers)]
@@ -125,7 +160,10 @@ class TorchServingPath:
         sources = {}  # reconstructions of earlier layers for this step's tokens, in token order
         for src in {s for stream in "kv" for s in getattr(self.cache.predictors.get((stream, layer)), "sources", ())}:
             if src[1] != layer:
-                sources[src] = torch.cat([r[src][-q:] for r, q in zip(step.recon, query_lens)])
+                if src not in step.recon:
+                    raise RuntimeError(f"aquakv: layer {layer}'s cache write needs {src}'s reconstruction, which this "
+                                       "step's attention did not make (an earlier layer skipped attend)")
+                sources[src] = step.recon[src][step.rows.new]
         post = self.cache.config.key_rope == "post"
         k_in = key[:n].float() if post else self.rope.undo(key[:n], positions[:n])  # the artifact's key frame
         k_part, sources["k", layer] = self.cache.encode_stream("k", layer, k_in, sources)
@@ -143,9 +181,12 @@ class TorchServingPath:
         [seq_len, H, h] each)."""
         block_size = kv_cache.shape[2]
         pos = torch.arange(seq_len, device=kv_cache.device)
-        slots = kv_cache[block_table[pos // block_size].long(), :, pos % block_size]  # [L, H, slot]
-        parts = self.layouts[layer].unpack(slots)
-        for stream, part in zip("kv", parts):
+        self.decode_slots(layer, kv_cache[block_table[pos // block_size].long(), :, pos % block_size], recon)
+
+    def decode_slots(self, layer: int, slots: torch.Tensor, recon: dict) -> None:
+        """Reconstruct ``layer``'s K (the artifact's key frame) and V of the tokens whose slots are ``slots``
+        [T, H, slot] into ``recon`` (float32 [T, H, h]), predicted from the same tokens' earlier entries of ``recon``."""
+        for stream, part in zip("kv", self.layouts[layer].unpack(slots)):
             codec = self.cache.codecs[stream, layer]
             if codec is None:
                 recon[stream, layer] = part.float()
@@ -156,40 +197,41 @@ class TorchServingPath:
     def attend(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: list[int], query_start_loc: list[int], scale: float, step: StepState,
                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal attention of this step's queries [N, Hq, h] (post-RoPE) over reconstructed contexts -> [N, Hq, h];
-        with ``exact``, sinks and window from 16 bits (this step's own tokens from key/value [N, H, h])."""
-        if not step.recon:
-            step.recon = [{} for _ in seq_lens]
-        out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-        for r, seq_len in enumerate(seq_lens):
-            recon = step.recon[r]
-            self.read_context(layer, kv_cache, block_table[r], seq_len, recon)
-            k = recon["k", layer]
+        """Causal attention of this step's queries [N, Hq, h] (post-RoPE) over reconstructed contexts -> [N, Hq, h]
+        (in query's dtype through FlashAttention, else float32); with ``exact``, sinks and window from 16 bits (this
+        step's own tokens from key/value [N, H, h]).  Every request's context is reconstructed at once (its codes,
+        the predictions from earlier layers, RoPE), into 16-bit rows that FlashAttention reads (``self.flash``;
+        ``flash_twin`` in float32 where there is none, e.g. on CPU)."""
+        page_block, heads, head_dim = kv_cache.shape[2], self.cache.num_kv_heads, self.cache.head_dim
+        ring = self.exact
+        if step.rows is None:  # the step's first layer
+            step.rows = ContextRows.make(query_start_loc, seq_lens, block_table, page_block, query.device,
+                                         None if ring is None else (ring.sinks, ring.window))
+        rows = step.rows
+        dtype = query.dtype if self.flash is not None else torch.float32
+        k_rows, v_rows = rows.split.scratch(heads, head_dim, dtype, query.device)  # [rows, H, h]
+        total = rows.positions.shape[0]
+        kept = {(stream, layer): torch.empty(total, heads, head_dim, device=query.device) for stream in "kv"
+                if self.last_use.get((stream, layer), -1) > layer}  # what later layers' predictors read
+        # on CPU in slices of ~1 MB per tensor, which stay in cache through the ~30 ops of a decode (one slice of all
+        # contexts ran 2x slower on 2 cores); on CUDA at once
+        chunk = total if query.is_cuda else max(256, 2 ** 18 // (heads * head_dim))
+        for a in range(0, total, chunk):
+            part = {src: x[a:a + chunk] for src, x in step.recon.items()}  # the earlier layers' rows of the slice
+            self.decode_slots(layer, kv_cache[rows.blocks[a:a + chunk], :, rows.offsets[a:a + chunk]], part)
+            k, v = part["k", layer], part["v", layer]  # [slice, H, h]
+            for src, x in kept.items():
+                x[a:a + chunk] = part[src]
             if self.cache.config.key_rope == "pre":
-                k = self.rope.apply(k, torch.arange(seq_len, device=query.device))
-            v = recon["v", layer]
-            q0, q1 = query_start_loc[r], query_start_loc[r + 1]
-            if self.exact is None:
-                out[q0:q1] = causal_attention(query[q0:q1].float(), k, v, scale, seq_len - (q1 - q0))
-            else:
-                block_size = kv_cache.shape[2]
-                pos = torch.arange(seq_len, device=query.device)
-                slots = block_table[r, pos // block_size].long() * block_size + pos % block_size
-                exact = self.exact.exact_context(layer, r, slots, seq_len - (q1 - q0), key[q0:q1], value[q0:q1])
-                out[q0:q1] = window_attention(query[q0:q1].float(), k, v, *exact, self.exact.sinks,
-                                              self.exact.window, scale, seq_len - (q1 - q0))
-            for done in [src for src in recon if self.last_use.get(src, -1) <= layer]:
-                del recon[done]  # no later layer reads it
+                k = self.rope.apply(k, rows.positions[a:a + chunk])
+            k_rows[rows.dst[a:a + chunk]] = k.to(dtype)
+            v_rows[rows.dst[a:a + chunk]] = v.to(dtype)
+        step.recon.update(kept)
+        window = None if ring is None else WindowInputs(ring.k[layer], ring.v[layer], ring.tags, key, value,
+                                                        ring.sinks, ring.window)
+        q = query.to(dtype)
+        out = torch.empty_like(q)
+        attend_rows(q, block_table, page_block, rows.split, scale, out, self.flash or flash_twin, window, self.merge)
+        for done in [src for src in step.recon if self.last_use.get(src, -1) <= layer]:
+            del step.recon[done]  # no later layer reads it
         return out
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, first_pos: int) -> torch.Tensor:
-    """q [Tq, Hq, h] at positions first_pos.., k/v [Tk, H, h] at 0..Tk-1 (GQA: Hq a multiple of H) -> [Tq, Hq, h]."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Tq, Tk]
-    q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + first_pos
-    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
-    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)

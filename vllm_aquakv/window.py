@@ -163,21 +163,3 @@ class ExactTokens:
 def ring_column(pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     """Ring column of positions pos (``ExactTokens.column``)."""
     return torch.where(pos < sinks, pos, sinks + pos % max(window, 1)).clamp(max=sinks + window - 1)
-
-
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_exact: torch.Tensor,
-                     v_exact: torch.Tensor, available: torch.Tensor, sinks: int, window: int, scale: float,
-                     first_pos: int) -> torch.Tensor:
-    """Causal attention of q [Tq, Hq, h] at positions first_pos.. over keys 0..Tk-1 that reads key j of query i from
-    k_exact/v_exact when available[j] and (j < sinks or i - j < window), else from k/v [Tk, H, h] -> [Tq, Hq, h]."""
-    group = q.shape[1] // k.shape[1]
-    rep = lambda x: x.float().repeat_interleave(group, dim=1)  # noqa: E731
-    q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + first_pos
-    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
-    exact = available[None, :] & ((k_pos < sinks) | (q_pos - k_pos < window))  # [Tq, Tk]
-    s_codes = torch.einsum("qhd,khd->hqk", q, rep(k))
-    s_exact = torch.einsum("qhd,khd->hqk", q, rep(k_exact))
-    scores = torch.where(exact, s_exact, s_codes) * scale
-    p = scores.masked_fill(k_pos > q_pos, float("-inf")).softmax(-1)  # [Hq, Tq, Tk]
-    return (torch.einsum("hqk,khd->qhd", p * ~exact, rep(v))
-            + torch.einsum("hqk,khd->qhd", p * exact, rep(v_exact)))
