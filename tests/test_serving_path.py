@@ -66,6 +66,8 @@ def test_paged_steps_match_reference(config, block_size, rng):
     L = cache.num_layers
     rope = Rope(ROPE_CFG, D)
     path = TorchServingPath(cache, rope)
+    if block_size == 32:  # the reconstruction in slices of 24 context tokens (cut mid-request and mid-block)
+        path.slice_tokens = 24
     # post-RoPE keys as vLLM hands them over; the reference encodes rope.undo of the same tensors
     pos = [torch.arange(t) for t in lens]
     post = [[rope.apply(ks[l], p) for l in range(L)] for (ks, _), p in zip(seqs, pos)]
@@ -179,6 +181,7 @@ def test_sinks_and_window_from_16_bits(sinks, window, rng):
     L = cache.num_layers
     path = TorchServingPath(cache, rope)
     path.exact = ExactTokens(sinks, window, max_rows=4, num_layers=L)
+    path.slice_tokens = 40  # slices of the step's contexts cut mid-request
     post = [[rope.apply(ks[l], torch.arange(t)) for l in range(L)] for (ks, _), t in zip(seqs, lens)]
     kv = [torch.zeros(20, H, block_size, path.slot_bytes(l), dtype=torch.uint8) for l in range(L)]
     perm = torch.randperm(20, generator=rng)

@@ -122,6 +122,7 @@ class TorchServingPath:
         self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
         self.int8_scores = False  # fused decode steps score on int8 tensor cores (``aquakv_int8_scores``)
         self.overlap_write = False  # fused decode steps with the window write beside attention (``aquakv_overlap_write``)
+        self.slice_tokens: int | None = None  # context tokens per slice of ``attend``'s reconstruction (None: by device)
         self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (aquakv_window; runtime sets the default)
         # compat.flash_attention's function: prefill steps of the fused kernels, and every step of this path, attend
         # over reconstructed K/V through it (None: ``flash_twin``, torch)
@@ -213,9 +214,10 @@ class TorchServingPath:
         total = rows.positions.shape[0]
         kept = {(stream, layer): torch.empty(total, heads, head_dim, device=query.device) for stream in "kv"
                 if self.last_use.get((stream, layer), -1) > layer}  # what later layers' predictors read
-        # on CPU in slices of ~1 MB per tensor, which stay in cache through the ~30 ops of a decode (one slice of all
-        # contexts ran 2x slower on 2 cores); on CUDA at once
-        chunk = total if query.is_cuda else max(256, 2 ** 18 // (heads * head_dim))
+        # in slices: on CPU of ~1 MB per tensor, which stay in cache through the ~30 ops of a decode (one slice of all
+        # contexts ran 2x slower on 2 cores); on CUDA of ~256 MB, which bounds the decode's temporaries (outside
+        # vLLM's memory profile) at a few launches per slice
+        chunk = self.slice_tokens or max(256, (2 ** 26 if query.is_cuda else 2 ** 18) // (heads * head_dim))
         for a in range(0, total, chunk):
             part = {src: x[a:a + chunk] for src, x in step.recon.items()}  # the earlier layers' rows of the slice
             self.decode_slots(layer, kv_cache[rows.blocks[a:a + chunk], :, rows.offsets[a:a + chunk]], part)
