@@ -20,7 +20,7 @@ from .attention import _ring_column
 BLOCK_T = 512  # tokens per loop step of a request's program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "num_tokens"])  # values that change every step: one compiled variant
 def _begin_step_kernel(block_table_ptr, seq_lens_ptr, qsl_ptr, slot_ptr, tags_ptr, length_ptr, last_block_ptr,
                        rows_ptr, cols_ptr, tokens_ptr, num_reqs, num_tokens, max_rows, stride_bt, max_blocks,
                        SINKS: tl.constexpr, WINDOW: tl.constexpr, WIDTH_P2: tl.constexpr, PAGE_BLOCK: tl.constexpr,

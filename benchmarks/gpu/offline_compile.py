@@ -7,7 +7,7 @@ spending device time.  Pointer arguments are compiled 16-byte aligned, as torch 
 
 ``--sass`` also prints the instruction mix of the kernel's innermost loop (one key tile) from the bundled
 ``cuobjdump``: what the loop spends its issue slots on.  ``--write`` compiles the cache write (kernels/cache_write.py, 16 tokens per program) instead of the attention,
-``--combine`` the split-K combine of a decode step.
+``--combine`` the split-K combine of a decode step, ``--ring-step`` the 16-bit ring's step bookkeeping.
 To check against the GPU image's Triton (3.6), install it beside the venv's and put it first on the path:
 ``pip install --target /tmp/t36 triton==3.6.0 --no-deps; PYTHONPATH=/tmp/t36 python benchmarks/gpu/offline_compile.py``.
 
@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vllm_aquakv.kernels import attention, cache_write
+from vllm_aquakv.kernels import attention, cache_write, window_step
 
 POINTERS = {"q_ptr": "*bf16", "sign_k_ptr": "*fp16", "k_bias_ptr": "*fp32", "cache_ptr": "*u8", "block_table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "q_start_ptr": "*i32", "qblock_seq_ptr": "*i32", "qblock_first_ptr": "*i32",
@@ -74,8 +74,11 @@ def main():
                                                           "blocks of 32")
     ap.add_argument("--combine", action="store_true", help="compile the split-K combine of a decode step (16 rows) "
                     "instead; it launches with --warps 8")
+    ap.add_argument("--ring-step", action="store_true", help="compile the 16-bit ring's step bookkeeping "
+                    "(kernels/window_step.py, aquakv_fused_ring_step) instead")
     args = ap.parse_args()
-    fn, pointers, const = combine_launch(args) if args.combine else attention_or_write_launch(args)
+    fn, pointers, const = (ring_step_launch() if args.ring_step else combine_launch(args) if args.combine
+                           else attention_or_write_launch(args))
     names = fn.arg_names
     signature = {n: pointers.get(n, "fp32" if n == "logit_scale" else "i32") for n in names}
     signature.update({k: "constexpr" for k in const})
@@ -89,6 +92,16 @@ def main():
           f"plain {args.plain} combine {args.combine}: shared {kernel.metadata.shared} B; " + "; ".join(info))
     if args.sass:
         print(loop_mix(sass))
+
+
+def ring_step_launch() -> tuple:
+    """(kernel, pointer types, constants) of ``window_step._begin_step_kernel`` (sinks 4 + window 128, vLLM's int32
+    block table / lengths / query starts, int64 slots and ring state)."""
+    fn = window_step._begin_step_kernel
+    pointers = {n: "*i32" if n in ("block_table_ptr", "seq_lens_ptr", "qsl_ptr") else "*i64"
+                for n in fn.arg_names if n.endswith("_ptr")}
+    const = dict(SINKS=4, WINDOW=128, WIDTH_P2=256, PAGE_BLOCK=16, BLOCK_T=window_step.BLOCK_T)
+    return fn, pointers, const
 
 
 def combine_launch(args) -> tuple:
