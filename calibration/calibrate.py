@@ -205,8 +205,12 @@ def _fit_and_save(args, config, ks, vs, windows, label, out, t0) -> None:
     bits = cache.bits(4096)
     k_err = sum(m["reconstruction_rel_mse"] for k, m in metrics.items() if k.startswith("k.")) / cache.num_layers
     v_err = sum(m["reconstruction_rel_mse"] for k, m in metrics.items() if k.startswith("v.")) / cache.num_layers
-    print(f"[aquakv-calibrate] wrote {path}: {bits['bits_per_value']:.3f} bits/value (codes + scales); calibration "
-          f"relMSE keys {k_err:.4f}, values {v_err:.4f}; {time.time() - t0:.0f} s", flush=True)
+    folder = os.path.dirname(path)
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if os.path.isfile(os.path.join(folder, f)))
+    print(f"[aquakv-calibrate] wrote {path} ({size / 2 ** 20:.2f} MiB): "
+          f"{bits['bits_per_value']:.3f} bits/value (codes + scales); calibration relMSE keys {k_err:.4f}, values "
+          f"{v_err:.4f}; {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
