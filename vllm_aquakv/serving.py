@@ -212,8 +212,8 @@ class TorchServingPath:
         dtype = query.dtype if self.flash is not None else torch.float32
         k_rows, v_rows = rows.split.scratch(heads, head_dim, dtype, query.device)  # [rows, H, h]
         total = rows.positions.shape[0]
-        kept = {(stream, layer): torch.empty(total, heads, head_dim, device=query.device) for stream in "kv"
-                if self.last_use.get((stream, layer), -1) > layer}  # what later layers' predictors read
+        kept = {(stream, layer): torch.empty(total, heads, head_dim, device=query.device, dtype=torch.float32)
+                for stream in "kv" if self.last_use.get((stream, layer), -1) > layer}  # what later layers read
         # in slices: on CPU of ~1 MB per tensor, which stay in cache through the ~30 ops of a decode (one slice of all
         # contexts ran 2x slower on 2 cores); on CUDA of ~256 MB, which bounds the decode's temporaries (outside
         # vLLM's memory profile) at a few launches per slice
