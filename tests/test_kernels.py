@@ -744,14 +744,16 @@ def test_torch_path_through_flash_attention(window, rng):
 
 
 @ON_GPU
-@pytest.mark.parametrize("window,beside", [(None, False), ((4, 128), False), ((4, 128), True)])
-def test_decode_step_replays_in_a_cuda_graph(window, beside, rng):
+@pytest.mark.parametrize("window,beside,fused_ring", [(None, False, False), ((4, 128), False, False),
+                                                      ((4, 128), True, False), ((4, 128), True, True)])
+def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, rng):
     """A decode step as the backend runs it (ring bookkeeping, fused cache write with the ring, fused attention),
     captured in a CUDA graph with a batch padded as vLLM pads FULL-graph batches (a request with no token, length 0,
     null block, slot -1), then replayed for two consecutive steps: outputs, paged cache and ring equal the same
     steps run eagerly without padding.  Fails if any input is baked into the graph (a host copy, a host-side size).
     ``beside``: the graph's steps write on the side stream beside the attention (``write_beside``, the backend's
-    decode steps with the window), the eager ones before it."""
+    decode steps with the window), the eager ones before it.  ``fused_ring``: the graph's steps do the ring's
+    bookkeeping in one Triton launch (``aquakv_fused_ring_step``), the eager ones with its torch twin."""
     from vllm_aquakv.kernels.attention import WindowInputs, fused_attention, fused_layer_or_reason, plan_attention
     from vllm_aquakv.kernels.cache_write import write_beside, write_fused
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
@@ -825,6 +827,8 @@ def test_decode_step_replays_in_a_cuda_graph(window, beside, rng):
                   qsl=torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32, device=DEVICE),
                   block_table=torch.cat([table, torch.zeros_like(table[:1])]),
                   out=torch.zeros(4, q_heads, h, device=DEVICE, dtype=torch.bfloat16))
+    if fused_ring:
+        ring.fused_begin = True
     args = lambda: (static["query"], static["key"], static["value"], static["slot_mapping"],  # noqa: E731
                     static["seq_lens"], static["qsl"], [0, 1, 2, 3, 3], static["block_table"], static["out"], beside)
     side = torch.cuda.Stream()
