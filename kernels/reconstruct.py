@@ -349,16 +349,16 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: 
     ~0.37 ms per layer at 4k tokens on the H200, most of the window's prefill cost)."""
     k, v = split.scratch(kv_cache.shape[1], query.shape[-1], query.dtype, query.device)
     reconstruct(kv_cache, block_table, seq_lens, split.rows, split.cu_k, split.max_k, layer, k, v)
-    attend_rows(query, block_table, kv_cache.shape[2], split, scale, out, flash, window, merge)
+    attend_rows(query, k, v, block_table, kv_cache.shape[2], split, scale, out, flash, window, merge)
 
 
-def attend_rows(query: torch.Tensor, block_table: torch.Tensor, page_block: int, split: PrefillSplit, scale: float,
-                out: torch.Tensor, flash, window: WindowInputs | None = None, merge=None) -> None:
-    """The attention half of ``prefill_attention``: the split's queries (query rows decode_tokens..N) over the
-    reconstructed K/V rows already in ``split.scratch``, written to the same rows of ``out``; the 16-bit sinks and
-    window (``window``) put into those rows here (vLLM's pages hold ``page_block`` tokens)."""
-    heads, h = split._scratch[0].shape[1:]
-    k, v = split._scratch
+def attend_rows(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, page_block: int,
+                split: PrefillSplit, scale: float, out: torch.Tensor, flash, window: WindowInputs | None = None,
+                merge=None) -> None:
+    """The attention half of ``prefill_attention``: the split's queries (query rows decode_tokens..N) over its
+    reconstructed K/V rows k, v [total_k, H, h] (``split.scratch``), written to the same rows of ``out``; the 16-bit
+    sinks and window (``window``) put into those rows here (vLLM's pages hold ``page_block`` tokens)."""
+    heads, h = k.shape[1:]
     d = split.decode_tokens
     q = query[d:]
     k_pages, v_pages = (x.view(-1, PAGE, heads, h) for x in (k, v))  # [pages, PAGE, H, h]

@@ -148,14 +148,25 @@ class ServingState:
     def _torch_path_attention(self) -> None:
         """CUDA without the fused kernels (e.g. the pre-RoPE quality default): each step reconstructs every request's
         context in torch, then attends through vLLM's FlashAttention where this build has it for a 16-bit model."""
+        found = self._use_flash_attention()
+        self.kernel_note += ("; attention over the reconstructed K/V through FlashAttention" if found else
+                             f"; attention in float32 torch ({self._no_flash_reason(found)})")
+
+    def _use_flash_attention(self) -> bool | None:
+        """Give the path vLLM's FlashAttention (and its merge of partials) for attention over reconstructed K/V:
+        whether this build has it for the head size, None for a model that is not 16-bit (FlashAttention refuses
+        float32 at the first call, found on the H200, 2026-12-02)."""
         if self.model_dtype not in (torch.float16, torch.bfloat16):
-            self.kernel_note += f"; attention in float32 torch (FlashAttention takes 16-bit models, this one is " \
-                                f"{str(self.model_dtype).replace('torch.', '')})"
-            return
+            return None
         self.path.flash = compat.flash_attention(self.cache.head_dim)
         self.path.merge = compat.merge_attention_states()
-        self.kernel_note += ("; attention over the reconstructed K/V through FlashAttention" if self.path.flash else
-                             "; no FlashAttention in this vLLM build for this head size: attention in float32 torch")
+        return self.path.flash is not None
+
+    def _no_flash_reason(self, found: bool | None) -> str:
+        """Why ``_use_flash_attention`` found no FlashAttention (its result ``found``)."""
+        if found is None:
+            return f"FlashAttention takes 16-bit models, this one is {str(self.model_dtype).replace('torch.', '')}"
+        return "no FlashAttention in this vLLM build for this head size"
 
     def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,
                              block_size: int, compile_now: bool, flash_prefill: bool = True,
@@ -188,15 +199,9 @@ class ServingState:
             self.path.int8_scores = True
             self.kernel_note += "; decode scores on int8 tensor cores (aquakv_int8_scores: queries rounded to int8)"
         if compile_now and flash_prefill:  # prefill: reconstruction + vLLM's FlashAttention (window: 2 calls)
-            if self.model_dtype not in (torch.float16, torch.bfloat16):  # FlashAttention refuses float32 at the
-                # first prefill (found on the H200, 2026-12-02)
-                self.kernel_note += f"; prefill in the fused kernel too (FlashAttention takes 16-bit models, this " \
-                                    f"one is {str(self.model_dtype).replace('torch.', '')})"
-            else:
-                self.path.flash = compat.flash_attention(self.cache.head_dim)
-                self.path.merge = compat.merge_attention_states()
-                self.kernel_note += ("; prefill through reconstructed K/V + FlashAttention" if self.path.flash else
-                                     "; no FlashAttention in this vLLM build: prefill in the fused kernel too")
+            found = self._use_flash_attention()
+            self.kernel_note += ("; prefill through reconstructed K/V + FlashAttention" if found else
+                                 f"; prefill in the fused kernel too ({self._no_flash_reason(found)})")
         if compile_now:
             t0 = time.time()
             variants = warm_up(fused, [self.path.slot_bytes(l) for l in range(num_layers)], num_q_heads, num_kv_heads,

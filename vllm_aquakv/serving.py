@@ -20,7 +20,7 @@ import torch
 
 from .codec import Encoded, HiggsCodec
 from .kernels.attention import WindowInputs
-from .kernels.reconstruct import PrefillSplit, attend_rows, context_rows, flash_twin
+from .kernels.reconstruct import PrefillSplit, _on_device, attend_rows, context_rows, flash_twin
 from .reference import AquaKVCache
 from .rope import Rope
 
@@ -95,7 +95,8 @@ class ContextRows:
         starts = [0]
         for n in seq_lens[:-1]:
             starts.append(starts[-1] + n)
-        lens, q_len, start, q_start = torch.tensor([seq_lens, q_lens, starts, query_start_loc[:-1]]).to(device)
+        lens, q_len, start, q_start = _on_device([seq_lens, q_lens, starts, query_start_loc[:-1]], torch.int64,
+                                                 device)
         num_reqs, total, n = len(seq_lens), sum(seq_lens), query_start_loc[-1]
         req = torch.repeat_interleave(torch.arange(num_reqs, device=device), lens, output_size=total)  # [T]
         positions = torch.arange(total, device=device) - start[req]
@@ -233,7 +234,8 @@ class TorchServingPath:
                                                         ring.sinks, ring.window)
         q = query.to(dtype)
         out = torch.empty_like(q)
-        attend_rows(q, block_table, page_block, rows.split, scale, out, self.flash or flash_twin, window, self.merge)
+        attend_rows(q, k_rows, v_rows, block_table, page_block, rows.split, scale, out, self.flash or flash_twin,
+                    window, self.merge)
         for done in [src for src in step.recon if self.last_use.get(src, -1) <= layer]:
             del step.recon[done]  # no later layer reads it
         return out

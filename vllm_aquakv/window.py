@@ -68,7 +68,7 @@ class ExactTokens:
 
     def column(self, pos: torch.Tensor) -> torch.Tensor:
         """Ring column of positions pos: its sink column below ``sinks``, else its window column (the last column
-        when there is no window: never read, see ``exact_context``)."""
+        when there is no window: never read, only sinks are read 16-bit then)."""
         return ring_column(pos, self.sinks, self.window)
 
     def begin_step(self, block_table: torch.Tensor, seq_lens, query_start_loc, num_tokens: int,
@@ -141,23 +141,6 @@ class ExactTokens:
         ``prepare_write``)."""
         self.k[layer][step.rows, step.cols] = key[step.tokens].to(self.k[layer].dtype)
         self.v[layer][step.rows, step.cols] = value[step.tokens].to(self.v[layer].dtype)
-
-
-    def exact_context(self, layer: int, row: int, slots: torch.Tensor, context: int, key: torch.Tensor,
-                      value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """16-bit K (post-RoPE), V [L, H, h] of one request's positions 0..L-1 where available, and which are
-        (available [L] bool): sinks and recent positions before this step from the ring when their tag matches the
-        slot they live in (``slots`` [L]), this step's tokens (positions >= context) from ``key``/``value``."""
-        n = slots.shape[0]
-        pos = torch.arange(n, device=slots.device)
-        col = self.column(pos)
-        available = (self.tags[row, col] == slots) & ((pos < self.sinks) | (self.window > 0))
-        k = self.k[layer][row, col].clone()
-        v = self.v[layer][row, col].clone()
-        k[context:] = key
-        v[context:] = value
-        available[context:] = True
-        return k, v, available
 
 
 def ring_column(pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
