@@ -9,7 +9,13 @@ times vLLM's FlashAttention alone over bf16 pages of the same contexts (the atte
 layer), for scale.
 
     python benchmarks/torch_path_step.py OUT.json [--preset quality|speed] [--batches 1,16] [--contexts 512,4096]
-        [--layers 28 --kv-heads 8 --q-heads 24 --head-dim 128] [--no-window] [--steps 3]
+        [--layers 28 --kv-heads 8 --q-heads 24 --head-dim 128] [--no-window] [--steps 3] [--profile] [--torch-decode]
+
+On CUDA the codes are decoded by the Triton residual kernel and the predictors run on TF32, as vLLM serves the path
+with ``aquakv_kernels`` (the default); ``--torch-decode`` times the all-torch float32 path (``aquakv_kernels`` false).
+
+``--profile``: one more decode step per shape under torch.profiler; its ops by self device time and by self host
+time go to OUT's name with ``.profile.txt`` (where a step's time goes).
 """
 
 import argparse
@@ -73,7 +79,7 @@ def time_decode_steps(path, kv, table, batch, context, q_heads, dtype, steps, de
     key, value = (torch.randn(batch, heads, h, device=device).to(dtype) for _ in range(2))
     query = torch.randn(batch, q_heads, h, device=device).to(dtype)
     times = []
-    for _ in range(steps + 1):  # the first step warms up
+    for _ in range(max(steps, 1) + (steps > 0)):  # the first step warms up (steps=0: one step, untimed use)
         sync(device)
         t0 = time.perf_counter()
         step = StepState()
@@ -82,7 +88,20 @@ def time_decode_steps(path, kv, table, batch, context, q_heads, dtype, steps, de
             path.attend(layer, query, kv[layer], table, seq_lens, qsl, h ** -0.5, step, key, value)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return min(times[1:])
+    return min(times[1:] or times)
+
+
+def profile_decode_step(path, kv, table, batch, context, q_heads, dtype, device, top: int = 20) -> str:
+    """torch.profiler tables (self device time, self host time) of one more decode step of that shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_decode_steps(path, kv, table, batch, context, q_heads, dtype, 0, device)
+    ops = prof.key_averages()
+    by = ["self_cpu_time_total"] + (["self_device_time_total"] if len(activities) == 2 else [])
+    return "\n".join(f"## batch {batch}, context {context}: by {key}\n{ops.table(sort_by=key, row_limit=top)}"
+                     for key in reversed(by))
 
 
 def time_bf16_attention(flash, batch, context, heads, q_heads, h, layers, steps, device) -> float:
@@ -117,6 +136,8 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--no-window", action="store_true", help="every token as codes (no 16-bit sinks/window)")
     ap.add_argument("--steps", type=int, default=3, help="timed decode steps per shape (the best one is reported)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of one step per shape")
+    ap.add_argument("--torch-decode", action="store_true", help="CUDA: decode codes and predict in float32 torch")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -127,7 +148,10 @@ def main():
     path = TorchServingPath(cache, rope)
     flash = compat.flash_attention(args.head_dim) if device == "cuda" else None
     path.flash, path.merge = flash, compat.merge_attention_states() if flash else None
-    rows = []
+    decode = "torch" if device == "cpu" or args.torch_decode else "triton"
+    if decode == "triton":
+        print(path.use_residual_kernel())
+    rows, profiles = [], []
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             per_req = -(-(context + 1) // PAGE_BLOCK)
@@ -137,8 +161,10 @@ def main():
                 cache.config.num_sink_tokens, cache.config.window, batch, args.layers, args.kv_heads, args.head_dim,
                 dtype, device)
             t = time_decode_steps(path, kv, table, batch, context, args.q_heads, dtype, args.steps, device)
+            if args.profile:
+                profiles.append(profile_decode_step(path, kv, table, batch, context, args.q_heads, dtype, device))
             rows.append({"kv_cache_dtype": f"aquakv-{args.preset}", "attention": "flash" if flash else "flash_twin",
-                         "window": not args.no_window, "batch": batch, "context": context, "step_ms": t * 1e3,
+                         "decode": decode, "window": not args.no_window, "batch": batch, "context": context, "step_ms": t * 1e3,
                          "per_layer_us": t * 1e6 / args.layers})
             if flash is not None:
                 t_bf16 = time_bf16_attention(flash, batch, context, args.kv_heads, args.q_heads, args.head_dim,
@@ -148,17 +174,20 @@ def main():
                 rows[-2]["vs_bf16_attention"] = t / t_bf16
             print(rows[-1] if flash is None else rows[-2], flush=True)
             del kv
-    table_md = ["| kv-cache-dtype | attention | batch | context | decode step ms | per layer us | x bf16 attention |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
+    table_md = ["| kv-cache-dtype | codes decode | attention | batch | context | decode step ms | per layer us | "
+                "x bf16 attention |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = f"{r['vs_bf16_attention']:.1f}x" if "vs_bf16_attention" in r else "-"
-        table_md.append(f"| {r['kv_cache_dtype']} | {r['attention']} | {r['batch']} | {r['context']} | "
+        table_md.append(f"| {r['kv_cache_dtype']} | {r.get('decode', '-')} | {r['attention']} | {r['batch']} | {r['context']} | "
                         f"{r['step_ms']:.2f} | {r['per_layer_us']:.0f} | {ratio} |")
     shape = f"{args.layers} layers, {args.q_heads} q / {args.kv_heads} KV heads, head_dim {args.head_dim}"
     write_results(args.out, "torch_path_step", f"random artifact ({args.preset} preset structure), {shape}",
                   rows, "Decode step of the torch serving path (cache write + attention, every layer; best of "
                   f"{args.steps}), {'without' if args.no_window else 'with'} the 16-bit sinks/window (ring cold).\n\n"
                   + "\n".join(table_md))
+    if profiles:
+        with open(args.out.rsplit(".", 1)[0] + ".profile.txt", "w") as f:
+            f.write("\n\n".join(profiles) + "\n")
     compat_note = "" if device == "cuda" else " (CPU: attention through flash_twin in float32)"
     print(f"wrote {args.out}{compat_note}")
 

@@ -734,6 +734,21 @@ def value_prediction_terms(rot_k, k_bias, v_bias, v_weight) -> tuple[torch.Tenso
     return c, torch.einsum("ij,hio->hjo", rot_k, v_weight).contiguous()
 
 
+def stream_decoder(codec) -> tuple[LaneTable, torch.Tensor] | str:
+    """How the kernels decode one stream's codes: its lane table and rotation back rot [h, h] (diag(signs) H / sqrt(h),
+    columns in the stream's lane order; decode is y_lanes @ rot^T), or why they cannot."""
+    if codec.group_size != codec.head_dim or not codec.rotate:
+        return "the fused kernel needs one scale per (token, KV head) and the Hadamard rotation"
+    t = lane_table(codec.grid, codec.code_bits, codec.head_dim)
+    if isinstance(t, str):
+        return t
+    if codec.signs.device.type == "cuda" and t.code_bytes < 16:
+        return f"head_dim {codec.head_dim} at these bits gives lanes of {t.code_bytes} < 16 values (tensor cores)"
+    h = codec.head_dim
+    rot = codec.signs.float()[:, None] * fwht(torch.eye(h, device=codec.signs.device)) / math.sqrt(h)
+    return t, rot[:, lane_order(h, t.lanes).to(rot.device)].contiguous()
+
+
 def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
     """The fused kernel's constants for ``layer`` of an AquaKVCache (on its device), or why the layer cannot use it."""
     cfg = cache.config
@@ -742,17 +757,12 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
     kc, vc = cache.codecs["k", layer], cache.codecs["v", layer]
     if kc is None or vc is None:
         return f"layer {layer} is stored in 16 bits"
-    for c in (kc, vc):
-        if c.group_size != c.head_dim or not c.rotate:
-            return "the fused kernel needs one scale per (token, KV head) and the Hadamard rotation"
     if not torch.equal(kc.signs, vc.signs):
         return "keys and values use different Hadamard signs"
-    tables = [lane_table(c.grid, c.code_bits, c.head_dim) for c in (kc, vc)]
-    for t in tables:
-        if isinstance(t, str):
-            return f"layer {layer}: {t}"
-        if kc.signs.device.type == "cuda" and t.code_bytes < 16:
-            return f"head_dim {kc.head_dim} at these bits gives lanes of {t.code_bytes} < 16 values (tensor cores)"
+    decoders = [stream_decoder(c) for c in (kc, vc)]
+    for d in decoders:
+        if isinstance(d, str):
+            return f"layer {layer}: {d}"
     kp, vp = cache.predictors.get(("k", layer)), cache.predictors.get(("v", layer))
     if kp is not None and kp.sources:
         return f"layer {layer}'s key predictor reads {kp.sources}"
@@ -762,9 +772,7 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
             return f"layer {layer}'s value predictor ({vp.structure} from {vp.sources}) is not per-head from K_l"
         v_weight = vp.weight.float().contiguous()  # [H, h, h]
     h = kc.head_dim
-    rot = kc.signs.float()[:, None] * fwht(torch.eye(h, device=kc.signs.device)) / math.sqrt(h)  # diag(s) H / sqrt(h)
-    k_lanes, v_lanes = tables
-    rot_k, rot_v = (rot[:, lane_order(h, t.lanes).to(rot.device)].contiguous() for t in tables)
+    (k_lanes, rot_k), (v_lanes, rot_v) = decoders
     bias = lambda p: None if p is None or p.bias is None else p.bias.float().contiguous()  # noqa: E731
     k_bias, v_bias = bias(kp), bias(vp)
     sign_k, sign_v = ((r * math.sqrt(h)).round().half().contiguous() for r in (rot_k, rot_v))

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from vllm_aquakv.window import ring_column
 
-from .attention import FusedLayer, WindowInputs, _load_lanes, launch_lanes
+from .attention import FusedLayer, LaneTable, WindowInputs, _load_lanes, launch_lanes
 
 BLOCK_T = 64  # tokens per program
 
@@ -130,6 +130,50 @@ def reconstruct(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
         HAS_V_BIAS=layer.v_bias is not None, V_FROM_K=layer.v_weight is not None,
         DOT_DTYPE=tl.float32 if interpret else tl.float16, USE_ASM=not interpret, num_warps=4,
     )
+
+
+@triton.jit
+def _residual_kernel(slots_ptr, table_ptr, rot_ptr, out_ptr, num_rows, SLOT_BYTES: tl.constexpr,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOT_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+                     CODE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr, INDEX_BITS: tl.constexpr,
+                     ENTRY_VALUES: tl.constexpr, LANES: tl.constexpr, SCALE_OFFSET: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """One stream's decoded residual [BLOCK, h] float32 (grid point * scale, rotated back from the Hadamard domain:
+    ``HiggsCodec.decode``) of rows program_id(0) * BLOCK + [0, BLOCK) and KV head program_id(1) of slots
+    [num_rows, H, SLOT_BYTES] -> out [num_rows, H, h]."""
+    head = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # rows [T]
+    t_mask = t < num_rows
+    base = tl.multiple_of((t.to(tl.int64) * NUM_KV_HEADS + head) * SLOT_BYTES, SLOT_ALIGN)
+    scale = tl.load((slots_ptr + base + SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)
+    x0, x1, x2, x3 = _load_lanes(slots_ptr, base, t_mask, table_ptr, CODE_OFFSET, CODE_BYTES, INDEX_BITS, ENTRY_VALUES,
+                                 DOT_DTYPE, USE_ASM)
+    y = _rotate_lanes(x0, x1, x2, x3, rot_ptr, LANES, CODE_BYTES, HEAD_DIM)
+    y = y * (scale.to(tl.float32) / tl.sqrt(HEAD_DIM * 1.0))[:, None]  # [T, h]
+    j = tl.arange(0, HEAD_DIM)
+    out_rows = (t.to(tl.int64) * NUM_KV_HEADS + head)[:, None] * HEAD_DIM + j[None, :]
+    tl.store(out_ptr + out_rows, y, mask=t_mask[:, None])
+
+
+def decode_residual(slots: torch.Tensor, decoder: tuple[LaneTable, torch.Tensor], code_offset: int,
+                    scale_offset: int) -> torch.Tensor:
+    """The Triton twin of ``HiggsCodec.decode`` for one stream of slots [T, H, slot] (uint8, contiguous; the stream's
+    codes at byte ``code_offset``, its fp16 scale at ``scale_offset``; ``decoder`` from ``attention.stream_decoder``)
+    -> residual [T, H, h] float32 (grid coordinates and rotation in fp16 on CUDA, as in the fused kernels)."""
+    lanes, rot = decoder
+    num_rows, heads, slot_bytes = slots.shape
+    h = rot.shape[0]
+    out = torch.empty(num_rows, heads, h, dtype=torch.float32, device=slots.device)
+    if num_rows == 0:
+        return out
+    interpret = slots.device.type != "cuda"
+    lanes = launch_lanes(lanes, BLOCK_T)
+    _residual_kernel[(triton.cdiv(num_rows, BLOCK_T), heads)](
+        slots, lanes.table, rot, out, num_rows, SLOT_BYTES=slot_bytes, NUM_KV_HEADS=heads, HEAD_DIM=h,
+        SLOT_ALIGN=math.gcd(slot_bytes, 16), BLOCK=BLOCK_T, CODE_OFFSET=code_offset, CODE_BYTES=lanes.code_bytes,
+        INDEX_BITS=lanes.index_bits, ENTRY_VALUES=lanes.entry_values, LANES=lanes.lanes, SCALE_OFFSET=scale_offset,
+        DOT_DTYPE=tl.float32 if interpret else tl.float16, USE_ASM=not interpret, num_warps=4)
+    return out
 
 
 @dataclass

@@ -681,13 +681,40 @@ def test_vllm_merge_matches_merge_partials(rng):
     assert err < 1e-2, err
 
 
+@pytest.mark.parametrize("head_dim,heads,k_grid,v_grid", [
+    (64, 2, "d2n16", "d2n256"), (64, 3, "d1n4", "d4n256"), (64, 1, "u1n4", "d1n16"),
+    pytest.param(128, 8, "d2n16", "d2n16", marks=ON_GPU), pytest.param(128, 8, "d2n256", "u1n4", marks=ON_GPU),
+])
+def test_decode_residual_matches_codec(head_dim, heads, k_grid, v_grid, rng):
+    """``decode_residual`` (the torch path's Triton decode on CUDA) against ``HiggsCodec.decode`` on the same slots:
+    fresh random K/V of a ragged number of rows, keys and values in different grids of one slot layout."""
+    from vllm_aquakv.codec import HiggsCodec
+    from vllm_aquakv.kernels.attention import stream_decoder
+    from vllm_aquakv.kernels.reconstruct import decode_residual
+    from vllm_aquakv.serving import SlotLayout
+
+    n = int(torch.randint(70, 300, (1,), generator=rng))
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=rng))
+    codecs = [HiggsCodec(heads, head_dim, g, seed=seed).to(DEVICE) for g in (k_grid, v_grid)]
+    layout = SlotLayout(*codecs, heads, head_dim, torch.bfloat16)
+    x = [(torch.randn(n, heads, head_dim, generator=rng) * 3 + torch.randn(heads, head_dim, generator=rng)).to(DEVICE)
+         for _ in codecs]
+    slots = layout.pack([c.encode(v) for c, v in zip(codecs, x)])  # [n, H, slot]
+    for i, codec in enumerate(codecs):
+        want = codec.decode(layout.unpack(slots)[i])
+        got = decode_residual(slots, stream_decoder(codec), layout.code_offsets[i], layout.scale_offsets[i])
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < (1e-6 if DEVICE == "cpu" else 2e-3), (i, err)  # float32 in the interpreter; fp16 rotation on GPU
+
+
 @ON_GPU
-@pytest.mark.parametrize("window", [None, (4, 16)])
-def test_torch_path_through_flash_attention(window, rng):
+@pytest.mark.parametrize("window,residual_kernel", [(None, False), ((4, 16), False), (None, True), ((4, 16), True)])
+def test_torch_path_through_flash_attention(window, residual_kernel, rng):
     """The torch path on CUDA (artifacts the fused kernels do not serve, e.g. the pre-RoPE quality default): every
     request's context reconstructed at once, attended through vLLM's FlashAttention in bf16 (``path.flash``), equals
     the same path through ``flash_twin`` in float32 within bf16 rounding, over a prefill step and a decode step of a
-    ragged batch, with and without the 16-bit sinks/window."""
+    ragged batch, with and without the 16-bit sinks/window; and with the codes decoded by the Triton residual kernel
+    and the predictors on TF32 (``use_residual_kernel``: aquakv_kernels on CUDA) against all-float32 torch."""
     from vllm_aquakv import compat
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
     from vllm_aquakv.rope import Rope
@@ -706,6 +733,8 @@ def test_torch_path_through_flash_attention(window, rng):
     rope.inv_freq = rope.inv_freq.to(DEVICE)
     paths = [TorchServingPath(cache, rope) for _ in range(2)]
     paths[1].flash, paths[1].merge = flash, compat.merge_attention_states()
+    if residual_kernel:
+        assert "codes of 6 of 6 streams decoded" in paths[1].use_residual_kernel()
     lens = [300, 77, 1000]
     blocks = sum(-(-n // page_block) + 1 for n in lens)
     order = torch.randperm(blocks, generator=rng).to(DEVICE)

@@ -129,7 +129,7 @@ class ServingState:
         elif extra.get("aquakv_int8_scores"):
             raise UnsupportedModel("aquakv_int8_scores is an option of the fused Triton kernels (CUDA): drop it")
         if on_cuda and not self.path.fused:
-            self._torch_path_attention()
+            self._torch_path_attention(kernels=fused is not None)
         # decode-only steps in vLLM's FULL CUDA graphs (AquaKVMetadataBuilder.get_cudagraph_support): the fused
         # kernels' decode path has no host sync and sizes everything by the batch alone; the torch path syncs.
         # Checked on the H200: tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph (the step itself) and
@@ -145,9 +145,12 @@ class ServingState:
             self.kernel_note += "; decode cache writes beside attention on a second CUDA stream (aquakv_overlap_write)"
         self._log()
 
-    def _torch_path_attention(self) -> None:
+    def _torch_path_attention(self, kernels: bool) -> None:
         """CUDA without the fused kernels (e.g. the pre-RoPE quality default): each step reconstructs every request's
-        context in torch, then attends through vLLM's FlashAttention where this build has it for a 16-bit model."""
+        context in torch (its codes through the Triton residual kernel unless ``aquakv_kernels`` is false), then
+        attends through vLLM's FlashAttention where this build has it for a 16-bit model."""
+        if kernels:
+            self.kernel_note += "; " + self.path.use_residual_kernel()
         found = self._use_flash_attention()
         self.kernel_note += ("; attention over the reconstructed K/V through FlashAttention" if found else
                              f"; attention in float32 torch ({self._no_flash_reason(found)})")

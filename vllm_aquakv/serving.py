@@ -14,15 +14,30 @@ the 16-bit dtype for a 16-bit layer.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from .codec import Encoded, HiggsCodec
 from .kernels.attention import WindowInputs
-from .kernels.reconstruct import PrefillSplit, _on_device, attend_rows, context_rows, flash_twin
+from .kernels.reconstruct import PrefillSplit, _on_device, attend_rows, context_rows, decode_residual, flash_twin
 from .reference import AquaKVCache
 from .rope import Rope
+
+
+@contextmanager
+def matmul_precision(precision: str | None):
+    """CUDA float32 matrix products at ``precision`` ("tf32", "ieee") inside the block, restored after (None: as is)."""
+    if precision is None:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    old, matmul.fp32_precision = matmul.fp32_precision, precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
 
 
 class SlotLayout:
@@ -129,6 +144,10 @@ class TorchServingPath:
         # over reconstructed K/V through it (None: ``flash_twin``, torch)
         self.flash = None
         self.merge = None  # compat.merge_attention_states's function (the window's prefill merges two FA calls)
+        # (stream, layer) -> kernels.attention.stream_decoder's (lane table, rotation): ``decode_slots`` decodes
+        # those streams' codes in one Triton launch (kernels.reconstruct.decode_residual) instead of ~40 torch ops
+        self.residual_decoders: dict = {}
+        self.tf32 = False  # the predictors' products on TF32 tensor cores (CUDA; the quality default's chain)
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
                                    cache.exact_dtype) for l in range(cache.num_layers)]
         # the last layer whose predictors read (stream, layer): scratch is dropped after it
@@ -136,6 +155,23 @@ class TorchServingPath:
         for (_, layer), pred in cache.predictors.items():
             for src in pred.sources:
                 self.last_use[src] = max(self.last_use.get(src, -1), layer)
+
+    def use_residual_kernel(self) -> str:
+        """Decode the codes of every stream the kernels can decode (``kernels.attention.stream_decoder``) with the Triton
+        residual kernel and run the predictors on TF32 (CUDA); returns a note of what that covers."""
+        from .kernels.attention import stream_decoder
+
+        reasons = set()
+        for key, codec in self.cache.codecs.items():
+            decoder = None if codec is None else stream_decoder(codec)
+            if isinstance(decoder, str):
+                reasons.add(decoder)
+            elif decoder is not None:
+                self.residual_decoders[key] = decoder
+        self.tf32 = True
+        coded = sum(c is not None for c in self.cache.codecs.values())
+        note = f"codes of {len(self.residual_decoders)} of {coded} streams decoded by a Triton kernel"
+        return note + (f" (the others: {'; '.join(sorted(reasons))})" if reasons else "") + ", predictors on TF32"
 
     def slot_bytes(self, layer: int) -> int:
         """Bytes per (token, KV head) of ``layer``'s paged cache."""
@@ -188,13 +224,19 @@ class TorchServingPath:
     def decode_slots(self, layer: int, slots: torch.Tensor, recon: dict) -> None:
         """Reconstruct ``layer``'s K (the artifact's key frame) and V of the tokens whose slots are ``slots``
         [T, H, slot] into ``recon`` (float32 [T, H, h]), predicted from the same tokens' earlier entries of ``recon``."""
-        for stream, part in zip("kv", self.layouts[layer].unpack(slots)):
-            codec = self.cache.codecs[stream, layer]
-            if codec is None:
-                recon[stream, layer] = part.float()
-                continue
-            residual = codec.decode(part)
-            recon[stream, layer] = self.cache._predict(stream, layer, recon, residual) + residual
+        layout, parts = self.layouts[layer], None
+        for i, stream in enumerate("kv"):
+            codec, decoder = self.cache.codecs[stream, layer], self.residual_decoders.get((stream, layer))
+            if decoder is not None:
+                residual = decode_residual(slots.contiguous(), decoder, layout.code_offsets[i], layout.scale_offsets[i])
+            else:
+                parts = parts or layout.unpack(slots)
+                if codec is None:
+                    recon[stream, layer] = parts[i].float()
+                    continue
+                residual = codec.decode(parts[i])
+            with matmul_precision("tf32" if self.tf32 else None):
+                recon[stream, layer] = self.cache._predict(stream, layer, recon, residual) + residual
 
     def attend(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: list[int], query_start_loc: list[int], scale: float, step: StepState,

@@ -11,19 +11,20 @@ export PYTHONPATH=/tmp/vllm-site:/tmp/aquakv-site PATH=/tmp/vllm-site/bin:$PATH 
   VLLM_NO_USAGE_STATS=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 GPU_VLLM_CHECK=quick
 bash benchmarks/gpu/stage_plugin.sh
 R=$(pwd)
+cd /tmp  # not the checkout: its vllm_aquakv/ (without kernels/) would shadow the staged plugin for `python -m` helpers
 for s in ${STAGE:-tests decode}; do
   echo "=== stage $s $(date +%T)"
   case $s in
-    tests) (cd /tmp && timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x $R/tests/test_kernels.py ${TESTK:+-k "$TESTK"} 2>&1 | tail -25) ;;
-    decode) timeout ${DEC_TIMEOUT:-300} python3 benchmarks/gpu/decode_attention.py $OUT/${DEC_DIR:-dq} --graphs --no-sweep --no-prefill \
+    tests) (timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x $R/tests/test_kernels.py ${TESTK:+-k "$TESTK"} 2>&1 | tail -25) ;;
+    decode) timeout ${DEC_TIMEOUT:-300} python3 $R/benchmarks/gpu/decode_attention.py $OUT/${DEC_DIR:-dq} --graphs --no-sweep --no-prefill \
         --only "${ONLY:-u1n4 (K mean,u1n4 + sinks}" ${DEC_ARGS:-} --batches ${BATCHES:-16,64,128} --contexts ${CONTEXTS:-8192,32768} 2>&1 | grep -v "^WARNING\|^INFO" | tail -${DEC_TAIL:-60} ;;
-    decode2) timeout ${DEC2_TIMEOUT:-300} python3 benchmarks/gpu/decode_attention.py $OUT/dq2 --graphs --no-sweep --no-prefill \
+    decode2) timeout ${DEC2_TIMEOUT:-300} python3 $R/benchmarks/gpu/decode_attention.py $OUT/dq2 --graphs --no-sweep --no-prefill \
         --only "${ONLY2:-u1n4 (K mean,u1n4 + sinks}" ${DEC2_ARGS:-} --batches ${BATCHES2:-1,16,64} --contexts ${CONTEXTS2:-4096,16384,32768} 2>&1 | grep -v "^WARNING\|^INFO" | tail -${DEC_TAIL:-60} ;;
-    tp) timeout ${TP_TIMEOUT:-560} python3 benchmarks/gpu/throughput.py $OUT/tp --formats ${FORMATS} --input-len ${IN:-4096} --output-len ${OUTLEN:-1024} \
+    tp) timeout ${TP_TIMEOUT:-560} python3 $R/benchmarks/gpu/throughput.py $OUT/tp --formats ${FORMATS} --input-len ${IN:-4096} --output-len ${OUTLEN:-1024} \
         --num-prompts ${NP:-128} --gpu-memory-utilization 0.2 --max-num-seqs ${NP:-128} --timeout ${TPT:-250} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
-    smoke) timeout ${SM_TIMEOUT:-400} python3 benchmarks/gpu/plugin_smoke.py $OUT/sm ${SM_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
-    tps) timeout ${TPS_TIMEOUT:-300} python3 benchmarks/torch_path_step.py $OUT/tps.json ${TPS_ARGS:---batches 1,16,64 --contexts 1024,4096} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
-    serve) timeout ${SV_TIMEOUT:-400} python3 benchmarks/gpu/serve.py $OUT/sv --formats ${FORMATS} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore\|^(APIServer" | tail -25 ;;
+    smoke) timeout ${SM_TIMEOUT:-400} python3 $R/benchmarks/gpu/plugin_smoke.py $OUT/sm ${SM_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
+    tps) timeout ${TPS_TIMEOUT:-300} python3 $R/benchmarks/torch_path_step.py $OUT/tps.json ${TPS_ARGS:---batches 1,16,64 --contexts 1024,4096} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
+    serve) timeout ${SV_TIMEOUT:-400} python3 $R/benchmarks/gpu/serve.py $OUT/sv --formats ${FORMATS} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore\|^(APIServer" | tail -25 ;;
   esac
 done
 echo "=== done $(date +%T)"

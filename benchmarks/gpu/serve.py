@@ -39,9 +39,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from throughput import kv_cache_args, kv_tokens, make_inputs, workload_args  # noqa: E402
+from throughput import NEUTRAL_CWD, kv_cache_args, kv_tokens, make_inputs, workload_args  # noqa: E402
 
 METRICS = ("ttft", "tpot", "itl")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL after 30 s; a group that has already exited is fine."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
@@ -198,7 +209,8 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
     with open(os.path.join(out_dir, f"server_{tag}.txt"), "w") as log:
         server = subprocess.Popen([vllm, "serve", model, "--host", "127.0.0.1", "--port", str(port),
                                    "--max-model-len", str(max_len), *server_args],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                  cwd=NEUTRAL_CWD)
         try:
             t0 = time.time()
             if not wait_healthy(port, server, args.start_timeout):
@@ -228,11 +240,7 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
         except subprocess.TimeoutExpired:
             row["error"] = f"vllm bench serve did not finish in {args.bench_timeout} s"
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            stop_group(server)
     with open(os.path.join(out_dir, f"server_{tag}.txt")) as f:
         row["kv_tokens"] = kv_tokens(f.read())
     if getattr(args, "profile", False):

@@ -73,6 +73,10 @@ AQUAKV_PRESETS = {
 
 
 # formats that serve another format's artifact (same calibration, other serving options)
+# vLLM's commands run from here, not from the checkout: vLLM starts `python -m` helpers (the model registry's
+# inspection) that put the working directory first on sys.path, where the checkout's vllm_aquakv/ (its kernels/ live
+# at the top level) shadowed the installed plugin: "No module named 'vllm_aquakv.kernels'" (H200, 2026-12-05)
+NEUTRAL_CWD = "/tmp"
 ARTIFACT_OF = {"aquakv-window-int8": "aquakv-window", "aquakv-window-serial": "aquakv-window",
                "aquakv-window-fused-step": "aquakv-window"}
 
@@ -96,7 +100,7 @@ def ensure_artifact(model: str, fmt: str = "aquakv") -> tuple[str, float]:
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "vllm_aquakv.calibration.calibrate", model, "--text-file", text,
                     "--tokens", "4096", "--seq-len", "512", "--device", "cuda", "--out", out,
-                    *AQUAKV_PRESETS[fmt][0].split()], check=True, cwd="/tmp")
+                    *AQUAKV_PRESETS[fmt][0].split()], check=True, cwd=NEUTRAL_CWD)
     return out, time.time() - t0
 
 
@@ -186,7 +190,7 @@ def run_until_results(cmd: list[str], log, result_json: str, timeout: float, gra
 
     if os.path.exists(result_json):
         os.remove(result_json)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=NEUTRAL_CWD)
     start, written = time.time(), None
     while proc.poll() is None:
         now = time.time()
