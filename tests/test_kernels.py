@@ -1,5 +1,6 @@
 """Triton kernels against their torch twins (TRITON_INTERPRET=1 on CPU, real kernels on a GPU)."""
 
+import copy
 import dataclasses
 import os
 
@@ -702,6 +703,8 @@ def test_decode_residual_matches_codec(head_dim, heads, k_grid, v_grid, rng):
     slots = layout.pack([c.encode(v) for c, v in zip(codecs, x)])  # [n, H, slot]
     for i, codec in enumerate(codecs):
         want = codec.decode(layout.unpack(slots)[i])
+        on_cpu = copy.deepcopy(codec).to("cpu").decode(layout.unpack(slots.cpu())[i])  # the butterflies (fwht)
+        assert torch.allclose(want.cpu(), on_cpu, rtol=1e-5, atol=1e-5 * on_cpu.abs().max().item())
         got = decode_residual(slots, stream_decoder(codec), layout.code_offsets[i], layout.scale_offsets[i])
         err = ((got - want).norm() / want.norm()).item()
         assert err < (1e-6 if DEVICE == "cpu" else 2e-3), (i, err)  # float32 in the interpreter; fp16 rotation on GPU

@@ -58,6 +58,7 @@ def hadamard_signs(head_dim: int, seed: int) -> torch.Tensor:
 
 
 _CODE_TABLES: dict[tuple, torch.Tensor] = {}  # (bits, device) -> codes of every byte value [256, 8 // bits]
+_HADAMARD: dict[tuple, torch.Tensor] = {}  # (n, device) -> H [n, n] (``fwht`` on CUDA)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -67,9 +68,15 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     them).  Element-wise, so a row's transform does not depend on the batch it is in.  (A matrix product with H is ~10x faster on CPU but rounds differently, and
     with it tests/test_vllm_plugin.py::test_perplexity_through_vllm_equals_reference failed: vLLM 14.26 vs reference
     14.51 with every token as codes; not explained: one guess is that BLAS results depend on the thread count, which
-    differs between the test process and vLLM's engine.)"""
+    differs between the test process and vLLM's engine.)  On CUDA: one matrix product with H instead (float32
+    products; tests/test_kernels.py::test_decode_residual_matches_codec holds it to the CPU's butterflies)."""
     n = x.shape[-1]
     shape = x.shape
+    if x.is_cuda:  # on the GPU one product with H (the butterflies are ~30 launches); CUDA rounds its own way anyway
+        key = (n, x.device)
+        if key not in _HADAMARD:
+            _HADAMARD[key] = fwht(torch.eye(n)).to(x.device)  # [n, n] +-1, by the butterflies on the CPU
+        return (x.reshape(-1, n) @ _HADAMARD[key].to(x.dtype)).reshape(shape)
     y = x.reshape(-1, n)
     step = 1
     while 4 * step <= n:  # levels step and 2 step at once: 4-point butterflies
