@@ -128,8 +128,11 @@ class ServingState:
                                       extra.get("aquakv_flash_prefill", True), extra.get("aquakv_int8_scores", False))
         elif extra.get("aquakv_int8_scores"):
             raise UnsupportedModel("aquakv_int8_scores is an option of the fused Triton kernels (CUDA): drop it")
-        if on_cuda and not self.path.fused:
-            self._torch_path_attention(kernels=fused is not None)
+        if not self.path.fused:
+            if fused is not None:  # aquakv_kernels on, but the fused kernels cannot serve this artifact
+                self.kernel_note += "; " + self.path.use_residual_kernel()
+            if on_cuda:
+                self._torch_path_attention()
         # decode-only steps in vLLM's FULL CUDA graphs (AquaKVMetadataBuilder.get_cudagraph_support): the fused
         # kernels' decode path has no host sync and sizes everything by the batch alone; the torch path syncs.
         # Checked on the H200: tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph (the step itself) and
@@ -145,12 +148,10 @@ class ServingState:
             self.kernel_note += "; decode cache writes beside attention on a second CUDA stream (aquakv_overlap_write)"
         self._log()
 
-    def _torch_path_attention(self, kernels: bool) -> None:
+    def _torch_path_attention(self) -> None:
         """CUDA without the fused kernels (e.g. the pre-RoPE quality default): each step reconstructs every request's
-        context in torch (its codes through the Triton residual kernel unless ``aquakv_kernels`` is false), then
-        attends through vLLM's FlashAttention where this build has it for a 16-bit model."""
-        if kernels:
-            self.kernel_note += "; " + self.path.use_residual_kernel()
+        context (its codes through the Triton residual kernel unless ``aquakv_kernels`` is false), then attends
+        through vLLM's FlashAttention where this build has it for a 16-bit model."""
         found = self._use_flash_attention()
         self.kernel_note += ("; attention over the reconstructed K/V through FlashAttention" if found else
                              f"; attention in float32 torch ({self._no_flash_reason(found)})")

@@ -158,7 +158,8 @@ class TorchServingPath:
 
     def use_residual_kernel(self) -> str:
         """Decode the codes of every stream the kernels can decode (``kernels.attention.stream_decoder``) with the Triton
-        residual kernel and run the predictors on TF32 (CUDA); returns a note of what that covers."""
+        residual kernel (on CPU: in the interpreter, for tests) and, on CUDA, run the predictors on TF32; returns a
+        note of what that covers."""
         from .kernels.attention import stream_decoder
 
         reasons = set()
@@ -168,10 +169,16 @@ class TorchServingPath:
                 reasons.add(decoder)
             elif decoder is not None:
                 self.residual_decoders[key] = decoder
-        self.tf32 = True
+        self.tf32 = self.cache.signs.device.type == "cuda"
+        for (stream, layer), decoder in self.residual_decoders.items():  # compile every variant now, not mid-request
+            layout, i = self.layouts[layer], "kv".index(stream)
+            slots = torch.zeros(1, self.cache.num_kv_heads, layout.slot_bytes, dtype=torch.uint8,
+                                device=self.cache.signs.device)
+            decode_residual(slots, decoder, layout.code_offsets[i], layout.scale_offsets[i])
         coded = sum(c is not None for c in self.cache.codecs.values())
         note = f"codes of {len(self.residual_decoders)} of {coded} streams decoded by a Triton kernel"
-        return note + (f" (the others: {'; '.join(sorted(reasons))})" if reasons else "") + ", predictors on TF32"
+        return (note + (f" (the others: {'; '.join(sorted(reasons))})" if reasons else "")
+                + (", predictors on TF32" if self.tf32 else ""))
 
     def slot_bytes(self, layer: int) -> int:
         """Bytes per (token, KV head) of ``layer``'s paged cache."""
