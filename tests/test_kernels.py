@@ -734,7 +734,7 @@ def test_torch_path_through_flash_attention(window, residual_kernel, rng):
     cache.to(DEVICE)
     rope = Rope({"rope_theta": 500000.0}, h)
     rope.inv_freq = rope.inv_freq.to(DEVICE)
-    paths = [TorchServingPath(cache, rope) for _ in range(2)]
+    paths = [TorchServingPath(c, rope) for c in (cache, copy.deepcopy(cache))]  # use_residual_kernel sets its cache
     paths[1].flash, paths[1].merge = flash, compat.merge_attention_states()
     if residual_kernel:
         assert "codes of 6 of 6 streams decoded" in paths[1].use_residual_kernel()

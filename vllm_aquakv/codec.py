@@ -28,6 +28,7 @@ every supported (grid, head_dim >= 16) pair satisfies.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,20 @@ def hadamard_signs(head_dim: int, seed: int) -> torch.Tensor:
 
 _CODE_TABLES: dict[tuple, torch.Tensor] = {}  # (bits, device) -> codes of every byte value [256, 8 // bits]
 _HADAMARD: dict[tuple, torch.Tensor] = {}  # (n, device) -> H [n, n] (``fwht`` on CUDA)
+
+
+@contextmanager
+def matmul_precision(precision: str | None):
+    """CUDA float32 matrix products at ``precision`` ("tf32", "ieee") inside the block, restored after (None: as is)."""
+    if precision is None:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    old, matmul.fp32_precision = matmul.fp32_precision, precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import Encoded, HiggsCodec, check_head_dim, rel_mse
+from .codec import Encoded, HiggsCodec, check_head_dim, matmul_precision, rel_mse
 from .grids import GRID_SPECS
 from .predictors import LinearPredictor, RidgeStats, Source, parse_structure
 
@@ -151,6 +151,9 @@ class AquaKVCache:
         self.signs = next(c.signs for c in self.codecs.values() if c is not None)
         self.predictors = predictors or {}
         self.calibration_metrics: dict[str, dict] = {}  # filled by calibrate(): per 'k.l' / 'v.l' relMSE
+        # CUDA float32 precision of the predictors' products ("tf32": the torch serving path with aquakv_kernels, for
+        # its cache write and its reads alike, so both predict the same; None: as torch is set)
+        self.predict_precision: str | None = None
 
     def to(self, device) -> "AquaKVCache":
         """Move codecs and predictors to ``device`` (in place); returns self."""
@@ -204,7 +207,8 @@ class AquaKVCache:
         pred = self.predictors.get((stream, layer))
         if pred is None:
             return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-        return pred.predict(self._sources(stream, layer, recon), like)
+        with matmul_precision(self.predict_precision):
+            return pred.predict(self._sources(stream, layer, recon), like)
 
     def encode(self, ks: list[torch.Tensor], vs: list[torch.Tensor], fit_stats: bool = False) -> CacheState:
         """Encode one sequence: ks/vs are per-layer pre-RoPE [T, num_kv_heads, head_dim] tensors."""

@@ -14,7 +14,6 @@ the 16-bit dtype for a 16-bit layer.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -24,20 +23,6 @@ from .kernels.attention import WindowInputs
 from .kernels.reconstruct import PrefillSplit, _on_device, attend_rows, context_rows, decode_residual, flash_twin
 from .reference import AquaKVCache
 from .rope import Rope
-
-
-@contextmanager
-def matmul_precision(precision: str | None):
-    """CUDA float32 matrix products at ``precision`` ("tf32", "ieee") inside the block, restored after (None: as is)."""
-    if precision is None:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    old, matmul.fp32_precision = matmul.fp32_precision, precision
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = old
 
 
 class SlotLayout:
@@ -147,7 +132,6 @@ class TorchServingPath:
         # (stream, layer) -> kernels.attention.stream_decoder's (lane table, rotation): ``decode_slots`` decodes
         # those streams' codes in one Triton launch (kernels.reconstruct.decode_residual) instead of ~40 torch ops
         self.residual_decoders: dict = {}
-        self.tf32 = False  # the predictors' products on TF32 tensor cores (CUDA; the quality default's chain)
         self.layouts = [SlotLayout(cache.codecs["k", l], cache.codecs["v", l], cache.num_kv_heads, cache.head_dim,
                                    cache.exact_dtype) for l in range(cache.num_layers)]
         # the last layer whose predictors read (stream, layer): scratch is dropped after it
@@ -169,7 +153,8 @@ class TorchServingPath:
                 reasons.add(decoder)
             elif decoder is not None:
                 self.residual_decoders[key] = decoder
-        self.tf32 = self.cache.signs.device.type == "cuda"
+        tf32 = self.cache.signs.device.type == "cuda"
+        self.cache.predict_precision = "tf32" if tf32 else None  # cache write and read alike
         for (stream, layer), decoder in self.residual_decoders.items():  # compile every variant now, not mid-request
             layout, i = self.layouts[layer], "kv".index(stream)
             slots = torch.zeros(1, self.cache.num_kv_heads, layout.slot_bytes, dtype=torch.uint8,
@@ -178,7 +163,7 @@ class TorchServingPath:
         coded = sum(c is not None for c in self.cache.codecs.values())
         note = f"codes of {len(self.residual_decoders)} of {coded} streams decoded by a Triton kernel"
         return (note + (f" (the others: {'; '.join(sorted(reasons))})" if reasons else "")
-                + (", predictors on TF32" if self.tf32 else ""))
+                + (", predictors on TF32" if tf32 else ""))
 
     def slot_bytes(self, layer: int) -> int:
         """Bytes per (token, KV head) of ``layer``'s paged cache."""
@@ -242,8 +227,7 @@ class TorchServingPath:
                     recon[stream, layer] = parts[i].float()
                     continue
                 residual = codec.decode(parts[i])
-            with matmul_precision("tf32" if self.tf32 else None):
-                recon[stream, layer] = self.cache._predict(stream, layer, recon, residual) + residual
+            recon[stream, layer] = self.cache._predict(stream, layer, recon, residual) + residual
 
     def attend(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: list[int], query_start_loc: list[int], scale: float, step: StepState,
