@@ -69,8 +69,9 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_decode_steps(path, kv, table, batch, context, q_heads, dtype, steps, device) -> float:
-    """Seconds per decode step (every layer's write + attend) of ``batch`` requests at ``context`` tokens."""
+def decode_step(path, kv, table, batch, context, q_heads, dtype, device):
+    """A function that runs one decode step (every layer's write + attend) of ``batch`` requests at ``context``
+    tokens, on inputs drawn once."""
     cache = path.cache
     heads, h, layers = cache.num_kv_heads, cache.head_dim, cache.num_layers
     pos = torch.full((batch,), context - 1, device=device)
@@ -78,26 +79,35 @@ def time_decode_steps(path, kv, table, batch, context, q_heads, dtype, steps, de
     qsl, seq_lens = list(range(batch + 1)), [context] * batch
     key, value = (torch.randn(batch, heads, h, device=device).to(dtype) for _ in range(2))
     query = torch.randn(batch, q_heads, h, device=device).to(dtype)
-    times = []
-    for _ in range(max(steps, 1) + (steps > 0)):  # the first step warms up (steps=0: one step, untimed use)
-        sync(device)
-        t0 = time.perf_counter()
+
+    def run():
         step = StepState()
         for layer in range(layers):
             path.write(layer, kv[layer], slots, key, value, pos, step, [1] * batch, table, seq_lens)
             path.attend(layer, query, kv[layer], table, seq_lens, qsl, h ** -0.5, step, key, value)
+    return run
+
+
+def time_decode_steps(run, steps, device) -> float:
+    """Seconds per decode step of ``run`` (``decode_step``): the best of ``steps`` after one warm-up step."""
+    times = []
+    for _ in range(steps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return min(times[1:] or times)
+    return min(times[1:])
 
 
-def profile_decode_step(path, kv, table, batch, context, q_heads, dtype, device, top: int = 20) -> str:
-    """torch.profiler tables (self device time, self host time) of one more decode step of that shape."""
+def profile_decode_step(run, batch, context, device, top: int = 20) -> str:
+    """torch.profiler tables (self device time, self host time) of one more step of ``run`` (``decode_step``)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     with profile(activities=activities) as prof:
-        time_decode_steps(path, kv, table, batch, context, q_heads, dtype, 0, device)
+        run()
+        sync(device)
     ops = prof.key_averages()
     by = ["self_cpu_time_total"] + (["self_device_time_total"] if len(activities) == 2 else [])
     return "\n".join(f"## batch {batch}, context {context}: by {key}\n{ops.table(sort_by=key, row_limit=top)}"
@@ -160,9 +170,10 @@ def main():
             path.exact = None if args.no_window else ExactTokens(
                 cache.config.num_sink_tokens, cache.config.window, batch, args.layers, args.kv_heads, args.head_dim,
                 dtype, device)
-            t = time_decode_steps(path, kv, table, batch, context, args.q_heads, dtype, args.steps, device)
+            run = decode_step(path, kv, table, batch, context, args.q_heads, dtype, device)
+            t = time_decode_steps(run, args.steps, device)
             if args.profile:
-                profiles.append(profile_decode_step(path, kv, table, batch, context, args.q_heads, dtype, device))
+                profiles.append(profile_decode_step(run, batch, context, device))
             rows.append({"kv_cache_dtype": f"aquakv-{args.preset}", "attention": "flash" if flash else "flash_twin",
                          "decode": decode, "window": not args.no_window, "batch": batch, "context": context, "step_ms": t * 1e3,
                          "per_layer_us": t * 1e6 / args.layers})

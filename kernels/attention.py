@@ -738,7 +738,7 @@ def stream_decoder(codec) -> tuple[LaneTable, torch.Tensor] | str:
     """How the kernels decode one stream's codes: its lane table and rotation back rot [h, h] (diag(signs) H / sqrt(h),
     columns in the stream's lane order; decode is y_lanes @ rot^T), or why they cannot."""
     if codec.group_size != codec.head_dim or not codec.rotate:
-        return "the fused kernel needs one scale per (token, KV head) and the Hadamard rotation"
+        return "the Triton kernels need one scale per (token, KV head) and the Hadamard rotation"
     t = lane_table(codec.grid, codec.code_bits, codec.head_dim)
     if isinstance(t, str):
         return t

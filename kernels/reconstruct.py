@@ -56,6 +56,20 @@ def _rotate_lanes(x0, x1, x2, x3, rot_ptr, LANES: tl.constexpr, WIDTH: tl.conste
     return y
 
 
+@triton.jit
+def _decode_stream(cache_ptr, base, t_mask, table_ptr, rot_ptr, CODE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr,
+                   INDEX_BITS: tl.constexpr, ENTRY_VALUES: tl.constexpr, LANES: tl.constexpr,
+                   SCALE_OFFSET: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """One stream of the slots at ``base`` [T]: grid coordinates * fp16 scale / sqrt(h), rotated back from the
+    Hadamard domain -> [T, h] float32 (``HiggsCodec.decode`` of one KV head)."""
+    scale = tl.load((cache_ptr + base + SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)
+    x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, table_ptr, CODE_OFFSET, CODE_BYTES, INDEX_BITS, ENTRY_VALUES,
+                                 DOT_DTYPE, USE_ASM)
+    y = _rotate_lanes(x0, x1, x2, x3, rot_ptr, LANES, CODE_BYTES, HEAD_DIM)
+    inv_sqrt_h = 1.0 / tl.sqrt(HEAD_DIM * 1.0)
+    return y * (scale.to(tl.float32) * inv_sqrt_h)[:, None]
+
+
 @triton.jit(do_not_specialize=["stride_bt"])
 def _reconstruct_kernel(
     cache_ptr, block_table_ptr, seq_lens_ptr, rows_ptr, cu_k_ptr, k_table_ptr, v_table_ptr, rot_k_ptr, rot_v_ptr,
@@ -78,24 +92,17 @@ def _reconstruct_kernel(
     t_mask = t < tl.load(seq_lens_ptr + seq)
     blk = tl.load(block_table_ptr + seq * stride_bt + t // PAGE_BLOCK, mask=t_mask, other=0).to(tl.int64)
     base = tl.multiple_of(blk * stride_block + head * stride_head + (t % PAGE_BLOCK) * stride_token, SLOT_ALIGN)
-    inv_sqrt_h = 1.0 / tl.sqrt(HEAD_DIM * 1.0)  # y = grid coordinates * scale / sqrt(h)
     j = tl.arange(0, HEAD_DIM)
     out_rows = ((tl.load(cu_k_ptr + r) + t) * NUM_KV_HEADS + head).to(tl.int64)[:, None] * HEAD_DIM + j[None, :]
 
-    scale_k = tl.load((cache_ptr + base + K_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)
-    x0, x1, x2, x3 = _load_lanes(cache_ptr, base, t_mask, k_table_ptr, 0, K_CODE_BYTES, K_INDEX_BITS, K_ENTRY_VALUES,
-                                 DOT_DTYPE, USE_ASM)
-    k = _rotate_lanes(x0, x1, x2, x3, rot_k_ptr, K_LANES, K_CODE_BYTES, HEAD_DIM)
-    k = k * (scale_k.to(tl.float32) * inv_sqrt_h)[:, None]  # [T, h]
+    k = _decode_stream(cache_ptr, base, t_mask, k_table_ptr, rot_k_ptr, 0, K_CODE_BYTES, K_INDEX_BITS, K_ENTRY_VALUES,
+                       K_LANES, K_SCALE_OFFSET, HEAD_DIM, DOT_DTYPE, USE_ASM)  # [T, h]
     if HAS_K_BIAS:
         k += tl.load(k_bias_ptr + head * HEAD_DIM + j)[None, :]
     tl.store(k_out_ptr + out_rows, k.to(k_out_ptr.dtype.element_ty), mask=t_mask[:, None])
 
-    scale_v = tl.load((cache_ptr + base + V_SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)
-    y0, y1, y2, y3 = _load_lanes(cache_ptr, base, t_mask, v_table_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
-                                 V_ENTRY_VALUES, DOT_DTYPE, USE_ASM)
-    v = _rotate_lanes(y0, y1, y2, y3, rot_v_ptr, V_LANES, V_CODE_BYTES, HEAD_DIM)
-    v = v * (scale_v.to(tl.float32) * inv_sqrt_h)[:, None]
+    v = _decode_stream(cache_ptr, base, t_mask, v_table_ptr, rot_v_ptr, V_CODE_OFFSET, V_CODE_BYTES, V_INDEX_BITS,
+                       V_ENTRY_VALUES, V_LANES, V_SCALE_OFFSET, HEAD_DIM, DOT_DTYPE, USE_ASM)
     if HAS_V_BIAS:
         v += tl.load(v_bias_ptr + head * HEAD_DIM + j)[None, :]
     if V_FROM_K:  # v = b_v + k W[head] + A y_v
@@ -145,11 +152,8 @@ def _residual_kernel(slots_ptr, table_ptr, rot_ptr, out_ptr, num_rows, SLOT_BYTE
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # rows [T]
     t_mask = t < num_rows
     base = tl.multiple_of((t.to(tl.int64) * NUM_KV_HEADS + head) * SLOT_BYTES, SLOT_ALIGN)
-    scale = tl.load((slots_ptr + base + SCALE_OFFSET).to(tl.pointer_type(tl.float16)), mask=t_mask, other=0.0)
-    x0, x1, x2, x3 = _load_lanes(slots_ptr, base, t_mask, table_ptr, CODE_OFFSET, CODE_BYTES, INDEX_BITS, ENTRY_VALUES,
-                                 DOT_DTYPE, USE_ASM)
-    y = _rotate_lanes(x0, x1, x2, x3, rot_ptr, LANES, CODE_BYTES, HEAD_DIM)
-    y = y * (scale.to(tl.float32) / tl.sqrt(HEAD_DIM * 1.0))[:, None]  # [T, h]
+    y = _decode_stream(slots_ptr, base, t_mask, table_ptr, rot_ptr, CODE_OFFSET, CODE_BYTES, INDEX_BITS, ENTRY_VALUES,
+                       LANES, SCALE_OFFSET, HEAD_DIM, DOT_DTYPE, USE_ASM)  # [T, h]
     j = tl.arange(0, HEAD_DIM)
     out_rows = (t.to(tl.int64) * NUM_KV_HEADS + head)[:, None] * HEAD_DIM + j[None, :]
     tl.store(out_ptr + out_rows, y, mask=t_mask[:, None])

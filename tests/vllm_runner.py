@@ -52,14 +52,12 @@ if __name__ == "__main__":
         params = SamplingParams(max_tokens=args.get("max_tokens", 32), temperature=0, ignore_eos=True)
         result["outputs"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     result["generate_seconds"] = time.time() - t0
-    if args["kv_cache_dtype"] == "aquakv":  # what serves attention, as the startup log says it
+    if args["kv_cache_dtype"] == "aquakv":
         from vllm_aquakv.runtime import _STATES
 
-        result["kernel_notes"] = [s.kernel_note for s in _STATES.values()]
+        result["kernel_notes"] = [s.kernel_note for s in _STATES.values()]  # what serves attention (startup log)
     attention = sys.modules.get("vllm_aquakv.kernels.attention")
     if attention is not None and args["kv_cache_dtype"] == "aquakv":  # Triton JIT during generate() (GPU runs)
-        from vllm_aquakv.runtime import _STATES
-
         result["triton_variants"] = {"after_startup": [getattr(s, "compiled_at_startup", None) for s in
                                                        _STATES.values()], "after_generate": attention.compiled_variants()}
     if args.get("profile"):  # where generate() spends its time (the engine runs in this process): run it again

@@ -217,10 +217,12 @@ class TorchServingPath:
         """Reconstruct ``layer``'s K (the artifact's key frame) and V of the tokens whose slots are ``slots``
         [T, H, slot] into ``recon`` (float32 [T, H, h]), predicted from the same tokens' earlier entries of ``recon``."""
         layout, parts = self.layouts[layer], None
+        if self.residual_decoders:
+            slots = slots.contiguous()  # decode_residual reads rows of slot_bytes
         for i, stream in enumerate("kv"):
             codec, decoder = self.cache.codecs[stream, layer], self.residual_decoders.get((stream, layer))
             if decoder is not None:
-                residual = decode_residual(slots.contiguous(), decoder, layout.code_offsets[i], layout.scale_offsets[i])
+                residual = decode_residual(slots, decoder, layout.code_offsets[i], layout.scale_offsets[i])
             else:
                 parts = parts or layout.unpack(slots)
                 if codec is None:
