@@ -22,7 +22,7 @@ from ..artifact import default_artifact_dir, model_fingerprint, save_artifact
 from ..grids import GRID_SPECS
 from ..reference import AquaKVCache, AquaKVConfig
 from ..codec import head_dim_supported
-from ..rope import Rope, UnsupportedModel, inverse_frequencies
+from ..rope import UnsupportedModel, calibration_rope, check_full_rotary, inverse_frequencies
 from .capture import KeysInFrame, capture_kv, kv_shape, tokenize_windows
 from .texts import TEXT_SETS, load_texts
 
@@ -105,9 +105,10 @@ def model_text_config(model_dir: str) -> dict:
     return hf.get("text_config", hf)
 
 
-def check_model_config(model_dir: str) -> None:
+def check_model_config(model_dir: str, key_rope: str = "pre") -> None:
     """Refuse, from config.json alone (before any weight is loaded), a model that aquakv cannot serve: MLA,
-    sliding-window layers, a head_dim that is not a power of two, a RoPE variant other than default/linear/llama3."""
+    sliding-window layers, a head_dim that is not a power of two, and for pre-RoPE keys (``key_rope``) a RoPE variant
+    other than default/linear/llama3 (post-RoPE artifacts serve any: ``vllm_aquakv.rope``)."""
     from types import SimpleNamespace
 
     if not os.path.exists(os.path.join(model_dir, "config.json")):
@@ -125,7 +126,9 @@ def check_model_config(model_dir: str) -> None:
     _, _, head_dim = kv_shape(SimpleNamespace(**{"head_dim": None, "num_key_value_heads": None, **cfg}))
     if not head_dim_supported(head_dim):
         raise UnsupportedModel(f"aquakv needs head_dim to be a power of two in [16, 512]; this model has {head_dim}")
-    inverse_frequencies(cfg, head_dim)  # raises for RoPE variants the serving path cannot undo and redo
+    check_full_rotary(cfg)
+    if key_rope == "pre":
+        inverse_frequencies(cfg, head_dim)  # raises for RoPE variants the serving path cannot undo and redo
 
 
 def load_model(model_dir: str, device: str):
@@ -171,11 +174,14 @@ def _calibrate(args, config: AquaKVConfig) -> None:
     if os.path.exists(os.path.join(out, "manifest.json")) and not args.overwrite:
         raise SystemExit(f"aquakv-calibrate: an artifact already exists at {out}; pass --overwrite to replace it "
                          "(or --out DIR to write elsewhere)")
-    check_model_config(args.model)
+    check_model_config(args.model, config.key_rope)
     t0 = time.time()
     docs, label = calibration_docs(args)
     model, tok = load_model(args.model, args.device)
     windows = tokenize_windows(tok, docs, args.seq_len, args.tokens)
+    # post-RoPE keys: the captured (pre-RoPE) keys are rotated as the model does before the fit
+    rope = None if config.key_rope == "pre" else calibration_rope(model, model_text_config(args.model),
+                                                                   kv_shape(model.config)[2], windows.shape[1])
     print(f"[aquakv-calibrate] {args.model}: {windows.numel()} tokens of {label} in {windows.shape[0]} sequences",
           flush=True)
     spill = (tempfile.TemporaryDirectory(prefix="aquakv-capture-", dir=args.spill_dir) if args.spill_dir
@@ -183,17 +189,17 @@ def _calibrate(args, config: AquaKVConfig) -> None:
     with spill as spill_path:
         ks, vs = capture_kv(model, windows, spill_dir=spill_path)
         del model
-        _fit_and_save(args, config, ks, vs, windows, label, out, t0)
+        _fit_and_save(args, config, ks, vs, windows, label, out, t0, rope)
 
 
-def _fit_and_save(args, config, ks, vs, windows, label, out, t0) -> None:
+def _fit_and_save(args, config, ks, vs, windows, label, out, t0, rope=None) -> None:
     """Fit on captured K/V (in RAM or memory-mapped), measure, write the artifact."""
     # --fit-without-sinks: tokens that stay 16-bit when served with sinks (the first of each sequence) leave the fit.
     # Off by default: vLLM quantizes every token today, sinks included, and they must be predicted well then.
     fit_mask = ((torch.arange(windows.numel()) % windows.shape[1]) >= config.num_sink_tokens
                 if args.fit_without_sinks else None)
     if config.key_rope == "post":  # the model's RoPE is only needed to rotate the captured keys
-        ks = KeysInFrame(ks, Rope(model_text_config(args.model), ks[0].shape[-1]), windows.shape[1], "post")
+        ks = KeysInFrame(ks, rope, windows.shape[1], "post")
     cache = AquaKVCache.calibrate(config, ks, vs, progress=True, fit_mask=fit_mask)
     metrics = cache.calibration_metrics
     path = save_artifact(

@@ -33,7 +33,7 @@ import torch
 
 from ..artifact import default_artifact_dir, load_artifact
 from ..reference import AquaKVCache
-from ..rope import Rope
+from ..rope import Rope, calibration_rope
 from .calibrate import load_model, model_text_config
 from .capture import install_kv_hooks, reconstruct_in_key_frame, tokenize_windows
 from .texts import TEXT_SETS, load_texts
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     art = args.artifact or default_artifact_dir(args.model)
     cache, manifest = load_artifact(art, args.model)
     model, tok = load_model(args.model, args.device)
-    rope = Rope(model_text_config(args.model), cache.head_dim)
+    retrieval_ctx = min(args.retrieval_ctx, getattr(model.config, "max_position_embeddings", args.retrieval_ctx))
+    rope = calibration_rope(model, model_text_config(args.model), cache.head_dim, max(args.ctx, retrieval_ctx))
     windows = tokenize_windows(tok, load_texts(args.text), args.ctx, args.windows * args.ctx)
     H, D, cfg = cache.num_kv_heads, cache.head_dim, cache.config
 
@@ -262,7 +263,6 @@ def main(argv: list[str] | None = None) -> None:
         for fmt in FORMATS:  # vLLM's own formats: keys quantized post-RoPE whatever the artifact's key frame
             runs.append((fmt, "serving", vllm_reconstruct(fmt, cache.num_layers, rope, cfg.key_rope), 0, 0,
                          bits_per_value(fmt, D, cache.num_layers)))
-    retrieval_ctx = min(args.retrieval_ctx, getattr(model.config, "max_position_embeddings", args.retrieval_ctx))
     copy = []
     if retrieval_ctx > 0:
         copy = copy_prompts(tok("\n".join(load_texts("essays")))["input_ids"], retrieval_ctx, args.retrieval_trials)

@@ -112,6 +112,52 @@ def test_calibrate_cli_post_rope_and_overwrite(tmp_path, rng):
     assert load_artifact(os.path.join(model, "aquakv"), model)[0].config.seed == 5
 
 
+def test_calibrate_speed_preset_for_any_rope_type(tmp_path, rng):
+    """A model whose RoPE pre-RoPE artifacts cannot serve (YaRN) calibrates with --preset speed (post-RoPE keys,
+    rotated by the model's own rotary embedding); the key mean is then the mean of the model's post-RoPE keys, which
+    YaRN's attention scaling (~1.14 at factor 4) multiplies; the paper's preset is still refused, naming the fix."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_aquakv.calibration.calibrate import main
+    from vllm_aquakv.calibration.capture import KVCapture, tokenize_windows
+
+    model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, kv_heads=2, head_dim=32)
+    _edit_config(model, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                         "original_max_position_embeddings": 8192})
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 400, (3000,), generator=rng)))
+    args = [model, "--text-file", str(text), "--tokens", "512", "--seq-len", "128"]
+    with pytest.raises(SystemExit, match="--preset speed"):
+        main(args)
+    main(args + ["--preset", "speed"])
+    cache, _ = load_artifact(os.path.join(model, "aquakv"), model)
+    assert cache.config.key_rope == "post"
+    # independent of aquakv's rope code: the post-RoPE keys transformers itself attends with, captured from its
+    # apply_rotary_pos_emb (the same 4 x 128 calibration windows)
+    from transformers import AutoTokenizer
+    from transformers.models.llama import modeling_llama
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    windows = tokenize_windows(AutoTokenizer.from_pretrained(model), [text.read_text()], 128, 512)
+    seen, rotate = [], modeling_llama.apply_rotary_pos_emb
+
+    def record(q, k, cos, sin, *a, **kw):
+        out = rotate(q, k, cos, sin, *a, **kw)
+        seen.append(out[1][0].transpose(0, 1).reshape(-1, 2, 32))  # [T, H, h]
+        return out
+
+    modeling_llama.apply_rotary_pos_emb = record
+    try:
+        with torch.no_grad():
+            for w in windows:
+                hf(w[None])
+    finally:
+        modeling_llama.apply_rotary_pos_emb = rotate
+    layer1 = torch.cat(seen[1::2])  # [tokens, H, h] of layer 1
+    mean = cache.predictors["k", 1].bias.reshape(2, 32)  # the key mean predictor's intercept
+    assert torch.allclose(mean, layer1.mean(0), atol=1e-4), (mean - layer1.mean(0)).abs().max()  # means ~0.4
+
+
 def _edit_config(model_dir: str, **changes) -> None:
     path = os.path.join(model_dir, "config.json")
     cfg = json.load(open(path))

@@ -149,6 +149,46 @@ def test_rope_undo_inverts_apply(rng):
     assert not torch.allclose(rope.apply(x, p), x, atol=1e-2)
 
 
+@pytest.mark.parametrize("params", [
+    {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 1024},
+    {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 1024},
+    {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}], ids=lambda p: p["rope_type"])
+def test_model_rope_rotates_keys_as_vllm(params, tmp_path, rng):
+    """``model_rope`` (the RoPE calibration applies to post-RoPE artifacts' captured keys, from transformers' rotary
+    embedding) rotates keys as vLLM's own rotary embedding does at serving time, YaRN's attention scaling included;
+    ``undo`` inverts it; where ``Rope`` knows the type (llama3), both agree."""
+    import json
+    import os
+
+    from transformers import AutoModelForCausalLM
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from vllm_aquakv.calibration.models import make_tiny_llama
+    from vllm_aquakv.rope import model_rope
+
+    model_dir = make_tiny_llama(str(tmp_path / "m"), num_layers=1, kv_heads=2, head_dim=32)
+    path = os.path.join(model_dir, "config.json")
+    cfg = json.load(open(path))
+    cfg.update(rope_parameters=params, max_position_embeddings=4096)
+    json.dump(cfg, open(path, "w"))
+    rope = model_rope(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 4096)
+    with set_current_vllm_config(VllmConfig()):
+        theirs = get_rope(32, 4096, True, dict(params), torch.float32)
+    k = torch.randn(300, 2, 32, generator=rng)
+    pos = torch.randint(0, 4096, (300,), generator=rng)
+    _, want = theirs.forward_native(pos, torch.randn(300, 4 * 32, generator=rng), k.reshape(300, -1).clone())
+    got = rope.apply(k, pos)
+    assert torch.allclose(got, want.reshape(300, 2, 32), atol=1e-5), (got - want.reshape(300, 2, 32)).abs().max()
+    assert torch.allclose(rope.undo(got, pos), k, atol=1e-5)
+    assert not torch.allclose(got, k, atol=1e-2)
+    if params["rope_type"] == "llama3":
+        assert torch.allclose(Rope(cfg, 32).apply(k, pos), got, atol=1e-3)
+    with pytest.raises(ValueError, match="holds 4096"):
+        rope.apply(k, pos + 4096)
+
+
 def attention64_window(q, k, v, k16, v16, available, sinks, window, scale, first_pos):
     """float64 reference of the 16-bit sink/window semantics: key j of query i from k16/v16 when available[j] and
     (j < sinks or i - j < window), else from the codes' k/v."""

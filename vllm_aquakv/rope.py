@@ -1,7 +1,10 @@
 """Rotary position embedding of Llama-style models, to undo it on written keys and redo it on read keys.
 
-Supported: rope_type default, linear and llama3 with full rotary dim and the NeoX ("rotate half") layout that
-Llama/Qwen2/Mistral use in vLLM and transformers.  Anything else is refused with ``UnsupportedModel``.
+Serving a pre-RoPE artifact (the paper's keys) needs it: supported are rope_type default, linear and llama3 with
+full rotary dim and the NeoX ("rotate half") layout that Llama/Qwen2/Mistral use in vLLM and transformers; anything
+else is refused with ``UnsupportedModel``.  A post-RoPE artifact (``--preset speed``) stores keys as vLLM hands them
+and never rotates them when serving, so it serves any RoPE variant; calibrating and evaluating one only rotate the
+captured keys, with the model's own rotary embedding where ``Rope`` does not know its type (``model_rope``).
 """
 
 from __future__ import annotations
@@ -25,15 +28,21 @@ def rope_settings(cfg: dict) -> tuple[str, float, dict]:
     return rope_type, theta, params
 
 
-def inverse_frequencies(cfg: dict, head_dim: int) -> torch.Tensor:
-    """inv_freq [head_dim / 2] (float32) of the model's RoPE; raises UnsupportedModel for other schemes."""
-    rope_type, theta, p = rope_settings(cfg)
+def check_full_rotary(cfg: dict) -> None:
+    """Refuse (``UnsupportedModel``) a config whose RoPE rotates only part of each head."""
     partial = float(cfg.get("partial_rotary_factor", 1.0) or 1.0)
     if partial != 1.0:
         raise UnsupportedModel(f"aquakv needs full rotary embeddings; this model has partial_rotary_factor={partial}")
+
+
+def inverse_frequencies(cfg: dict, head_dim: int) -> torch.Tensor:
+    """inv_freq [head_dim / 2] (float32) of the model's RoPE; raises UnsupportedModel for other schemes."""
+    rope_type, theta, p = rope_settings(cfg)
+    check_full_rotary(cfg)
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModel(f"aquakv supports rope types {SUPPORTED_ROPE_TYPES}; this model uses {rope_type!r}. "
-                               "Use another --kv-cache-dtype for it.")
+        raise UnsupportedModel(f"aquakv's pre-RoPE artifacts support rope types {SUPPORTED_ROPE_TYPES}; this model "
+                               f"uses {rope_type!r}. Calibrate it with --preset speed (post-RoPE keys: any rope "
+                               "type), or use another --kv-cache-dtype for it.")
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if rope_type == "linear":
         inv = inv / float(p["factor"])
@@ -75,3 +84,61 @@ class Rope:
         cos, sin = self._cos_sin(positions)
         x = x.float()
         return x * cos - self._rotate_half(x) * sin
+
+
+class TableRope(Rope):
+    """A model's RoPE as cos/sin tables [P, h] for positions 0..P-1 (unit-norm pairs, NeoX layout) times ``scale``,
+    its attention scaling (YaRN's mscale), which multiplies the rotated keys (``model_rope``)."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, scale: float):
+        self.cos, self.sin, self.scale, self.inv_freq = cos, sin, scale, None
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(f"positions up to {int(positions.max())}; this RoPE table holds {self.cos.shape[0]}")
+        at = positions.to(self.cos.device).long()
+        return self.cos[at][:, None, :].to(positions.device), self.sin[at][:, None, :].to(positions.device)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return super().apply(x, positions) * self.scale
+
+    def undo(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return super().undo(x, positions) / self.scale
+
+
+def model_rope(model, positions: int) -> TableRope:
+    """The RoPE of a transformers decoder from its own rotary embedding module (``model.model.rotary_emb``: every
+    rope type transformers implements), as tables for positions 0..positions-1; refused (``UnsupportedModel``) where
+    it does not rotate the full head in the NeoX layout, checked against the model file's ``apply_rotary_pos_emb``."""
+    import sys
+
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    if rotary is None:
+        raise UnsupportedModel(f"{type(model).__name__} has no model.rotary_emb: aquakv cannot rotate its keys")
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(positions)[None])  # [1, P, rot dim]
+    if cos.shape[-1] != head_dim:
+        raise UnsupportedModel(f"aquakv needs full rotary embeddings; this model rotates {cos.shape[-1]} of "
+                               f"{head_dim} dims per head")
+    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    rope = TableRope(cos[0].float() / scale, sin[0].float() / scale, scale)
+    apply_rotary = getattr(sys.modules.get(type(model).__module__), "apply_rotary_pos_emb", None)
+    if apply_rotary is not None:  # the model's own rotation of random keys [1, 2, P', h] must be ours
+        n = min(positions, 64)
+        x = torch.randn(1, 2, n, head_dim, generator=torch.Generator().manual_seed(0))
+        theirs = apply_rotary(x, x, cos[:, :n], sin[:, :n])[1][0].transpose(0, 1)  # [P', 2, h]
+        if not torch.allclose(theirs, rope.apply(x[0].transpose(0, 1), torch.arange(n)), atol=1e-5, rtol=1e-4):
+            raise UnsupportedModel(f"{type(model).__name__} does not rotate keys in the NeoX (rotate-half) layout "
+                                   "that aquakv implements")
+    return rope
+
+
+def calibration_rope(model, cfg: dict, head_dim: int, positions: int) -> Rope:
+    """The RoPE that calibration and evaluation apply to captured pre-RoPE keys: ``Rope`` from config.json (the
+    inverse frequencies serving uses) where it knows the rope type, else the model's own (``model_rope``, for
+    post-RoPE artifacts, whose serving never rotates keys)."""
+    try:
+        return Rope(cfg, head_dim)
+    except UnsupportedModel:
+        return model_rope(model, positions)

@@ -52,7 +52,6 @@ class ServingState:
         num_layers = text_cfg.num_hidden_layers
         num_kv_heads = model_cfg.get_total_num_kv_heads()
         head_dim = model_cfg.get_head_size()
-        self.rope = Rope(hf.get("text_config", hf), head_dim)
         art = extra.get("aquakv_artifact") or os.environ.get("AQUAKV_ARTIFACT") or default_artifact_dir(self.model_dir)
         if extra.get("aquakv_no_predictor"):
             cfg = AquaKVConfig(key_predictor="none", value_predictor="none", layer0_grid="d2n16")
@@ -67,6 +66,8 @@ class ServingState:
             self.cache, _ = load_artifact(art, self.model_dir)
             self.source = art
         c = self.cache
+        # pre-RoPE keys are un-rotated on write and rotated on read; post-RoPE ones are stored as vLLM hands them
+        self.rope = Rope(hf.get("text_config", hf), head_dim) if c.config.key_rope == "pre" else None
         if (c.num_layers, c.num_kv_heads, c.head_dim) != (num_layers, num_kv_heads, head_dim):
             raise ArtifactError(f"artifact {art} is for {c.num_layers} layers x {c.num_kv_heads} KV heads x head_dim "
                                 f"{c.head_dim}; the model has {num_layers} x {num_kv_heads} x {head_dim}: "
@@ -88,7 +89,8 @@ class ServingState:
             num_kv_heads = count
         device = getattr(getattr(vllm_config, "device_config", None), "device", None) or "cpu"
         c.to(device)
-        self.rope.inv_freq = self.rope.inv_freq.to(device)
+        if self.rope is not None:
+            self.rope.inv_freq = self.rope.inv_freq.to(device)
         self.path = TorchServingPath(c, self.rope)
         on_cuda = str(device).startswith("cuda")
         self.kernel_note = "torch attention path (aquakv_kernels false)" if on_cuda else "torch attention path (CPU)"

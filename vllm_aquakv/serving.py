@@ -118,7 +118,7 @@ class StepState:
 class TorchServingPath:
     """Cache write and paged attention for every layer, in plain torch."""
 
-    def __init__(self, cache: AquaKVCache, rope: Rope):
+    def __init__(self, cache: AquaKVCache, rope: Rope | None):  # rope: for pre-RoPE artifacts only
         self.cache, self.rope = cache, rope
         self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
         self.int8_scores = False  # fused decode steps score on int8 tensor cores (``aquakv_int8_scores``)

@@ -259,6 +259,9 @@ def main():
                     "many key tiles (comma list; plan_attention's min_segment_tiles, default MIN_SEGMENT_TILES)")
     ap.add_argument("--rows", default="", help="also each aquakv mode with decode programs of this many query rows "
                     "(comma list; plan_attention's decode_rows, default DECODE_MIN_ROWS)")
+    ap.add_argument("--maxnreg", default="", help="also each aquakv mode with the codes launch capped at this many "
+                    "registers per thread (comma list; AttentionPlan.maxnreg; e.g. 96: 5 programs of 4 warps per SM "
+                    "instead of 4)")
     OPTIONS = args = ap.parse_args()
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     t0 = time.time()
@@ -311,11 +314,13 @@ def main():
                 # rows per decode program: the plan's and those plan_attention pads --rows to
                 block_ms = [plan.block_m] + [plan_attention(qsl_list, ctx, HQ, H, "cuda", decode_rows=r).block_m
                                              for r in ints(args.rows)]
-                variants = [(ring, segments, step, q8, bm) for segments in dict.fromkeys(counts) for ring in rings
-                            for step in steps for q8 in qk for bm in dict.fromkeys(block_ms)]
-                for (ring_launch, ring_programs), segments, step, q8, block_m in variants:
+                regs = [None] + ints(args.maxnreg)  # None: as fused_attention picks (the sweep's cap with a ring launch)
+                variants = [(ring, segments, step, q8, bm, reg) for segments in dict.fromkeys(counts) for ring in rings
+                            for step in steps for q8 in qk for bm in dict.fromkeys(block_ms) for reg in regs]
+                for (ring_launch, ring_programs), segments, step, q8, block_m, reg in variants:
                     p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
-                                            segments=segments, maxnreg=plan.maxnreg if ring_launch else None,
+                                            segments=segments,
+                                            maxnreg=reg or (plan.maxnreg if ring_launch else None),
                                             combine_step=step, qk_int8=q8, block_m=block_m)
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
@@ -325,7 +330,8 @@ def main():
                             + ("" if segments == plan.segments else ", one segment" if segments == 1
                                else f", {segments} segments") + ("" if step is None else f", combine step {step}")
                             + (", int8 scores" if q8 else "")
-                            + ("" if block_m == plan.block_m else f", {block_m} rows"))
+                            + ("" if block_m == plan.block_m else f", {block_m} rows")
+                            + ("" if reg is None else f", maxnreg {reg}"))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
