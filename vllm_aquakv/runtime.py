@@ -157,6 +157,12 @@ class ServingState:
         found = self._use_flash_attention()
         self.kernel_note += ("; attention over the reconstructed K/V through FlashAttention" if found else
                              f"; attention in float32 torch ({self._no_flash_reason(found)})")
+        _logger().warning(
+            "aquakv: %s serves on this GPU through the torch path (%s), which rebuilds every cached token of every "
+            "layer at each step: its attention and cache write take 66-91x FlashAttention's time over a bf16 "
+            "cache (Llama-3.2-3B shape on an H200, benchmarks/results/torch_path_step_h200.md). For GPU serving, "
+            "calibrate the fused kernels' mode: aquakv-calibrate %s --preset speed --out DIR, then --additional-config "
+            "'{\"aquakv_artifact\": \"DIR\"}'", self.source, self.kernel_note, self.model_dir)
 
     def _use_flash_attention(self) -> bool | None:
         """Give the path vLLM's FlashAttention (and its merge of partials) for attention over reconstructed K/V:
