@@ -17,21 +17,43 @@ def attention_modules(model) -> list:
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
         raise ValueError(f"{type(model).__name__} has no model.layers[i].self_attn; aquakv supports Llama-style decoders")
     attns = [layer.self_attn for layer in layers]
-    if not all(hasattr(a, "k_proj") and hasattr(a, "v_proj") for a in attns):
-        raise ValueError(f"{type(model).__name__}'s attention has no separate k_proj/v_proj (fused QKV or latent "
-                         "attention); aquakv supports Llama/Qwen2/Mistral-style decoders")
+    for a in attns:
+        if not (hasattr(a, "k_proj") and hasattr(a, "v_proj")) and not (hasattr(a, "qkv_proj") and not
+                                                                         hasattr(a, "k_norm")):
+            raise ValueError(f"{type(model).__name__}'s attention has neither separate k_proj/v_proj nor one "
+                             "qkv_proj ([q | k | v], Phi-3 style), or latent attention; aquakv supports "
+                             "Llama/Qwen2/Mistral/Phi-3-style decoders")
     return attns
 
 
 def install_kv_hooks(model, make_hook) -> list:
     """Forward hooks on every layer's pre-RoPE key module (k_norm where the model has one, e.g. Qwen3, else k_proj)
-    and value module (v_proj); ``make_hook(stream, layer)`` returns the hook.  Returns the handles."""
+    and value module (v_proj), or on a fused qkv_proj whose output [..., q | k | v] the hook splits (Phi-3);
+    ``make_hook(stream, layer)`` returns the hook (it may return a replacement output).  Returns the handles."""
+    _, kv_heads, head_dim = kv_shape(model.config)
     handles = []
     for layer, attn in enumerate(attention_modules(model)):
+        if not hasattr(attn, "k_proj"):
+            kv = kv_heads * head_dim
+            hook = _split_qkv_hook(make_hook("k", layer), make_hook("v", layer), attn.qkv_proj.out_features - 2 * kv, kv)
+            handles.append(attn.qkv_proj.register_forward_hook(hook))
+            continue
         k_mod = getattr(attn, "k_norm", None) or attn.k_proj
         handles.append(k_mod.register_forward_hook(make_hook("k", layer)))
         handles.append(attn.v_proj.register_forward_hook(make_hook("v", layer)))
     return handles
+
+
+def _split_qkv_hook(k_hook, v_hook, q_size: int, kv_size: int):
+    """One forward hook on a fused qkv projection: runs the key and value hooks on their slices of the output
+    [..., q_size + 2 kv_size] and reassembles it from what they return (a replacement, or None: unchanged)."""
+    def hook(module, inputs, output):
+        q, k, v = output.split([q_size, kv_size, kv_size], dim=-1)
+        k_new, v_new = k_hook(module, inputs, k), v_hook(module, inputs, v)
+        if k_new is None and v_new is None:
+            return None
+        return torch.cat([q, k if k_new is None else k_new, v if v_new is None else v_new], dim=-1)
+    return hook
 
 
 def kv_shape(config) -> tuple[int, int, int]:

@@ -69,19 +69,25 @@ def _add_legacy_rope_keys(config_path: str) -> None:
 
 def make_tiny_llama(out_dir: str, num_layers: int = 2, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
                     head_dim: int = 32, vocab: int = 512, seed: int = 0, ffn: int | None = None,
-                    device: str = "cpu") -> str:
-    """A random-weight Llama with a local byte-level BPE tokenizer (512 tokens), for plumbing tests and kernel
-    shapes (no quality meaning).  ``vocab`` may exceed the tokenizer's: feed token ids then."""
+                    device: str = "cpu", arch: str = "llama") -> str:
+    """A random-weight Llama (or, with ``arch="phi3"``, a Phi-3: one fused qkv_proj per layer, head_dim =
+    hidden / heads) with a local byte-level BPE tokenizer (512 tokens), for plumbing tests and kernel shapes (no
+    quality meaning).  ``vocab`` may exceed the tokenizer's: feed token ids then."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn or 2 * hidden,
-                         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=head_dim, max_position_embeddings=32768, tie_word_embeddings=False)
+    shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn or 2 * hidden,
+                 num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                 max_position_embeddings=32768, tie_word_embeddings=False)
+    if arch == "phi3":
+        config, cls = Phi3Config(**shape, sliding_window=None, pad_token_id=0, bos_token_id=0, eos_token_id=0), \
+            Phi3ForCausalLM
+    else:
+        config, cls = LlamaConfig(**shape, head_dim=head_dim), LlamaForCausalLM
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = cls(config).to(torch.bfloat16)
     model.save_pretrained(out_dir)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

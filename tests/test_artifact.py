@@ -158,6 +158,46 @@ def test_calibrate_speed_preset_for_any_rope_type(tmp_path, rng):
     assert torch.allclose(mean, layer1.mean(0), atol=1e-4), (mean - layer1.mean(0)).abs().max()  # means ~0.4
 
 
+def test_fused_qkv_model_captures_the_keys_and_values_it_attends_with(tmp_path, rng):
+    """A Phi-3-style model (one qkv_proj per layer): the capture's slices of the fused projection are the K/V that
+    transformers' own attention receives (recorded by an attention function: keys post-RoPE, so ours go through
+    Rope first); aquakv-calibrate fits it, and the reference cache's replacement K/V flow back through the fused
+    output (the logits change)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vllm_aquakv.calibration.calibrate import main, model_text_config
+    from vllm_aquakv.calibration.capture import KVCapture
+    from vllm_aquakv.calibration.hf_cache import ReconstructedKV
+    from vllm_aquakv.rope import Rope
+
+    model_dir = make_tiny_llama(str(tmp_path / "m"), num_layers=2, hidden=128, heads=4, kv_heads=2, arch="phi3")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen = []
+
+    def record(module, query, key, value, *args, **kwargs):
+        seen.append((key[0].transpose(0, 1), value[0].transpose(0, 1)))  # [T, H, h] each
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("aquakv_test_record", record)
+    hf.set_attn_implementation("aquakv_test_record")
+    ids = torch.randint(0, 500, (1, 40), generator=rng)
+    with torch.no_grad(), KVCapture(hf) as cap:
+        plain = hf(ids).logits
+    hf.set_attn_implementation("sdpa")
+    rope = Rope(model_text_config(model_dir), 32)
+    for layer, (key, value) in enumerate(seen):
+        assert torch.allclose(rope.apply(cap.keys[layer][0], torch.arange(40)), key, atol=1e-5)
+        assert torch.allclose(cap.values[layer][0], value, atol=1e-6)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 400, (3000,), generator=rng)))
+    main([model_dir, "--text-file", str(text), "--tokens", "512", "--seq-len", "128"])
+    cache, _ = load_artifact(os.path.join(model_dir, "aquakv"), model_dir)
+    with torch.no_grad(), ReconstructedKV(hf, cache):
+        coded = hf(ids).logits
+    assert torch.isfinite(coded).all() and not torch.allclose(coded, plain, atol=1e-4)
+
+
 def _edit_config(model_dir: str, **changes) -> None:
     path = os.path.join(model_dir, "config.json")
     cfg = json.load(open(path))

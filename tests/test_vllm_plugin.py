@@ -302,6 +302,26 @@ def test_speed_preset_serves_a_yarn_model(tmp_path):
     assert ppl["aquakv"] > ppl["auto"] * 1.002  # the codes are really in the loop
 
 
+def test_fused_qkv_model_through_vllm_equals_reference(tmp_path):
+    """A Phi-3-style model (one fused qkv_proj per layer, which calibration splits) with the quality default,
+    every token as codes: vLLM's prompt logprobs are the transformers reference's (ReconstructedKV on the same
+    artifact; measured max difference 1e-6), not the uncompressed cache's (0.07-0.08)."""
+    from vllm_aquakv.calibration.calibrate import main
+    from vllm_aquakv.calibration.models import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, hidden=128, heads=4, kv_heads=2, arch="phi3")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 397}" for i in range(3000)))
+    main([model, "--text-file", str(text), "--tokens", "512", "--seq-len", "128"])
+    seqs = [torch.randint(0, 500, (60,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(2)]
+    runs = {fmt: run_vllm(model=model, kv_cache_dtype=fmt, dtype="float32", prompt_token_ids=seqs, prompt_logprobs=True,
+                          engine=CODES_ONLY if fmt == "aquakv" else {})["prompt_logprobs"] for fmt in ("aquakv", "auto")}
+    for seq, ref, got, plain in zip(seqs, reference_logprobs(model, seqs), runs["aquakv"], runs["auto"]):
+        want = [ref[i - 1, seq[i]].item() for i in range(1, len(seq))]
+        assert max(abs(a - b) for a, b in zip(got[1:], want)) < 1e-4
+        assert max(abs(a - b) for a, b in zip(got[1:], plain[1:])) > 1e-2  # the codes are in the loop
+
+
 def test_residual_kernel_in_vllm_matches_torch_path(smollm2_calibrated):
     """``aquakv_kernels`` with an artifact the fused kernels cannot serve (the pre-RoPE quality default): the torch
     path decodes its codes with the Triton residual kernel (the quality default's CUDA path; here in the

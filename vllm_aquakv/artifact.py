@@ -33,7 +33,7 @@ FORMAT = "vllm-aquakv"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "adapters.safetensors"
-_KV_WEIGHT = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.(weight|bias)$")
+_KV_WEIGHT = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|qkv_proj)\.(weight|bias)$")
 
 
 class ArtifactError(ValueError):
@@ -46,7 +46,8 @@ def default_artifact_dir(model_dir: str) -> str:
 
 
 def model_fingerprint(model_dir: str) -> str:
-    """sha256 over the model's layer/head shape and the bytes of every k_proj/v_proj(/k_norm) tensor, in order.
+    """sha256 over the model's layer/head shape and the bytes of every k_proj/v_proj(/k_norm) tensor, in order (a
+    fused qkv_proj's whole tensor where the model has one).
 
     These weights decide the K/V the artifact was fitted on; reading them is cheap next to the whole model.
     """
@@ -66,7 +67,7 @@ def model_fingerprint(model_dir: str) -> str:
                 if m:
                     found.append(((int(m.group(1)), m.group(2), m.group(3)), path, name))
     if not found:
-        raise ArtifactError(f"no layers.N.self_attn.k_proj/v_proj weights found in {model_dir}/*.safetensors: "
+        raise ArtifactError(f"no layers.N.self_attn.k_proj/v_proj (or qkv_proj) weights found in {model_dir}/*.safetensors: "
                             "aquakv needs a Llama-style model stored as safetensors")
     for _, path, name in sorted(found):
         with safe_open(path, framework="pt") as f:

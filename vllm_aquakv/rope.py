@@ -30,7 +30,7 @@ def rope_settings(cfg: dict) -> tuple[str, float, dict]:
 
 def check_full_rotary(cfg: dict) -> None:
     """Refuse (``UnsupportedModel``) a config whose RoPE rotates only part of each head."""
-    partial = float(cfg.get("partial_rotary_factor", 1.0) or 1.0)
+    partial = float(cfg.get("partial_rotary_factor") or rope_settings(cfg)[2].get("partial_rotary_factor") or 1.0)
     if partial != 1.0:
         raise UnsupportedModel(f"aquakv needs full rotary embeddings; this model has partial_rotary_factor={partial}")
 
