@@ -189,6 +189,42 @@ def test_model_rope_rotates_keys_as_vllm(params, tmp_path, rng):
         rope.apply(k, pos + 4096)
 
 
+def test_model_rope_refuses_what_it_cannot_rotate():
+    """``model_rope`` refuses, with a message, a rotary embedding that rotates part of the head, has another call
+    signature (e.g. multimodal position axes) or another layout than NeoX rotate-half."""
+    from types import ModuleType, SimpleNamespace
+
+    from vllm_aquakv.rope import UnsupportedModel, model_rope
+
+    def model_with(rotary):
+        return SimpleNamespace(model=SimpleNamespace(rotary_emb=rotary),
+                               config=SimpleNamespace(head_dim=32, hidden_size=128, num_attention_heads=4))
+
+    partial = lambda x, pos: (torch.ones(1, pos.shape[1], 16), torch.zeros(1, pos.shape[1], 16))  # noqa: E731
+    with pytest.raises(UnsupportedModel, match="full rotary"):
+        model_rope(model_with(partial), 8)
+    with pytest.raises(UnsupportedModel, match="position_ids"):
+        model_rope(model_with(lambda x: x), 8)
+    # a model file whose apply_rotary_pos_emb interleaves pairs (GPT-J style) instead of rotating halves
+    module = ModuleType("aquakv_test_gptj_style")
+    module.apply_rotary_pos_emb = lambda q, k, cos, sin: (q, k * cos + torch.stack(
+        (-k[..., 1::2], k[..., ::2]), -1).flatten(-2) * sin)
+    import sys
+
+    sys.modules[module.__name__] = module
+    fake = type("GPTJStyle", (), {"__module__": module.__name__})()
+    fake.model, fake.config = model_with(None).model, model_with(None).config
+    inv = 1.0 / 10000 ** (torch.arange(0, 32, 2) / 32)
+    freqs = torch.arange(8)[:, None] * inv[None]
+    emb = torch.cat((freqs, freqs), -1)[None]
+    fake.model.rotary_emb = lambda x, pos: (emb.cos(), emb.sin())
+    try:
+        with pytest.raises(UnsupportedModel, match="NeoX"):
+            model_rope(fake, 8)
+    finally:
+        del sys.modules[module.__name__]
+
+
 def attention64_window(q, k, v, k16, v16, available, sinks, window, scale, first_pos):
     """float64 reference of the 16-bit sink/window semantics: key j of query i from k16/v16 when available[j] and
     (j < sinks or i - j < window), else from the codes' k/v."""

@@ -116,11 +116,15 @@ def model_rope(model, positions: int) -> TableRope:
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     if rotary is None:
         raise UnsupportedModel(f"{type(model).__name__} has no model.rotary_emb: aquakv cannot rotate its keys")
-    with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(positions)[None])  # [1, P, rot dim]
-    if cos.shape[-1] != head_dim:
-        raise UnsupportedModel(f"aquakv needs full rotary embeddings; this model rotates {cos.shape[-1]} of "
-                               f"{head_dim} dims per head")
+    try:
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(positions)[None])  # [1, P, rot dim]
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise UnsupportedModel(f"{type(model).__name__}'s rotary embedding does not take (x, position_ids [1, P]) "
+                               f"as Llama's does ({type(e).__name__}: {e}): aquakv cannot rotate its keys") from e
+    if cos.dim() != 3 or cos.shape[:2] != (1, positions) or cos.shape[-1] != head_dim:
+        raise UnsupportedModel(f"aquakv needs full rotary embeddings of one position axis; this model's give "
+                               f"cos/sin of shape {tuple(cos.shape)} for {positions} positions of head_dim {head_dim}")
     scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
     rope = TableRope(cos[0].float() / scale, sin[0].float() / scale, scale)
     apply_rotary = getattr(sys.modules.get(type(model).__module__), "apply_rotary_pos_emb", None)
