@@ -70,12 +70,14 @@ def _add_legacy_rope_keys(config_path: str) -> None:
 def make_tiny_llama(out_dir: str, num_layers: int = 2, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
                     head_dim: int = 32, vocab: int = 512, seed: int = 0, ffn: int | None = None,
                     device: str = "cpu", arch: str = "llama") -> str:
-    """A random-weight Llama (or, with ``arch="phi3"``, a Phi-3: one fused qkv_proj per layer, head_dim =
-    hidden / heads) with a local byte-level BPE tokenizer (512 tokens), for plumbing tests and kernel shapes (no
-    quality meaning).  ``vocab`` may exceed the tokenizer's: feed token ids then."""
+    """A random-weight Llama (``arch="phi3"``: a Phi-3, one fused qkv_proj per layer, head_dim = hidden / heads;
+    ``"qwen3"``: a Qwen3, RMS norms on each head's queries and keys before RoPE) with a local byte-level BPE
+    tokenizer (512 tokens), for plumbing tests and kernel shapes (no quality meaning).  ``vocab`` may exceed the
+    tokenizer's: feed token ids then."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+    from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn or 2 * hidden,
@@ -84,6 +86,9 @@ def make_tiny_llama(out_dir: str, num_layers: int = 2, hidden: int = 128, heads:
     if arch == "phi3":
         config, cls = Phi3Config(**shape, sliding_window=None, pad_token_id=0, bos_token_id=0, eos_token_id=0), \
             Phi3ForCausalLM
+    elif arch == "qwen3":
+        config, cls = Qwen3Config(**shape, head_dim=head_dim, sliding_window=None, use_sliding_window=False), \
+            Qwen3ForCausalLM
     else:
         config, cls = LlamaConfig(**shape, head_dim=head_dim), LlamaForCausalLM
     with torch.device(device):

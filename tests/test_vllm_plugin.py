@@ -302,14 +302,16 @@ def test_speed_preset_serves_a_yarn_model(tmp_path):
     assert ppl["aquakv"] > ppl["auto"] * 1.002  # the codes are really in the loop
 
 
-def test_fused_qkv_model_through_vllm_equals_reference(tmp_path):
-    """A Phi-3-style model (one fused qkv_proj per layer, which calibration splits) with the quality default,
-    every token as codes: vLLM's prompt logprobs are the transformers reference's (ReconstructedKV on the same
-    artifact; measured max difference 1e-6), not the uncompressed cache's (0.07-0.08)."""
+@pytest.mark.parametrize("arch", ["phi3", "qwen3"])
+def test_other_attention_layouts_through_vllm_equal_reference(arch, tmp_path):
+    """Tiny random models of other attention layouts with the quality default, every token as codes: a Phi-3 (one
+    fused qkv_proj per layer, which calibration splits) and a Qwen3 (keys through a per-head RMS norm before RoPE,
+    captured after it): vLLM's prompt logprobs are the transformers reference's (ReconstructedKV on the same
+    artifact; measured max difference ~1e-6 on the Phi-3), not the uncompressed cache's (0.07-0.08)."""
     from vllm_aquakv.calibration.calibrate import main
     from vllm_aquakv.calibration.models import make_tiny_llama
 
-    model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, hidden=128, heads=4, kv_heads=2, arch="phi3")
+    model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, hidden=128, heads=4, kv_heads=2, arch=arch)
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{i % 397}" for i in range(3000)))
     main([model, "--text-file", str(text), "--tokens", "512", "--seq-len", "128"])
