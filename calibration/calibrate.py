@@ -126,9 +126,10 @@ def check_model_config(model_dir: str, key_rope: str = "pre") -> None:
     _, _, head_dim = kv_shape(SimpleNamespace(**{"head_dim": None, "num_key_value_heads": None, **cfg}))
     if not head_dim_supported(head_dim):
         raise UnsupportedModel(f"aquakv needs head_dim to be a power of two in [16, 512]; this model has {head_dim}")
-    check_full_rotary(cfg)
     if key_rope == "pre":
         inverse_frequencies(cfg, head_dim)  # raises for RoPE variants the serving path cannot undo and redo
+    else:
+        check_full_rotary(cfg)  # (inverse_frequencies checks it too)
 
 
 def load_model(model_dir: str, device: str):

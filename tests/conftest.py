@@ -11,6 +11,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def edit_config(model_dir: str, **changes) -> dict:
+    """Update a model folder's config.json with ``changes``; returns the new config."""
+    import json
+
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return cfg
+
+
 @pytest.fixture
 def rng():
     """A fresh, unseeded generator per test (inputs differ run to run); the seed is printed on failure."""

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import edit_config
 from vllm_aquakv.artifact import ArtifactError, load_artifact, model_fingerprint, save_artifact
 from vllm_aquakv.calibration.models import make_tiny_llama
 from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
@@ -119,10 +120,10 @@ def test_calibrate_speed_preset_for_any_rope_type(tmp_path, rng):
     from transformers import AutoModelForCausalLM
 
     from vllm_aquakv.calibration.calibrate import main
-    from vllm_aquakv.calibration.capture import KVCapture, tokenize_windows
+    from vllm_aquakv.calibration.capture import tokenize_windows
 
     model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, kv_heads=2, head_dim=32)
-    _edit_config(model, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+    edit_config(model, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                          "original_max_position_embeddings": 8192})
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 400, (3000,), generator=rng)))
@@ -198,13 +199,6 @@ def test_fused_qkv_model_captures_the_keys_and_values_it_attends_with(tmp_path, 
     assert torch.isfinite(coded).all() and not torch.allclose(coded, plain, atol=1e-4)
 
 
-def _edit_config(model_dir: str, **changes) -> None:
-    path = os.path.join(model_dir, "config.json")
-    cfg = json.load(open(path))
-    cfg.update(changes)
-    json.dump(cfg, open(path, "w"))
-
-
 def _nan_keys(model_dir: str) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -237,13 +231,13 @@ def test_calibrate_refuses_bad_input_with_one_message(case, match, tmp_path, rng
     text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 400, (3000,), generator=rng)))
     args = [model, "--text-file", str(text), "--tokens", "512", "--seq-len", "128"]
     if case == "sliding window":
-        _edit_config(model, sliding_window=64, use_sliding_window=True)
+        edit_config(model, sliding_window=64, use_sliding_window=True)
     elif case == "sliding layer types":
-        _edit_config(model, layer_types=["sliding_attention", "full_attention"], sliding_window=64)
+        edit_config(model, layer_types=["sliding_attention", "full_attention"], sliding_window=64)
     elif case == "MLA":
-        _edit_config(model, kv_lora_rank=64, q_lora_rank=128)
+        edit_config(model, kv_lora_rank=64, q_lora_rank=128)
     elif case == "yarn rope":
-        _edit_config(model, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+        edit_config(model, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
     elif case == "no config":
         os.remove(os.path.join(model, "config.json"))
     elif case == "empty text":

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import edit_config
 from test_reference import correlated_kv
 from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
 from vllm_aquakv.rope import Rope
@@ -158,9 +159,6 @@ def test_model_rope_rotates_keys_as_vllm(params, tmp_path, rng):
     """``model_rope`` (the RoPE calibration applies to post-RoPE artifacts' captured keys, from transformers' rotary
     embedding) rotates keys as vLLM's own rotary embedding does at serving time, YaRN's attention scaling included;
     ``undo`` inverts it; where ``Rope`` knows the type (llama3), both agree."""
-    import json
-    import os
-
     from transformers import AutoModelForCausalLM
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
@@ -169,11 +167,8 @@ def test_model_rope_rotates_keys_as_vllm(params, tmp_path, rng):
     from vllm_aquakv.rope import model_rope
 
     model_dir = make_tiny_llama(str(tmp_path / "m"), num_layers=1, kv_heads=2, head_dim=32)
-    path = os.path.join(model_dir, "config.json")
-    cfg = json.load(open(path))
-    cfg.update(rope_parameters=params, max_position_embeddings=4096)
-    json.dump(cfg, open(path, "w"))
-    rope = model_rope(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 4096)
+    cfg = edit_config(model_dir, rope_parameters=params, max_position_embeddings=4096)
+    rope = model_rope(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 32, 4096)
     with set_current_vllm_config(VllmConfig()):
         theirs = get_rope(32, 4096, True, dict(params), torch.float32)
     k = torch.randn(300, 2, 32, generator=rng)
@@ -197,14 +192,13 @@ def test_model_rope_refuses_what_it_cannot_rotate():
     from vllm_aquakv.rope import UnsupportedModel, model_rope
 
     def model_with(rotary):
-        return SimpleNamespace(model=SimpleNamespace(rotary_emb=rotary),
-                               config=SimpleNamespace(head_dim=32, hidden_size=128, num_attention_heads=4))
+        return SimpleNamespace(model=SimpleNamespace(rotary_emb=rotary))
 
     partial = lambda x, pos: (torch.ones(1, pos.shape[1], 16), torch.zeros(1, pos.shape[1], 16))  # noqa: E731
     with pytest.raises(UnsupportedModel, match="full rotary"):
-        model_rope(model_with(partial), 8)
+        model_rope(model_with(partial), 32, 8)
     with pytest.raises(UnsupportedModel, match="position_ids"):
-        model_rope(model_with(lambda x: x), 8)
+        model_rope(model_with(lambda x: x), 32, 8)
     # a model file whose apply_rotary_pos_emb interleaves pairs (GPT-J style) instead of rotating halves
     module = ModuleType("aquakv_test_gptj_style")
     module.apply_rotary_pos_emb = lambda q, k, cos, sin: (q, k * cos + torch.stack(
@@ -213,14 +207,14 @@ def test_model_rope_refuses_what_it_cannot_rotate():
 
     sys.modules[module.__name__] = module
     fake = type("GPTJStyle", (), {"__module__": module.__name__})()
-    fake.model, fake.config = model_with(None).model, model_with(None).config
+    fake.model = model_with(None).model
     inv = 1.0 / 10000 ** (torch.arange(0, 32, 2) / 32)
     freqs = torch.arange(8)[:, None] * inv[None]
     emb = torch.cat((freqs, freqs), -1)[None]
     fake.model.rotary_emb = lambda x, pos: (emb.cos(), emb.sin())
     try:
         with pytest.raises(UnsupportedModel, match="NeoX"):
-            model_rope(fake, 8)
+            model_rope(fake, 32, 8)
     finally:
         del sys.modules[module.__name__]
 

@@ -8,12 +8,13 @@ import os
 import pytest
 import torch
 
-from conftest import run_vllm
+from conftest import edit_config, run_vllm
 from vllm_aquakv.artifact import load_artifact
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.",
            "Photosynthesis is the process by which", "In 1969, the first humans"]
-CODES_ONLY = {"additional_config": {"aquakv_window": False}}  # every token through codes (no 16-bit sinks/window)
+CODES_ONLY = {"additional_config": {"aquakv_window": False}}
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 4096}  # every token through codes (no 16-bit sinks/window)
 
 
 def reference_logprobs(model_dir, sequences):
@@ -213,11 +214,7 @@ def test_head_dim_128_capacity_in_no_predictor_mode(tmp_path):
     from vllm_aquakv.calibration.models import make_tiny_llama
 
     model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, hidden=256, heads=4, kv_heads=2, head_dim=128)
-    cfg_path = os.path.join(model, "config.json")  # YaRN: the mode stores keys post-RoPE, so any RoPE serves
-    cfg = json.load(open(cfg_path))
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
-                              "original_max_position_embeddings": 4096}
-    json.dump(cfg, open(cfg_path, "w"))
+    edit_config(model, rope_parameters=YARN)  # the mode stores keys post-RoPE, so any RoPE serves
     engine = {"additional_config": {"aquakv_no_predictor": True}}
     aqua = run_vllm(model=model, kv_cache_dtype="aquakv", dtype="float32", engine=engine,
                     prompt_token_ids=[[5, 6, 7, 8]], max_tokens=4)
@@ -383,16 +380,9 @@ def test_refuses_unservable_setups_at_startup(case, match, tmp_path):
         text.write_text(" ".join(f"w{i % 397}" for i in range(3000)))
         main([model, "--text-file", str(text), "--tokens", "512", "--seq-len", "128"])
         engine = {}
-        cfg_path = os.path.join(model, "config.json")
-        cfg = json.load(open(cfg_path))
-        cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
-                                  "original_max_position_embeddings": 4096}
-        json.dump(cfg, open(cfg_path, "w"))
+        edit_config(model, rope_parameters=YARN)
     if case == "sliding_window":
-        cfg_path = os.path.join(model, "config.json")
-        cfg = json.load(open(cfg_path))
-        cfg.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
-        json.dump(cfg, open(cfg_path, "w"))
+        edit_config(model, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
     if case == "speculative":
         engine["speculative_config"] = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2,
                                         "prompt_lookup_min": 1}

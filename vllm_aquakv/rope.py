@@ -106,14 +106,14 @@ class TableRope(Rope):
         return super().undo(x, positions) / self.scale
 
 
-def model_rope(model, positions: int) -> TableRope:
+def model_rope(model, head_dim: int, positions: int) -> TableRope:
     """The RoPE of a transformers decoder from its own rotary embedding module (``model.model.rotary_emb``: every
     rope type transformers implements), as tables for positions 0..positions-1; refused (``UnsupportedModel``) where
-    it does not rotate the full head in the NeoX layout, checked against the model file's ``apply_rotary_pos_emb``."""
+    it does not rotate the full head (``head_dim``) in the NeoX layout, checked against the model file's
+    ``apply_rotary_pos_emb``."""
     import sys
 
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     if rotary is None:
         raise UnsupportedModel(f"{type(model).__name__} has no model.rotary_emb: aquakv cannot rotate its keys")
     try:
@@ -145,4 +145,4 @@ def calibration_rope(model, cfg: dict, head_dim: int, positions: int) -> Rope:
     try:
         return Rope(cfg, head_dim)
     except UnsupportedModel:
-        return model_rope(model, positions)
+        return model_rope(model, head_dim, positions)
