@@ -17,19 +17,46 @@ def test_readme_tables_match_the_result_json():
 
 
 def test_block_follows_the_json(tmp_path):
-    """A changed figure in a result file changes the generated block (the tables are not hand-written)."""
+    """A changed figure in a result file changes the generated block (the tables are not hand-written): in a
+    headline table (a random throughput row and a random decode shape) and in the one-line list of other runs."""
+    import random
+
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from report import perf_block
+    from report import HEADLINE, perf_block
 
     results = tmp_path / "results"
     shutil.copytree(os.path.join(ROOT, "benchmarks", "results"), results)
     before = perf_block(str(results))
-    path = next(results.glob("throughput_h100_*.json"))
-    data = json.loads(path.read_text())
-    data["rows"][0]["output_tokens_per_s"] = 98765.4
-    path.write_text(json.dumps(data))
+    tp = results / next(name for _, name, _ in HEADLINE if name.startswith("throughput_h"))
+    other = next(results.glob("throughput_h100_*.json"))
+    decode = results / next(name for _, name, _ in HEADLINE if name.startswith("decode_attention"))
+    marks = {}
+    for path, key, scale in ((tp, "output_tokens_per_s", 1), (other, "output_tokens_per_s", 1),
+                             (decode, "ms", 1000)):
+        data = json.loads(path.read_text())
+        rows = [r for r in data["rows"] if key in r and (path != decode or r["kv_cache_dtype"].startswith("bf16"))]
+        value = round(random.uniform(10000, 99999), 1)
+        random.choice(rows)[key] = value / scale
+        path.write_text(json.dumps(data))
+        marks[path.name] = f"{value:,.1f}"
     after = perf_block(str(results))
-    assert "98,765.4" in after and "98,765.4" not in before
+    for name, mark in marks.items():
+        assert mark in after and mark not in before, name
+
+
+def test_headline_file_missing_is_a_clear_error(tmp_path):
+    """A headline result file that is gone stops the report with a message naming it (no silently shorter README)."""
+    import pytest
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from report import HEADLINE, perf_block
+
+    results = tmp_path / "results"
+    shutil.copytree(os.path.join(ROOT, "benchmarks", "results"), results)
+    name = HEADLINE[-1][1]
+    (results / name).unlink()
+    with pytest.raises(SystemExit, match=name):
+        perf_block(str(results))
 
 
 def test_gpu_tag_names_result_files_by_gpu_model():
