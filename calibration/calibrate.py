@@ -23,7 +23,7 @@ from ..grids import GRID_SPECS
 from ..reference import AquaKVCache, AquaKVConfig
 from ..codec import head_dim_supported
 from ..rope import UnsupportedModel, calibration_rope, check_full_rotary, inverse_frequencies
-from .capture import KeysInFrame, capture_kv, kv_shape, tokenize_windows
+from .capture import KeysInFrame, QueryEnergy, capture_kv, kv_shape, tokenize_windows
 from .texts import TEXT_SETS, load_texts
 
 BITS_TO_GRID = {2: "d2n16", 3: "d2n64", 4: "d2n256"}
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--value-topology", default=d.value_topology, help="k_same+v_prev | k_same | v_prev | none")
     ap.add_argument("--key-rope", default=d.key_rope, choices=("pre", "post"),
                     help="quantize keys before RoPE (paper) or after it (fused-kernel mode; key predictor none/mean)")
+    ap.add_argument("--key-channel-scale", default="query", choices=("query", "none"),
+                    help="query: scale each key channel by (E[q^2] / E[r^2])^(1/4) of the calibration queries and key "
+                         "residuals before quantizing, which cuts the attention-score error (default); none: as is")
     ap.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge strength")
     ap.add_argument("--seed", type=int, default=0, help="Hadamard sign seed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +98,7 @@ def config_from_args(args) -> AquaKVConfig:
         layer0_grid=args.layer0, group_size=args.group_size, seed=args.seed, num_sink_tokens=args.sinks,
         window=args.window, key_predictor=args.key_predictor, value_predictor=args.value_predictor,
         key_topology=args.key_topology, value_topology=args.value_topology, ridge=args.ridge,
-        key_rope=args.key_rope)
+        key_rope=args.key_rope, key_channel_scale=args.key_channel_scale)
 
 
 def model_text_config(model_dir: str) -> dict:
@@ -187,13 +190,14 @@ def _calibrate(args, config: AquaKVConfig) -> None:
           flush=True)
     spill = (tempfile.TemporaryDirectory(prefix="aquakv-capture-", dir=args.spill_dir) if args.spill_dir
              else contextlib.nullcontext())
+    queries = QueryEnergy(model, rope) if config.key_channel_scale == "query" else None  # in the keys' frame
     with spill as spill_path:
-        ks, vs = capture_kv(model, windows, spill_dir=spill_path)
+        ks, vs = capture_kv(model, windows, spill_dir=spill_path, queries=queries)
         del model
-        _fit_and_save(args, config, ks, vs, windows, label, out, t0, rope)
+        _fit_and_save(args, config, ks, vs, windows, label, out, t0, rope, queries and queries.energy())
 
 
-def _fit_and_save(args, config, ks, vs, windows, label, out, t0, rope=None) -> None:
+def _fit_and_save(args, config, ks, vs, windows, label, out, t0, rope=None, query_energy=None) -> None:
     """Fit on captured K/V (in RAM or memory-mapped), measure, write the artifact."""
     # --fit-without-sinks: tokens that stay 16-bit when served with sinks (the first of each sequence) leave the fit.
     # Off by default: vLLM quantizes every token today, sinks included, and they must be predicted well then.
@@ -201,7 +205,7 @@ def _fit_and_save(args, config, ks, vs, windows, label, out, t0, rope=None) -> N
                 if args.fit_without_sinks else None)
     if config.key_rope == "post":  # the model's RoPE is only needed to rotate the captured keys
         ks = KeysInFrame(ks, rope, windows.shape[1], "post")
-    cache = AquaKVCache.calibrate(config, ks, vs, progress=True, fit_mask=fit_mask)
+    cache = AquaKVCache.calibrate(config, ks, vs, progress=True, fit_mask=fit_mask, query_energy=query_energy)
     metrics = cache.calibration_metrics
     path = save_artifact(
         cache, out, {"fingerprint": model_fingerprint(args.model), "path": os.path.abspath(args.model)},

@@ -56,6 +56,51 @@ def _split_qkv_hook(k_hook, v_hook, q_size: int, kv_size: int):
     return hook
 
 
+class QueryEnergy:
+    """Context manager: while active, every forward (one window of positions 0..T-1) adds each layer's queries to
+    E[q_i^2] per KV head and channel (the query heads of a KV head together), taken where the keys are quantized:
+    pre-RoPE, or rotated by ``rope`` to their positions for post-RoPE keys.  Hooks on q_norm where the model has one
+    (Qwen3), else q_proj, or the query slice of a fused qkv_proj (Phi-3).  ``energy()``: per layer [H, h] float32."""
+
+    def __init__(self, model, rope=None):
+        self.model, self.rope = model, rope
+        self.num_q_heads = model.config.num_attention_heads
+        _, self.num_kv_heads, self.head_dim = kv_shape(model.config)
+        self.sums: list[torch.Tensor] = []
+        self.tokens = 0
+        self._handles = []
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            q = output[..., :self.num_q_heads * self.head_dim] if output.shape[-1] != self.head_dim else output
+            q = q.detach().float().reshape(-1, self.num_q_heads, self.head_dim)  # batch 1: [T, Hq, h]
+            if self.rope is not None:
+                q = self.rope.apply(q, torch.arange(q.shape[0], device=q.device))
+            group = q.reshape(q.shape[0], self.num_kv_heads, -1, self.head_dim)  # [T, H, G, h]
+            self.sums[layer] += (group.double() ** 2).sum((0, 2)).cpu()
+            if layer == 0:
+                self.tokens += q.shape[0]
+        return hook
+
+    def __enter__(self) -> "QueryEnergy":
+        attns = attention_modules(self.model)
+        self.sums = [torch.zeros(self.num_kv_heads, self.head_dim, dtype=torch.float64) for _ in attns]
+        for layer, attn in enumerate(attns):
+            module = getattr(attn, "q_norm", None) or getattr(attn, "q_proj", None) or attn.qkv_proj
+            self._handles.append(module.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def energy(self) -> list[torch.Tensor]:
+        """E[q_i^2] per layer, [H, h] (summed over each KV head's query heads, averaged over tokens)."""
+        if self.tokens == 0:
+            raise ValueError("no queries were captured")
+        return [(s / self.tokens).float() for s in self.sums]
+
+
 def kv_shape(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a transformers config."""
     heads = config.num_attention_heads
@@ -127,19 +172,22 @@ def tokenize_windows(tokenizer, docs: list[str], window: int, max_tokens: int) -
 
 
 @torch.no_grad()
-def capture_kv(model, windows: torch.Tensor, progress: bool = True,
-               spill_dir: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def capture_kv(model, windows: torch.Tensor, progress: bool = True, spill_dir: str | None = None,
+               queries: QueryEnergy | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the model on token windows [N, T] one at a time; per-layer K, V [N*T, H, h] float32.
 
     With ``spill_dir``, each layer's K and V go to a float32 memory-mapped file there as soon as a window is done,
-    so RAM holds one window's activations, not the whole calibration set (needed for large models).
+    so RAM holds one window's activations, not the whole calibration set (needed for large models).  ``queries``
+    (a ``QueryEnergy``) also sums the queries' energy in the same forwards.
     """
+    import contextlib
+
     import numpy as np
     from tqdm import tqdm
 
     total = windows.numel()
     stores = None
-    with KVCapture(model) as cap:
+    with KVCapture(model) as cap, (queries or contextlib.nullcontext()):
         for i, row in enumerate(tqdm(windows, desc="capture K/V", unit="window", disable=not progress)):
             model(row[None].to(model.device))
             if spill_dir is None:

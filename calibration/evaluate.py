@@ -157,9 +157,13 @@ class Int8Scores:
         """query [..., h] as the kernel scores the codes with it: rounded to int8 per row in the layer's key
         rotation (the codec's own ``rotate_heads``)."""
         codec = self.cache.codecs["k", layer]
-        q = codec.rotate_heads(query)
+        d = 1.0  # the codes hold D (k - b_k) with a key channel scale D [H, h]: q / D meets them
+        if codec.channel_scale is not None:  # query [1, Hq, T, h]: each query head takes its KV head's D
+            d = codec.channel_scale.repeat_interleave(query.shape[1] // codec.num_kv_heads, 0)[None, :, None, :]
+            d = d.to(query.device)
+        q = codec.rotate_heads(query / d)
         unit = q.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
-        return codec.unrotate_heads((q / unit).round() * unit).to(query.dtype)
+        return (codec.unrotate_heads((q / unit).round() * unit) * d).to(query.dtype)
 
     def key_bias(self, layer: int, key: torch.Tensor) -> torch.Tensor:
         """The key mean b_k [1, H, 1, h] in key's dtype and device (zeros without one)."""
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         runs += [("aquakv int8 scores", "serving", aqua(cache), 0, 0, bpv),
                  ("aquakv int8 scores", "paper", aqua(cache), cfg.num_sink_tokens, cfg.window, bpv)]
     if not args.no_baselines:
-        higgs = AquaKVCache(type(cfg)(**{**cfg.to_json(), "key_predictor": "none", "value_predictor": "none"}),
+        higgs = AquaKVCache(type(cfg)(**{**cfg.to_json(), "key_predictor": "none", "value_predictor": "none",
+                                         "key_channel_scale": "none"}),
                             cache.num_layers, H, D, signs=cache.signs)
         runs.append(("higgs-no-predictor", "serving", aqua(higgs), 0, 0, higgs.bits(args.ctx)["bits_per_value"]))
         runs.append(("kivi-2bit", "serving", lambda s, l, x, recon: kivi_quantize(x, s), 0, 0, kivi_bits(D)))

@@ -9,7 +9,9 @@ so each program rotates its queries once (exact +-1 products of diag(s) H on ten
 every cached key costs a table lookup and a dot product on tensor cores: no inverse Hadamard and no RoPE per cached token.  Values are summed in the
 Hadamard domain too (sum_t p_t scale_t grid[code_t]) and rotated once per query; a per-head value predictor from the
 same layer's keys, v_t = b_v + k_t W + A^T y^v_t, is linear in k_t, so it is applied once per query to the
-softmax-weighted key sum.
+softmax-weighted key sum.  With a key channel scale D (``AquaKVConfig.key_channel_scale``) the codes hold D (k_t - b_k):
+k_t = b_k + (A^T y_t) / D, so each program rotates q / D instead of q (q . b_k keeps q), and the key sum is divided by
+D before the value predictor reads it: still nothing per cached token.
 
 Uniform 2-bit codes (grid u1n4: grid[c] = g0 + step c) need no table in decode launches: code c is taken as the
 float16 subnormal c 2^-24, which the tensor cores multiply exactly, and g0 / step are applied per query
@@ -315,7 +317,7 @@ def _exact_scores(q, kx, Q_DTYPE: tl.constexpr, Q_PRECISION: tl.constexpr, HEAD_
 
 @triton.jit(do_not_specialize=["num_segments", "num_tokens", "stride_bt"])  # values that change every step
 def _fused_attention_kernel(
-    q_ptr, sign_k_ptr, k_bias_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, qblock_seq_ptr,
+    q_ptr, sign_k_ptr, k_bias_ptr, k_dinv_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, qblock_seq_ptr,
     qblock_first_ptr, k_table_ptr, v_table_ptr,
     m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, ring_k_ptr, ring_v_ptr, tags_ptr, key_ptr, value_ptr,
     num_segments, num_tokens, logit_scale,
@@ -330,7 +332,7 @@ def _fused_attention_kernel(
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
     V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr,
-    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr, QK_INT8: tl.constexpr = False,
+    Q_PRECISION: tl.constexpr, USE_ASM: tl.constexpr, QK_INT8: tl.constexpr = False, HAS_K_SCALE: tl.constexpr = False,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -353,11 +355,14 @@ def _fused_attention_kernel(
     # q A in key-lane order (A = diag(s) H / sqrt(h)), scaled so that a dot with grid coordinates times the fp16 scale
     # (y = z * scale / sqrt(h)) gives base-2 logits: q (diag(s) H)[:, lane] * logit_scale / h, K_LANES x [M, B_k]
     q_scale = logit_scale / HEAD_DIM
-    q0 = times_lane(q, sign_k_ptr, 0, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
-    q1 = times_lane(q, sign_k_ptr, 1, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
+    q_codes = q  # what meets the codes: with a key channel scale D the codes hold D (k - b_k), so q / D
+    if HAS_K_SCALE:
+        q_codes = (q.to(tl.float32) * tl.load(k_dinv_ptr + kv_head * HEAD_DIM + j)[None, :]).to(Q_DTYPE)
+    q0 = times_lane(q_codes, sign_k_ptr, 0, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
+    q1 = times_lane(q_codes, sign_k_ptr, 1, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
     if K_LANES == 4:
-        q2 = times_lane(q, sign_k_ptr, 2, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
-        q3 = times_lane(q, sign_k_ptr, 3, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
+        q2 = times_lane(q_codes, sign_k_ptr, 2, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
+        q3 = times_lane(q_codes, sign_k_ptr, 3, HEAD_DIM, K_CODE_BYTES, Q_PRECISION) * q_scale
     if QK_INT8:  # uniform key codes on int8 tensor cores: the query lanes as int8 in units of q_unit [M] per row
         k_mul, k_g0 = _uniform_terms(k_table_ptr, 1)
         q_amax = tl.maximum(tl.maximum(tl.max(tl.abs(q0), axis=1), tl.max(tl.abs(q1), axis=1)),
@@ -556,10 +561,10 @@ def _add_partial(denom, y_v, y_k, y_x, m_s, l_s, v_s, k_s, x_s, m_max, V_FROM_K:
 @triton.jit(do_not_specialize=["num_segments", "num_tokens"])  # values that change every step
 def _combine_kernel(
     m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, sign_v_ptr, sign_k_ptr, v_bias_ptr, k_bias_ptr, v_weight_ptr,
-    out_ptr, num_segments, num_tokens, stride_out_n, stride_out_h,
+    k_dinv_ptr, out_ptr, num_segments, num_tokens, stride_out_n, stride_out_h,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
     HAS_V_BIAS: tl.constexpr, HAS_K_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    RING_ROWS: tl.constexpr, STEP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    RING_ROWS: tl.constexpr, STEP: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_K_SCALE: tl.constexpr = False,
 ):
     """Merge the split-K partials of ROWS // G tokens x the G query heads of one KV head and apply the epilogue:
     softmax normalization, rotation back from the Hadamard domain (y A^T), the value mean and the per-head value
@@ -624,6 +629,8 @@ def _combine_kernel(
     if V_FROM_K:
         s_t = tl.load(sign_k_ptr + j[None, :] * HEAD_DIM + j[:, None]).to(DOT_DTYPE)
         k_mean = tl.dot((y_k * inv[:, None]).to(DOT_DTYPE), s_t) * rsqrt_h  # softmax-weighted keys [R, h]
+        if HAS_K_SCALE:  # (the codes hold D (k - b_k))
+            k_mean *= tl.load(k_dinv_ptr + kv_head * HEAD_DIM + j)[None, :]
         if HAS_K_BIAS:
             k_mean += tl.load(k_bias_ptr + kv_head * HEAD_DIM + j)[None, :]
         w_head = tl.load(v_weight_ptr + kv_head * HEAD_DIM * HEAD_DIM + j[:, None] * HEAD_DIM + j[None, :])
@@ -720,17 +727,25 @@ class FusedLayer:
     write_v_from_k: torch.Tensor | None = None  # cache write: A^T W [H, h, h], rows in key-lane order
     write_k_shift: torch.Tensor | None = None  # cache write (``exact_inputs``): b_k A [H, h] in key-lane order
     write_v_shift: torch.Tensor | None = None  # the constant value prediction (without write_v_from_k) times A
+    k_scale: torch.Tensor | None = None  # [H, h] key channel scale D (the codes hold D (k - b_k)), or None
+    k_dinv: torch.Tensor | None = None  # [H, h] 1 / D
+    write_sign_k: torch.Tensor | None = None  # cache write (``exact_inputs``) with D: diag(D[head]) sign_k [H, h, h]
+    # float16 (D is bfloat16-exact, so the entries +-D_i are exact 16-bit numbers)
 
 
-def value_prediction_terms(rot_k, k_bias, v_bias, v_weight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """For the cache write: the value prediction b_v + (b_k + y_k A^T) W as (c [H, h] = b_v + b_k W, or None
-    without any; M [H, h, h] = A^T W with rows in key-lane order, so that the prediction is c + y_k M)."""
+def value_prediction_terms(rot_k, k_bias, v_bias, v_weight, k_dinv=None) -> tuple[torch.Tensor | None,
+                                                                                     torch.Tensor | None]:
+    """For the cache write: the value prediction b_v + (b_k + (y_k A^T) / D) W as (c [H, h] = b_v + b_k W, or None
+    without any; M [H, h, h] = A^T diag(1 / D) W with rows in key-lane order, so that the prediction is c + y_k M;
+    ``k_dinv`` [H, h] = 1 / D, the key channel scale's inverse, or None for D = 1)."""
     c = v_bias
     if v_weight is None:
         return c, None
     if k_bias is not None:
         kw = torch.einsum("hi,hio->ho", k_bias, v_weight)
         c = kw if c is None else c + kw
+    if k_dinv is not None:
+        v_weight = v_weight * k_dinv[:, :, None]
     return c, torch.einsum("ij,hio->hjo", rot_k, v_weight).contiguous()
 
 
@@ -776,11 +791,20 @@ def fused_layer_or_reason(cache, layout, layer: int) -> FusedLayer | str:
     bias = lambda p: None if p is None or p.bias is None else p.bias.float().contiguous()  # noqa: E731
     k_bias, v_bias = bias(kp), bias(vp)
     sign_k, sign_v = ((r * math.sqrt(h)).round().half().contiguous() for r in (rot_k, rot_v))
-    write_v_bias, write_v_from_k = value_prediction_terms(rot_k, k_bias, v_bias, v_weight)
+    k_scale = None if kc.channel_scale is None else kc.channel_scale.float().contiguous()
+    k_dinv = None if k_scale is None else (1.0 / k_scale).contiguous()
+    write_sign_k = None
+    if k_scale is not None:
+        if not torch.equal(k_scale.bfloat16().float(), k_scale):
+            return f"layer {layer}'s key channel scale is not bfloat16-exact (artifact written by another version)"
+        write_sign_k = (k_scale[:, :, None] * sign_k.float()[None]).half().contiguous()  # [H, h, h]
+    write_v_bias, write_v_from_k = value_prediction_terms(rot_k, k_bias, v_bias, v_weight, k_dinv)
     rotated = lambda b, rot: None if b is None else (b @ rot).contiguous()  # noqa: E731  [H, h] lane order
+    k_shift = k_bias if k_bias is None or k_scale is None else k_bias * k_scale  # the write's shift: (b_k D) A
     return FusedLayer(rot_k, rot_v, sign_k, sign_v, k_lanes, v_lanes, k_bias, v_bias, v_weight, layout.code_offsets[1],
-                      *layout.scale_offsets, write_v_bias, write_v_from_k, rotated(k_bias, rot_k),
-                      None if write_v_from_k is not None else rotated(write_v_bias, rot_v))
+                      *layout.scale_offsets, write_v_bias, write_v_from_k, rotated(k_shift, rot_k),
+                      None if write_v_from_k is not None else rotated(write_v_bias, rot_v), k_scale, k_dinv,
+                      write_sign_k)
 
 
 def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:
@@ -976,7 +1000,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     dummy = layer.rot_k  # any float32 tensor, for pointers the kernel does not read
     q_dtype = tl.float32 if interpret else _QUERY_DOT_DTYPES.get(query.dtype, tl.float32)
     launch = lambda z, ring_only, **options: _fused_attention_kernel[(plan.q_seq.shape[0], heads, z)](  # noqa: E731
-        query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias, kv_cache, block_table, seq_lens,
+        query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias,
+        dummy if layer.k_dinv is None else layer.k_dinv, kv_cache, block_table, seq_lens,
         query_start_loc, plan.q_seq, plan.q_first, kl.table, vl.table,
         m, l, acc_v, acc_k, acc_x, *(dummy,) * 3 if w is None else (w.ring_k, w.ring_v, w.tags),
         *(query, query) if w is None else (w.key, w.value),
@@ -996,7 +1021,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, DOT_DTYPE=tl.float32 if interpret else tl.float16,
         Q_DTYPE=q_dtype, Q_PRECISION="tf32x3" if q_dtype == tl.float32 else "tf32", USE_ASM=not interpret,
-        QK_INT8=qk_int8, num_warps=plan.num_warps, num_stages=stages, **options,
+        QK_INT8=qk_int8, HAS_K_SCALE=layer.k_dinv is not None, num_warps=plan.num_warps, num_stages=stages,
+        **options,
     )
     launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
     if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)
@@ -1005,12 +1031,12 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
     _combine_kernel[(triton.cdiv(n, rows // group), heads)](
         m, l, acc_v, acc_k, acc_x, layer.sign_v, layer.sign_k, dummy if layer.v_bias is None else layer.v_bias,
-        dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_weight is None else layer.v_weight, out,
-        segments + ring_rows, n, out.stride(0), out.stride(1),
+        dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_weight is None else layer.v_weight,
+        dummy if layer.k_dinv is None else layer.k_dinv, out, segments + ring_rows, n, out.stride(0), out.stride(1),
         G=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=h, ROWS=rows,
         HAS_V_BIAS=layer.v_bias is not None, HAS_K_BIAS=layer.k_bias is not None,
         V_FROM_K=layer.v_weight is not None, HAS_WINDOW=w is not None, RING_ROWS=ring_rows, STEP=step,
-        DOT_DTYPE=tl.float32 if interpret else tl.float16, num_warps=8,
+        DOT_DTYPE=tl.float32 if interpret else tl.float16, HAS_K_SCALE=layer.k_dinv is not None, num_warps=8,
     )
     return out
 
@@ -1058,7 +1084,7 @@ def warm_up(fused: dict[int, FusedLayer], slot_bytes: list[int], num_q_heads: in
         lanes = [(t.index_bits, t.entry_values, t.code_bytes, t.code_bits, tuple(t.grid.shape))
                  for t in (f.k_lanes, f.v_lanes)]
         key = (slot_bytes[layer], *lanes, f.v_code_offset, f.k_scale_offset, f.v_scale_offset, f.k_bias is None,
-               f.v_bias is None, f.v_weight is None)  # every compile-time setting of both kernels
+               f.v_bias is None, f.v_weight is None, f.k_scale is None)  # every compile-time setting of both kernels
         if key in seen:
             continue
         seen.add(key)

@@ -4,7 +4,8 @@ straight into their paged slots.
 Per (token, KV head), the same rule as ``AquaKVCache.encode_stream`` with the codec's HIGGS encoding:
 
     residual r = x - prediction            keys: the post-RoPE key mean; values: b_v + k_hat W[head] (or b_v)
-    y = r A  (A = diag(signs) H / sqrt(h), taken in lane order, see kernels/attention.py)
+    y = (r D) A  (A = diag(signs) H / sqrt(h), taken in lane order, see kernels/attention.py; D the keys' channel
+                  scale where the artifact has one, else 1)
     scale = fp16(||y||),  z = y sqrt(h) / scale,  code = nearest grid point of each grid_dim coordinates of z
     packed LSB-first into the code bytes, scale into the slot's fp16 scale (``serving.SlotLayout``)
 
@@ -170,21 +171,25 @@ def _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET: tl.constexpr
 
 @triton.jit
 def _write_stream(x_ptr, stride_t, stride_h, ring_ptr, bias_ptr, rot_ptr, sign_ptr, shift_ptr, grid_ptr, m_ptr,
-                  cache_ptr, n, head, loaded, valid, in_ring, ring, base, k0, k1, k2, k3, HEAD_DIM: tl.constexpr,
-                  LANES: tl.constexpr, CODE_BYTES: tl.constexpr, CODE_BITS: tl.constexpr, D: tl.constexpr,
-                  POINTS: tl.constexpr, CODE_OFFSET: tl.constexpr, SCALE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_RING: tl.constexpr, FROM_K: tl.constexpr, K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr,
-                  EXACT: tl.constexpr, X_DOT: tl.constexpr):
+                  channel_scale_ptr, cache_ptr, n, head, loaded, valid, in_ring, ring, base, k0, k1, k2, k3,
+                  HEAD_DIM: tl.constexpr, LANES: tl.constexpr, CODE_BYTES: tl.constexpr, CODE_BITS: tl.constexpr,
+                  D: tl.constexpr, POINTS: tl.constexpr, CODE_OFFSET: tl.constexpr, SCALE_OFFSET: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_RING: tl.constexpr, FROM_K: tl.constexpr, K_LANES: tl.constexpr,
+                  K_CODE_BYTES: tl.constexpr, EXACT: tl.constexpr, X_DOT: tl.constexpr, HAS_SCALE: tl.constexpr):
     """Encode one stream (keys or values) of BLOCK_N tokens of one head into their slots (and their 16-bit copies
     into the ring); returns the decoded Hadamard-domain residual lanes (the value predictor's input).  FROM_K: also
-    subtract the value prediction from the decoded key lanes k0..k3 (``_lane_times`` with M = A^T W).  EXACT
+    subtract the value prediction from the decoded key lanes k0..k3 (``_lane_times`` with M = A^T W).  HAS_SCALE:
+    the residual times the channel scale D [H, h] before the rotation (keys with ``key_channel_scale``).  EXACT
     (without FROM_K): rotate the 16-bit inputs in dtype X_DOT and subtract the rotated prediction
-    (``_rotate_exact``)."""
+    (``_rotate_exact``); with HAS_SCALE, sign_ptr holds diag(D) S per head [H, h, h] (16-bit exact: D is bfloat16)
+    and shift_ptr (b D) A."""
     j = tl.arange(0, HEAD_DIM)
     x = tl.load(x_ptr + n[:, None] * stride_t + head * stride_h + j[None, :], mask=loaded[:, None], other=0.0)
     if HAS_RING:
         tl.store(ring_ptr + ring, x.to(ring_ptr.dtype.element_ty), mask=in_ring[:, None])
     if EXACT and not FROM_K:
+        if HAS_SCALE:  # this head's diag(D) S
+            sign_ptr += head * HEAD_DIM * HEAD_DIM
         y0, y1, y2, y3 = _rotate_exact(x.to(X_DOT), sign_ptr, shift_ptr + head * HEAD_DIM, HEAD_DIM, LANES,
                                        CODE_BYTES, HAS_BIAS)
     else:
@@ -198,6 +203,8 @@ def _write_stream(x_ptr, stride_t, stride_h, ring_ptr, bias_ptr, rot_ptr, sign_p
             if K_LANES == 4:
                 r -= _lane_times(k2, m_ptr, 2, HEAD_DIM, K_CODE_BYTES)
                 r -= _lane_times(k3, m_ptr, 3, HEAD_DIM, K_CODE_BYTES)
+        if HAS_SCALE:
+            r *= tl.load(channel_scale_ptr + head * HEAD_DIM + j)[None, :]
         y0, y1, y2, y3 = _rotate(r, rot_ptr, HEAD_DIM, LANES, CODE_BYTES)
     byte, scale, h0, h1, h2, h3 = _encode(y0, y1, y2, y3, grid_ptr, LANES, HEAD_DIM, CODE_BITS, D, POINTS)
     _store_stream(cache_ptr, base, valid, byte, scale, CODE_OFFSET, SCALE_OFFSET, CODE_BYTES)
@@ -207,7 +214,8 @@ def _write_stream(x_ptr, stride_t, stride_h, ring_ptr, bias_ptr, rot_ptr, sign_p
 @triton.jit(do_not_specialize=["num_tokens", "ring_scratch"])  # (the scratch row: warm-up's differs from serving's)
 def _cache_write_kernel(
     key_ptr, value_ptr, slot_ptr, cache_ptr, rot_k_ptr, rot_v_ptr, sign_k_ptr, sign_v_ptr, k_shift_ptr, v_shift_ptr,
-    k_bias_ptr, v_bias_ptr, v_from_k_ptr, k_grid_ptr, v_grid_ptr, ring_k_ptr, ring_v_ptr, ring_row_ptr, ring_col_ptr,
+    k_bias_ptr, v_bias_ptr, v_from_k_ptr, k_channel_scale_ptr, k_grid_ptr, v_grid_ptr, ring_k_ptr, ring_v_ptr,
+    ring_row_ptr, ring_col_ptr,
     num_tokens, ring_scratch, stride_kt, stride_kh, stride_vt, stride_vh, stride_block, stride_head, stride_token,
     HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_LANES: tl.constexpr, K_CODE_BYTES: tl.constexpr, K_CODE_BITS: tl.constexpr, K_D: tl.constexpr,
@@ -215,7 +223,7 @@ def _cache_write_kernel(
     V_D: tl.constexpr, V_POINTS: tl.constexpr, V_CODE_OFFSET: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, V_FROM_K: tl.constexpr,
     HAS_RING: tl.constexpr, RING_WIDTH: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SPLIT_STREAMS: tl.constexpr,
-    EXACT: tl.constexpr, X_DOT: tl.constexpr,
+    EXACT: tl.constexpr, X_DOT: tl.constexpr, HAS_K_SCALE: tl.constexpr,
 ):
     head = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -241,15 +249,16 @@ def _cache_write_kernel(
     k1, k2, k3 = k0, k0, k0
     if z == 0:
         k0, k1, k2, k3 = _write_stream(key_ptr, stride_kt, stride_kh, ring_k_ptr, k_bias_ptr, rot_k_ptr, sign_k_ptr,
-                                       k_shift_ptr, k_grid_ptr, v_from_k_ptr, cache_ptr, n, head, loaded, valid,
-                                       in_ring, ring, base, k0, k1, k2, k3, HEAD_DIM, K_LANES, K_CODE_BYTES,
-                                       K_CODE_BITS, K_D, K_POINTS, 0, K_SCALE_OFFSET, HAS_K_BIAS, HAS_RING, False,
-                                       K_LANES, K_CODE_BYTES, EXACT, X_DOT)
+                                       k_shift_ptr, k_grid_ptr, v_from_k_ptr, k_channel_scale_ptr, cache_ptr, n, head,
+                                       loaded, valid, in_ring, ring, base, k0, k1, k2, k3, HEAD_DIM, K_LANES,
+                                       K_CODE_BYTES, K_CODE_BITS, K_D, K_POINTS, 0, K_SCALE_OFFSET, HAS_K_BIAS,
+                                       HAS_RING, False, K_LANES, K_CODE_BYTES, EXACT, X_DOT, HAS_K_SCALE)
     if z == (1 if SPLIT_STREAMS else 0):
         _write_stream(value_ptr, stride_vt, stride_vh, ring_v_ptr, v_bias_ptr, rot_v_ptr, sign_v_ptr, v_shift_ptr,
-                      v_grid_ptr, v_from_k_ptr, cache_ptr, n, head, loaded, valid, in_ring, ring, base, k0, k1, k2,
-                      k3, HEAD_DIM, V_LANES, V_CODE_BYTES, V_CODE_BITS, V_D, V_POINTS, V_CODE_OFFSET, V_SCALE_OFFSET,
-                      HAS_V_BIAS, HAS_RING, V_FROM_K, K_LANES, K_CODE_BYTES, EXACT, X_DOT)
+                      v_grid_ptr, v_from_k_ptr, k_channel_scale_ptr, cache_ptr, n, head, loaded, valid, in_ring, ring,
+                      base, k0, k1, k2, k3, HEAD_DIM, V_LANES, V_CODE_BYTES, V_CODE_BITS, V_D, V_POINTS,
+                      V_CODE_OFFSET, V_SCALE_OFFSET, HAS_V_BIAS, HAS_RING, V_FROM_K, K_LANES, K_CODE_BYTES, EXACT,
+                      X_DOT, False)
 
 
 PREFILL_TOKENS = 1024  # steps of this many new tokens or more take the prefill launch (``launch_settings``)
@@ -308,9 +317,11 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
     if split_streams and v_from_k is not None:
         raise ValueError("split_streams: this layer's value predictor reads the decoded keys (one program must do both)")
     _cache_write_kernel[(triton.cdiv(n, block_n), heads, 2 if split_streams else 1)](
-        key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v, layer.sign_k, layer.sign_v, *shifts,
+        key, value, slot_mapping, kv_cache, layer.rot_k, layer.rot_v,
+        layer.sign_k if layer.write_sign_k is None else layer.write_sign_k, layer.sign_v, *shifts,
         layer.k_bias if layer.k_bias is not None else dummy, v_bias if v_bias is not None else dummy,
-        v_from_k if v_from_k is not None else dummy, kl.grid, vl.grid, *ring_args,
+        v_from_k if v_from_k is not None else dummy, dummy if layer.k_scale is None else layer.k_scale, kl.grid,
+        vl.grid, *ring_args,
         n, 0 if ring is None else ring[0].shape[0] - 1, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         HEAD_DIM=h, PAGE_BLOCK=page_block, BLOCK_N=block_n,
@@ -321,7 +332,7 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
         HAS_K_BIAS=layer.k_bias is not None, HAS_V_BIAS=v_bias is not None, V_FROM_K=v_from_k is not None,
         HAS_RING=ring is not None, RING_WIDTH=1 if ring is None else ring[0].shape[1], NUM_KV_HEADS=heads,
         SPLIT_STREAMS=split_streams, EXACT=exact_inputs, X_DOT=x_dot or tl.float32,
-        num_warps=num_warps,
+        HAS_K_SCALE=layer.k_scale is not None, num_warps=num_warps,
     )
 
 

@@ -73,7 +73,7 @@ def _decode_stream(cache_ptr, base, t_mask, table_ptr, rot_ptr, CODE_OFFSET: tl.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _reconstruct_kernel(
     cache_ptr, block_table_ptr, seq_lens_ptr, rows_ptr, cu_k_ptr, k_table_ptr, v_table_ptr, rot_k_ptr, rot_v_ptr,
-    k_bias_ptr, v_bias_ptr, v_weight_ptr, k_out_ptr, v_out_ptr,
+    k_bias_ptr, v_bias_ptr, v_weight_ptr, k_dinv_ptr, k_out_ptr, v_out_ptr,
     stride_block, stride_head, stride_token, stride_bt,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_BLOCK: tl.constexpr, SLOT_ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -81,7 +81,7 @@ def _reconstruct_kernel(
     V_CODE_OFFSET: tl.constexpr, V_CODE_BYTES: tl.constexpr, V_INDEX_BITS: tl.constexpr,
     V_ENTRY_VALUES: tl.constexpr, V_LANES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     HAS_K_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, V_FROM_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, HAS_K_SCALE: tl.constexpr,
 ):
     """K and V [BLOCK, h] of positions block * BLOCK + [0, BLOCK) of request rows_ptr[r] and one KV head, from its
     paged slots, into rows cu_k[r] + position of the 16-bit outputs [sum of lengths, H, h]."""
@@ -97,6 +97,8 @@ def _reconstruct_kernel(
 
     k = _decode_stream(cache_ptr, base, t_mask, k_table_ptr, rot_k_ptr, 0, K_CODE_BYTES, K_INDEX_BITS, K_ENTRY_VALUES,
                        K_LANES, K_SCALE_OFFSET, HEAD_DIM, DOT_DTYPE, USE_ASM)  # [T, h]
+    if HAS_K_SCALE:  # the codes hold D (k - b_k)
+        k *= tl.load(k_dinv_ptr + head * HEAD_DIM + j)[None, :]
     if HAS_K_BIAS:
         k += tl.load(k_bias_ptr + head * HEAD_DIM + j)[None, :]
     tl.store(k_out_ptr + out_rows, k.to(k_out_ptr.dtype.element_ty), mask=t_mask[:, None])
@@ -126,7 +128,8 @@ def reconstruct(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
     _reconstruct_kernel[(rows.shape[0], triton.cdiv(max_len, BLOCK_T), heads)](
         kv_cache, block_table, seq_lens, rows, cu_k, kl.table, vl.table, layer.rot_k, layer.rot_v,
         dummy if layer.k_bias is None else layer.k_bias, dummy if layer.v_bias is None else layer.v_bias,
-        dummy if layer.v_weight is None else layer.v_weight, k_out, v_out,
+        dummy if layer.v_weight is None else layer.v_weight, dummy if layer.k_dinv is None else layer.k_dinv,
+        k_out, v_out,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
         NUM_KV_HEADS=heads, HEAD_DIM=h, PAGE_BLOCK=page_block,
         SLOT_ALIGN=math.gcd(kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 16), BLOCK=BLOCK_T,
@@ -135,7 +138,8 @@ def reconstruct(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
         V_ENTRY_VALUES=vl.entry_values, V_LANES=vl.lanes, K_SCALE_OFFSET=layer.k_scale_offset,
         V_SCALE_OFFSET=layer.v_scale_offset, HAS_K_BIAS=layer.k_bias is not None,
         HAS_V_BIAS=layer.v_bias is not None, V_FROM_K=layer.v_weight is not None,
-        DOT_DTYPE=tl.float32 if interpret else tl.float16, USE_ASM=not interpret, num_warps=4,
+        DOT_DTYPE=tl.float32 if interpret else tl.float16, USE_ASM=not interpret,
+        HAS_K_SCALE=layer.k_dinv is not None, num_warps=4,
     )
 
 

@@ -32,6 +32,12 @@ def rng():
     return torch.Generator().manual_seed(seed)
 
 
+def query_energy(num_layers: int, heads: int, head_dim: int, rng) -> list:
+    """Random E[q_i^2] per layer [H, h] spread over ~3 orders of magnitude (``AquaKVCache.calibrate``'s input for
+    ``key_channel_scale="query"``): the key channel scales it gives differ a lot between channels."""
+    return [torch.exp(2 * torch.randn(heads, head_dim, generator=rng)) for _ in range(num_layers)]
+
+
 @pytest.fixture(scope="session")
 def smollm2_calibrated(tmp_path_factory):
     """SmolLM2-135M-Instruct (from its wheel) in a temp folder of links, calibrated with aquakv-calibrate (4k tokens)."""

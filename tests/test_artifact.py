@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import edit_config
+from conftest import edit_config, query_energy
 from vllm_aquakv.artifact import ArtifactError, load_artifact, model_fingerprint, save_artifact
 from vllm_aquakv.calibration.models import make_tiny_llama
 from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
@@ -21,18 +21,40 @@ def tiny_model(tmp_path_factory):
 def calibrated(rng, config=AquaKVConfig()):
     ks = [torch.randn(200, 2, 32, generator=rng) + i for i in range(3)]
     vs = [torch.randn(200, 2, 32, generator=rng) for _ in range(3)]
-    return AquaKVCache.calibrate(config, ks, vs), ks, vs
+    return AquaKVCache.calibrate(config, ks, vs, query_energy=query_energy(3, 2, 32, rng)), ks, vs
 
 
 @pytest.mark.parametrize("config", [AquaKVConfig(), AquaKVConfig(key_predictor="lowrank:4", value_predictor="per_head",
-                                                                  layer0_grid="16bit", key_topology="anchor:2")])
+                                                                  layer0_grid="16bit", key_topology="anchor:2"),
+                                    AquaKVConfig(key_channel_scale="query", layer0_grid="16bit"),
+                                    AquaKVConfig(key_channel_scale="query", key_rope="post", key_predictor="mean")])
 def test_roundtrip_decodes_identically(tiny_model, tmp_path, rng, config):
     cache, ks, vs = calibrated(rng, config)
     save_artifact(cache, str(tmp_path / "aquakv"), {"fingerprint": model_fingerprint(tiny_model)})
     loaded, manifest = load_artifact(str(tmp_path / "aquakv"), tiny_model)
     assert manifest["config"] == config.to_json()
+    assert set(loaded.key_channel_scales()) == set(cache.key_channel_scales())
+    assert bool(cache.key_channel_scales()) == (config.key_channel_scale == "query")
     a, b = cache.reconstruct(ks, vs), loaded.reconstruct(ks, vs)
     assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+
+
+def test_key_channel_scale_refusals(tiny_model, tmp_path, rng):
+    """An artifact whose manifest asks for key channel scales but whose tensors lack one, or hold a non-positive one,
+    is refused at load with the re-calibration hint (no crash later in serving)."""
+    from safetensors.torch import load_file, save_file
+
+    cache, _, _ = calibrated(rng, AquaKVConfig(key_channel_scale="query"))
+    art = str(tmp_path / "aquakv")
+    save_artifact(cache, art, {"fingerprint": model_fingerprint(tiny_model)})
+    path = os.path.join(art, "adapters.safetensors")
+    tensors = load_file(path)
+    layer = int(torch.randint(0, 3, (1,), generator=rng))
+    for broken in ({k: v for k, v in tensors.items() if k != f"key_channel_scale.{layer}"},
+                   {**tensors, f"key_channel_scale.{layer}": -tensors[f"key_channel_scale.{layer}"]}):
+        save_file(broken, path, metadata={"format": "vllm-aquakv"})
+        with pytest.raises(ArtifactError, match="re-run aquakv-calibrate"):
+            load_artifact(art, tiny_model)
 
 
 def test_refusals(tiny_model, tmp_path, rng):

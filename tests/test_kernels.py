@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from conftest import query_energy
 from vllm_aquakv.kernels.reconstruct import flash_twin
 
 
@@ -43,19 +44,22 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
 
     config = AquaKVConfig(key_rope="post", key_predictor=key_predictor, value_predictor=value_predictor,
                           value_topology="k_same" if value_predictor == "per_head" else "none", key_grid=k_grid,
-                          value_grid=v_grid, layer0_grid=k_grid)
+                          value_grid=v_grid, layer0_grid=k_grid,
+                          key_channel_scale="query" if key_predictor == "mean" else "none")  # both kinds of keys
     rope = Rope({"rope_theta": 10000.0}, head_dim)
     T = 400
     k_pre = torch.randn(T, heads, head_dim, generator=rng) * 2 + torch.randn(heads, head_dim, generator=rng) * 3
     v = torch.einsum("thi,hio->tho", k_pre, torch.randn(heads, head_dim, head_dim, generator=rng) / head_dim ** 0.5)
     v = v + 0.3 * torch.randn(T, heads, head_dim, generator=rng)
     k_post = rope.apply(k_pre, torch.arange(T))
-    cache = AquaKVCache.calibrate(config, [k_post, k_post], [v, v]).to(DEVICE)
+    cache = AquaKVCache.calibrate(config, [k_post, k_post], [v, v],
+                                  query_energy=query_energy(2, heads, head_dim, rng)).to(DEVICE)
     rope.inv_freq = rope.inv_freq.to(DEVICE)
     path = TorchServingPath(cache, rope)
     layer = 1
     fused = fused_layer_or_reason(cache, path.layouts[layer], layer)
     assert not isinstance(fused, str), fused
+    assert (fused.k_scale is not None) == (key_predictor == "mean")
     assert (fused.k_lanes.index_bits == 0) == (k_grid == "u1n4")  # uniform codes take the table-free decode
     lens, new = [150, 97, 9], [1, 80, 9]  # context incl. this step's tokens; tokens this step (>= 256 query rows:
     # the combine kernel's wide prefill launch)
@@ -181,13 +185,16 @@ def test_int8_scores_match_rounded_queries(head_dim, heads, q_heads, page_block,
     from vllm_aquakv.rope import Rope
     from vllm_aquakv.serving import StepState, TorchServingPath
 
+    # with a key channel scale D in the interpreter (float32 queries); on the GPU the kernel rounds q / D to bfloat16
+    # before the int8 rounding, which this reference does not model
     config = AquaKVConfig(key_rope="post", key_predictor="none", value_predictor="none", value_topology="none",
-                          key_grid="u1n4", value_grid="u1n4", layer0_grid="u1n4")
+                          key_grid="u1n4", value_grid="u1n4", layer0_grid="u1n4",
+                          key_channel_scale="query" if DEVICE == "cpu" else "none")
     rope = Rope({"rope_theta": 10000.0}, head_dim)
     T = 300
     k = rope.apply(torch.randn(T, heads, head_dim, generator=rng) * 2, torch.arange(T))
     v = torch.randn(T, heads, head_dim, generator=rng)
-    cache = AquaKVCache.calibrate(config, [k, k], [v, v]).to(DEVICE)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v], query_energy=query_energy(2, heads, head_dim, rng)).to(DEVICE)
     rope.inv_freq = rope.inv_freq.to(DEVICE)
     path = TorchServingPath(cache, rope)
     layer = 1
@@ -214,7 +221,10 @@ def test_int8_scores_match_rounded_queries(head_dim, heads, q_heads, page_block,
     z = (torch.randn(len(lens), q_heads, head_dim, generator=rng) * 40).round().clamp(-126, 126).double()
     z = z + (torch.rand(z.shape, generator=rng, dtype=torch.float64) - 0.5) * 0.6
     z[..., int(torch.randint(0, head_dim, (), generator=rng))] = 127.0
-    query = ((z * units) @ rot.T.cpu()).float().to(DEVICE)
+    d = torch.ones(q_heads, head_dim, dtype=torch.float64)  # the codes hold D (k - b): q / D meets them
+    if fused.k_scale is not None:
+        d = fused.k_scale.cpu().double().repeat_interleave(q_heads // heads, 0)
+    query = (d * ((z * units) @ rot.T.cpu())).float().to(DEVICE)
     if DEVICE == "cuda":
         query = query.to(torch.bfloat16)
     plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else None,
@@ -222,9 +232,9 @@ def test_int8_scores_match_rounded_queries(head_dim, heads, q_heads, page_block,
     assert plan.qk_int8
     got = fused_attention(query, kv, block_table, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                           torch.tensor(qsl, dtype=torch.int32, device=DEVICE), plan, fused, head_dim ** -0.5).cpu()
-    q_rot = query.double() @ rot
+    q_rot = (query.cpu().double() / d) @ rot.cpu()
     unit = q_rot.abs().amax(-1, keepdim=True) / 127
-    rounded = ((q_rot / unit).round() * unit @ rot.T).float()
+    rounded = (d * ((q_rot / unit).round() * unit @ rot.T.cpu())).float().to(DEVICE)
     attend = lambda q: path.attend(layer, q, kv, block_table, lens, qsl, head_dim ** -0.5, StepState()).cpu()  # noqa
     want, exact = attend(rounded), attend(query.float())
     err = ((got - want).norm() / want.norm()).item()
@@ -314,16 +324,19 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
 
     config = AquaKVConfig(key_rope="post", key_predictor=key_predictor, value_predictor=value_predictor,
                           value_topology="k_same" if value_predictor == "per_head" else "none", key_grid=k_grid,
-                          value_grid=v_grid, layer0_grid=k_grid)
+                          value_grid=v_grid, layer0_grid=k_grid,
+                          key_channel_scale="query" if key_predictor == "mean" else "none")  # both kinds of keys
     T = max(n, 300)
     k = torch.randn(T, heads, head_dim, generator=rng) * 2 + torch.randn(heads, head_dim, generator=rng) * 3
     v = torch.einsum("thi,hio->tho", k, torch.randn(heads, head_dim, head_dim, generator=rng) / head_dim ** 0.5)
     v = v + 0.3 * torch.randn(T, heads, head_dim, generator=rng)
-    cache = AquaKVCache.calibrate(config, [k, k], [v, v]).to(DEVICE)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v],
+                                  query_energy=query_energy(2, heads, head_dim, rng)).to(DEVICE)
     path = TorchServingPath(cache, None)
     layer = 1
     fused = fused_layer_or_reason(cache, path.layouts[layer], layer)
     assert not isinstance(fused, str), fused
+    assert (fused.k_scale is not None) == (key_predictor == "mean")
     num_blocks = -(-n // page_block) + 4
     slots = torch.randperm(num_blocks * page_block, generator=rng)[:n]
     slots[torch.rand(n, generator=rng) < 0.1] = -1  # padding
@@ -444,13 +457,14 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     from vllm_aquakv.window import ExactTokens
 
     config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor="none", value_topology="none",
-                          key_grid=grid, value_grid=grid, layer0_grid=grid)
+                          key_grid=grid, value_grid=grid, layer0_grid=grid, key_channel_scale="query")
     rope = Rope({"rope_theta": 10000.0}, head_dim)
     T = 400
     k_post = rope.apply(torch.randn(T, heads, head_dim, generator=rng) * 2
                         + torch.randn(heads, head_dim, generator=rng) * 3, torch.arange(T))
     v = torch.randn(T, heads, head_dim, generator=rng)
-    cache = AquaKVCache.calibrate(config, [k_post, k_post], [v, v]).to(DEVICE)
+    cache = AquaKVCache.calibrate(config, [k_post, k_post], [v, v],
+                                  query_energy=query_energy(2, heads, head_dim, rng)).to(DEVICE)
     rope.inv_freq = rope.inv_freq.to(DEVICE)
     path = TorchServingPath(cache, rope)
     path.exact = ExactTokens(sinks, window, max_rows=4, num_layers=2)
@@ -697,6 +711,7 @@ def test_decode_residual_matches_codec(head_dim, heads, k_grid, v_grid, rng):
     n = int(torch.randint(70, 300, (1,), generator=rng))
     seed = int(torch.randint(0, 2 ** 31, (1,), generator=rng))
     codecs = [HiggsCodec(heads, head_dim, g, seed=seed).to(DEVICE) for g in (k_grid, v_grid)]
+    codecs[0].set_channel_scale(torch.exp(torch.randn(heads, head_dim, generator=rng)))  # keys: a channel scale
     layout = SlotLayout(*codecs, heads, head_dim, torch.bfloat16)
     x = [(torch.randn(n, heads, head_dim, generator=rng) * 3 + torch.randn(heads, head_dim, generator=rng)).to(DEVICE)
          for _ in codecs]
@@ -705,7 +720,8 @@ def test_decode_residual_matches_codec(head_dim, heads, k_grid, v_grid, rng):
         want = codec.decode(layout.unpack(slots)[i])
         on_cpu = copy.deepcopy(codec).to("cpu").decode(layout.unpack(slots.cpu())[i])  # the butterflies (fwht)
         assert torch.allclose(want.cpu(), on_cpu, rtol=1e-5, atol=1e-5 * on_cpu.abs().max().item())
-        got = decode_residual(slots, stream_decoder(codec), layout.code_offsets[i], layout.scale_offsets[i])
+        got = codec.unscale(decode_residual(slots, stream_decoder(codec), layout.code_offsets[i],
+                                            layout.scale_offsets[i]))  # (as the torch path takes it)
         err = ((got - want).norm() / want.norm()).item()
         assert err < (1e-6 if DEVICE == "cpu" else 2e-3), (i, err)  # float32 in the interpreter; fp16 rotation on GPU
 
@@ -730,7 +746,8 @@ def test_torch_path_through_flash_attention(window, residual_kernel, rng):
     heads, q_heads, h, page_block, layers = 8, 24, 128, 16, 3
     calib_k = [torch.randn(600, heads, h, generator=rng) + torch.randn(1, heads, h, generator=rng) for _ in range(layers)]
     calib_v = [torch.randn(600, heads, h, generator=rng) for _ in range(layers)]
-    cache = AquaKVCache.calibrate(AquaKVConfig(), calib_k, calib_v)  # the quality default: pre-RoPE chain
+    cache = AquaKVCache.calibrate(AquaKVConfig(key_channel_scale="query"), calib_k, calib_v,  # the quality default:
+                                  query_energy=query_energy(layers, heads, h, rng))  # pre-RoPE chain
     cache.to(DEVICE)
     rope = Rope({"rope_theta": 500000.0}, h)
     rope.inv_freq = rope.inv_freq.to(DEVICE)
@@ -801,12 +818,12 @@ def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, rng):
 
     heads, q_heads, h, page_block = 8, 24, 128, 16
     config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor="none", value_topology="none",
-                          key_grid="u1n4", value_grid="u1n4", layer0_grid="u1n4")
+                          key_grid="u1n4", value_grid="u1n4", layer0_grid="u1n4", key_channel_scale="query")
     rope = Rope({"rope_theta": 10000.0}, h)
     k = rope.apply(torch.randn(400, heads, h, generator=rng) * 2 + torch.randn(heads, h, generator=rng) * 3,
                    torch.arange(400))
     v = torch.randn(400, heads, h, generator=rng)
-    cache = AquaKVCache.calibrate(config, [k, k], [v, v]).to(DEVICE)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v], query_energy=query_energy(2, heads, h, rng)).to(DEVICE)
     path = TorchServingPath(cache, rope)
     fused = fused_layer_or_reason(cache, path.layouts[1], 1)
     ring = None if window is None else ExactTokens(*window, 4, 2, heads, h, torch.bfloat16, DEVICE)

@@ -220,3 +220,71 @@ def test_non_finite_fit_is_refused(rng):
     vs[2][5, 1, 3] = float("inf")
     with pytest.raises(NonFiniteFit, match="V predictor of layer 2"):
         AquaKVCache.calibrate(AquaKVConfig(), ks, vs)
+
+
+def test_key_channel_scale_minimizes_the_score_error_bound(rng):
+    """``key_channel_scale`` is the minimum of sum_i E[q_i^2] / D_i^2 * sum_i D_i^2 E[r_i^2] (float64, against random
+    perturbations of it), normalized to geometric mean 1 per head, bfloat16-exact, and clamped for dead channels."""
+    from vllm_aquakv.reference import MAX_CHANNEL_SCALE, key_channel_scale
+
+    q = torch.exp(2 * torch.randn(3, 16, generator=rng, dtype=torch.float64))
+    r = torch.exp(2 * torch.randn(3, 16, generator=rng, dtype=torch.float64))
+    objective = lambda d: (q / d ** 2).sum(-1) * (d ** 2 * r).sum(-1)  # noqa: E731  per head
+    d = key_channel_scale(q, r).double()
+    assert torch.equal(d.bfloat16().double(), d)  # exact 16-bit numbers (the cache write's 16-bit rotation)
+    assert torch.allclose(d.log().mean(-1), torch.zeros(3, dtype=torch.float64), atol=4e-3)  # (after that rounding)
+    best = objective(d)
+    for _ in range(20):
+        assert (objective(d * torch.exp(0.3 * torch.randn(3, 16, generator=rng, dtype=torch.float64))) >= best).all()
+    assert (best <= objective(torch.ones_like(d)) + 1e-9).all()  # never worse than no scale
+    q[0, 3] = 0.0  # a channel no query reads: clamped, finite and positive
+    d = key_channel_scale(q, r)
+    assert torch.isfinite(d).all() and (d > 0).all() and d.max() / d.min() <= MAX_CHANNEL_SCALE ** 2 * 1.0001
+
+
+def test_key_channel_scale_cuts_the_score_error(rng):
+    """With queries concentrated on a few key channels, the codec with the fitted channel scale gives attention scores
+    closer to the exact ones than without (fresh Gaussian keys and queries; the HIGGS codec itself)."""
+    from vllm_aquakv.reference import key_channel_scale
+
+    heads, h = 2, 64
+    q_std = torch.exp(1.5 * torch.randn(heads, h, generator=rng))  # queries' scale per channel
+    k = torch.randn(4000, heads, h, generator=rng) * torch.exp(torch.randn(heads, h, generator=rng))
+    q = torch.randn(300, heads, h, generator=rng) * q_std
+    plain = HiggsCodec(heads, h, "u1n4")
+    scaled = HiggsCodec(heads, h, "u1n4", channel_scale=key_channel_scale(q_std ** 2, (k ** 2).mean(0)))
+    err = lambda c: torch.einsum("qhd,khd->qhk", q, k - c.quantize(k)).pow(2).mean()  # noqa: E731
+    assert err(scaled) < 0.8 * err(plain), (err(scaled), err(plain))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_query_energy_hooks_see_the_model_queries(tmp_path, rng, arch):
+    """QueryEnergy (calibration's query statistics) equals E[q^2] computed from the tiny model's own queries (q_proj;
+    Qwen3: after its per-head q_norm; Phi-3: the query slice of qkv_proj), pre-RoPE and rotated to each window's
+    positions, with each KV head's query heads together."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_aquakv.calibration.capture import QueryEnergy, capture_kv
+    from vllm_aquakv.calibration.models import make_tiny_llama
+    from vllm_aquakv.rope import Rope
+
+    path = make_tiny_llama(str(tmp_path / "m"), num_layers=2, heads=4, kv_heads=2, head_dim=32, arch=arch)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    windows = torch.randint(0, 500, (3, 24), generator=rng)
+    rope = Rope({"rope_theta": model.config.rope_parameters["rope_theta"]}, 32)
+    seen = []
+    attn = model.model.layers[1].self_attn
+    module = {"llama": getattr(attn, "q_proj", None), "qwen3": getattr(attn, "q_norm", None),
+              "phi3": getattr(attn, "qkv_proj", None)}[arch]
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach()[..., :4 * 32] if arch == "phi3"
+                                                                      else o.detach()))
+    for frame in (None, rope):
+        seen.clear()
+        queries = QueryEnergy(model, frame)
+        capture_kv(model, windows, progress=False, queries=queries)
+        q = torch.cat([o.reshape(-1, 4, 32) for o in seen])  # [3 * 24, Hq, h]
+        if frame is not None:
+            q = rope.apply(q, torch.arange(24).repeat(3))
+        want = (q.double() ** 2).reshape(-1, 2, 2, 32).sum(2).mean(0)  # [H, h]
+        assert torch.allclose(queries.energy()[1].double(), want, rtol=1e-5)
+    handle.remove()

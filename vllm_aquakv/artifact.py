@@ -95,6 +95,8 @@ def save_artifact(cache: AquaKVCache, out_dir: str, model_info: dict, calibratio
         key = f"{stream}.{layer}"
         predictors[key] = pred.describe()
         tensors.update(pred.tensors(f"predictors.{key}."))
+    for layer, d in cache.key_channel_scales().items():
+        tensors[f"key_channel_scale.{layer}"] = d.float().cpu().contiguous()
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -162,7 +164,12 @@ def load_artifact(art_dir: str, model_dir: str | None = None) -> tuple[AquaKVCac
             stream, layer = key.split(".")
             pred = LinearPredictor.load(desc, tensors, f"predictors.{key}.")
             predictors[stream, int(layer)] = pred
-        cache = AquaKVCache(config, num_layers, num_kv_heads, head_dim, predictors, signs=tensors["signs"])
+        scales = {}
+        if config.key_channel_scale != "none":  # one [H, h] per quantized key layer
+            for layer in range(num_layers):
+                if config.grid("k", layer) != "16bit":
+                    scales[layer] = tensors[f"key_channel_scale.{layer}"]
+        cache = AquaKVCache(config, num_layers, num_kv_heads, head_dim, predictors, tensors["signs"], scales)
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError) as e:

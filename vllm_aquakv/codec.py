@@ -13,6 +13,11 @@ Encoding one token's K or V of one layer, x [num_kv_heads, head_dim] (a residual
 
 Decoding reverses it: grid lookup, times scale / sqrt(group_size), inverse rotation y -> s * H y / sqrt(h).
 
+With a ``channel_scale`` D [num_kv_heads, head_dim] (keys, ``AquaKVConfig.key_channel_scale``), step 1 rotates D * x
+and decoding divides by D after the inverse rotation: the rotation spreads the quantization error evenly over the
+channels of D * x, so channels scaled down by D get less of it.  For keys D^4 ~ E[q_i^2] / E[r_i^2] (queries' energy
+over the residual's, per channel): an attention score's error q . (x - x_hat) then shrinks (q . x = (q / D) . (D x)).
+
 Packed layout (THE definition; kernels read exactly this)
 ---------------------------------------------------------
 Per token and stream (K or V) of a layer, the d values give m = d / grid_dim codes of b = code_bits bits.
@@ -153,7 +158,8 @@ class HiggsCodec:
 
     ``grid`` names a grid of ``vllm_aquakv.grids``; ``group_size`` defaults to head_dim and must divide
     head_dim or be a multiple of it that divides num_kv_heads * head_dim; ``rotate=False`` skips the
-    Hadamard rotation (for studies); ``signs`` overrides the seeded signs (e.g. loaded from an artifact).
+    Hadamard rotation (for studies); ``signs`` overrides the seeded signs (e.g. loaded from an artifact);
+    ``channel_scale`` [num_kv_heads, head_dim] (positive) scales each channel before encoding (module docstring).
     """
 
     def __init__(
@@ -165,6 +171,7 @@ class HiggsCodec:
         rotate: bool = True,
         seed: int = 0,
         signs: torch.Tensor | None = None,
+        channel_scale: torch.Tensor | None = None,
     ):
         check_head_dim(head_dim)
         if grid not in GRID_SPECS:
@@ -191,10 +198,23 @@ class HiggsCodec:
             raise ValueError(f"signs must have shape ({head_dim},), got {tuple(self.signs.shape)}")
         self.grid = load_grid(grid)
         self._table: torch.Tensor | None = None  # ``_byte_table``
+        self.channel_scale: torch.Tensor | None = None
+        if channel_scale is not None:
+            self.set_channel_scale(channel_scale)
+
+    def set_channel_scale(self, d: torch.Tensor) -> None:
+        """Scale channels by d [num_kv_heads, head_dim] (finite, > 0) before encoding, and back after decoding."""
+        d = d.float()
+        if tuple(d.shape) != (self.num_kv_heads, self.head_dim) or not (torch.isfinite(d).all() and (d > 0).all()):
+            raise ValueError(f"channel_scale must be finite, positive and [{self.num_kv_heads}, {self.head_dim}], got "
+                             f"shape {tuple(d.shape)}")
+        self.channel_scale = d.to(self.signs.device)
 
     def to(self, device) -> "HiggsCodec":
         """Move signs and grid to ``device`` (in place); returns self."""
         self.signs, self.grid = self.signs.to(device), self.grid.to(device)
+        if self.channel_scale is not None:
+            self.channel_scale = self.channel_scale.to(device)
         self._table = None
         return self
 
@@ -229,6 +249,8 @@ class HiggsCodec:
         lead = x.shape[:-2]
         if tuple(x.shape[-2:]) != (self.num_kv_heads, self.head_dim):
             raise ValueError(f"expected [..., {self.num_kv_heads}, {self.head_dim}], got {tuple(x.shape)}")
+        if self.channel_scale is not None:
+            x = x.float() * self.channel_scale
         y = self.rotate_heads(x).reshape(-1, self.num_groups, self.group_size)  # [N, groups, g]
         scales = y.norm(dim=-1).clamp(max=FP16_MAX).to(torch.float16)  # [N, groups]
         s = scales.float()[..., None]
@@ -247,8 +269,13 @@ class HiggsCodec:
             z = self.grid.to(packed.device)[unpack_codes(packed, self.code_bits, self.num_codes)]  # [N, codes, d]
         z = z.reshape(-1, self.num_groups, self.group_size)  # [N, groups, g]
         y = z * (enc.scales.reshape(-1, self.num_groups, 1).float() / math.sqrt(self.group_size))
-        x = self.unrotate_heads(y.reshape(-1, self.num_kv_heads, self.head_dim))
+        x = self.unscale(self.unrotate_heads(y.reshape(-1, self.num_kv_heads, self.head_dim)))
         return x.reshape(*lead, self.num_kv_heads, self.head_dim)
+
+    def unscale(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., num_kv_heads, head_dim] divided by the channel scale (unchanged without one): the last step of
+        ``decode``, for decoders that rotate back themselves (``kernels.reconstruct.decode_residual``)."""
+        return x if self.channel_scale is None else x / self.channel_scale
 
     def _byte_table(self, device) -> torch.Tensor:
         """[256, codes per byte * grid dim]: the grid coordinates of every code byte, in code order (cached)."""
@@ -271,6 +298,7 @@ class HiggsCodec:
             "seed": self.seed,
             "code_bits": self.code_bits,
             "bits_per_value": self.bits_per_value,
+            "channel_scale": self.channel_scale is not None,
         }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,23 @@ from .predictors import LinearPredictor, RidgeStats, Source, parse_structure
 KEY_TOPOLOGIES = ("chain", "anchor:G", "none")
 VALUE_TOPOLOGIES = ("k_same+v_prev", "k_same", "v_prev", "none")
 STREAMS = ("k", "v")
+KEY_CHANNEL_SCALES = ("none", "query")
+MAX_CHANNEL_SCALE = 64.0  # key channel scales stay within [1 / this, this] of their geometric mean per head
+
+
+def key_channel_scale(query_energy: torch.Tensor, residual_energy: torch.Tensor) -> torch.Tensor:
+    """The per-channel key scale D [H, h] that minimizes the expected attention-score error of HIGGS codes: the
+    rotation spreads the error of D r evenly over channels, so a score's error q . (r - r_hat) has variance
+    ~ sum_i E[q_i^2] / D_i^2 * sum_i D_i^2 E[r_i^2], least (Cauchy-Schwarz) at D_i^4 = E[q_i^2] / E[r_i^2].
+    query_energy: E[q_i^2] per KV head's channel (its query heads together) [H, h]; residual_energy: E[r_i^2] of the
+    key residual (after prediction) [H, h].  Normalized to geometric mean 1 per head, clamped to MAX_CHANNEL_SCALE,
+    and rounded to bfloat16 values (exact in float16 too), so that the cache write's 16-bit rotation of 16-bit keys
+    takes D S (S the +-1 sign matrix) as exact 16-bit numbers (``kernels.cache_write``)."""
+    q, r = query_energy.double(), residual_energy.double()
+    floor = lambda e: e.clamp(min=1e-6 * e.mean(-1, keepdim=True).clamp(min=1e-30))  # noqa: E731  (dead channels)
+    log_d = 0.25 * (floor(q).log() - floor(r).log())
+    log_d = (log_d - log_d.mean(-1, keepdim=True)).clamp(-math.log(MAX_CHANNEL_SCALE), math.log(MAX_CHANNEL_SCALE))
+    return log_d.exp().bfloat16().float()
 
 
 class NonFiniteFit(ValueError):
@@ -59,6 +77,9 @@ class AquaKVConfig:
     ridge: float = 1e-3
     exact_dtype: str = "bfloat16"  # dtype of the 16-bit sinks / window / layers
     key_rope: str = "pre"  # keys quantized before RoPE (paper) or after it ("post": fused-kernel mode)
+    # per-channel scale of the key residual before HIGGS (``codec`` docstring): "query" fits it to the calibration
+    # queries' energy per channel (``key_channel_scale``), "none" leaves keys as they are (artifacts before 2026-12-05)
+    key_channel_scale: str = "none"
 
     def __post_init__(self):
         for g in (self.key_grid, self.value_grid):
@@ -80,6 +101,8 @@ class AquaKVConfig:
         if self.key_rope == "post" and parse_structure(self.key_predictor)[0] not in ("none", "mean"):
             raise ValueError("key_rope='post' keys are predicted by none or mean only (a position-dependent frame "
                              f"defeats cross-layer predictors), got key_predictor={self.key_predictor!r}")
+        if self.key_channel_scale not in KEY_CHANNEL_SCALES:
+            raise ValueError(f"key_channel_scale must be one of {KEY_CHANNEL_SCALES}, got {self.key_channel_scale!r}")
         if self.exact_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"exact_dtype must be bfloat16, float16 or float32, got {self.exact_dtype!r}")
 
@@ -139,7 +162,7 @@ class AquaKVCache:
 
     def __init__(self, config: AquaKVConfig, num_layers: int, num_kv_heads: int, head_dim: int,
                  predictors: dict[tuple[str, int], LinearPredictor] | None = None,
-                 signs: torch.Tensor | None = None):
+                 signs: torch.Tensor | None = None, key_channel_scales: dict[int, torch.Tensor] | None = None):
         check_head_dim(head_dim)
         self.config, self.num_layers, self.num_kv_heads, self.head_dim = config, num_layers, num_kv_heads, head_dim
         self.exact_dtype = getattr(torch, config.exact_dtype)
@@ -149,6 +172,9 @@ class AquaKVCache:
             self.codecs[stream, layer] = None if grid == "16bit" else HiggsCodec(
                 num_kv_heads, head_dim, grid, config.group_size, config.rotate, config.seed, signs)
         self.signs = next(c.signs for c in self.codecs.values() if c is not None)
+        for layer, d in (key_channel_scales or {}).items():  # [H, h] per key layer (``key_channel_scale``)
+            if self.codecs["k", layer] is not None:
+                self.codecs["k", layer].set_channel_scale(d)
         self.predictors = predictors or {}
         self.calibration_metrics: dict[str, dict] = {}  # filled by calibrate(): per 'k.l' / 'v.l' relMSE
         # CUDA float32 precision of the predictors' products ("tf32": the torch serving path with aquakv_kernels, for
@@ -179,7 +205,13 @@ class AquaKVCache:
             raise ValueError("this artifact's predictors or scale groups mix KV heads: it cannot be sharded by head")
         heads = slice(first_head, first_head + num_heads)
         preds = {key: p.shard(heads) for key, p in self.predictors.items()}
-        return AquaKVCache(self.config, self.num_layers, num_heads, self.head_dim, preds, signs=self.signs)
+        scales = {layer: d[heads] for layer, d in self.key_channel_scales().items()}
+        return AquaKVCache(self.config, self.num_layers, num_heads, self.head_dim, preds, self.signs, scales)
+
+    def key_channel_scales(self) -> dict[int, torch.Tensor]:
+        """The key codecs' channel scales D [H, h] by layer (none without ``key_channel_scale``)."""
+        return {layer: c.channel_scale for (stream, layer), c in self.codecs.items()
+                if stream == "k" and c is not None and c.channel_scale is not None}
 
     def keys(self) -> list[tuple[str, int]]:
         """(stream, layer) in encoding order: k_0, v_0, k_1, v_1, ..."""
@@ -269,17 +301,22 @@ class AquaKVCache:
     @classmethod
     def calibrate(cls, config: AquaKVConfig, ks: list[torch.Tensor], vs: list[torch.Tensor],
                   signs: torch.Tensor | None = None, progress: bool = False,
-                  fit_mask: torch.Tensor | None = None) -> "AquaKVCache":
+                  fit_mask: torch.Tensor | None = None,
+                  query_energy: list[torch.Tensor] | None = None) -> "AquaKVCache":
         """Fit every predictor by ridge regression on reconstructed sources, layer by layer, in order.
 
         ks/vs: per-layer [T, H, h] K/V of the calibration tokens (one long sequence or many concatenated:
         predictors are per token, so sequence boundaries do not matter).  ``fit_mask`` (bool [T]) selects the
         tokens the regressions see, e.g. without the attention-sink tokens that stay 16-bit anyway and whose
-        outsized K/V would bias the fit for everything else.
+        outsized K/V would bias the fit for everything else.  ``query_energy`` (per layer [H, h]: E[q_i^2] of the
+        queries each KV head's keys meet, in the keys' frame) is needed with ``key_channel_scale="query"``: each key
+        layer's channel scale is fitted to it and to its residual after prediction (``key_channel_scale``).
         """
         num_kv_heads, head_dim = ks[0].shape[1:]
         cache = cls(config, len(ks), num_kv_heads, head_dim, {}, signs)
         cache._check_inputs(ks, vs)
+        if config.key_channel_scale == "query" and (query_energy is None or len(query_energy) != len(ks)):
+            raise ValueError("key_channel_scale='query' needs the calibration queries' energy of every layer")
         from tqdm import tqdm
 
         last_use = {}  # drop each reconstruction after the last layer that reads it: memory O(1) layers for a chain
@@ -307,6 +344,9 @@ class AquaKVCache:
                                    f"targets hold NaN/inf or overflow); check the captured K/V, or raise --ridge "
                                    f"(now {config.ridge})")
             prediction = cache._predict(stream, layer, recon, x)
+            if stream == "k" and config.key_channel_scale == "query":
+                residual_energy = ((x.float() - prediction)[rows] ** 2).mean(0)  # [H, h]
+                codec.set_channel_scale(key_channel_scale(query_energy[layer].to(x.device), residual_energy))
             recon[stream, layer] = prediction + codec.quantize(x.float() - prediction)
             cache.calibration_metrics[f"{stream}.{layer}"] = {
                 "prediction_rel_mse": rel_mse(x, prediction), "reconstruction_rel_mse": rel_mse(x, recon[stream, layer])}

@@ -222,7 +222,8 @@ class TorchServingPath:
         for i, stream in enumerate("kv"):
             codec, decoder = self.cache.codecs[stream, layer], self.residual_decoders.get((stream, layer))
             if decoder is not None:
-                residual = decode_residual(slots, decoder, layout.code_offsets[i], layout.scale_offsets[i])
+                residual = codec.unscale(decode_residual(slots, decoder, layout.code_offsets[i],
+                                                         layout.scale_offsets[i]))
             else:
                 parts = parts or layout.unpack(slots)
                 if codec is None:

@@ -32,6 +32,7 @@ sys.path.insert(0, HERE)  # (vllm_aquakv from the staged package: it holds the k
 from decode_attention import D, H, MODES, PAGE, fused_setup  # noqa: E402
 
 SPEED = "aquakv speed preset u1n4 + sinks/window (16-bit 4 + 128)"
+SCALED = "aquakv speed preset u1n4 + sinks/window, key channel scale"  # keys on the float32 path (``write_fused``)
 
 
 def time_ms(fn) -> float:
@@ -72,6 +73,7 @@ def main():
     from vllm_aquakv.results import gpu_tag, machine, write_results
 
     path, fused = fused_setup(MODES[SPEED])
+    _, scaled = fused_setup(MODES[SCALED])
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         key, value, slots, kv, ring, blocks = step_inputs(tokens, path.slot_bytes(1))
@@ -86,6 +88,8 @@ def main():
         except ImportError as e:
             print(f"no vLLM bf16 row: {e}", flush=True)
         row["aquakv default launch"] = time_ms(lambda: write_fused(fused, kv, slots, key, value, ring=ring))
+        row["aquakv default launch, key channel scale"] = time_ms(
+            lambda: write_fused(scaled, kv, slots, key, value, ring=ring))
         variants = [(b, split, w, exact) for b in args.block_n.split(",") for split in (False, True)
                     for w in args.warps.split(",") for exact in ((False, True) if args.exact_inputs else (False,))]
         for block_n, split, warps, exact in variants:

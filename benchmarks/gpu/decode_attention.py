@@ -51,6 +51,11 @@ MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
     "aquakv speed preset u1n4 + sinks/window (16-bit 4 + 128)": dict(key_predictor="mean", value_predictor="none",
                                                                     value_topology="none", key_grid="u1n4",
                                                                     value_grid="u1n4", window=(4, 128)),
+    # the speed preset since 2026-12-05: keys scaled per channel before HIGGS (``key_channel_scale``: one more
+    # multiply per query in the kernel; random scales here)
+    "aquakv speed preset u1n4 + sinks/window, key channel scale": dict(
+        key_predictor="mean", value_predictor="none", value_topology="none", key_grid="u1n4", value_grid="u1n4",
+        window=(4, 128), key_channel_scale="query"),
     "aquakv u1n4, V per-head from K_l (2.25 b)": dict(key_predictor="mean", value_predictor="per_head",
                                                       value_topology="k_same", key_grid="u1n4", value_grid="u1n4"),
     # the earlier speed preset's grid: 2-D codes through nibble lookup tables
@@ -96,7 +101,8 @@ def fused_setup(overrides, device="cuda"):
     if cfg.value_predictor == "per_head":
         preds["v", 1] = LinearPredictor("per_head", (("k", 1),), bias=torch.randn(H, D),
                                         weight=torch.randn(H, D, D) / D ** 0.5)
-    cache = AquaKVCache(cfg, 2, H, D, preds).to(device)
+    scales = {1: torch.exp(torch.randn(H, D)).bfloat16().float()} if cfg.key_channel_scale == "query" else None
+    cache = AquaKVCache(cfg, 2, H, D, preds, key_channel_scales=scales).to(device)
     rope = Rope({"rope_theta": 500000.0}, D)
     rope.inv_freq = rope.inv_freq.to(device)
     path = TorchServingPath(cache, rope)

@@ -33,18 +33,18 @@ POINTERS = {"q_ptr": "*bf16", "sign_k_ptr": "*fp16", "k_bias_ptr": "*fp32", "cac
             "seq_lens_ptr": "*i32", "q_start_ptr": "*i32", "qblock_seq_ptr": "*i32", "qblock_first_ptr": "*i32",
             "k_table_ptr": "*i32", "v_table_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_v_ptr": "*fp32",
             "acc_k_ptr": "*fp32", "acc_x_ptr": "*fp32", "ring_k_ptr": "*bf16", "ring_v_ptr": "*bf16", "tags_ptr": "*i64",
-            "key_ptr": "*bf16", "value_ptr": "*bf16"}
+            "key_ptr": "*bf16", "value_ptr": "*bf16", "k_dinv_ptr": "*fp32"}
 
 WRITE_POINTERS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u8",
                   "rot_k_ptr": "*fp32", "rot_v_ptr": "*fp32", "sign_k_ptr": "*fp16", "sign_v_ptr": "*fp16",
                   "k_shift_ptr": "*fp32", "v_shift_ptr": "*fp32", "k_bias_ptr": "*fp32", "v_bias_ptr": "*fp32",
                   "v_from_k_ptr": "*fp32", "k_grid_ptr": "*fp32", "v_grid_ptr": "*fp32", "ring_k_ptr": "*bf16",
-                  "ring_v_ptr": "*bf16", "ring_row_ptr": "*i64", "ring_col_ptr": "*i64"}
+                  "ring_v_ptr": "*bf16", "ring_row_ptr": "*i64", "ring_col_ptr": "*i64", "k_channel_scale_ptr": "*fp32"}
 WRITE_CONSTANTS = dict(HEAD_DIM=128, PAGE_BLOCK=16, BLOCK_N=16, K_LANES=4, K_CODE_BYTES=32, K_CODE_BITS=4, K_D=2,
                        K_POINTS=16, V_LANES=4, V_CODE_BYTES=32, V_CODE_BITS=4, V_D=2, V_POINTS=16, V_CODE_OFFSET=32,
                        K_SCALE_OFFSET=64, V_SCALE_OFFSET=66, HAS_K_BIAS=True, HAS_V_BIAS=True, V_FROM_K=True,
                        HAS_RING=False, RING_WIDTH=132, NUM_KV_HEADS=8, SPLIT_STREAMS=False, EXACT=False,
-                       X_DOT=triton.language.float32)
+                       X_DOT=triton.language.float32, HAS_K_SCALE=False)
 
 
 def main():
@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--block-n", type=int, default=16, help="with --write: tokens per program (write_fused's block_n)")
     ap.add_argument("--exact-inputs", action="store_true", help="with --write: write_fused(exact_inputs=True)")
+    ap.add_argument("--key-scale", action="store_true", help="keys with a channel scale (key_channel_scale: "
+                    "the speed preset's artifacts since 2026-12-05)")
     ap.add_argument("--sass", action="store_true", help="print the innermost loop's instruction mix")
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M's shapes: 9 q / 3 KV heads, head_dim 64, "
                                                           "blocks of 32")
@@ -111,7 +113,7 @@ def combine_launch(args) -> tuple:
                 for n in fn.arg_names if n.endswith("_ptr")}
     const = dict(G=3, NUM_Q_HEADS=24, HEAD_DIM=128, ROWS=16, HAS_V_BIAS=not args.plain, HAS_K_BIAS=not args.plain,
                  V_FROM_K=not args.plain, HAS_WINDOW=args.window, RING_ROWS=1 if args.window else 0,
-                 STEP=attention.COMBINE_STEP, DOT_DTYPE=triton.language.float16)
+                 STEP=attention.COMBINE_STEP, DOT_DTYPE=triton.language.float16, HAS_K_SCALE=args.key_scale)
     return fn, pointers, const
 
 
@@ -138,6 +140,7 @@ def attention_or_write_launch(args) -> tuple:
                      V_FROM_K=False, SPLIT_STREAMS=True)
     if args.write:
         const.update(BLOCK_N=args.block_n)
+    const.update(HAS_K_SCALE=args.key_scale)
     if args.write and args.exact_inputs:  # write_fused(exact_inputs=True): bf16 inputs rotated on 16-bit cores
         const.update(EXACT=True, X_DOT=triton.language.bfloat16)
     if args.smollm2 and not args.write:  # d2n16: 16 code bytes per stream, slot 16 + 16 + 2 + 2 bytes
