@@ -283,7 +283,8 @@ def test_calibrate_presets(tmp_path, rng):
 
     model = make_tiny_llama(str(tmp_path / "m"), num_layers=2, kv_heads=2, head_dim=32)
     quality = parse_args([model])
-    assert (quality.key_rope, quality.key_predictor, quality.layer0) == ("pre", "dense", "d2n256")
+    assert (quality.key_rope, quality.key_predictor, quality.layer0, quality.key_channel_scale) == (
+        "pre", "dense", "d2n256", "none")
     speed = parse_args([model, "--preset", "speed", "--layer0", "16bit"])
     assert (speed.key_rope, speed.key_predictor, speed.value_predictor, speed.layer0) == ("post", "mean", "none",
                                                                                           "16bit")
@@ -295,3 +296,4 @@ def test_calibrate_presets(tmp_path, rng):
     assert cache.config.key_rope == "post" and cache.config.layer0_grid == "u1n4"
     assert cache.codecs["k", 1].grid_name == cache.codecs["v", 1].grid_name == "u1n4"
     assert cache.predictors["v", 1].structure == "none" and cache.predictors["k", 1].structure == "mean"
+    assert cache.config.key_channel_scale == "query" and set(cache.key_channel_scales()) == {0, 1}
