@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import query_energy
 
 from vllm_aquakv.calibration.evaluate import MixedCache, copy_prompts, kivi_quantize, perplexity
 from vllm_aquakv.calibration.hf_cache import ReconstructedKV
@@ -92,31 +93,35 @@ def test_aquakv_eval_end_to_end(tiny, tmp_path):
     assert all(r["ppl"] > 1 for r in rows)
 
 
-def test_int8_scores_emulation_is_the_kernels(rng):
-    """aquakv-eval --int8-scores rounds each query as the fused kernel does (its lane-order rotation, units of
-    max |q A| / 127: float64 reference here) and scores codes with the rounded query and the key mean with the exact
-    one; pre-RoPE artifacts (not served by the kernel) are refused."""
+@pytest.mark.parametrize("key_channel_scale", ["none", "query"])
+def test_int8_scores_emulation_is_the_kernels(rng, key_channel_scale):
+    """aquakv-eval --int8-scores rounds each query as the fused kernel does (its lane-order rotation of q / D with the
+    key channel scale D, units of max |q A| / 127: float64 reference here) and scores codes with the rounded query and
+    the key mean with the exact one; pre-RoPE artifacts (not served by the kernel) are refused."""
     from vllm_aquakv.calibration.evaluate import Int8Scores
     from vllm_aquakv.kernels.attention import fused_layer_or_reason
     from vllm_aquakv.serving import TorchServingPath
 
     h, heads = 64, 2
     config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor="none", value_topology="none",
-                          key_grid="u1n4", value_grid="u1n4", layer0_grid="u1n4")
+                          key_grid="u1n4", value_grid="u1n4", layer0_grid="u1n4", key_channel_scale=key_channel_scale)
     k = torch.randn(200, heads, h, generator=rng) + 3 * torch.randn(heads, h, generator=rng)
     v = torch.randn(200, heads, h, generator=rng)
-    cache = AquaKVCache.calibrate(config, [k, k], [v, v])
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v], query_energy=query_energy(2, heads, h, rng))
     emulation = Int8Scores(cache)
     fused = fused_layer_or_reason(cache, TorchServingPath(cache, None).layouts[1], 1)
     q = torch.randn(1, 3 * heads, 5, h, generator=rng)  # [1, Hq, T, h], as MixedCache hands queries over
     rot = fused.rot_k.double()  # the kernel's rotation, columns in lane order
-    q_rot = q.double() @ rot
+    d = 1.0 if fused.k_dinv is None else 1 / fused.k_dinv.double().repeat_interleave(3, 0)[None, :, None, :]
+    q_rot = (q.double() / d) @ rot
     unit = q_rot.abs().amax(-1, keepdim=True) / 127
-    want = (q_rot / unit).round() * unit @ rot.T
+    want = d * ((q_rot / unit).round() * unit @ rot.T)
     got = emulation.rounded(1, q)
-    assert torch.allclose(got.double(), want, atol=1e-5 * unit.max().item())
+    # in the codes' frame; float32 against float64 (a rounding flip or a missing D is an error of ~unit)
+    assert torch.allclose(got.double() / d, want / d, atol=1e-4 * unit.max().item())
     assert not torch.allclose(got, q, atol=1e-3)  # the rounding is really there
     assert torch.equal(emulation.key_bias(1, k.transpose(0, 1)[None])[0, :, 0], cache.predictors["k", 1].bias.float())
-    pre = AquaKVCache.calibrate(AquaKVConfig(**{**config.to_json(), "key_rope": "pre"}), [k, k], [v, v])
+    pre = AquaKVCache.calibrate(AquaKVConfig(**{**config.to_json(), "key_rope": "pre"}), [k, k], [v, v],
+                                query_energy=query_energy(2, heads, h, rng))
     with pytest.raises(ValueError, match="post-RoPE"):
         Int8Scores(pre)
