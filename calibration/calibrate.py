@@ -32,12 +32,12 @@ PRESETS = {
     # the paper's AQUA-KV: pre-RoPE keys, dense previous-layer key chain, values from [K_l; V_{l-1}], 4-bit layer 0;
     # served through the torch path (reconstructs each context every step)
     "quality": {},
-    # the fused CUDA kernels' mode: post-RoPE keys minus their mean, scaled per channel for the queries
-    # (key_channel_scale), values without predictor, every layer at 2 bits (one slot size) in uniform scalar codes
-    # (u1n4), which the decode kernel turns into numbers without table lookups (3x faster on the H200 than d2n16's
-    # tables; quality: benchmarks/results/eval_smollm2_speed_key_scale.md)
+    # the fused CUDA kernels' mode: post-RoPE keys minus their mean, values without predictor, every layer at 2 bits
+    # (one slot size) in uniform scalar codes (u1n4), which the decode kernel turns into numbers without table lookups
+    # (3x faster on the H200 than d2n16's tables; quality: benchmarks/results/eval_smollm2_speed_key_scale.md; the
+    # key channel scale stays opt-in: better perplexity, worse long-range copying on SmolLM2)
     "speed": {"key_rope": "post", "key_predictor": "mean", "value_predictor": "none", "value_topology": "none",
-              "key_grid": "u1n4", "value_grid": "u1n4", "layer0": "u1n4", "key_channel_scale": "query"},
+              "key_grid": "u1n4", "value_grid": "u1n4", "layer0": "u1n4"},
 }
 
 
@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="quantize keys before RoPE (paper) or after it (fused-kernel mode; key predictor none/mean)")
     ap.add_argument("--key-channel-scale", default=d.key_channel_scale, choices=("query", "none"),
                     help="query: scale each key channel by (E[q^2] / E[r^2])^(1/4) of the calibration queries and key "
-                         "residuals before quantizing, which cuts the attention-score error (--preset speed's "
-                         "default); none: keys as they are (--preset quality's, the paper's)")
+                         "residuals before quantizing: lower perplexity, but worse long-range copying on SmolLM2 "
+                         "(README 'Defaults'); none: keys as they are (the default)")
     ap.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge strength")
     ap.add_argument("--seed", type=int, default=0, help="Hadamard sign seed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

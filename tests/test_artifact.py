@@ -296,4 +296,6 @@ def test_calibrate_presets(tmp_path, rng):
     assert cache.config.key_rope == "post" and cache.config.layer0_grid == "u1n4"
     assert cache.codecs["k", 1].grid_name == cache.codecs["v", 1].grid_name == "u1n4"
     assert cache.predictors["v", 1].structure == "none" and cache.predictors["k", 1].structure == "mean"
-    assert cache.config.key_channel_scale == "query" and set(cache.key_channel_scales()) == {0, 1}
+    assert cache.config.key_channel_scale == "none" and not cache.key_channel_scales()
+    scaled = parse_args([model, "--preset", "speed", "--key-channel-scale", "query"])
+    assert scaled.key_channel_scale == "query" and scaled.key_rope == "post"

@@ -78,8 +78,7 @@ class AquaKVConfig:
     exact_dtype: str = "bfloat16"  # dtype of the 16-bit sinks / window / layers
     key_rope: str = "pre"  # keys quantized before RoPE (paper) or after it ("post": fused-kernel mode)
     # per-channel scale of the key residual before HIGGS (``codec`` docstring): "query" fits it to the calibration
-    # queries' energy per channel (``key_channel_scale``; --preset speed), "none" leaves keys as they are (--preset
-    # quality, the paper's; and every artifact before 2026-12-05)
+    # queries' energy per channel (``key_channel_scale``; opt-in), "none" leaves keys as they are (the default)
     key_channel_scale: str = "none"
 
     def __post_init__(self):

@@ -10,7 +10,8 @@ Prefill-sized writes (``--tokens 2048,8192``: a chunk's tokens, each into its ow
 timed with more tokens per program (``--block-n 16,64``) and other warp counts (``--warps``); ``--exact-inputs``
 also times each launch with the 16-bit rotation (``write_fused(exact_inputs=True)``; without the flag every named
 launch is the float32 rotation).  The row "aquakv default launch" is what serving runs (``launch_settings``: since
-2026-12-03 the 16-bit rotation, and 64-token programs for steps of >= 1024 tokens).
+2026-12-03 the 16-bit rotation, and 64-token programs for steps of >= 1024 tokens).  "..., key channel scale": the same launch for
+artifacts calibrated with ``--key-channel-scale query`` (opt-in: a per-head diag(D) S in the 16-bit rotation of keys).
 
     python3 benchmarks/gpu/cache_write.py OUT_DIR [--tokens 1,4,16,64,256] [--block-n 16] [--warps 1,2,4,8]
         [--exact-inputs]
@@ -32,7 +33,7 @@ sys.path.insert(0, HERE)  # (vllm_aquakv from the staged package: it holds the k
 from decode_attention import D, H, MODES, PAGE, fused_setup  # noqa: E402
 
 SPEED = "aquakv speed preset u1n4 + sinks/window (16-bit 4 + 128)"
-SCALED = "aquakv speed preset u1n4 + sinks/window, key channel scale"  # keys on the float32 path (``write_fused``)
+SCALED = "aquakv speed preset u1n4 + sinks/window, key channel scale"  # --key-channel-scale query (opt-in)
 
 
 def time_ms(fn) -> float:

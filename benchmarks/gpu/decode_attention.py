@@ -51,8 +51,8 @@ MODES = {  # label -> config overrides (post-RoPE keys: the fused kernel's mode)
     "aquakv speed preset u1n4 + sinks/window (16-bit 4 + 128)": dict(key_predictor="mean", value_predictor="none",
                                                                     value_topology="none", key_grid="u1n4",
                                                                     value_grid="u1n4", window=(4, 128)),
-    # the speed preset since 2026-12-05: keys scaled per channel before HIGGS (``key_channel_scale``: one more
-    # multiply per query in the kernel; random scales here)
+    # the speed preset with --key-channel-scale query (opt-in, 2026-12-05): keys scaled per channel before HIGGS (one
+    # more multiply per query in the kernel; random scales here)
     "aquakv speed preset u1n4 + sinks/window, key channel scale": dict(
         key_predictor="mean", value_predictor="none", value_topology="none", key_grid="u1n4", value_grid="u1n4",
         window=(4, 128), key_channel_scale="query"),
