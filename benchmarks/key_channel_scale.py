@@ -64,15 +64,13 @@ def main():
                 if not os.path.exists(out):
                     run([os.path.join(bindir, "aquakv-eval"), model, "--artifact", art, "--text", text, "--windows",
                          str(args.windows), "--no-baselines", "--retrieval-ctx", "0", "--json", out], out + ".log")
-                for r in json.load(open(out))["rows"][1:]:  # (row 0: the unquantized cache)
-                    rows.append({"preset": preset, "key_channel_scale": scale, "text": text,
-                                 "semantics": r["semantics"], "bits_per_value": r["bits_per_value"],
-                                 "bits_total": r["bits_total"], "ppl": r["ppl"], "rel_ppl_delta": r["rel_ppl_delta"]})
-                print(f"{preset} {scale} {text}: " + ", ".join(f"{r['semantics'].split(' (')[0]} "
-                                                               f"{100 * r['rel_ppl_delta']:+.2f}%"
-                                                               for r in rows if (r["preset"], r["key_channel_scale"],
-                                                                                 r["text"]) == (preset, scale, text)),
-                      flush=True)
+                these = [{"preset": preset, "key_channel_scale": scale, "text": text, "semantics": r["semantics"],
+                          "bits_per_value": r["bits_per_value"], "bits_total": r["bits_total"], "ppl": r["ppl"],
+                          "rel_ppl_delta": r["rel_ppl_delta"]}
+                         for r in json.load(open(out))["rows"][1:]]  # (row 0: the unquantized cache)
+                rows += these
+                print(f"{preset} {scale} {text}: " + ", ".join(
+                    f"{r['semantics'].split(' (')[0]} {100 * r['rel_ppl_delta']:+.2f}%" for r in these), flush=True)
     semantics = list(dict.fromkeys(r["semantics"] for r in rows))
     md = [f"Perplexity vs the unquantized cache (aquakv-eval, {args.windows} held-out windows x 1,024 tokens, fp32), "
           f"artifacts from `aquakv-calibrate --preset P --key-channel-scale S --tokens {args.tokens}` (wiki-train).\n",

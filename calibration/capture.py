@@ -70,9 +70,9 @@ class QueryEnergy:
         self.tokens = 0
         self._handles = []
 
-    def _hook(self, layer: int):
+    def _hook(self, layer: int, fused_qkv: bool):
         def hook(_module, _inputs, output):
-            q = output[..., :self.num_q_heads * self.head_dim] if output.shape[-1] != self.head_dim else output
+            q = output[..., :self.num_q_heads * self.head_dim] if fused_qkv else output  # [..., q | k | v] -> q
             q = q.detach().float().reshape(-1, self.num_q_heads, self.head_dim)  # batch 1: [T, Hq, h]
             if self.rope is not None:
                 q = self.rope.apply(q, torch.arange(q.shape[0], device=q.device))
@@ -86,8 +86,8 @@ class QueryEnergy:
         attns = attention_modules(self.model)
         self.sums = [torch.zeros(self.num_kv_heads, self.head_dim, dtype=torch.float64) for _ in attns]
         for layer, attn in enumerate(attns):
-            module = getattr(attn, "q_norm", None) or getattr(attn, "q_proj", None) or attn.qkv_proj
-            self._handles.append(module.register_forward_hook(self._hook(layer)))
+            module = getattr(attn, "q_norm", None) or getattr(attn, "q_proj", None)
+            self._handles.append((module or attn.qkv_proj).register_forward_hook(self._hook(layer, module is None)))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -344,10 +344,11 @@ class AquaKVCache:
                                    f"targets hold NaN/inf or overflow); check the captured K/V, or raise --ridge "
                                    f"(now {config.ridge})")
             prediction = cache._predict(stream, layer, recon, x)
+            residual = x.float() - prediction
             if stream == "k" and config.key_channel_scale == "query":
-                residual_energy = ((x.float() - prediction)[rows] ** 2).mean(0)  # [H, h]
+                residual_energy = (residual[rows] ** 2).mean(0)  # [H, h]
                 codec.set_channel_scale(key_channel_scale(query_energy[layer].to(x.device), residual_energy))
-            recon[stream, layer] = prediction + codec.quantize(x.float() - prediction)
+            recon[stream, layer] = prediction + codec.quantize(residual)
             cache.calibration_metrics[f"{stream}.{layer}"] = {
                 "prediction_rel_mse": rel_mse(x, prediction), "reconstruction_rel_mse": rel_mse(x, recon[stream, layer])}
         return cache

@@ -69,8 +69,8 @@ def main():
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--block-n", type=int, default=16, help="with --write: tokens per program (write_fused's block_n)")
     ap.add_argument("--exact-inputs", action="store_true", help="with --write: write_fused(exact_inputs=True)")
-    ap.add_argument("--key-scale", action="store_true", help="keys with a channel scale (key_channel_scale: "
-                    "the speed preset's artifacts since 2026-12-05)")
+    ap.add_argument("--key-scale", action="store_true", help="keys with a channel scale (artifacts of "
+                    "aquakv-calibrate --key-channel-scale query)")
     ap.add_argument("--sass", action="store_true", help="print the innermost loop's instruction mix")
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M's shapes: 9 q / 3 KV heads, head_dim 64, "
                                                           "blocks of 32")
