@@ -64,6 +64,18 @@ def throughput_table(d: dict) -> list[str]:
                   f"{_num(r.get('output_tokens_per_s'), ',.1f')} | {_ratio(_vs(r, 'speed'))} |" for r in d["rows"]]
 
 
+def prefill_table(d: dict) -> list[str]:
+    """A prefill-only `vllm bench throughput` run (one output token per prompt): elapsed time against the baseline's,
+    the whole prefill's cost (cache write, attention, everything vLLM does per step)."""
+    r0 = d["rows"][0]
+    base = next(r for r in d["rows"] if r["kv_cache_dtype"] in ("auto", "bf16"))
+    out = [f"`vllm bench throughput`, {r0['input_len']} in / {r0['output_len']} out (prefill only), "
+           f"{r0['num_prompts']} prompts{memory_settings(r0)}:\n",
+           "| kv-cache-dtype | elapsed s | vs baseline | total tok/s |", "| --- | --- | --- | --- |"]
+    return out + [f"| {r['kv_cache_dtype']} | {r['elapsed_s']:.2f} | {_pct(r['elapsed_s'] / base['elapsed_s'] - 1)} | "
+                  f"{_num(r.get('total_tokens_per_s'), ',.0f')} |" for r in d["rows"]]
+
+
 def serve_table(d: dict) -> list[str]:
     """`vllm bench serve` rows: TTFT and TPOT percentiles in ms."""
     r0 = d["rows"][0]
@@ -130,6 +142,7 @@ HEADLINE = [
     ("Throughput, bf16 / fp8 / aquakv in one machine session (GPU)", "throughput_h200_4096_1024_beside.json",
      throughput_table),
     ("Throughput at 16k prompts (GPU)", "throughput_h200_16384_512.json", throughput_table),
+    ("Prefill cost at 4k prompts (GPU)", "throughput_h100_4096_1_prefill.json", prefill_table),
     ("Serving latency (GPU)", "serve_h200_8192_256_beside.json", serve_table),
     ("Decode attention kernel (GPU)", "decode_attention_h200_grid.json", decode_table),
     ("Throughput and capacity on CPU", "cpu_throughput_512_64_radix4.json", throughput_table),

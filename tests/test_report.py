@@ -18,7 +18,8 @@ def test_readme_tables_match_the_result_json():
 
 def test_block_follows_the_json(tmp_path):
     """A changed figure in a result file changes the generated block (the tables are not hand-written): in a
-    headline table (a random throughput row and a random decode shape) and in the one-line list of other runs."""
+    headline table (a random throughput row, the prefill run and a random decode shape) and in the one-line list of
+    other runs."""
     import random
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -28,17 +29,18 @@ def test_block_follows_the_json(tmp_path):
     shutil.copytree(os.path.join(ROOT, "benchmarks", "results"), results)
     before = perf_block(str(results))
     tp = results / next(name for _, name, _ in HEADLINE if name.startswith("throughput_h"))
-    other = next(results.glob("throughput_h100_*.json"))
+    other = next(p for p in sorted(results.glob("throughput_h*_*.json")) if p.name not in {n for _, n, _ in HEADLINE})
     decode = results / next(name for _, name, _ in HEADLINE if name.startswith("decode_attention"))
+    prefill = results / next(name for _, name, _ in HEADLINE if name.endswith("_prefill.json"))
     marks = {}
-    for path, key, scale in ((tp, "output_tokens_per_s", 1), (other, "output_tokens_per_s", 1),
-                             (decode, "ms", 1000)):
+    for path, key, scale, spec in ((tp, "output_tokens_per_s", 1, ",.1f"), (other, "output_tokens_per_s", 1, ",.1f"),
+                                   (decode, "ms", 1000, ",.1f"), (prefill, "total_tokens_per_s", 1, ",.0f")):
         data = json.loads(path.read_text())
         rows = [r for r in data["rows"] if key in r and (path != decode or r["kv_cache_dtype"].startswith("bf16"))]
         value = round(random.uniform(10000, 99999), 1)
         random.choice(rows)[key] = value / scale
         path.write_text(json.dumps(data))
-        marks[path.name] = f"{value:,.1f}"
+        marks[path.name] = format(value, spec)
     after = perf_block(str(results))
     for name, mark in marks.items():
         assert mark in after and mark not in before, name

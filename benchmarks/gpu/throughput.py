@@ -271,11 +271,12 @@ def main():
           f"CUDA graphs, chunked prefill, prefix caching). aquakv artifacts (calibrated on random words: speed only): "
           + "; ".join(f"{k}: `{v[0]}` {json.dumps(v[1]) if v[1] else ''}" for k, v in AQUAKV_PRESETS.items()
                       if k in formats) + ".\n",
-          "| kv-cache-dtype | KV tokens | vs bf16 | max concurrency | output tok/s | vs bf16 | pure-decode tok/s "
-          "(running) | engine init s | rc |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| kv-cache-dtype | KV tokens | vs bf16 | max concurrency | elapsed s | output tok/s | vs bf16 | "
+          "pure-decode tok/s (running) | engine init s | rc |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['kv_cache_dtype']} | {fmt(r['kv_tokens'], ',')} | {fmt(r.get('kv_tokens_vs_bf16'), '.2f')}x | "
-           f"{r['max_concurrency']:.1f} | {fmt(r.get('output_tokens_per_s'), ',.1f')} | "
+           f"{r['max_concurrency']:.1f} | {fmt(r.get('elapsed_s'), '.2f')} | "
+           f"{fmt(r.get('output_tokens_per_s'), ',.1f')} | "
            f"{fmt(r.get('speedup_vs_bf16'), '.2f')}x | {fmt(r.get('steady_decode_tokens_per_s'), ',.0f')} "
            f"({r.get('steady_decode_running') or '-'}) | {r['engine_init_s']:.0f} | {r['rc']} |" for r in rows]
     print("\n".join(md))
