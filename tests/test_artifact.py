@@ -40,8 +40,9 @@ def test_roundtrip_decodes_identically(tiny_model, tmp_path, rng, config):
 
 
 def test_key_channel_scale_refusals(tiny_model, tmp_path, rng):
-    """An artifact whose manifest asks for key channel scales but whose tensors lack one, or hold a non-positive one,
-    is refused at load with the re-calibration hint (no crash later in serving)."""
+    """An artifact whose manifest asks for key channel scales but whose tensors lack one, or hold a non-positive one or
+    one that is not a power of two (the kernels' exact 16-bit q / D), is refused at load with the re-calibration hint
+    (no crash later in serving)."""
     from safetensors.torch import load_file, save_file
 
     cache, _, _ = calibrated(rng, AquaKVConfig(key_channel_scale="query"))
@@ -51,7 +52,8 @@ def test_key_channel_scale_refusals(tiny_model, tmp_path, rng):
     tensors = load_file(path)
     layer = int(torch.randint(0, 3, (1,), generator=rng))
     for broken in ({k: v for k, v in tensors.items() if k != f"key_channel_scale.{layer}"},
-                   {**tensors, f"key_channel_scale.{layer}": -tensors[f"key_channel_scale.{layer}"]}):
+                   {**tensors, f"key_channel_scale.{layer}": -tensors[f"key_channel_scale.{layer}"]},
+                   {**tensors, f"key_channel_scale.{layer}": 1.5 * tensors[f"key_channel_scale.{layer}"]}):
         save_file(broken, path, metadata={"format": "vllm-aquakv"})
         with pytest.raises(ArtifactError, match="re-run aquakv-calibrate"):
             load_artifact(art, tiny_model)

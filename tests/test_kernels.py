@@ -711,7 +711,7 @@ def test_decode_residual_matches_codec(head_dim, heads, k_grid, v_grid, rng):
     n = int(torch.randint(70, 300, (1,), generator=rng))
     seed = int(torch.randint(0, 2 ** 31, (1,), generator=rng))
     codecs = [HiggsCodec(heads, head_dim, g, seed=seed).to(DEVICE) for g in (k_grid, v_grid)]
-    codecs[0].set_channel_scale(torch.exp(torch.randn(heads, head_dim, generator=rng)))  # keys: a channel scale
+    codecs[0].set_channel_scale(torch.exp2(torch.randint(-3, 4, (heads, head_dim), generator=rng).float()))  # keys: D
     layout = SlotLayout(*codecs, heads, head_dim, torch.bfloat16)
     x = [(torch.randn(n, heads, head_dim, generator=rng) * 3 + torch.randn(heads, head_dim, generator=rng)).to(DEVICE)
          for _ in codecs]

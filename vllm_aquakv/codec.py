@@ -203,11 +203,13 @@ class HiggsCodec:
             self.set_channel_scale(channel_scale)
 
     def set_channel_scale(self, d: torch.Tensor) -> None:
-        """Scale channels by d [num_kv_heads, head_dim] (finite, > 0) before encoding, and back after decoding."""
+        """Scale channels by d [num_kv_heads, head_dim] (positive powers of two, ``reference.key_channel_scale``:
+        exact in every float format) before encoding, and back after decoding."""
         d = d.float()
-        if tuple(d.shape) != (self.num_kv_heads, self.head_dim) or not (torch.isfinite(d).all() and (d > 0).all()):
-            raise ValueError(f"channel_scale must be finite, positive and [{self.num_kv_heads}, {self.head_dim}], got "
-                             f"shape {tuple(d.shape)}")
+        if tuple(d.shape) != (self.num_kv_heads, self.head_dim) or not (torch.isfinite(d).all() and (d > 0).all()
+                                                                         and torch.equal(torch.exp2(d.log2().round()), d)):
+            raise ValueError(f"channel_scale must be positive powers of two, [{self.num_kv_heads}, {self.head_dim}], "
+                             f"got shape {tuple(d.shape)}")
         self.channel_scale = d.to(self.signs.device)
 
     def to(self, device) -> "HiggsCodec":

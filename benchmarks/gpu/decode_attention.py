@@ -101,7 +101,8 @@ def fused_setup(overrides, device="cuda"):
     if cfg.value_predictor == "per_head":
         preds["v", 1] = LinearPredictor("per_head", (("k", 1),), bias=torch.randn(H, D),
                                         weight=torch.randn(H, D, D) / D ** 0.5)
-    scales = {1: torch.exp(torch.randn(H, D)).bfloat16().float()} if cfg.key_channel_scale == "query" else None
+    scales = ({1: torch.exp2(torch.randint(-2, 3, (H, D)).float())} if cfg.key_channel_scale == "query"
+              else None)  # powers of two, as key_channel_scale gives
     cache = AquaKVCache(cfg, 2, H, D, preds, key_channel_scales=scales).to(device)
     rope = Rope({"rope_theta": 500000.0}, D)
     rope.inv_freq = rope.inv_freq.to(device)
