@@ -206,10 +206,11 @@ class HiggsCodec:
         """Scale channels by d [num_kv_heads, head_dim] (positive powers of two, ``reference.key_channel_scale``:
         exact in every float format) before encoding, and back after decoding."""
         d = d.float()
-        if tuple(d.shape) != (self.num_kv_heads, self.head_dim) or not (torch.isfinite(d).all() and (d > 0).all()
-                                                                         and torch.equal(torch.exp2(d.log2().round()), d)):
-            raise ValueError(f"channel_scale must be positive powers of two, [{self.num_kv_heads}, {self.head_dim}], "
-                             f"got shape {tuple(d.shape)}")
+        if tuple(d.shape) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"channel_scale must be [{self.num_kv_heads}, {self.head_dim}], got {tuple(d.shape)}")
+        if not (torch.isfinite(d).all() and (d > 0).all() and torch.equal(torch.exp2(d.log2().round()), d)):
+            raise ValueError(f"channel_scale must hold positive powers of two (as aquakv-calibrate writes them), got "
+                             f"values from {d.min().item():.6g} to {d.max().item():.6g}")
         self.channel_scale = d.to(self.signs.device)
 
     def to(self, device) -> "HiggsCodec":
