@@ -165,8 +165,9 @@ def serve(paths, out):
             vals = [r.get(f"{p}_{metric}_ms") for r in rows]
             bars = ax.bar([i + (j - 0.5) * 0.38 for i in range(len(rows))], [v or 0 for v in vals], 0.38,
                           color=color, label=p)
-            ax.bar_label(bars, [_num(v, ".1f") for v in vals], fontsize=8)
-        ax.set_xticks(range(len(rows)), [f"{r['kv_cache_dtype']}\n({r.get('failed', '?')} failed)" for r in rows])
+            ax.bar_label(bars, [_num(v, ".2f" if metric == "tpot" else ".1f") for v in vals], fontsize=8)
+        ax.set_xticks(range(len(rows)), [f"{r['kv_cache_dtype']}\n({r.get('failed', '?')} failed)" for r in rows],
+                      fontsize=8)
         ax.set(xlabel="--kv-cache-dtype", ylabel=f"{metric.upper()}, ms")
         ax.margins(y=0.15)
         ax.legend(loc="upper left")
@@ -233,7 +234,7 @@ PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("decode_attention_h200_rows.png", ["decode_attention_h200_rows.json"], decode_attention),  # 4 vs 16 rows
          ("serve_h100.png", ["serve_h100_*.json"], serve),
-         ("serve_h200.png", ["serve_h200_8192_256_split.json"], serve),
+         ("serve_h200.png", ["serve_h200_8192_256_same_run.json"], serve),
          ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json",
                                   "eval_smollm2_vllm_formats.json"], quality)]
 

@@ -143,7 +143,7 @@ HEADLINE = [
      throughput_table),
     ("Throughput at 16k prompts (GPU)", "throughput_h200_16384_512.json", throughput_table),
     ("Prefill cost at 4k prompts (GPU)", "throughput_h100_4096_1_prefill.json", prefill_table),
-    ("Serving latency (GPU)", "serve_h200_8192_256_beside.json", serve_table),
+    ("Serving latency (GPU)", "serve_h200_8192_256_same_run.json", serve_table),
     ("Decode attention kernel (GPU)", "decode_attention_h200_grid.json", decode_table),
     ("Throughput and capacity on CPU", "cpu_throughput_512_64_radix4.json", throughput_table),
     ("Serving latency on CPU, quality default", "cpu_serve_512_64.json", serve_table),

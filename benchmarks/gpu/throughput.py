@@ -64,8 +64,8 @@ AQUAKV_PRESETS = {
     # the window with each decode layer's cache write before its attention on one stream (aquakv_overlap_write false:
     # how every decode step ran before 2026-12-04; the default now writes beside the attention on a second stream)
     "aquakv-window-serial": ("--preset speed", {"aquakv_window": True, "aquakv_overlap_write": False}),
-    # the window with the step's ring bookkeeping in one Triton launch (aquakv_fused_ring_step, experimental, off by
-    # default: not yet measured on a GPU when added)
+    # the window with the step's ring bookkeeping in one Triton launch (aquakv_fused_ring_step, off by default: in
+    # serve_h200_8192_256_same_run it matched bf16's p50 TPOT but not its p99)
     "aquakv-window-fused-step": ("--preset speed", {"aquakv_window": True, "aquakv_fused_ring_step": True}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
