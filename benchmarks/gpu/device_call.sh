@@ -4,6 +4,7 @@
 #   tests   pytest tests/test_kernels.py [-k "$TESTK"]            decode / decode2  benchmarks/gpu/decode_attention.py
 #   tp      benchmarks/gpu/throughput.py --formats "$FORMATS"     smoke   benchmarks/gpu/plugin_smoke.py $SM_ARGS
 #   serve   benchmarks/gpu/serve.py --formats "$FORMATS"          tps     benchmarks/torch_path_step.py $TPS_ARGS
+#   cw      benchmarks/gpu/cache_write.py $CW_ARGS
 # e.g. STAGE="tests tps" TESTK="torch_path_through_flash or fused_begin" bash benchmarks/gpu/device_call.sh
 set -u
 GPU_VLLM_CHECK=${GPU_VLLM_CHECK:-quick} bash .gpu-bundle/install.sh || exit $?
@@ -25,6 +26,7 @@ for s in ${STAGE:-tests decode}; do
     smoke) timeout ${SM_TIMEOUT:-400} python3 $R/benchmarks/gpu/plugin_smoke.py $OUT/sm ${SM_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
     tps) timeout ${TPS_TIMEOUT:-300} python3 $R/benchmarks/torch_path_step.py $OUT/tps.json ${TPS_ARGS:---batches 1,16,64 --contexts 1024,4096} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
     serve) timeout ${SV_TIMEOUT:-400} python3 $R/benchmarks/gpu/serve.py $OUT/sv --formats ${FORMATS} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore\|^(APIServer" | tail -25 ;;
+    cw) timeout ${CW_TIMEOUT:-200} python3 $R/benchmarks/gpu/cache_write.py $OUT/cw ${CW_ARGS:---tokens 1,256,8192 --block-n 64 --warps 8} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
   esac
 done
 echo "=== done $(date +%T)"
