@@ -292,19 +292,26 @@ def main():
                              f"{' > '.join(r['host_ops']) or '-'} |" for r in step_gaps(args.steps_of, args.step_kernels)))
         return
 
-    from vllm_aquakv.results import gpu_tag, machine, write_results
-
     os.makedirs(args.out_dir, exist_ok=True)
     model, description = make_inputs(args.model)
     rows = []
-    for dtype in args.formats.split(","):
+    formats = args.formats.split(",")
+    for dtype in formats:  # the results file is rewritten after each format: a run cut short keeps what finished
         rows.append(serve_and_bench(model, dtype, args, args.out_dir))
         print(json.dumps(rows[-1]), flush=True)
+        write_table(rows, args, description, final=dtype == formats[-1])
+
+
+def write_table(rows: list[dict], args, description: str, final: bool) -> None:
+    """The markdown table of ``rows`` (printed when ``final``) and the results JSON under args.out_dir."""
+    from vllm_aquakv.results import gpu_tag, machine, write_results
+
     md = [f"`vllm bench serve` against `vllm serve` on 127.0.0.1: random dataset, {args.input_len} in / "
           f"{args.output_len} out (--ignore-eos), {args.num_prompts} prompts, Poisson arrivals at "
           f"{args.request_rate} req/s, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM's defaults "
           "otherwise. Times in ms.\n", *table(rows)]
-    print("\n".join(md))
+    if final:
+        print("\n".join(md))
     gpu = gpu_tag(machine())
     write_results(os.path.join(args.out_dir, f"serve_{gpu}_{args.input_len}_{args.output_len}.json"), "serve",
                   description, rows, "\n".join(md))

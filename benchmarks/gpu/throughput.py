@@ -246,8 +246,6 @@ def main():
     ap.add_argument("--versions-from", default=None, help="with --from-logs: a results JSON of the same machine "
                     "and day whose versions to record")
     args = ap.parse_args()
-    from vllm_aquakv.results import gpu_tag, machine, write_results
-
     os.makedirs(args.out_dir, exist_ok=True)
     formats = args.formats.split(",")
     if args.from_logs:
@@ -257,11 +255,19 @@ def main():
         model, description = make_inputs(args.model)
         calibration_s = sum(ensure_artifact(model, f)[1] for f in formats if f in AQUAKV_PRESETS)
     rows = []
-    for dtype in formats:
+    for dtype in formats:  # the results file is rewritten after each format: a run cut short keeps what finished
         rows.append(bench(model, dtype, args, args.out_dir))
         r = rows[-1]
         print(f"{dtype}: rc {r['rc']} KV tokens {r['kv_tokens']} output tok/s {r.get('output_tokens_per_s')} "
               f"engine init {r['engine_init_s']} s wall {r['wall_s']} s", flush=True)
+        write_table(rows, formats, args, description, calibration_s, final=dtype == formats[-1])
+
+
+def write_table(rows: list[dict], formats: list[str], args, description: str, calibration_s: float,
+                final: bool) -> None:
+    """The markdown table of ``rows`` (printed when ``final``) and the results JSON under args.out_dir."""
+    from vllm_aquakv.results import gpu_tag, machine, write_results
+
     add_ratios(rows, "vs_bf16")
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     md = [f"`vllm bench throughput`, random dataset, {args.input_len} in / {args.output_len} out, {args.num_prompts} "
@@ -279,7 +285,8 @@ def main():
            f"{fmt(r.get('output_tokens_per_s'), ',.1f')} | "
            f"{fmt(r.get('speedup_vs_bf16'), '.2f')}x | {fmt(r.get('steady_decode_tokens_per_s'), ',.0f')} "
            f"({r.get('steady_decode_running') or '-'}) | {r['engine_init_s']:.0f} | {r['rc']} |" for r in rows]
-    print("\n".join(md))
+    if final:
+        print("\n".join(md))
     extra = {}
     if args.from_logs:
         with open(args.versions_from) as f:
