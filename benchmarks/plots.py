@@ -221,7 +221,7 @@ def quality(paths, out):
 
 
 # output PNG, input patterns (the first required, the rest optional), plot function
-PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
+PLOTS = [("throughput_h100.png", ["throughput_h100_4096_1024.json"], throughput),  # bf16, fp8, aquakv: one machine
          ("throughput_h200.png", ["throughput_h200_8192_512_vs_fp8.json"], throughput),  # bf16, fp8, aquakv: one machine
          # every vLLM KV format and aquakv in one machine session, in 0.2 of the memory
          ("throughput_h200_all_formats.png", ["throughput_h200_8192_512_all_formats.json"], throughput),
@@ -233,7 +233,7 @@ PLOTS = [("throughput_h100.png", ["throughput_h100_*.json"], throughput),
          ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("decode_attention_h200_rows.png", ["decode_attention_h200_rows.json"], decode_attention),  # 4 vs 16 rows
-         ("serve_h100.png", ["serve_h100_*.json"], serve),
+         ("serve_h100.png", ["serve_h100_8192_256_same_run.json"], serve),
          ("serve_h200.png", ["serve_h200_8192_256_same_run.json"], serve),
          ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json",
                                   "eval_smollm2_vllm_formats.json"], quality)]

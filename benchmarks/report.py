@@ -139,11 +139,14 @@ def eval_table(d: dict) -> list[str]:
 HEADLINE = [
     ("Capacity and throughput, every vLLM KV format (GPU)", "throughput_h200_8192_512_all_formats.json",
      throughput_table),
-    ("Throughput, bf16 / fp8 / aquakv in one machine session (GPU)", "throughput_h200_4096_1024_beside.json",
+    ("Throughput, bf16 / fp8 / aquakv in one machine session (H100)", "throughput_h100_4096_1024.json",
+     throughput_table),
+    ("Throughput, bf16 / fp8 / aquakv in one machine session (H200)", "throughput_h200_4096_1024_beside.json",
      throughput_table),
     ("Throughput at 16k prompts (GPU)", "throughput_h200_16384_512.json", throughput_table),
     ("Prefill cost at 4k prompts (GPU)", "throughput_h100_4096_1_prefill.json", prefill_table),
-    ("Serving latency (GPU)", "serve_h200_8192_256_same_run.json", serve_table),
+    ("Serving latency (H100)", "serve_h100_8192_256_same_run.json", serve_table),
+    ("Serving latency (H200)", "serve_h200_8192_256_same_run.json", serve_table),
     ("Decode attention kernel (GPU)", "decode_attention_h200_grid.json", decode_table),
     ("Throughput and capacity on CPU", "cpu_throughput_512_64_radix4.json", throughput_table),
     ("Serving latency on CPU, quality default", "cpu_serve_512_64.json", serve_table),
@@ -156,6 +159,8 @@ HEADLINE = [
 PLOTS = [("throughput and KV capacity of every vLLM KV format, H200", "throughput_h200_all_formats.png"),
          ("throughput vs prompt length, H200", "throughput_vs_context_h200.png"),
          ("decode attention time per layer, H200", "decode_attention_h200.png"),
+         ("throughput and KV capacity, bf16 / fp8 / aquakv, H100", "throughput_h100.png"),
+         ("serving latency, H100", "serve_h100.png"),
          ("serving latency, H200", "serve_h200.png"),
          ("perplexity vs bits per value, SmolLM2", "quality_vs_bits.png")]
 

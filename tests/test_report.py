@@ -197,3 +197,21 @@ def test_steady_decode_takes_pure_decode_intervals_only():
     rng.shuffle(lines)
     assert steady_decode("\n".join(lines)) == max(decode)
     assert steady_decode("\n".join(line.format(p=p, g=g, r=r) for p, g, r in mixed)) == (None, None)
+
+
+def test_results_file_keeps_the_note_apart_from_the_command(tmp_path, monkeypatch):
+    """write_results records the command line without a --note's text (the note is a field of its own), and a
+    caller's machine / date override the measured ones (files joined from earlier runs)."""
+    import random
+
+    from vllm_aquakv.results import write_results
+
+    note = f"note {random.random()}"
+    monkeypatch.setattr(sys, "argv", ["serve.py", "/tmp/x", "--note", note, "--formats", "auto", f"--note={note}"])
+    data = write_results(str(tmp_path / "r.json"), "serve", "m", [{"a": 1}], "| a |", note=note,
+                         machine="NVIDIA H100 80GB HBM3", date="2026-01-02")
+    assert data["command"].endswith("serve.py /tmp/x --formats auto") and note not in data["command"]
+    with open(tmp_path / "r.json") as f:
+        saved = json.load(f)
+    assert (saved["note"], saved["machine"], saved["date"]) == (note, "NVIDIA H100 80GB HBM3", "2026-01-02")
+    assert "Machine: NVIDIA H100 80GB HBM3." in (tmp_path / "r.md").read_text()

@@ -49,6 +49,17 @@ def versions() -> dict:
     return out
 
 
+def command_line() -> str:
+    """This process's command line, for a results file; a ``--note`` and its text are left out (the file keeps the
+    note in a field of its own)."""
+    argv = list(sys.argv)
+    while "--note" in argv:
+        i = argv.index("--note")
+        del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--note=")]
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + argv)
+
+
 def write_results(path: str, benchmark: str, model: str, rows: list[dict], markdown: str, **extra) -> dict:
     """Write ``path`` (.json) and its .md twin; returns the JSON object."""
     data = {
@@ -56,7 +67,7 @@ def write_results(path: str, benchmark: str, model: str, rows: list[dict], markd
         "machine": machine(),
         "versions": versions(),
         "model": model,
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv),
+        "command": command_line(),
         "date": datetime.date.today().isoformat(),
         **extra,
         "rows": rows,

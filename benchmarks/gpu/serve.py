@@ -258,13 +258,14 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
 
 
 def table(rows: list[dict]) -> list[str]:
-    """The markdown table of serve rows: KV tokens, requests, p50/p99 TTFT and TPOT, p99 ITL, output tok/s."""
-    fmt = lambda x: "-" if x is None else f"{x:,.1f}"  # noqa: E731
+    """The markdown table of serve rows: KV tokens, requests, p50/p99 TTFT and TPOT (to 0.01 ms: the runs differ by
+    tenths), p99 ITL, output tok/s."""
+    fmt = lambda x, spec=",.1f": "-" if x is None else format(x, spec)  # noqa: E731
     return ["| kv-cache-dtype | KV tokens | completed | failed | p50 TTFT | p99 TTFT | p50 TPOT | p99 TPOT | p99 ITL | "
             "output tok/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + [
         f"| {r['kv_cache_dtype']} | {fmt(r.get('kv_tokens')).removesuffix('.0')} | {r.get('completed', '-')} | "
         f"{r.get('failed', '-')} | {fmt(r.get('p50_ttft_ms'))} | {fmt(r.get('p99_ttft_ms'))} | "
-        f"{fmt(r.get('p50_tpot_ms'))} | {fmt(r.get('p99_tpot_ms'))} | {fmt(r.get('p99_itl_ms'))} | "
+        f"{fmt(r.get('p50_tpot_ms'), '.2f')} | {fmt(r.get('p99_tpot_ms'), '.2f')} | {fmt(r.get('p99_itl_ms'))} | "
         f"{fmt(r.get('output_throughput'))} |" for r in rows]
 
 
@@ -279,6 +280,10 @@ def main():
                     "--profile run's trace and exit (no GPU needed)")
     ap.add_argument("--step-kernels", default=None, metavar="KIND", help="with --steps-of: also the GPU kernels of "
                     "the steps whose kind contains KIND (e.g. 'prefill (819'), per step")
+    ap.add_argument("--join", default=None, metavar="A.json,B.json", help="runs nothing: one results file (under "
+                    "out_dir) from the rows of earlier runs' serve_*.json, e.g. device calls on one warm machine; "
+                    "machine, versions and date from the first")
+    ap.add_argument("--note", default="", help="what the run shows, kept in the JSON and under the table")
     args = ap.parse_args()
     if args.steps_of:
         print("\n".join(step_table(step_times(args.steps_of))))
@@ -293,6 +298,15 @@ def main():
         return
 
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.join:
+        runs = []
+        for path in args.join.split(","):
+            with open(path) as f:
+                runs.append(json.load(f))
+        first = runs[0]
+        write_table([r for run in runs for r in run["rows"]], args, first["model"], final=True,
+                    machine=first["machine"], versions=first["versions"], date=first["date"])
+        return
     model, description = make_inputs(args.model)
     rows = []
     formats = args.formats.split(",")
@@ -302,19 +316,30 @@ def main():
         write_table(rows, args, description, final=dtype == formats[-1])
 
 
-def write_table(rows: list[dict], args, description: str, final: bool) -> None:
-    """The markdown table of ``rows`` (printed when ``final``) and the results JSON under args.out_dir."""
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's p50 / p99 TPOT and KV tokens over the ``auto`` row's (``*_vs_bf16``), where both exist."""
+    base = next((r for r in rows if r["kv_cache_dtype"] == "auto"), None)
+    for r in rows:
+        for key in ("p99_tpot_ms", "p50_tpot_ms", "kv_tokens"):
+            if base and base.get(key) and r.get(key):
+                r[key.removesuffix("_ms") + "_vs_bf16"] = r[key] / base[key]
+
+
+def write_table(rows: list[dict], args, description: str, final: bool, **extra) -> None:
+    """The markdown table of ``rows`` (printed when ``final``) and the results JSON under args.out_dir; ``extra``
+    overrides the JSON's header fields (``--join``: the joined runs' machine, versions and date)."""
     from vllm_aquakv.results import gpu_tag, machine, write_results
 
+    add_ratios(rows)
     md = [f"`vllm bench serve` against `vllm serve` on 127.0.0.1: random dataset, {args.input_len} in / "
           f"{args.output_len} out (--ignore-eos), {args.num_prompts} prompts, Poisson arrivals at "
           f"{args.request_rate} req/s, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM's defaults "
-          "otherwise. Times in ms.\n", *table(rows)]
+          "otherwise. Times in ms.\n", *table(rows)] + ([f"\n{args.note}"] if args.note else [])
     if final:
         print("\n".join(md))
-    gpu = gpu_tag(machine())
+    gpu = gpu_tag(extra.get("machine") or machine())
     write_results(os.path.join(args.out_dir, f"serve_{gpu}_{args.input_len}_{args.output_len}.json"), "serve",
-                  description, rows, "\n".join(md))
+                  description, rows, "\n".join(md), **({"note": args.note} if args.note else {}), **extra)
 
 
 if __name__ == "__main__":

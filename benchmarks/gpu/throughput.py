@@ -64,9 +64,12 @@ AQUAKV_PRESETS = {
     # the window with each decode layer's cache write before its attention on one stream (aquakv_overlap_write false:
     # how every decode step ran before 2026-12-04; the default now writes beside the attention on a second stream)
     "aquakv-window-serial": ("--preset speed", {"aquakv_window": True, "aquakv_overlap_write": False}),
-    # the window with the step's ring bookkeeping in one Triton launch (aquakv_fused_ring_step, off by default: in
-    # serve_h200_8192_256_same_run it matched bf16's p50 TPOT but not its p99)
+    # the window with the step's ring bookkeeping in one Triton launch named explicitly (aquakv_fused_ring_step: the
+    # default on CUDA since 2026-12-06, after serve_h100_8192_256_same_run / throughput_h100_4096_1024; the name those
+    # runs used)
     "aquakv-window-fused-step": ("--preset speed", {"aquakv_window": True, "aquakv_fused_ring_step": True}),
+    # the window with that bookkeeping as torch ops at the step's first layer (the default before 2026-12-06)
+    "aquakv-window-torch-step": ("--preset speed", {"aquakv_window": True, "aquakv_fused_ring_step": False}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
 }
@@ -78,7 +81,7 @@ AQUAKV_PRESETS = {
 # at the top level) shadowed the installed plugin: "No module named 'vllm_aquakv.kernels'" (H200, 2026-12-05)
 NEUTRAL_CWD = "/tmp"
 ARTIFACT_OF = {"aquakv-window-int8": "aquakv-window", "aquakv-window-serial": "aquakv-window",
-               "aquakv-window-fused-step": "aquakv-window"}
+               "aquakv-window-fused-step": "aquakv-window", "aquakv-window-torch-step": "aquakv-window"}
 
 
 def ensure_artifact(model: str, fmt: str = "aquakv") -> tuple[str, float]:
@@ -245,6 +248,7 @@ def main():
     ap.add_argument("--machine", default=None, help="with --from-logs: the GPU the run was on")
     ap.add_argument("--versions-from", default=None, help="with --from-logs: a results JSON of the same machine "
                     "and day whose versions to record")
+    ap.add_argument("--note", default="", help="what the run shows, kept in the JSON and under the table")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     formats = args.formats.split(",")
@@ -285,12 +289,15 @@ def write_table(rows: list[dict], formats: list[str], args, description: str, ca
            f"{fmt(r.get('output_tokens_per_s'), ',.1f')} | "
            f"{fmt(r.get('speedup_vs_bf16'), '.2f')}x | {fmt(r.get('steady_decode_tokens_per_s'), ',.0f')} "
            f"({r.get('steady_decode_running') or '-'}) | {r['engine_init_s']:.0f} | {r['rc']} |" for r in rows]
+    md += [f"\n{args.note}"] if args.note else []
     if final:
         print("\n".join(md))
     extra = {}
     if args.from_logs:
         with open(args.versions_from) as f:
             extra = {"machine": args.machine, "versions": json.load(f)["versions"]}
+    if args.note:
+        extra["note"] = args.note
     gpu = gpu_tag(args.machine or machine())
     write_results(os.path.join(args.out_dir, f"throughput_{gpu}_{args.input_len}_{args.output_len}.json"),
                   "throughput", description, rows, "\n".join(md), calibration_seconds=round(calibration_s, 1),
