@@ -227,7 +227,9 @@ def test_head_dim_128_capacity_in_no_predictor_mode(tmp_path):
 def test_fused_kernel_in_vllm_matches_torch_path(window, tmp_path):
     """The fused Triton attention kernel wired into vLLM (here in the Triton interpreter, the CUDA path's code) gives
     the torch path's prompt logprobs and greedy tokens, for an artifact in the fused-kernel mode (post-RoPE keys);
-    also with 16-bit sinks/window (``aquakv_window``: the speed preset's artifact, the ring in both)."""
+    also with 16-bit sinks/window (``aquakv_window``: the speed preset's artifact, the ring in both; the kernels' run
+    does the ring's bookkeeping in its Triton launch, ``aquakv_fused_ring_step``, as CUDA does by default, the torch
+    path's run with torch ops)."""
     import subprocess
     import sys
 
@@ -246,7 +248,8 @@ def test_fused_kernel_in_vllm_matches_torch_path(window, tmp_path):
     ids = tokenize(str(tmp_path), PROMPTS[:3])
     runs = {}
     for kernels in (True, False):
-        extra = {"additional_config": {"aquakv_kernels": kernels, "aquakv_window": window}, "max_num_seqs": 8}
+        options = {"aquakv_kernels": kernels, "aquakv_window": window, "aquakv_fused_ring_step": kernels and window}
+        extra = {"additional_config": options, "max_num_seqs": 8}
         gen = run_vllm(model=str(tmp_path), kv_cache_dtype="aquakv", prompt_token_ids=ids, max_tokens=12,
                        engine=extra)["outputs"]
         lps = run_vllm(model=str(tmp_path), kv_cache_dtype="aquakv", prompt_token_ids=ids, prompt_logprobs=True,
