@@ -125,9 +125,10 @@ class ServingState:
                                        "for tests); drop it")
             ring = 2 * self.path.exact.k[0].numel() * self.model_dtype.itemsize * num_layers
             self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
-                                f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache; its "
-                                + ("bookkeeping in one Triton launch per step)" if self.path.exact.fused_begin else
-                                   "bookkeeping as torch ops, aquakv_fused_ring_step off)"))
+                                f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache"
+                                + ("; its bookkeeping in one Triton launch per step)" if self.path.exact.fused_begin
+                                   else "; its bookkeeping as torch ops: aquakv_fused_ring_step false)" if on_cuda
+                                   else ")"))
         if fused is not None:
             self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,
