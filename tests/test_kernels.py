@@ -595,6 +595,8 @@ def test_split_prefills_places_every_16_bit_row(sinks, window, rng):
     decodes = int(torch.randint(0, 3, (), generator=rng))
     q_lens = [1] * decodes + torch.randint(1, 300, (int(torch.randint(1, 4, (), generator=rng)),), generator=rng).tolist()
     q_lens[-1] = max(q_lens[-1], 17)  # one request long enough for FlashAttention
+    while q_lens[decodes] == 1:  # a one-token request right after the decodes is one of them (vLLM orders them first)
+        decodes += 1
     contexts = [int(torch.randint(0, 5, (), generator=rng)) if torch.rand((), generator=rng) < 0.3
                 else int(torch.randint(0, 700, (), generator=rng)) for _ in q_lens]
     qsl = [0]
@@ -609,6 +611,7 @@ def test_split_prefills_places_every_16_bit_row(sinks, window, rng):
         cu_q.append(cu_q[-1] + q_lens[r])
         n_pages = -(-seq_lens[r] // PAGE)
         pages.append(list(range(first_row // PAGE, first_row // PAGE + n_pages)))
+        runs_before = {key: len(v[3]) for key, v in want.items()}  # runs of earlier requests: never extended
         for t in range(seq_lens[r]):
             is_sink = t < sinks
             if t < context and (is_sink or (window and context - t < window)):
@@ -616,7 +619,7 @@ def test_split_prefills_places_every_16_bit_row(sinks, window, rng):
                     field.append(x)
             elif t >= context and (is_sink or window):
                 runs = want[is_sink][3]
-                if runs and runs[-1][0] + runs[-1][2] == first_row + t:
+                if len(runs) > runs_before[is_sink] and runs[-1][0] + runs[-1][2] == first_row + t:
                     runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
                 else:
                     runs.append((first_row + t, qsl[r] + t - context, 1))
