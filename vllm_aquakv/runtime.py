@@ -124,11 +124,13 @@ class ServingState:
                 raise UnsupportedModel("aquakv_fused_ring_step runs a Triton kernel: CUDA only (or TRITON_INTERPRET=1 "
                                        "for tests); drop it")
             ring = 2 * self.path.exact.k[0].numel() * self.model_dtype.itemsize * num_layers
+            bookkeeping = ""  # named only where there is a choice (CUDA)
+            if self.path.exact.fused_begin:
+                bookkeeping = "; its bookkeeping in one Triton launch per step"
+            elif on_cuda:
+                bookkeeping = "; its bookkeeping as torch ops: aquakv_fused_ring_step false"
             self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
-                                f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache"
-                                + ("; its bookkeeping in one Triton launch per step)" if self.path.exact.fused_begin
-                                   else "; its bookkeeping as torch ops: aquakv_fused_ring_step false)" if on_cuda
-                                   else ")"))
+                                f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache{bookkeeping})")
         if fused is not None:
             self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,

@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from throughput import NEUTRAL_CWD, kv_cache_args, kv_tokens, make_inputs, workload_args  # noqa: E402
+from throughput import NEUTRAL_CWD, add_ratios, kv_cache_args, kv_tokens, make_inputs, workload_args  # noqa: E402
 
 METRICS = ("ttft", "tpot", "itl")
 
@@ -316,21 +316,13 @@ def main():
         write_table(rows, args, description, final=dtype == formats[-1])
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Each row's p50 / p99 TPOT and KV tokens over the ``auto`` row's (``*_vs_bf16``), where both exist."""
-    base = next((r for r in rows if r["kv_cache_dtype"] == "auto"), None)
-    for r in rows:
-        for key in ("p99_tpot_ms", "p50_tpot_ms", "kv_tokens"):
-            if base and base.get(key) and r.get(key):
-                r[key.removesuffix("_ms") + "_vs_bf16"] = r[key] / base[key]
-
-
 def write_table(rows: list[dict], args, description: str, final: bool, **extra) -> None:
     """The markdown table of ``rows`` (printed when ``final``) and the results JSON under args.out_dir; ``extra``
     overrides the JSON's header fields (``--join``: the joined runs' machine, versions and date)."""
     from vllm_aquakv.results import gpu_tag, machine, write_results
 
-    add_ratios(rows)
+    # each row's p99 / p50 TPOT and KV tokens over the auto row's
+    add_ratios(rows, "vs_bf16", (("p99_tpot_ms", "p99_tpot"), ("p50_tpot_ms", "p50_tpot"), ("kv_tokens", "kv_tokens")))
     md = [f"`vllm bench serve` against `vllm serve` on 127.0.0.1: random dataset, {args.input_len} in / "
           f"{args.output_len} out (--ignore-eos), {args.num_prompts} prompts, Poisson arrivals at "
           f"{args.request_rate} req/s, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM's defaults "

@@ -229,14 +229,15 @@ def add_result(row: dict, rc, result_json: str, output_len: int, log: str) -> No
         row["log_tail"] = log[-3000:]
 
 
-def add_ratios(rows: list[dict], suffix: str) -> None:
-    """kv_tokens_<suffix> and speedup_<suffix> of every row against the ``auto`` row, where both figures exist."""
+def add_ratios(rows: list[dict], suffix: str,
+               fields: tuple = (("kv_tokens", "kv_tokens"), ("output_tokens_per_s", "speedup"))) -> None:
+    """For each (key, name) of ``fields``: <name>_<suffix> of every row, its key over the ``auto`` row's, where both
+    figures exist (default: kv_tokens_<suffix> and speedup_<suffix>)."""
     base = next((r for r in rows if r["kv_cache_dtype"] == "auto"), None)
     for r in rows:
-        if base and base.get("kv_tokens") and r.get("kv_tokens"):
-            r[f"kv_tokens_{suffix}"] = r["kv_tokens"] / base["kv_tokens"]
-        if base and base.get("output_tokens_per_s") and r.get("output_tokens_per_s"):
-            r[f"speedup_{suffix}"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
+        for key, name in fields:
+            if base and base.get(key) and r.get(key):
+                r[f"{name}_{suffix}"] = r[key] / base[key]
 
 
 def main():
@@ -258,18 +259,24 @@ def main():
     else:
         model, description = make_inputs(args.model)
         calibration_s = sum(ensure_artifact(model, f)[1] for f in formats if f in AQUAKV_PRESETS)
+    extra = {"calibration_seconds": round(calibration_s, 1)}  # the results file's fields beside the measured ones
+    if args.from_logs:
+        with open(args.versions_from) as f:
+            extra.update(machine=args.machine, versions=json.load(f)["versions"])
+    if args.note:
+        extra["note"] = args.note
     rows = []
     for dtype in formats:  # the results file is rewritten after each format: a run cut short keeps what finished
         rows.append(bench(model, dtype, args, args.out_dir))
         r = rows[-1]
         print(f"{dtype}: rc {r['rc']} KV tokens {r['kv_tokens']} output tok/s {r.get('output_tokens_per_s')} "
               f"engine init {r['engine_init_s']} s wall {r['wall_s']} s", flush=True)
-        write_table(rows, formats, args, description, calibration_s, final=dtype == formats[-1])
+        write_table(rows, formats, args, description, final=dtype == formats[-1], **extra)
 
 
-def write_table(rows: list[dict], formats: list[str], args, description: str, calibration_s: float,
-                final: bool) -> None:
-    """The markdown table of ``rows`` (printed when ``final``) and the results JSON under args.out_dir."""
+def write_table(rows: list[dict], formats: list[str], args, description: str, final: bool, **extra) -> None:
+    """The markdown table of ``rows`` (printed when ``final``) and the results JSON under args.out_dir, with the
+    header fields ``extra`` (calibration seconds; --from-logs: machine and versions; --note)."""
     from vllm_aquakv.results import gpu_tag, machine, write_results
 
     add_ratios(rows, "vs_bf16")
@@ -292,16 +299,9 @@ def write_table(rows: list[dict], formats: list[str], args, description: str, ca
     md += [f"\n{args.note}"] if args.note else []
     if final:
         print("\n".join(md))
-    extra = {}
-    if args.from_logs:
-        with open(args.versions_from) as f:
-            extra = {"machine": args.machine, "versions": json.load(f)["versions"]}
-    if args.note:
-        extra["note"] = args.note
     gpu = gpu_tag(args.machine or machine())
     write_results(os.path.join(args.out_dir, f"throughput_{gpu}_{args.input_len}_{args.output_len}.json"),
-                  "throughput", description, rows, "\n".join(md), calibration_seconds=round(calibration_s, 1),
-                  **extra)
+                  "throughput", description, rows, "\n".join(md), **extra)
 
 
 if __name__ == "__main__":
