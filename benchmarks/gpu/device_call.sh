@@ -6,8 +6,11 @@
 #   serve   benchmarks/gpu/serve.py --formats "$FORMATS"          tps     benchmarks/torch_path_step.py $TPS_ARGS
 #   cw      benchmarks/gpu/cache_write.py $CW_ARGS
 # e.g. STAGE="tests tps" TESTK="torch_path_through_flash or fused_begin" bash benchmarks/gpu/device_call.sh
+# GPU_BUNDLE: the carried bundle folder (default .gpu-bundle); a two-part WITH_FA2=1 bundle (turboquant) comes as two
+# folders, one part each, over two calls on the warm machine: the first call's install.sh exits 3 (README)
 set -u
-GPU_VLLM_CHECK=${GPU_VLLM_CHECK:-quick} bash .gpu-bundle/install.sh || exit $?
+B=${GPU_BUNDLE:-.gpu-bundle}
+GPU_VLLM_CHECK=${GPU_VLLM_CHECK:-quick} bash $B/install.sh $B || exit $?
 export PYTHONPATH=/tmp/vllm-site:/tmp/aquakv-site PATH=/tmp/vllm-site/bin:$PATH HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   VLLM_NO_USAGE_STATS=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 GPU_VLLM_CHECK=quick
 bash benchmarks/gpu/stage_plugin.sh
