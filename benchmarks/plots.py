@@ -221,7 +221,7 @@ def quality(paths, out):
 
 
 # output PNG, input patterns (the first required, the rest optional), plot function
-PLOTS = [("throughput_h100.png", ["throughput_h100_4096_1024.json"], throughput),  # bf16, fp8, aquakv: one machine
+PLOTS = [("throughput_h100.png", ["throughput_h100_4096_1024_all_formats.json"], throughput),  # one machine session
          ("throughput_h200.png", ["throughput_h200_8192_512_vs_fp8.json"], throughput),  # bf16, fp8, aquakv: one machine
          # every vLLM KV format and aquakv in one machine session, in 0.2 of the memory
          ("throughput_h200_all_formats.png", ["throughput_h200_8192_512_all_formats.json"], throughput),

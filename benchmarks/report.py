@@ -139,8 +139,8 @@ def eval_table(d: dict) -> list[str]:
 HEADLINE = [
     ("Capacity and throughput, every vLLM KV format (GPU)", "throughput_h200_8192_512_all_formats.json",
      throughput_table),
-    ("Throughput, bf16 / fp8 / aquakv in one machine session (H100)", "throughput_h100_4096_1024.json",
-     throughput_table),
+    ("Capacity and throughput, vLLM's KV formats and aquakv in one machine session (H100)",
+     "throughput_h100_4096_1024_all_formats.json", throughput_table),
     ("Throughput, bf16 / fp8 / aquakv in one machine session (H200)", "throughput_h200_4096_1024_beside.json",
      throughput_table),
     ("Throughput at 16k prompts (GPU)", "throughput_h200_16384_512.json", throughput_table),
@@ -159,7 +159,7 @@ HEADLINE = [
 PLOTS = [("throughput and KV capacity of every vLLM KV format, H200", "throughput_h200_all_formats.png"),
          ("throughput vs prompt length, H200", "throughput_vs_context_h200.png"),
          ("decode attention time per layer, H200", "decode_attention_h200.png"),
-         ("throughput and KV capacity, bf16 / fp8 / aquakv, H100", "throughput_h100.png"),
+         ("throughput and KV capacity of vLLM's KV formats and aquakv, H100", "throughput_h100.png"),
          ("serving latency, H100", "serve_h100.png"),
          ("serving latency, H200", "serve_h200.png"),
          ("perplexity vs bits per value, SmolLM2", "quality_vs_bits.png")]

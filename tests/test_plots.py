@@ -37,11 +37,11 @@ def test_corrupt_json_fails_the_script(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     shutil.copy(os.path.join(RESULTS, "serve_h100_8192_256_same_run.json"), results)
-    (results / "throughput_h100_4096_1024.json").write_text('{"benchmark": "throughput", "rows": [')
+    (results / "throughput_h100_4096_1024_all_formats.json").write_text('{"benchmark": "throughput", "rows": [')
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plots.py"), "--results", str(results),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "throughput_h100_4096_1024.json is not valid JSON" in proc.stderr, proc.stderr
+    assert "throughput_h100_4096_1024_all_formats.json is not valid JSON" in proc.stderr, proc.stderr
     assert "skip decode_attention_h100.png" in proc.stdout and "skip quality_vs_bits.png" in proc.stdout, proc.stdout
     assert (tmp_path / "out" / "serve_h100.png").exists(), "the good JSON next to the corrupt one was not plotted"
     assert not (tmp_path / "out" / "throughput_h100.png").exists()
