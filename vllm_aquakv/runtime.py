@@ -131,6 +131,10 @@ class ServingState:
                 bookkeeping = "; its bookkeeping as torch ops: aquakv_fused_ring_step false"
             self.window_note = (f"16-bit sinks {c.config.num_sink_tokens} + window {c.config.window} per request "
                                 f"(ring of {rows} rows: {ring / 2 ** 20:.0f} MiB, outside the paged cache{bookkeeping})")
+            total = torch.cuda.get_device_properties(device).total_memory if on_cuda else None
+            warning = ring_budget_warning(ring, rows, vllm_config.cache_config, total)
+            if warning:
+                _logger().warning(warning)
         if fused is not None:
             self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,
@@ -245,6 +249,31 @@ class ServingState:
             self.source, bits["bits_per_value"], "/".join(map(str, slots)), 2 * self.cache.head_dim *
             self.model_dtype.itemsize, dtype, self.path.capacity_ratio(self.model_dtype.itemsize), dtype,
             vs_bf16, self.window_note, self.kernel_note, self.shard_note)
+
+
+RING_SHARE_WARNING = 0.10  # the share of vLLM's memory budget above which the window's ring is worth a warning
+
+
+def ring_budget_warning(ring_bytes: int, rows: int, cache_config, device_memory: int | None) -> str | None:
+    """A warning when the 16-bit window's ring (``ring_bytes`` for ``rows`` = --max-num-seqs batch rows) takes more
+    than ``RING_SHARE_WARNING`` of the memory vLLM sizes its KV cache from: the KV space where one is set
+    (``kv_cache_memory_bytes``, on CPU ``VLLM_CPU_KVCACHE_SPACE``), else --gpu-memory-utilization x
+    ``device_memory`` (bytes; None on CPU: nothing to compare with). None where the ring is a small share."""
+    if cache_config.kv_cache_memory_bytes:
+        budget = cache_config.kv_cache_memory_bytes
+        what = f"the {budget / 2 ** 30:.2f} GiB KV cache space (kv_cache_memory_bytes / VLLM_CPU_KVCACHE_SPACE)"
+    elif device_memory:
+        budget = cache_config.gpu_memory_utilization * device_memory
+        what = (f"the {budget / 2 ** 30:.1f} GiB vLLM may use (--gpu-memory-utilization "
+                f"{cache_config.gpu_memory_utilization} of {device_memory / 2 ** 30:.0f} GiB)")
+    else:
+        return None
+    if ring_bytes <= RING_SHARE_WARNING * budget:
+        return None
+    return (f"aquakv: the 16-bit sinks/window ring takes {ring_bytes / 2 ** 30:.2f} GiB ({rows} rows, one per "
+            f"--max-num-seqs, {ring_bytes / (rows + 1) / 2 ** 20:.1f} MiB each), {ring_bytes / budget:.0%} of {what}, "
+            "memory the paged KV cache does not get. Set --max-num-seqs to the number of requests you run at once, "
+            "or serve every token from codes with --additional-config '{\"aquakv_window\": false}' (lower quality)")
 
 
 def _has_value_predictor(fused: dict) -> bool:
