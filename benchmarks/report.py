@@ -148,7 +148,7 @@ HEADLINE = [
     ("Serving latency (H100)", "serve_h100_8192_256_same_run.json", serve_table),
     ("Serving latency (H200)", "serve_h200_8192_256_same_run.json", serve_table),
     ("Decode attention kernel (GPU)", "decode_attention_h200_grid.json", decode_table),
-    ("Throughput and capacity on CPU", "cpu_throughput_512_64_radix4.json", throughput_table),
+    ("Throughput and capacity on CPU", "cpu_throughput_512_64_all_formats.json", throughput_table),
     ("Serving latency on CPU, quality default", "cpu_serve_512_64.json", serve_table),
     ("Serving latency on CPU, speed preset", "cpu_serve_512_64_speed.json", serve_table),
     ("Quality through vLLM on CPU, quality default", "cpu_quality_smollm2.json", cpu_quality_table),
