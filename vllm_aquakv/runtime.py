@@ -123,7 +123,7 @@ class ServingState:
             if self.path.exact.fused_begin and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UnsupportedModel("aquakv_fused_ring_step runs a Triton kernel: CUDA only (or TRITON_INTERPRET=1 "
                                        "for tests); drop it")
-            ring = 2 * self.path.exact.k[0].numel() * self.model_dtype.itemsize * num_layers
+            ring = self.path.exact.nbytes
             bookkeeping = ""  # named only where there is a choice (CUDA)
             if self.path.exact.fused_begin:
                 bookkeeping = "; its bookkeeping in one Triton launch per step"

@@ -49,13 +49,18 @@ class ExactTokens:
         self.tags: torch.Tensor | None = None  # [rows + 1, width] int64 slot of each entry, -1 empty
         self.length: torch.Tensor | None = None  # [rows] int64 each row's context length after the previous step
         self.last_block: torch.Tensor | None = None  # [rows] int64 block id of that step's last token, -1 none
-        # begin_step in one Triton launch (kernels/window_step.py) instead of ~50 small torch kernels; off until it
-        # has run on a GPU (checked against this twin under TRITON_INTERPRET=1 only)
+        # begin_step in one Triton launch (kernels/window_step.py) instead of ~50 small torch kernels; off here,
+        # the runtime turns it on on CUDA (``aquakv_fused_ring_step``)
         self.fused_begin = False
         if head_dim is not None:  # allocate now (before vLLM measures free memory for the KV cache)
             self._allocate(device)
             for layer in range(num_layers):
                 self._allocate_layer(layer, (num_kv_heads, head_dim), dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the 16-bit K/V rows of every allocated layer: the ring's memory outside the paged cache."""
+        return sum(x.numel() * x.element_size() for x in self.k + self.v if x is not None)
 
     def _allocate(self, device) -> None:
         self.tags = torch.full((self.max_rows + 1, self.width), -1, dtype=torch.int64, device=device)
