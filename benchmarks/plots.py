@@ -156,20 +156,32 @@ def decode_attention(paths, out):
           [(paths[0], d)], out)
 
 
+def _wrap(name: str, width: int = 12) -> str:
+    """A format name broken after its middle underscore where longer than ``width`` (tick labels side by side)."""
+    cuts = [i for i, ch in enumerate(name) if ch == "_"]
+    if len(name) <= width or not cuts:
+        return name
+    cut = min(cuts, key=lambda i: abs(i - len(name) / 2)) + 1
+    return name[:cut] + "\n" + name[cut:]
+
+
 def serve(paths, out):
     d = load(paths[0])
     rows = _auto_first(d["rows"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.3 * len(rows)), 4.6), layout="constrained")
     for ax, metric in zip(axes, ("ttft", "tpot")):
         for j, (p, color) in enumerate((("p50", "tab:cyan"), ("p99", "tab:purple"))):
             vals = [r.get(f"{p}_{metric}_ms") for r in rows]
             bars = ax.bar([i + (j - 0.5) * 0.38 for i in range(len(rows))], [v or 0 for v in vals], 0.38,
                           color=color, label=p)
             ax.bar_label(bars, [_num(v, ".2f" if metric == "tpot" else ".1f") for v in vals], fontsize=8)
-        ax.set_xticks(range(len(rows)), [f"{r['kv_cache_dtype']}\n({r.get('failed', '?')} failed)" for r in rows],
-                      fontsize=8)
+        ax.set_xticks(range(len(rows)), [f"{_wrap(r['kv_cache_dtype'])}\n({r.get('failed', '?')} failed)"
+                                         for r in rows], fontsize=8)
         ax.set(xlabel="--kv-cache-dtype", ylabel=f"{metric.upper()}, ms")
         ax.margins(y=0.15)
+        shown = [r.get(f"{p}_{metric}_ms") for r in rows for p in ("p50", "p99") if r.get(f"{p}_{metric}_ms")]
+        if shown and max(shown) > 50 * min(shown):  # e.g. a failed run's seconds beside others' milliseconds
+            ax.set_yscale("log")
         ax.legend(loc="upper left")
     r0 = rows[0]
     _save(fig, f"vllm bench serve, {r0['input_len']} in / {r0['output_len']} out at {r0['request_rate']} req/s, "
@@ -233,7 +245,7 @@ PLOTS = [("throughput_h100.png", ["throughput_h100_4096_1024_all_formats.json"],
          ("decode_attention_h100.png", ["decode_attention_h100.json"], decode_attention),
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("decode_attention_h200_rows.png", ["decode_attention_h200_rows.json"], decode_attention),  # 4 vs 16 rows
-         ("serve_h100.png", ["serve_h100_8192_256_same_run.json"], serve),
+         ("serve_h100.png", ["serve_h100_8192_256_all_formats.json"], serve),
          ("serve_h200.png", ["serve_h200_8192_256_same_run.json"], serve),
          ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json",
                                   "eval_smollm2_vllm_formats.json"], quality)]

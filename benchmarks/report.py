@@ -81,9 +81,10 @@ def serve_table(d: dict) -> list[str]:
     r0 = d["rows"][0]
     out = [f"`vllm bench serve`, {r0['input_len']} in / {r0['output_len']} out at {r0['request_rate']} req/s, "
            f"{r0['num_prompts']} prompts, ms:\n",
-           "| kv-cache-dtype | completed | failed | p50 TTFT | p99 TTFT | p50 TPOT | p99 TPOT |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
-    return out + [f"| {r['kv_cache_dtype']} | {r.get('completed', '-')} | {r.get('failed', '-')} | "
+           "| kv-cache-dtype | KV tokens | completed | failed | p50 TTFT | p99 TTFT | p50 TPOT | p99 TPOT |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    return out + [f"| {r['kv_cache_dtype']} | {_num(r.get('kv_tokens'), ',')} | {r.get('completed', '-')} | "
+                  f"{r.get('failed', '-')} | "
                   f"{_num(r.get('p50_ttft_ms'), ',.1f')} | {_num(r.get('p99_ttft_ms'), ',.1f')} | "
                   f"{_num(r.get('p50_tpot_ms'), ',.2f')} | {_num(r.get('p99_tpot_ms'), ',.2f')} |" for r in d["rows"]]
 
@@ -145,7 +146,9 @@ HEADLINE = [
      throughput_table),
     ("Throughput at 16k prompts (GPU)", "throughput_h200_16384_512.json", throughput_table),
     ("Prefill cost at 4k prompts (GPU)", "throughput_h100_4096_1_prefill.json", prefill_table),
-    ("Serving latency (H100)", "serve_h100_8192_256_same_run.json", serve_table),
+    ("Serving latency, every format in one machine session (H100)", "serve_h100_8192_256_all_formats.json",
+     serve_table),
+    ("Serving latency, the ring bookkeeping's two forms (H100)", "serve_h100_8192_256_same_run.json", serve_table),
     ("Serving latency (H200)", "serve_h200_8192_256_same_run.json", serve_table),
     ("Decode attention kernel (GPU)", "decode_attention_h200_grid.json", decode_table),
     ("Throughput and capacity on CPU", "cpu_throughput_512_64_all_formats.json", throughput_table),

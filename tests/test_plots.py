@@ -36,7 +36,7 @@ def test_corrupt_json_fails_the_script(tmp_path):
     """A result file that does not parse exits non-zero and names the file; missing files are skipped, not errors."""
     results = tmp_path / "results"
     results.mkdir()
-    shutil.copy(os.path.join(RESULTS, "serve_h100_8192_256_same_run.json"), results)
+    shutil.copy(os.path.join(RESULTS, "serve_h100_8192_256_all_formats.json"), results)
     (results / "throughput_h100_4096_1024_all_formats.json").write_text('{"benchmark": "throughput", "rows": [')
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plots.py"), "--results", str(results),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True)

@@ -394,3 +394,59 @@ def test_ring_budget_warning_names_share_and_fix():
     assert ring_budget_warning(257 * per_row, 256, gpu, 80 * 2 ** 30) is None  # 3.9 GB: 5%
     gpu.kv_cache_memory_bytes = 8 * 2 ** 30  # an explicit KV size wins over the utilization
     assert "of the 8.00 GiB KV cache space" in ring_budget_warning(257 * per_row, 256, gpu, 80 * 2 ** 30)
+
+
+@pytest.mark.parametrize("config", [AquaKVConfig(), AquaKVConfig(key_topology="anchor:2", value_topology="k_same")])
+def test_torch_path_bytes_per_token_is_what_a_step_holds(config, rng):
+    """The per-context-token memory the CUDA startup check plans with (``torch_path_bytes_per_token``) against what a
+    real prefill step of the torch path holds: the largest, over layers, of the reconstructions kept in the step's
+    state during a layer's attend plus the step's K/V rows, per context token."""
+    from vllm_aquakv.runtime import INDEX_BYTES_PER_TOKEN, torch_path_bytes_per_token
+
+    lens = [64, 128]  # whole pages of reconstructed rows (kernels.reconstruct.PAGE), so rows = tokens
+    calib = correlated_kv(rng, T=300)
+    cache = AquaKVCache.calibrate(config, *calib)
+    rope, block_size = Rope(ROPE_CFG, D), 16
+    path = TorchServingPath(cache, rope)
+    seqs = [correlated_kv(rng, T=t) for t in lens]
+    blocks = [t // block_size for t in lens]
+    kv = [torch.zeros(sum(blocks), H, block_size, path.slot_bytes(l), dtype=torch.uint8)
+          for l in range(cache.num_layers)]
+    table = torch.zeros(2, max(blocks), dtype=torch.int32)
+    table[0, :blocks[0]], table[1, :blocks[1]] = torch.arange(blocks[0]), torch.arange(blocks[0], sum(blocks))
+    slot_mapping = torch.cat([torch.arange(lens[0]), blocks[0] * block_size + torch.arange(lens[1])])
+    positions = torch.cat([torch.arange(t) for t in lens])
+    step, peak = StepState(), 0
+    for l in range(cache.num_layers):
+        key = torch.cat([rope.apply(ks[l], torch.arange(t)) for (ks, _), t in zip(seqs, lens)])
+        value = torch.cat([vs[l] for _, vs in seqs])
+        path.write(l, kv[l], slot_mapping, key, value, positions, step, lens)
+        before = sum(x.nbytes for x in step.recon.values())
+        path.attend(l, torch.randn(sum(lens), HQ, D, generator=rng), kv[l], table, lens, [0, lens[0], sum(lens)],
+                    D ** -0.5, step)
+        kept = sum(x.nbytes for (_, src), x in step.recon.items() if src == l)  # this layer's, kept for later ones
+        peak = max(peak, before + kept + sum(x.nbytes for x in step.rows.split.scratch(H, D, torch.float32, "cpu")))
+    assert peak > 0
+    assert torch_path_bytes_per_token(path, torch.float32) - INDEX_BYTES_PER_TOKEN == peak / sum(lens)
+
+
+def test_torch_path_memory_refusal_names_limits_that_fit():
+    """The startup refusal of the torch path on a GPU where --max-num-seqs x --max-model-len contexts would not fit
+    beside vLLM's budget (vLLM's own CacheConfig): it names the need, what is left and a --max-num-seqs that fits;
+    limits that fit, or an explicit KV cache size, pass."""
+    from vllm.config import CacheConfig
+
+    from vllm_aquakv.runtime import torch_path_memory_refusal
+
+    per_token = 8 * 128 * (4 * 4 + 2 * 2) + 48  # Llama-3.2-3B shape, the quality default's chain, bf16 rows
+    gpu, total = CacheConfig(gpu_memory_utilization=0.9), 80 * 2 ** 30
+    msg = torch_path_memory_refusal(per_token, 256, 8512, gpu, total, "DIR")
+    assert msg.startswith("aquakv: DIR serves on this GPU through the torch path"), msg
+    assert "up to 41.7 GiB at --max-num-seqs 256 x --max-model-len 8512" in msg and "leaves 8.0 GiB of 80 GiB" in msg
+    fits = int(msg.split("Serve at most --max-num-seqs ")[1].split()[0])
+    assert 0 < fits < 256 and "aquakv-calibrate MODEL --preset speed" in msg
+    assert torch_path_memory_refusal(per_token, fits, 8512, gpu, total, "DIR") is None
+    assert torch_path_memory_refusal(per_token, fits + 1, 8512, gpu, total, "DIR") is not None
+    assert "Serve at most" not in torch_path_memory_refusal(per_token, 1, 262144, gpu, total, "DIR")  # not one
+    gpu.kv_cache_memory_bytes = 8 * 2 ** 30  # what is left over is not known here
+    assert torch_path_memory_refusal(per_token, 256, 8512, gpu, total, "DIR") is None

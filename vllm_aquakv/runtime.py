@@ -93,6 +93,9 @@ class ServingState:
         if self.rope is not None:
             self.rope.inv_freq = self.rope.inv_freq.to(device)
         self.path = TorchServingPath(c, self.rope)
+        # what bounds the torch path's per-step scratch on CUDA (``torch_path_memory_refusal``)
+        self.max_num_seqs, self.max_model_len = vllm_config.scheduler_config.max_num_seqs, model_cfg.max_model_len
+        self.cache_config = vllm_config.cache_config
         on_cuda = str(device).startswith("cuda")
         self.kernel_note = "torch attention path (aquakv_kernels false)" if on_cuda else "torch attention path (CPU)"
         self.model_dtype = model_cfg.dtype if isinstance(model_cfg.dtype, torch.dtype) else torch.bfloat16
@@ -164,10 +167,18 @@ class ServingState:
     def _torch_path_attention(self) -> None:
         """CUDA without the fused kernels (e.g. the pre-RoPE quality default): each step reconstructs every request's
         context (its codes through the Triton residual kernel unless ``aquakv_kernels`` is false), then attends
-        through vLLM's FlashAttention where this build has it for a 16-bit model."""
+        through vLLM's FlashAttention where this build has it for a 16-bit model. Refused where those contexts
+        could outgrow the GPU memory vLLM leaves (``torch_path_memory_refusal``)."""
         found = self._use_flash_attention()
         self.kernel_note += ("; attention over the reconstructed K/V through FlashAttention" if found else
                              f"; attention in float32 torch ({self._no_flash_reason(found)})")
+        per_token = torch_path_bytes_per_token(self.path, self.model_dtype if found else torch.float32)
+        device = self.cache.signs.device
+        refusal = torch_path_memory_refusal(per_token, self.max_num_seqs, self.max_model_len, self.cache_config,
+                                            torch.cuda.get_device_properties(device).total_memory, self.source,
+                                            self.model_dir)
+        if refusal:
+            raise UnsupportedModel(refusal)
         _logger().warning(
             "aquakv: %s serves on this GPU through the torch path (%s), which rebuilds every cached token of every "
             "layer at each step: its attention and cache write take 66-91x FlashAttention's time over a bf16 "
@@ -274,6 +285,57 @@ def ring_budget_warning(ring_bytes: int, rows: int, cache_config, device_memory:
             f"--max-num-seqs, {ring_bytes / (rows + 1) / 2 ** 20:.1f} MiB each), {ring_bytes / budget:.0%} of {what}, "
             "memory the paged KV cache does not get. Set --max-num-seqs to the number of requests you run at once, "
             "or serve every token from codes with --additional-config '{\"aquakv_window\": false}' (lower quality)")
+
+
+# the torch path reconstructs its contexts in slices (TorchServingPath.attend: 2 ** 26 values on CUDA), each slice's
+# decode holding a few float32 temporaries of that size at once; budgeted as this many
+TORCH_PATH_SLICE_TEMPORARIES = 8
+# the share of the memory vLLM leaves that the path may plan on: the rest for the caching allocator's fragmentation
+# (every step allocates context-sized tensors of another size) and the step's other temporaries
+TORCH_PATH_HEADROOM = 0.8
+INDEX_BYTES_PER_TOKEN = 48  # ContextRows' int64 block, offset, position and row of each context token, + slack
+
+
+def torch_path_bytes_per_token(path, rows_dtype: torch.dtype) -> int:
+    """Bytes the torch path holds per context token during a step, beyond vLLM's memory profile: the float32
+    reconstructions the cross-layer chain keeps for later layers (at its peak layer: the earlier layers' streams it
+    still reads plus its own it keeps), the step's K and V rows in ``rows_dtype`` (what FlashAttention reads), and
+    the rows' indices."""
+    c = path.cache
+    alive = max(sum(1 for (_, l), last in path.last_use.items() if l < layer <= last or (l == layer and last > l))
+                for layer in range(c.num_layers))
+    return c.num_kv_heads * c.head_dim * (4 * alive + 2 * rows_dtype.itemsize) + INDEX_BYTES_PER_TOKEN
+
+
+def torch_path_memory_refusal(bytes_per_token: int, max_num_seqs: int, max_model_len: int, cache_config,
+                              device_memory: int, source: str, model_dir: str = "MODEL") -> str | None:
+    """Why the torch path cannot serve on this GPU with these limits, or None. Each step it reconstructs every
+    running request's whole context (``bytes_per_token`` each, ``torch_path_bytes_per_token``), up to --max-num-seqs
+    x --max-model-len tokens, in memory vLLM's KV-cache sizing does not see: only what --gpu-memory-utilization
+    leaves of ``device_memory``. Where that could run out, the server would die mid-request (found on the H100:
+    --max-num-seqs 256, --max-model-len 8.5k, 0.9, the server exited with 35 of 64 requests refused), so it is
+    refused at startup with the limits that fit. With an explicit ``kv_cache_memory_bytes`` the memory left over is
+    not known here: None."""
+    if cache_config.kv_cache_memory_bytes:
+        return None
+    util = cache_config.gpu_memory_utilization
+    slice_bytes = TORCH_PATH_SLICE_TEMPORARIES * 4 * 2 ** 26
+    budget = TORCH_PATH_HEADROOM * (1 - util) * device_memory - slice_bytes
+    need = max_num_seqs * max_model_len * bytes_per_token
+    if need <= budget:
+        return None
+    fits = int(max(budget, 0) // (max_model_len * bytes_per_token))
+    gib = 2 ** 30
+    return (f"aquakv: {source} serves on this GPU through the torch path, which reconstructs every running request's "
+            f"whole context at each step, {bytes_per_token / 1024:.1f} KiB per token outside the memory vLLM sizes "
+            f"its KV cache from: up to {need / gib:.1f} GiB at --max-num-seqs {max_num_seqs} x --max-model-len "
+            f"{max_model_len}, but --gpu-memory-utilization {util} leaves {(1 - util) * device_memory / gib:.1f} GiB "
+            f"of {device_memory / gib:.0f} GiB, of which it plans on {TORCH_PATH_HEADROOM:.0%} less "
+            f"{slice_bytes / gib:.1f} GiB for the reconstruction's slices, "
+            "so the server could run out of memory mid-request. "
+            + (f"Serve at most --max-num-seqs {fits} at this --max-model-len, or " if fits else "")
+            + "lower --max-model-len or --gpu-memory-utilization, or (faster by far on a GPU) calibrate the fused "
+            f"kernels' mode: aquakv-calibrate {model_dir} --preset speed --out DIR")
 
 
 def _has_value_predictor(fused: dict) -> bool:

@@ -3,7 +3,7 @@
 # in STAGE (default "tests decode"), each with its own timeout; every stage reads its options from the environment:
 #   tests   pytest tests/test_kernels.py [-k "$TESTK"]            decode / decode2  benchmarks/gpu/decode_attention.py
 #   tp      benchmarks/gpu/throughput.py --formats "$FORMATS"     smoke   benchmarks/gpu/plugin_smoke.py $SM_ARGS
-#   serve   benchmarks/gpu/serve.py --formats "$FORMATS"          tps     benchmarks/torch_path_step.py $TPS_ARGS
+#   serve   benchmarks/gpu/serve.py --formats "$FORMATS" $SV_ARGS tps     benchmarks/torch_path_step.py $TPS_ARGS
 #   cw      benchmarks/gpu/cache_write.py $CW_ARGS
 # e.g. STAGE="tests tps" TESTK="torch_path_through_flash or fused_begin" bash benchmarks/gpu/device_call.sh
 # GPU_BUNDLE: the carried bundle folder (default .gpu-bundle); a two-part WITH_FA2=1 bundle (turboquant) comes as two
@@ -28,7 +28,7 @@ for s in ${STAGE:-tests decode}; do
         --num-prompts ${NP:-128} --gpu-memory-utilization 0.2 --max-num-seqs ${NP:-128} --timeout ${TPT:-250} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
     smoke) timeout ${SM_TIMEOUT:-400} python3 $R/benchmarks/gpu/plugin_smoke.py $OUT/sm ${SM_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
     tps) timeout ${TPS_TIMEOUT:-300} python3 $R/benchmarks/torch_path_step.py $OUT/tps.json ${TPS_ARGS:---batches 1,16,64 --contexts 1024,4096} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
-    serve) timeout ${SV_TIMEOUT:-400} python3 $R/benchmarks/gpu/serve.py $OUT/sv --formats ${FORMATS} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore\|^(APIServer" | tail -25 ;;
+    serve) timeout ${SV_TIMEOUT:-400} python3 $R/benchmarks/gpu/serve.py $OUT/sv --formats ${FORMATS} ${SV_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore\|^(APIServer" | tail -25 ;;
     cw) timeout ${CW_TIMEOUT:-200} python3 $R/benchmarks/gpu/cache_write.py $OUT/cw ${CW_ARGS:---tokens 1,256,8192 --block-n 64 --warps 8} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
   esac
 done
