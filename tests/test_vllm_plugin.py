@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -191,8 +192,13 @@ def test_refuses_missing_artifact_with_the_command(smollm2_calibrated, tmp_path)
     for name in os.listdir(smollm2_calibrated):
         if name != "aquakv":
             os.symlink(os.path.join(smollm2_calibrated, name), tmp_path / name)
-    with pytest.raises(RuntimeError, match="aquakv-calibrate"):
+    with pytest.raises(RuntimeError, match="aquakv-calibrate") as failed:
         run_vllm(model=str(tmp_path), kv_cache_dtype="aquakv", prompt_token_ids=[[1, 2, 3]], max_tokens=1)
+    # the benchmarks keep a failed server's error lines in their rows (serve.py): the refusal is the root cause named
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu"))
+    from serve import log_errors, root_error
+
+    assert "ArtifactError: no aquakv artifact at" in root_error(log_errors(str(failed.value))), str(failed.value)
 
 
 def test_refuses_artifact_of_another_model(smollm2_calibrated, tmp_path):

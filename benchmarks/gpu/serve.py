@@ -71,6 +71,29 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
+ERROR_MARKS = ("Traceback", "Error", "error:", "out of memory", "Killed", "died", "exited")
+
+
+EXCEPTION_LINE = re.compile(r"\b\w+(Error|Exception): ")
+
+
+def log_errors(text: str, lines: int = 12) -> list[str]:
+    """The lines of a server log that name an error (a traceback, an exception, out of memory), its first ``lines``
+    // 3 (the root cause: vLLM's engine process fails first, its front end after) and its last, else the log's last
+    lines: kept in a failed run's row, so the cause survives the log file."""
+    all_lines = [l.rstrip() for l in text.splitlines() if l.strip()]
+    marked = list(dict.fromkeys(l for l in all_lines if any(m in l for m in ERROR_MARKS)))
+    if not marked:
+        return [l[:400] for l in all_lines[-lines:]]
+    first = marked[:lines // 3]
+    return [l[:400] for l in first + marked[max(len(first), len(marked) - (lines - len(first))):]]
+
+
+def root_error(errors: list[str]) -> str:
+    """The first exception line (``SomethingError: ...``) of ``log_errors``' lines, else their last line."""
+    return next((l for l in errors if EXCEPTION_LINE.search(l)), errors[-1])
+
+
 def kernel_times(trace: str, categories=("kernel",), top: int = 15) -> list[dict]:
     """The ``top`` event names of a torch-profiler Chrome trace (.json or .json.gz) by total duration, among events
     of the given categories ("kernel": GPU kernels): [{"name", "calls", "total_ms", "share"}]."""
@@ -229,6 +252,8 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
                 rc = subprocess.run(cmd, stdout=client_log, stderr=subprocess.STDOUT, env=env,
                                     timeout=args.bench_timeout).returncode
             row["rc"] = rc
+            if server.poll() is not None:  # the requests it failed were refused, not answered
+                row["error"] = f"the server exited (rc {server.poll()}) during the run"
             if rc == 0:
                 with open(os.path.join(out_dir, result)) as f:
                     res = json.load(f)
@@ -242,7 +267,10 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
         finally:
             stop_group(server)
     with open(os.path.join(out_dir, f"server_{tag}.txt")) as f:
-        row["kv_tokens"] = kv_tokens(f.read())
+        text = f.read()
+    row["kv_tokens"] = kv_tokens(text)
+    if "error" in row or row.get("failed"):
+        row["server_log_errors"] = log_errors(text)
     if getattr(args, "profile", False):
         traces = glob.glob(os.path.join(out_dir, f"profile_{dtype}", "**", "*.json*"), recursive=True)
         if not traces:
@@ -266,7 +294,15 @@ def table(rows: list[dict]) -> list[str]:
         f"| {r['kv_cache_dtype']} | {fmt(r.get('kv_tokens')).removesuffix('.0')} | {r.get('completed', '-')} | "
         f"{r.get('failed', '-')} | {fmt(r.get('p50_ttft_ms'))} | {fmt(r.get('p99_ttft_ms'))} | "
         f"{fmt(r.get('p50_tpot_ms'), '.2f')} | {fmt(r.get('p99_tpot_ms'), '.2f')} | {fmt(r.get('p99_itl_ms'))} | "
-        f"{fmt(r.get('output_throughput'))} |" for r in rows]
+        f"{fmt(r.get('output_throughput'))} |" for r in rows] + [failure_line(r) for r in rows
+                                                                if "error" in r or r.get("failed")]
+
+
+def failure_line(row: dict) -> str:
+    """A line under the table for a row whose run failed: what failed and the server log's last error line."""
+    what = row.get("error") or f"{row['failed']} requests failed"
+    errors = row.get("server_log_errors")
+    return f"\n{row['kv_cache_dtype']}: {what}" + (f"; server log: `{root_error(errors)}`" if errors else "")
 
 
 def main():
