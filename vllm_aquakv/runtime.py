@@ -299,11 +299,16 @@ INDEX_BYTES_PER_TOKEN = 48  # ContextRows' int64 block, offset, position and row
 def torch_path_bytes_per_token(path, rows_dtype: torch.dtype) -> int:
     """Bytes the torch path holds per context token during a step, beyond vLLM's memory profile: the float32
     reconstructions the cross-layer chain keeps for later layers (at its peak layer: the earlier layers' streams it
-    still reads plus its own it keeps), the step's K and V rows in ``rows_dtype`` (what FlashAttention reads), and
-    the rows' indices."""
+    still reads, plus those of its own it keeps that find no buffer of a stream it reads last to take over), the
+    step's K and V rows in ``rows_dtype`` (what FlashAttention reads), and the rows' indices."""
     c = path.cache
-    alive = max(sum(1 for (_, l), last in path.last_use.items() if l < layer <= last or (l == layer and last > l))
-                for layer in range(c.num_layers))
+
+    def alive(layer: int) -> int:
+        earlier = [last for (_, l), last in path.last_use.items() if l < layer <= last]
+        kept = sum(1 for (_, l), last in path.last_use.items() if l == layer and last > l)
+        return len(earlier) + max(0, kept - earlier.count(layer))
+
+    alive = max(map(alive, range(c.num_layers)))
     return c.num_kv_heads * c.head_dim * (4 * alive + 2 * rows_dtype.itemsize) + INDEX_BYTES_PER_TOKEN
 
 

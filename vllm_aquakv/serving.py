@@ -249,8 +249,15 @@ class TorchServingPath:
         dtype = query.dtype if self.flash is not None else torch.float32
         k_rows, v_rows = rows.split.scratch(heads, head_dim, dtype, query.device)  # [rows, H, h]
         total = rows.positions.shape[0]
-        kept = {(stream, layer): torch.empty(total, heads, head_dim, device=query.device, dtype=torch.float32)
-                for stream in "kv" if self.last_use.get((stream, layer), -1) > layer}  # what later layers read
+        # what later layers read, each in the buffer of an earlier layer's reconstruction that this layer reads last
+        # where there is one (slice a of it is overwritten only after slice a's decode has read it): the chain then
+        # holds 2 context-sized float32 streams, not 4 (``runtime.torch_path_bytes_per_token``)
+        dying = [src for src, x in step.recon.items() if src[1] < layer and self.last_use.get(src, -1) == layer]
+        kept = {}
+        for stream in "kv":
+            if self.last_use.get((stream, layer), -1) > layer:
+                kept[stream, layer] = (step.recon[dying.pop()] if dying else
+                                       torch.empty(total, heads, head_dim, device=query.device, dtype=torch.float32))
         # in slices: on CPU of ~1 MB per tensor, which stay in cache through the ~30 ops of a decode (one slice of all
         # contexts ran 2x slower on 2 cores); on CUDA of ~256 MB, which bounds the decode's temporaries (outside
         # vLLM's memory profile) at a few launches per slice
