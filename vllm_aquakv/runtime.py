@@ -317,9 +317,9 @@ def torch_path_memory_refusal(bytes_per_token: int, max_num_seqs: int, max_model
     """Why the torch path cannot serve on this GPU with these limits, or None. Each step it reconstructs every
     running request's whole context (``bytes_per_token`` each, ``torch_path_bytes_per_token``), up to --max-num-seqs
     x --max-model-len tokens, in memory vLLM's KV-cache sizing does not see: only what --gpu-memory-utilization
-    leaves of ``device_memory``. Where that could run out, the server would die mid-request (found on the H100:
-    --max-num-seqs 256, --max-model-len 8.5k, 0.9, the server exited with 35 of 64 requests refused), so it is
-    refused at startup with the limits that fit. With an explicit ``kv_cache_memory_bytes`` the memory left over is
+    leaves of ``device_memory``. Where that could run out, the server would die mid-request (most likely what
+    happened on the H100 at --max-num-seqs 256, --max-model-len 8.5k, 0.9: the server exited with 35 of 64 requests
+    unanswered, serve_h100_8192_256_all_formats.md), so it is refused at startup with the limits that fit. With an explicit ``kv_cache_memory_bytes`` the memory left over is
     not known here: None."""
     if cache_config.kv_cache_memory_bytes:
         return None
