@@ -303,13 +303,13 @@ def torch_path_bytes_per_token(path, rows_dtype: torch.dtype) -> int:
     step's K and V rows in ``rows_dtype`` (what FlashAttention reads), and the rows' indices."""
     c = path.cache
 
-    def alive(layer: int) -> int:
+    def streams_held(layer: int) -> int:
         earlier = [last for (_, l), last in path.last_use.items() if l < layer <= last]
         kept = sum(1 for (_, l), last in path.last_use.items() if l == layer and last > l)
         return len(earlier) + max(0, kept - earlier.count(layer))
 
-    alive = max(map(alive, range(c.num_layers)))
-    return c.num_kv_heads * c.head_dim * (4 * alive + 2 * rows_dtype.itemsize) + INDEX_BYTES_PER_TOKEN
+    peak = max(map(streams_held, range(c.num_layers)))
+    return c.num_kv_heads * c.head_dim * (4 * peak + 2 * rows_dtype.itemsize) + INDEX_BYTES_PER_TOKEN
 
 
 def torch_path_memory_refusal(bytes_per_token: int, max_num_seqs: int, max_model_len: int, cache_config,
@@ -319,8 +319,8 @@ def torch_path_memory_refusal(bytes_per_token: int, max_num_seqs: int, max_model
     x --max-model-len tokens, in memory vLLM's KV-cache sizing does not see: only what --gpu-memory-utilization
     leaves of ``device_memory``. Where that could run out, the server would die mid-request (most likely what
     happened on the H100 at --max-num-seqs 256, --max-model-len 8.5k, 0.9: the server exited with 35 of 64 requests
-    unanswered, serve_h100_8192_256_all_formats.md), so it is refused at startup with the limits that fit. With an explicit ``kv_cache_memory_bytes`` the memory left over is
-    not known here: None."""
+    unanswered, serve_h100_8192_256_all_formats.md), so it is refused at startup with the limits that fit. With an
+    explicit ``kv_cache_memory_bytes`` the memory left over is not known here: None."""
     if cache_config.kv_cache_memory_bytes:
         return None
     util = cache_config.gpu_memory_utilization

@@ -72,8 +72,6 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
 
 
 ERROR_MARKS = ("Traceback", "Error", "error:", "out of memory", "Killed", "died", "exited")
-
-
 EXCEPTION_LINE = re.compile(r"\b\w+(Error|Exception): ")
 
 
@@ -252,8 +250,9 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
                 rc = subprocess.run(cmd, stdout=client_log, stderr=subprocess.STDOUT, env=env,
                                     timeout=args.bench_timeout).returncode
             row["rc"] = rc
-            if server.poll() is not None:  # the requests it failed were refused, not answered
-                row["error"] = f"the server exited (rc {server.poll()}) during the run"
+            exited = server.poll()
+            if exited is not None:  # the requests it failed were refused, not answered
+                row["error"] = f"the server exited (rc {exited}) during the run"
             if rc == 0:
                 with open(os.path.join(out_dir, result)) as f:
                     res = json.load(f)
@@ -269,7 +268,7 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
     with open(os.path.join(out_dir, f"server_{tag}.txt")) as f:
         text = f.read()
     row["kv_tokens"] = kv_tokens(text)
-    if "error" in row or row.get("failed"):
+    if run_failed(row):
         row["server_log_errors"] = log_errors(text)
     if getattr(args, "profile", False):
         traces = glob.glob(os.path.join(out_dir, f"profile_{dtype}", "**", "*.json*"), recursive=True)
@@ -294,12 +293,16 @@ def table(rows: list[dict]) -> list[str]:
         f"| {r['kv_cache_dtype']} | {fmt(r.get('kv_tokens')).removesuffix('.0')} | {r.get('completed', '-')} | "
         f"{r.get('failed', '-')} | {fmt(r.get('p50_ttft_ms'))} | {fmt(r.get('p99_ttft_ms'))} | "
         f"{fmt(r.get('p50_tpot_ms'), '.2f')} | {fmt(r.get('p99_tpot_ms'), '.2f')} | {fmt(r.get('p99_itl_ms'))} | "
-        f"{fmt(r.get('output_throughput'))} |" for r in rows] + [failure_line(r) for r in rows
-                                                                if "error" in r or r.get("failed")]
+        f"{fmt(r.get('output_throughput'))} |" for r in rows] + [failure_line(r) for r in rows if run_failed(r)]
+
+
+def run_failed(row: dict) -> bool:
+    """Whether a serve row's run failed: an error of its own (server start or exit, timeout) or failed requests."""
+    return "error" in row or bool(row.get("failed"))
 
 
 def failure_line(row: dict) -> str:
-    """A line under the table for a row whose run failed: what failed and the server log's last error line."""
+    """A line under the table for a row whose run failed: what failed and the server log's root error line."""
     what = row.get("error") or f"{row['failed']} requests failed"
     errors = row.get("server_log_errors")
     return f"\n{row['kv_cache_dtype']}: {what}" + (f"; server log: `{root_error(errors)}`" if errors else "")
