@@ -77,16 +77,21 @@ def prefill_table(d: dict) -> list[str]:
 
 
 def serve_table(d: dict) -> list[str]:
-    """`vllm bench serve` rows: TTFT and TPOT percentiles in ms."""
+    """`vllm bench serve` rows: TTFT and TPOT percentiles in ms; under the table, what failed in a failed row."""
     r0 = d["rows"][0]
     out = [f"`vllm bench serve`, {r0['input_len']} in / {r0['output_len']} out at {r0['request_rate']} req/s, "
            f"{r0['num_prompts']} prompts, ms:\n",
            "| kv-cache-dtype | KV tokens | completed | failed | p50 TTFT | p99 TTFT | p50 TPOT | p99 TPOT |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    return out + [f"| {r['kv_cache_dtype']} | {_num(r.get('kv_tokens'), ',')} | {r.get('completed', '-')} | "
-                  f"{r.get('failed', '-')} | "
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
+    from serve import failure_line, row_label, run_failed
+
+    return out + [f"| {row_label(r, d['rows'], r0['num_prompts'])} | {_num(r.get('kv_tokens'), ',')} | "
+                  f"{r.get('completed', '-')} | {r.get('failed', '-')} | "
                   f"{_num(r.get('p50_ttft_ms'), ',.1f')} | {_num(r.get('p99_ttft_ms'), ',.1f')} | "
-                  f"{_num(r.get('p50_tpot_ms'), ',.2f')} | {_num(r.get('p99_tpot_ms'), ',.2f')} |" for r in d["rows"]]
+                  f"{_num(r.get('p50_tpot_ms'), ',.2f')} | {_num(r.get('p99_tpot_ms'), ',.2f')} |"
+                  for r in d["rows"]] + [
+        failure_line(r, row_label(r, d["rows"], r0["num_prompts"])) for r in d["rows"] if run_failed(r)]
 
 
 def decode_table(d: dict) -> list[str]:
@@ -142,12 +147,16 @@ HEADLINE = [
      throughput_table),
     ("Capacity and throughput, vLLM's KV formats and aquakv in one machine session (H100)",
      "throughput_h100_4096_1024_all_formats.json", throughput_table),
+    ("Throughput, turboquant_k3v4_nc / bf16 / aquakv in one machine session (H100)",
+     "throughput_h100_4096_1024_k3v4.json", throughput_table),
     ("Throughput, bf16 / fp8 / aquakv in one machine session (H200)", "throughput_h200_4096_1024_beside.json",
      throughput_table),
     ("Throughput at 16k prompts (GPU)", "throughput_h200_16384_512.json", throughput_table),
     ("Prefill cost at 4k prompts (GPU)", "throughput_h100_4096_1_prefill.json", prefill_table),
     ("Serving latency, every format in one machine session (H100)", "serve_h100_8192_256_all_formats.json",
      serve_table),
+    ("Serving latency, turboquant_k3v4_nc and the quality default in one machine session (H100)",
+     "serve_h100_8192_256_k3v4_quality.json", serve_table),
     ("Serving latency, the ring bookkeeping's two forms (H100)", "serve_h100_8192_256_same_run.json", serve_table),
     ("Serving latency (H200)", "serve_h200_8192_256_same_run.json", serve_table),
     ("Decode attention kernel (GPU)", "decode_attention_h200_grid.json", decode_table),

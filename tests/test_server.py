@@ -71,3 +71,35 @@ def test_64_concurrent_streams_equal_sequential(client, smollm2_calibrated):
     print(f"{same}/64 concurrent streams equal their sequential runs")
     assert all(t for t in together)
     assert same >= 16, [(a, b) for a, b in zip(together, alone) if a != b]
+
+
+def test_serve_benchmark_row_keeps_a_refused_servers_reason(tmp_path):
+    """benchmarks/gpu/serve.py's row for a real `aquakv-vllm serve` that refuses to start (no artifact): it says the
+    server never became healthy and keeps the refusal from the server's log as its root error, so a results table
+    names why a format has no figures (an H100 run's row once kept only "rc 1")."""
+    import argparse
+    import socket
+    import sys
+
+    from vllm_aquakv.calibration.models import smollm2_path
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu"))
+    from serve import root_error, serve_and_bench, table
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in os.listdir(smollm2_path()):
+        if name != "aquakv":
+            os.symlink(os.path.join(smollm2_path(), name), model / name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = argparse.Namespace(input_len=32, output_len=4, num_prompts=2, request_rate=1.0, start_timeout=300,
+                              bench_timeout=60, profile=False, max_num_seqs=None)
+    vllm = os.path.join(os.path.dirname(sys.executable), "aquakv-vllm")
+    row = serve_and_bench(str(model), "aquakv", args, str(tmp_path), port=port, vllm=vllm,
+                          server_args=["--kv-cache-dtype", "aquakv", "--max-num-seqs", "2", "--enforce-eager"])
+    assert row["error"].startswith("server did not become healthy"), row
+    assert row["max_num_seqs"] == 2 and "p99_tpot_ms" not in row
+    assert "ArtifactError: no aquakv artifact at" in root_error(row["server_log_errors"]), row["server_log_errors"]
+    assert "ArtifactError: no aquakv artifact" in table([row], 2)[-1]

@@ -72,7 +72,9 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
 
 
 ERROR_MARKS = ("Traceback", "Error", "error:", "out of memory", "Killed", "died", "exited")
-EXCEPTION_LINE = re.compile(r"\b\w+(Error|Exception): ")
+# a traceback's last line, ``[module.]Name: message``, after vLLM's process prefix and log header where it has them
+# (not a WARNING that quotes an error's name)
+EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\)\s+)?(ERROR \S+ \S+ \[\S+\]\s+)?([A-Za-z_]\w*\.)*[A-Z]\w*: ")
 
 
 def log_errors(text: str, lines: int = 12) -> list[str]:
@@ -80,11 +82,12 @@ def log_errors(text: str, lines: int = 12) -> list[str]:
     // 3 (the root cause: vLLM's engine process fails first, its front end after) and its last, else the log's last
     lines: kept in a failed run's row, so the cause survives the log file."""
     all_lines = [l.rstrip() for l in text.splitlines() if l.strip()]
-    marked = list(dict.fromkeys(l for l in all_lines if any(m in l for m in ERROR_MARKS)))
+    marked = list(dict.fromkeys(l for l in all_lines if any(m in l for m in ERROR_MARKS) or EXCEPTION_LINE.search(l)))
+    clip = lambda l: l[:1500] if EXCEPTION_LINE.search(l) else l[:400]  # noqa: E731 (a refusal says what to do)
     if not marked:
-        return [l[:400] for l in all_lines[-lines:]]
+        return [clip(l) for l in all_lines[-lines:]]
     first = marked[:lines // 3]
-    return [l[:400] for l in first + marked[max(len(first), len(marked) - (lines - len(first))):]]
+    return [clip(l) for l in first + marked[max(len(first), len(marked) - (lines - len(first))):]]
 
 
 def root_error(errors: list[str]) -> str:
@@ -214,6 +217,34 @@ def profiler_config(out_dir: str, dtype: str) -> str:
                        "max_iterations": 500})
 
 
+def bench_client(model: str, args, out_dir: str, port: int, vllm: str, env: dict | None, tag: str,
+                 server: subprocess.Popen, row: dict) -> None:
+    """Run `vllm bench serve` against the healthy server on ``port``; its latencies (or what failed) go into ``row``."""
+    result = f"bench_{tag}.json"
+    cmd = [vllm, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+           "--model", model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
+           "--random-output-len", str(args.output_len), "--random-range-ratio", "0", "--num-prompts",
+           str(args.num_prompts), "--request-rate", str(args.request_rate), "--seed", "0",
+           "--ignore-eos", "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", "50,99",
+           "--save-result", "--result-dir", out_dir, "--result-filename", result,
+           *(["--profile"] if getattr(args, "profile", False) else [])]
+    with open(os.path.join(out_dir, f"client_{tag}.txt"), "w") as client_log:
+        rc = subprocess.run(cmd, stdout=client_log, stderr=subprocess.STDOUT, env=env,
+                            timeout=args.bench_timeout).returncode
+    row["rc"] = rc
+    exited = server.poll()
+    if exited is not None:  # the requests it failed were refused, not answered
+        row["error"] = f"the server exited (rc {exited}) during the run"
+    if rc == 0:
+        with open(os.path.join(out_dir, result)) as f:
+            res = json.load(f)
+        row.update({k: res[k] for k in ("completed", "failed", "output_throughput", "duration")
+                    if k in res})
+        for m in METRICS:
+            for p in ("p50", "p99"):
+                row[f"{p}_{m}_ms"] = res.get(f"{p}_{m}_ms")
+
+
 def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765, vllm: str = "vllm",
                     server_args: list[str] | None = None, env: dict | None = None) -> dict:
     """Start `vllm serve` with ``dtype``, run `vllm bench serve` against it, stop it; returns the row.  ``vllm``: the
@@ -227,6 +258,8 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
         server_args = [*kv_cache_args(model, dtype, args.max_num_seqs), "--gpu-memory-utilization",
                        str(args.gpu_memory_utilization),
                        *(["--profiler-config", profiler_config(out_dir, dtype)] if args.profile else [])]
+    if "--max-num-seqs" in server_args:
+        row["max_num_seqs"] = int(server_args[server_args.index("--max-num-seqs") + 1])
     with open(os.path.join(out_dir, f"server_{tag}.txt"), "w") as log:
         server = subprocess.Popen([vllm, "serve", model, "--host", "127.0.0.1", "--port", str(port),
                                    "--max-model-len", str(max_len), *server_args],
@@ -234,33 +267,11 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
                                   cwd=NEUTRAL_CWD)
         try:
             t0 = time.time()
-            if not wait_healthy(port, server, args.start_timeout):
+            if wait_healthy(port, server, args.start_timeout):
+                row["server_start_s"] = round(time.time() - t0, 1)
+                bench_client(model, args, out_dir, port, vllm, env, tag, server, row)
+            else:  # no early return: the log's error lines below are what this row most needs
                 row["error"] = f"server did not become healthy (rc {server.poll()})"
-                return row
-            row["server_start_s"] = round(time.time() - t0, 1)
-            result = f"bench_{tag}.json"
-            cmd = [vllm, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
-                   "--model", model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
-                   "--random-output-len", str(args.output_len), "--random-range-ratio", "0", "--num-prompts",
-                   str(args.num_prompts), "--request-rate", str(args.request_rate), "--seed", "0",
-                   "--ignore-eos", "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", "50,99",
-                   "--save-result", "--result-dir", out_dir, "--result-filename", result,
-                   *(["--profile"] if getattr(args, "profile", False) else [])]
-            with open(os.path.join(out_dir, f"client_{tag}.txt"), "w") as client_log:
-                rc = subprocess.run(cmd, stdout=client_log, stderr=subprocess.STDOUT, env=env,
-                                    timeout=args.bench_timeout).returncode
-            row["rc"] = rc
-            exited = server.poll()
-            if exited is not None:  # the requests it failed were refused, not answered
-                row["error"] = f"the server exited (rc {exited}) during the run"
-            if rc == 0:
-                with open(os.path.join(out_dir, result)) as f:
-                    res = json.load(f)
-                row.update({k: res[k] for k in ("completed", "failed", "output_throughput", "duration")
-                            if k in res})
-                for m in METRICS:
-                    for p in ("p50", "p99"):
-                        row[f"{p}_{m}_ms"] = res.get(f"{p}_{m}_ms")
         except subprocess.TimeoutExpired:
             row["error"] = f"vllm bench serve did not finish in {args.bench_timeout} s"
         finally:
@@ -284,16 +295,28 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
     return row
 
 
-def table(rows: list[dict]) -> list[str]:
+def row_label(row: dict, rows: list[dict], num_prompts: int | None = None) -> str:
+    """A serve row's name in a table of ``rows``: its format, then its --max-num-seqs where the rows' differ and its
+    prompts where they are not ``num_prompts`` (the table's header)."""
+    said = ([f"--max-num-seqs {row['max_num_seqs']}"] if row.get("max_num_seqs") and
+            len({r.get("max_num_seqs") for r in rows}) > 1 else []) + (
+        [f"{row['num_prompts']} prompts"] if num_prompts and row.get("num_prompts", num_prompts) != num_prompts else [])
+    return row["kv_cache_dtype"] + (f" ({', '.join(said)})" if said else "")
+
+
+def table(rows: list[dict], num_prompts: int | None = None) -> list[str]:
     """The markdown table of serve rows: KV tokens, requests, p50/p99 TTFT and TPOT (to 0.01 ms: the runs differ by
-    tenths), p99 ITL, output tok/s."""
+    tenths), p99 ITL, output tok/s; rows named by ``row_label``."""
     fmt = lambda x, spec=",.1f": "-" if x is None else format(x, spec)  # noqa: E731
+    label = lambda r: row_label(r, rows, num_prompts)  # noqa: E731
+
     return ["| kv-cache-dtype | KV tokens | completed | failed | p50 TTFT | p99 TTFT | p50 TPOT | p99 TPOT | p99 ITL | "
             "output tok/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + [
-        f"| {r['kv_cache_dtype']} | {fmt(r.get('kv_tokens')).removesuffix('.0')} | {r.get('completed', '-')} | "
+        f"| {label(r)} | {fmt(r.get('kv_tokens')).removesuffix('.0')} | {r.get('completed', '-')} | "
         f"{r.get('failed', '-')} | {fmt(r.get('p50_ttft_ms'))} | {fmt(r.get('p99_ttft_ms'))} | "
         f"{fmt(r.get('p50_tpot_ms'), '.2f')} | {fmt(r.get('p99_tpot_ms'), '.2f')} | {fmt(r.get('p99_itl_ms'))} | "
-        f"{fmt(r.get('output_throughput'))} |" for r in rows] + [failure_line(r) for r in rows if run_failed(r)]
+        f"{fmt(r.get('output_throughput'))} |" for r in rows] + [
+        failure_line(r, label(r)) for r in rows if run_failed(r)]
 
 
 def run_failed(row: dict) -> bool:
@@ -301,11 +324,12 @@ def run_failed(row: dict) -> bool:
     return "error" in row or bool(row.get("failed"))
 
 
-def failure_line(row: dict) -> str:
-    """A line under the table for a row whose run failed: what failed and the server log's root error line."""
+def failure_line(row: dict, label: str | None = None) -> str:
+    """A line under the table for a row whose run failed (``label``: its name in the table, default its format):
+    what failed and the server log's root error line."""
     what = row.get("error") or f"{row['failed']} requests failed"
     errors = row.get("server_log_errors")
-    return f"\n{row['kv_cache_dtype']}: {what}" + (f"; server log: `{root_error(errors)}`" if errors else "")
+    return f"\n{label or row['kv_cache_dtype']}: {what}" + (f"; server log: `{root_error(errors)}`" if errors else "")
 
 
 def main():
@@ -338,10 +362,7 @@ def main():
 
     os.makedirs(args.out_dir, exist_ok=True)
     if args.join:
-        runs = []
-        for path in args.join.split(","):
-            with open(path) as f:
-                runs.append(json.load(f))
+        runs = [joined_run(path) for path in args.join.split(",")]
         first = runs[0]
         write_table([r for run in runs for r in run["rows"]], args, first["model"], final=True,
                     machine=first["machine"], versions=first["versions"], date=first["date"])
@@ -355,6 +376,23 @@ def main():
         write_table(rows, args, description, final=dtype == formats[-1])
 
 
+def joined_run(path: str) -> dict:
+    """A serve results file for ``--join``, its rows completed from what files written before rows recorded it keep:
+    --max-num-seqs from the run's command, a failed row's error lines from the server log beside the file."""
+    with open(path) as f:
+        run = json.load(f)
+    seqs = re.search(r"--max-num-seqs (\d+)", run.get("command", ""))
+    for row in run["rows"]:
+        if seqs and "max_num_seqs" not in row:
+            row["max_num_seqs"] = int(seqs.group(1))
+        tag = f"{row['kv_cache_dtype']}_{row['input_len']}_{row['output_len']}"
+        log = os.path.join(os.path.dirname(path), f"server_{tag}.txt")
+        if run_failed(row) and "server_log_errors" not in row and os.path.exists(log):
+            with open(log) as f:
+                row["server_log_errors"] = log_errors(f.read())
+    return run
+
+
 def write_table(rows: list[dict], args, description: str, final: bool, **extra) -> None:
     """The markdown table of ``rows`` (printed when ``final``) and the results JSON under args.out_dir; ``extra``
     overrides the JSON's header fields (``--join``: the joined runs' machine, versions and date)."""
@@ -365,7 +403,7 @@ def write_table(rows: list[dict], args, description: str, final: bool, **extra) 
     md = [f"`vllm bench serve` against `vllm serve` on 127.0.0.1: random dataset, {args.input_len} in / "
           f"{args.output_len} out (--ignore-eos), {args.num_prompts} prompts, Poisson arrivals at "
           f"{args.request_rate} req/s, --gpu-memory-utilization {args.gpu_memory_utilization}, vLLM's defaults "
-          "otherwise. Times in ms.\n", *table(rows)] + ([f"\n{args.note}"] if args.note else [])
+          "otherwise. Times in ms.\n", *table(rows, args.num_prompts)] + ([f"\n{args.note}"] if args.note else [])
     if final:
         print("\n".join(md))
     gpu = gpu_tag(extra.get("machine") or machine())
