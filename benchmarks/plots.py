@@ -26,6 +26,8 @@ from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import ROOT, _num, memory_settings  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
+from serve import row_label  # noqa: E402
 
 DPI = 100
 PLAIN = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 10 else f"{v:g}")  # 0.3, 1, 4,000,000
@@ -157,12 +159,14 @@ def decode_attention(paths, out):
 
 
 def _wrap(name: str, width: int = 12) -> str:
-    """A format name broken after its middle underscore where longer than ``width`` (tick labels side by side)."""
+    """A tick label in lines of about ``width`` (tick labels side by side): a format name broken after its middle
+    underscore where longer, what follows it in parentheses (``row_label``) wrapped at spaces."""
+    name, _, rest = name.partition(" (")
     cuts = [i for i, ch in enumerate(name) if ch == "_"]
-    if len(name) <= width or not cuts:
-        return name
-    cut = min(cuts, key=lambda i: abs(i - len(name) / 2)) + 1
-    return name[:cut] + "\n" + name[cut:]
+    if len(name) > width and cuts:
+        cut = min(cuts, key=lambda i: abs(i - len(name) / 2)) + 1
+        name = name[:cut] + "\n" + name[cut:]
+    return name + ("\n" + "\n".join(textwrap.wrap("(" + rest, width + 4)) if rest else "")
 
 
 def serve(paths, out):
@@ -175,7 +179,8 @@ def serve(paths, out):
             bars = ax.bar([i + (j - 0.5) * 0.38 for i in range(len(rows))], [v or 0 for v in vals], 0.38,
                           color=color, label=p)
             ax.bar_label(bars, [_num(v, ".2f" if metric == "tpot" else ".1f") for v in vals], fontsize=8)
-        ax.set_xticks(range(len(rows)), [f"{_wrap(r['kv_cache_dtype'])}\n({r.get('failed', '?')} failed)"
+        ax.set_xticks(range(len(rows)), [f"{_wrap(row_label(r, rows, rows[0]['num_prompts']))}\n"
+                                         f"({'no server' if 'failed' not in r else str(r['failed']) + ' failed'})"
                                          for r in rows], fontsize=8)
         ax.set(xlabel="--kv-cache-dtype", ylabel=f"{metric.upper()}, ms")
         ax.margins(y=0.15)
@@ -246,6 +251,7 @@ PLOTS = [("throughput_h100.png", ["throughput_h100_4096_1024_all_formats.json"],
          ("decode_attention_h200.png", ["decode_attention_h200.json"], decode_attention),
          ("decode_attention_h200_rows.png", ["decode_attention_h200_rows.json"], decode_attention),  # 4 vs 16 rows
          ("serve_h100.png", ["serve_h100_8192_256_all_formats.json"], serve),
+         ("serve_h100_k3v4_quality.png", ["serve_h100_8192_256_k3v4_quality.json"], serve),
          ("serve_h200.png", ["serve_h200_8192_256_same_run.json"], serve),
          ("quality_vs_bits.png", ["pareto_smollm2.json", "pareto_smollm2_fused_modes.json",
                                   "eval_smollm2_vllm_formats.json"], quality)]

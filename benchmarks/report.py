@@ -173,6 +173,7 @@ PLOTS = [("throughput and KV capacity of every vLLM KV format, H200", "throughpu
          ("decode attention time per layer, H200", "decode_attention_h200.png"),
          ("throughput and KV capacity of vLLM's KV formats and aquakv, H100", "throughput_h100.png"),
          ("serving latency, H100", "serve_h100.png"),
+         ("serving latency with turboquant_k3v4_nc and the quality default, H100", "serve_h100_k3v4_quality.png"),
          ("serving latency, H200", "serve_h200.png"),
          ("perplexity vs bits per value, SmolLM2", "quality_vs_bits.png")]
 
