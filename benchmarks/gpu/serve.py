@@ -75,24 +75,33 @@ ERROR_MARKS = ("Traceback", "Error", "error:", "out of memory", "Killed", "died"
 # a traceback's last line, ``[module.]Name: message``, after vLLM's process prefix and log header where it has them
 # (not a WARNING that quotes an error's name)
 EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\)\s+)?(ERROR \S+ \S+ \[\S+\]\s+)?([A-Za-z_]\w*\.)*[A-Z]\w*: ")
+# vLLM's exceptions that only say another process failed
+WRAPPER_ERROR = re.compile(r"root cause|in a background process", re.IGNORECASE)
 
 
 def log_errors(text: str, lines: int = 12) -> list[str]:
-    """The lines of a server log that name an error (a traceback, an exception, out of memory), its first ``lines``
-    // 3 (the root cause: vLLM's engine process fails first, its front end after) and its last, else the log's last
-    lines: kept in a failed run's row, so the cause survives the log file."""
+    """The lines of a server log that name an error (a traceback, an exception, out of memory), in log order: every
+    distinct exception line (up to ``lines`` // 2: the root cause may come from a worker process, before or after the
+    engine's), the first other ones and the last, else the log's last ``lines`` lines: kept in a failed run's row, so
+    the cause survives the log file."""
     all_lines = [l.rstrip() for l in text.splitlines() if l.strip()]
     marked = list(dict.fromkeys(l for l in all_lines if any(m in l for m in ERROR_MARKS) or EXCEPTION_LINE.search(l)))
     clip = lambda l: l[:1500] if EXCEPTION_LINE.search(l) else l[:400]  # noqa: E731 (a refusal says what to do)
     if not marked:
         return [clip(l) for l in all_lines[-lines:]]
-    first = marked[:lines // 3]
-    return [clip(l) for l in first + marked[max(len(first), len(marked) - (lines - len(first))):]]
+    exceptions = [l for l in marked if EXCEPTION_LINE.search(l)][:lines // 2]
+    others = [l for l in marked if l not in exceptions]
+    first = others[:lines // 4]
+    last = others[len(first):][::-1][:max(0, lines - len(first) - len(exceptions))]
+    keep = set(exceptions + first + last)
+    return [clip(l) for l in marked if l in keep]
 
 
 def root_error(errors: list[str]) -> str:
-    """The first exception line (``SomethingError: ...``) of ``log_errors``' lines, else their last line."""
-    return next((l for l in errors if EXCEPTION_LINE.search(l)), errors[-1])
+    """The first exception line of ``log_errors``' lines that is not one of vLLM's wrappers pointing elsewhere ("See
+    root cause above", "exception in a background process"), else the first exception line, else the last line."""
+    found = [l for l in errors if EXCEPTION_LINE.search(l)]
+    return next((l for l in found if not WRAPPER_ERROR.search(l)), found[0] if found else errors[-1])
 
 
 def kernel_times(trace: str, categories=("kernel",), top: int = 15) -> list[dict]:
