@@ -98,7 +98,8 @@ def test_serve_benchmark_row_keeps_a_refused_servers_reason(tmp_path):
                               bench_timeout=60, profile=False, max_num_seqs=None)
     vllm = os.path.join(os.path.dirname(sys.executable), "aquakv-vllm")
     row = serve_and_bench(str(model), "aquakv", args, str(tmp_path), port=port, vllm=vllm,
-                          server_args=["--kv-cache-dtype", "aquakv", "--max-num-seqs", "2", "--enforce-eager"])
+                          server_args=["--kv-cache-dtype", "aquakv", "--max-num-seqs", "2", "--enforce-eager",
+                                       "--gpu-memory-utilization", "0.3"])  # this module's server holds memory too
     assert row["error"].startswith("server did not become healthy"), row
     assert row["max_num_seqs"] == 2 and "p99_tpot_ms" not in row
     assert "ArtifactError: no aquakv artifact at" in root_error(row["server_log_errors"]), row["server_log_errors"]

@@ -74,7 +74,7 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
 ERROR_MARKS = ("Traceback", "Error", "error:", "out of memory", "Killed", "died", "exited")
 # a traceback's last line, ``[module.]Name: message``, after vLLM's process prefix and log header where it has them
 # (not a WARNING that quotes an error's name)
-EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\)\s+)?(ERROR \S+ \S+ \[\S+\]\s+)?([A-Za-z_]\w*\.)*[A-Z]\w*: ")
+EXCEPTION_LINE = re.compile(r"^(\([\w-]+ pid=\d+\)\s+)?(ERROR \S+ \S+ \[\S+\]\s+)?([A-Za-z_]\w*\.)*[A-Z]\w*: ")
 # vLLM's exceptions that only say another process failed
 WRAPPER_ERROR = re.compile(r"root cause|in a background process", re.IGNORECASE)
 
