@@ -254,6 +254,11 @@ def bench_client(model: str, args, out_dir: str, port: int, vllm: str, env: dict
                 row[f"{p}_{m}_ms"] = res.get(f"{p}_{m}_ms")
 
 
+def server_log_path(out_dir: str, dtype: str, input_len: int, output_len: int) -> str:
+    """Where serve_and_bench keeps a format's server log (``--join`` reads it back beside the results file)."""
+    return os.path.join(out_dir, f"server_{dtype}_{input_len}_{output_len}.txt")
+
+
 def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765, vllm: str = "vllm",
                     server_args: list[str] | None = None, env: dict | None = None) -> dict:
     """Start `vllm serve` with ``dtype``, run `vllm bench serve` against it, stop it; returns the row.  ``vllm``: the
@@ -269,7 +274,8 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
                        *(["--profiler-config", profiler_config(out_dir, dtype)] if args.profile else [])]
     if "--max-num-seqs" in server_args:
         row["max_num_seqs"] = int(server_args[server_args.index("--max-num-seqs") + 1])
-    with open(os.path.join(out_dir, f"server_{tag}.txt"), "w") as log:
+    log_path = server_log_path(out_dir, dtype, args.input_len, args.output_len)
+    with open(log_path, "w") as log:
         server = subprocess.Popen([vllm, "serve", model, "--host", "127.0.0.1", "--port", str(port),
                                    "--max-model-len", str(max_len), *server_args],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
@@ -285,7 +291,7 @@ def serve_and_bench(model: str, dtype: str, args, out_dir: str, port: int = 8765
             row["error"] = f"vllm bench serve did not finish in {args.bench_timeout} s"
         finally:
             stop_group(server)
-    with open(os.path.join(out_dir, f"server_{tag}.txt")) as f:
+    with open(log_path) as f:
         text = f.read()
     row["kv_tokens"] = kv_tokens(text)
     if run_failed(row):
@@ -394,8 +400,7 @@ def joined_run(path: str) -> dict:
     for row in run["rows"]:
         if seqs and "max_num_seqs" not in row:
             row["max_num_seqs"] = int(seqs.group(1))
-        tag = f"{row['kv_cache_dtype']}_{row['input_len']}_{row['output_len']}"
-        log = os.path.join(os.path.dirname(path), f"server_{tag}.txt")
+        log = server_log_path(os.path.dirname(path), row["kv_cache_dtype"], row["input_len"], row["output_len"])
         if run_failed(row) and "server_log_errors" not in row and os.path.exists(log):
             with open(log) as f:
                 row["server_log_errors"] = log_errors(f.read())
