@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from vllm_aquakv.codec import fwht
+from vllm_aquakv.kernels import cuda_decode
 from vllm_aquakv.window import WindowStep
 
 LOG2E = 1.4426950408889634
@@ -869,6 +870,9 @@ class AttentionPlan:
     # uniform key codes in decode launches: scores on int8 tensor cores, queries rounded to int8 per row in the
     # Hadamard domain (``_int8_scores``); None: off
     qk_int8: bool | None = None
+    # decode launches of uniform 2-bit codes on CUDA: the codes segments on the hand-written CUDA loop
+    # (``cuda_decode``; the Triton kernel where ``cuda_decode.decode_refusal`` says why not); False: always Triton
+    cuda_decode: bool = False
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -1022,7 +1026,11 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         QK_INT8=qk_int8, HAS_K_SCALE=layer.k_dinv is not None, num_warps=plan.num_warps, num_stages=stages,
         **options,
     )
-    launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
+    if cuda_decode.decode_refusal(query, kv_cache, plan, layer, window) is None:  # (ring_programs is 0 there)
+        cuda_decode.launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc, plan, layer, scale,
+                                        m, l, acc_v, window)
+    else:
+        launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
     if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)
         launch(1, True)
     if out is None:

@@ -97,6 +97,7 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
                                       v_lanes=lane_table(vc.grid, vc.code_bits, head_dim, index_bits))
     # no split, split-K over many segments, and the same codes decoded through byte-indexed tables (or, for d1n4,
     # in registers: index_bits=2; for u1n4 through the 1024-exponent trick: index_bits=1)
+    subnormal = fused
     for min_programs, fused in ((1, fused), (10_000, fused), (1, byte_tables)):
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
@@ -108,8 +109,39 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
         assert err < tol, (min_programs, err)
         assert torch.allclose(got, want, atol=tol * 5 * want.abs().max().item()), (got - want).abs().max()
     if decode_only:
+        if DEVICE == "cuda":  # the speed preset's decode codes run on the CUDA loop (cuda_decode): it, not Triton
+            check_cuda_decode(query, kv, block_table, lens, qsl, scale, subnormal, None, want,
+                              k_grid == "u1n4" and value_predictor == "none" and head_dim == 128)
         return
     check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want)
+
+
+def check_cuda_decode(query, kv, block_table, lens, qsl, scale, fused, window, want, expected: bool):
+    """The CUDA decode codes loop (``cuda_decode``) takes exactly the launches it should, and its output matches the
+    torch path and the Triton codes loop (``AttentionPlan.cuda_decode=False``), without and with split-K."""
+    from vllm_aquakv.kernels import cuda_decode
+    from vllm_aquakv.kernels.attention import fused_attention, plan_attention
+
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    qsl_dev = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
+    for min_programs in (1, 10_000):
+        plan = plan_attention(qsl, max(lens), query.shape[1], kv.shape[1], DEVICE, window=window is not None,
+                              min_programs=min_programs)
+        plan.ring_launch = True  # (fewer requests read the ring in programs of the Triton codes launch)
+        plan.cuda_decode = True
+        refusal = cuda_decode.decode_refusal(query, kv, plan, fused, window)
+        assert (refusal is None) == expected, refusal
+        if refusal is not None:
+            continue
+        got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=window).cpu()
+        triton_plan = dataclasses.replace(plan, cuda_decode=False, _partials=None)
+        assert cuda_decode.decode_refusal(query, kv, triton_plan, fused, window) is not None
+        triton = fused_attention(query, kv, block_table, seq_lens, qsl_dev, triton_plan, fused, scale,
+                                 window=window).cpu()
+        for other in (want, triton):
+            err = (got - other).norm() / other.norm()
+            assert err < 3e-3, (min_programs, plan.segments, err)
+            assert torch.allclose(got, other, atol=0.015 * other.abs().max().item()), (got - other).abs().max()
 
 
 def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want):
@@ -268,6 +300,35 @@ def test_int8_scores_refusals(head_dim, grid, value_predictor, reason, rng):
         with pytest.raises(ValueError, match="qk_int8"):
             fused_attention(torch.randn(1, 3, head_dim), kv, torch.zeros(1, 1, dtype=torch.int32),
                             torch.ones(1, dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), plan, fused, 1.0)
+
+
+@pytest.mark.parametrize("head_dim,grid,value_predictor,group,page_block,dtype,reason", [
+    (128, "u1n4", "none", 3, 16, torch.bfloat16, None), (128, "u1n4", "none", 8, 128, torch.float16, None),
+    (64, "u1n4", "none", 3, 16, torch.bfloat16, "head_dim 128"), (128, "d2n16", "none", 3, 16, torch.bfloat16, "u1n4"),
+    (128, "u1n4", "per_head", 3, 16, torch.bfloat16, "value predictor"),
+    (128, "u1n4", "none", 16, 16, torch.bfloat16, "at most 8"), (128, "u1n4", "none", 3, 8, torch.bfloat16, "16"),
+    (128, "u1n4", "none", 3, 16, torch.float32, "bfloat16 or float16")])
+def test_cuda_decode_refusals(head_dim, grid, value_predictor, group, page_block, dtype, reason, rng):
+    """Which layers the CUDA decode codes loop (``cuda_decode``) takes, and the reason for the others (the server's
+    startup log names it; their decodes run the Triton loop); off the GPU every launch is refused."""
+    from vllm_aquakv.kernels import cuda_decode
+    from vllm_aquakv.kernels.attention import fused_layer_or_reason, plan_attention
+    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
+    from vllm_aquakv.serving import TorchServingPath
+
+    config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor=value_predictor,
+                          value_topology="k_same" if value_predictor == "per_head" else "none", key_grid=grid,
+                          value_grid=grid, layer0_grid=grid)
+    k, v = torch.randn(64, 1, head_dim, generator=rng), torch.randn(64, 1, head_dim, generator=rng)
+    cache = AquaKVCache.calibrate(config, [k, k], [v, v])
+    path = TorchServingPath(cache, None)
+    fused = fused_layer_or_reason(cache, path.layouts[1], 1)
+    got = cuda_decode.layer_refusal(fused, group, page_block, dtype)
+    assert got is None if reason is None else reason in got, got
+    kv = torch.zeros(1, 1, page_block, path.slot_bytes(1), dtype=torch.uint8)
+    plan = plan_attention([0, 1], 1, group, 1, "cpu")
+    assert cuda_decode.decode_refusal(torch.randn(1, group, head_dim).to(dtype), kv, plan, fused, None) == \
+        "not a CUDA device"
 
 
 @pytest.mark.parametrize("head_dim,page_block", [(64, 64), (128, 16)])
@@ -517,6 +578,9 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
         got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
         err = (got - want).norm() / want.norm()
         assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, step, err)
+    if decode_only and DEVICE == "cuda":  # the CUDA decode codes loop with the ring's own launch
+        check_cuda_decode(query, kv, block_table, lens, qsl, scale, fused, win, want,
+                          grid == "u1n4" and head_dim == 128)
     if decode_only and window > 0:  # a decode's own token comes from its 16-bit input, never from its codes, so
         # the cache write may store them while the attention runs (``write_beside``): NaN bytes there change nothing
         own = [(r, n - 1) for r, n in enumerate(lens)]

@@ -141,9 +141,12 @@ class ServingState:
         if fused is not None:
             self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,
-                                      extra.get("aquakv_flash_prefill", True), extra.get("aquakv_int8_scores", False))
+                                      extra.get("aquakv_flash_prefill", True), extra.get("aquakv_int8_scores", False),
+                                      extra.get("aquakv_cuda_decode", False))
         elif extra.get("aquakv_int8_scores"):
             raise UnsupportedModel("aquakv_int8_scores is an option of the fused Triton kernels (CUDA): drop it")
+        if extra.get("aquakv_cuda_decode") and not on_cuda:
+            raise UnsupportedModel("aquakv_cuda_decode runs a CUDA kernel (kernels/decode_codes.cu): drop it off CUDA")
         if not self.path.fused:
             if fused is not None:  # aquakv_kernels on, but the fused kernels cannot serve this artifact
                 self.kernel_note += "; " + self.path.use_residual_kernel()
@@ -202,9 +205,36 @@ class ServingState:
             return f"FlashAttention takes 16-bit models, this one is {str(self.model_dtype).replace('torch.', '')}"
         return "no FlashAttention in this vLLM build for this head size"
 
+    def _enable_cuda_decode(self, fused: dict, num_q_heads: int, num_kv_heads: int, block_size: int, exact) -> str:
+        """Compile the CUDA decode codes loop (``kernels/cuda_decode.py``) for every layer that can take it and turn
+        it on; returns what the startup log says.  A compile failure refuses the server (``aquakv_cuda_decode``
+        false serves with the Triton loop instead)."""
+        from .kernels import cuda_decode
+
+        refusals = {layer: cuda_decode.layer_refusal(f, num_q_heads // num_kv_heads, block_size, self.model_dtype)
+                    for layer, f in fused.items()}
+        takers = [layer for layer, r in refusals.items() if r is None]
+        if not takers:
+            return f"decode codes loop in Triton ({next(iter(refusals.values()))})"
+        window = None if exact is None else (exact.sinks, exact.window)
+        for layer in takers:
+            stride_token = self.path.slot_bytes(layer)  # (vLLM's cache views keep each slot whole)
+            config = cuda_decode.decode_config(fused[layer], num_q_heads, num_kv_heads, block_size, stride_token,
+                                               self.model_dtype, window)
+            try:
+                cuda_decode.compiled(config)
+            except Exception as e:  # NVRTC missing or failing: say so, never serve a half-built path
+                raise UnsupportedModel(f"the CUDA decode loop (kernels/decode_codes.cu) did not compile with NVRTC: "
+                                       f"{e}. Serve with --additional-config '{{\"aquakv_cuda_decode\": false}}' "
+                                       "for the Triton loop") from e
+        self.path.cuda_decode = True
+        return (f"decode codes loop in CUDA on {len(takers)} of {len(fused)} layers"
+                + ("" if len(takers) == len(fused) else
+                   f" (the others: {next(r for r in refusals.values() if r)})"))
+
     def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,
                              block_size: int, compile_now: bool, flash_prefill: bool = True,
-                             int8_scores: bool = False) -> None:
+                             int8_scores: bool = False, cuda_decode: bool = False) -> None:
         """Serve all layers with the fused Triton attention kernel (kernels/attention.py) if every layer can take
         it, else all with the torch path; the startup log says which and why.  On CUDA, compile the kernel's
         variants now rather than during the first requests."""
@@ -232,6 +262,8 @@ class ServingState:
                                        "--preset speed)")
             self.path.int8_scores = True
             self.kernel_note += "; decode scores on int8 tensor cores (aquakv_int8_scores: queries rounded to int8)"
+        if compile_now and cuda_decode and not int8_scores:  # decode codes loop of u1n4 layers: kernels/decode_codes.cu
+            self.kernel_note += "; " + self._enable_cuda_decode(fused, num_q_heads, num_kv_heads, block_size, exact)
         if compile_now and flash_prefill:  # prefill: reconstruction + vLLM's FlashAttention (window: 2 calls)
             found = self._use_flash_attention()
             self.kernel_note += ("; prefill through reconstructed K/V + FlashAttention" if found else

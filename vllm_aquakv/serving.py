@@ -122,6 +122,7 @@ class TorchServingPath:
         self.cache, self.rope = cache, rope
         self.fused: dict = {}  # layer -> kernels.attention.FusedLayer, for layers served by the fused kernel (CUDA)
         self.int8_scores = False  # fused decode steps score on int8 tensor cores (``aquakv_int8_scores``)
+        self.cuda_decode = False  # fused decode steps of u1n4 codes run the CUDA codes loop (``aquakv_cuda_decode``)
         self.overlap_write = False  # fused decode steps with the window write beside attention (``aquakv_overlap_write``)
         self.slice_tokens: int | None = None  # context tokens per slice of ``attend``'s reconstruction (None: by device)
         self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (aquakv_window; runtime sets the default)

@@ -239,6 +239,7 @@ def bench(fn):
 
 
 def main():
+    from vllm_aquakv.kernels import cuda_decode
     from vllm_aquakv.kernels.attention import fused_attention, plan_attention
     from vllm_aquakv.results import write_results
 
@@ -252,6 +253,8 @@ def main():
                        ("--profile", "GPU time per kernel of each decode call (kernel_us) and of the window's prefill"),
                        ("--one-segment", "also each aquakv mode with one split-K segment"),
                        ("--qk-int8", "also each aquakv mode with scores on int8 tensor cores (AttentionPlan.qk_int8)"),
+                       ("--cuda-codes", "also each aquakv mode with the CUDA decode codes loop where it applies "
+                                        "(AttentionPlan.cuda_decode=True, kernels/decode_codes.cu)"),
                        ("--with-write", "modes with the window: also the decode layer step, cache write + attention, "
                                         "with the write before the attention and beside it on a second stream")):
         ap.add_argument(flag, action="store_true", help=text)
@@ -322,13 +325,18 @@ def main():
                 block_ms = [plan.block_m] + [plan_attention(qsl_list, ctx, HQ, H, "cuda", decode_rows=r).block_m
                                              for r in ints(args.rows)]
                 regs = [None] + ints(args.maxnreg)  # None: as fused_attention picks (the sweep's cap with a ring launch)
-                variants = [(ring, segments, step, q8, bm, reg) for segments in dict.fromkeys(counts) for ring in rings
-                            for step in steps for q8 in qk for bm in dict.fromkeys(block_ms) for reg in regs]
-                for (ring_launch, ring_programs), segments, step, q8, block_m, reg in variants:
+                loops = [False] + ([True] if args.cuda_codes else [])  # AttentionPlan.cuda_decode
+                variants = [(ring, segments, step, q8, bm, reg, cd) for segments in dict.fromkeys(counts)
+                            for ring in rings for step in steps for q8 in qk for bm in dict.fromkeys(block_ms)
+                            for reg in regs for cd in loops]
+                for (ring_launch, ring_programs), segments, step, q8, block_m, reg, cd in variants:
                     p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
                                             segments=segments,
                                             maxnreg=reg or (plan.maxnreg if ring_launch else None),
-                                            combine_step=step, qk_int8=q8, block_m=block_m)
+                                            combine_step=step, qk_int8=q8, block_m=block_m, cuda_decode=cd)
+                    refusal = cuda_decode.decode_refusal(q, kv, p, fused, win)
+                    if cd and refusal is not None:
+                        continue  # the Triton loop runs anyway: the row without --cuda-codes has it
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
@@ -338,8 +346,9 @@ def main():
                                else f", {segments} segments") + ("" if step is None else f", combine step {step}")
                             + (", int8 scores" if q8 else "")
                             + ("" if block_m == plan.block_m else f", {block_m} rows")
-                            + ("" if reg is None else f", maxnreg {reg}"))
+                            + ("" if reg is None else f", maxnreg {reg}") + (", CUDA codes loop" if cd else ""))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
+                                 "codes_loop": "cuda" if refusal is None else f"triton ({refusal})",
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
                     if args.profile:  # which launch of the call takes the time (attention kernel, combine, ...)

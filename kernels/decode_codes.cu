@@ -1,0 +1,391 @@
+// Decode attention over uniform 2-bit aquakv codes (grid u1n4, the speed preset), hand-written for the tensor cores'
+// mma.sync: the codes loop of kernels/attention.py's _fused_attention_kernel for decode launches (one query token per
+// request, RING_FIRST), writing the same split-K partials (running max m, denominator l, Hadamard-domain value sums in
+// value-lane order) so that attention.py's _combine_kernel merges them.  Compiled at run time by NVRTC
+// (kernels/cuda_decode.py), one module per configuration given by the #defines it prepends:
+//   G (query heads per KV head, <= 8), NUM_Q_HEADS, PAGE_BLOCK (a multiple of 16), SINKS, WINDOW, HAS_WINDOW,
+//   HAS_K_BIAS, HAS_K_SCALE, Q_BF16, V_CODE_OFFSET, K_SCALE_OFFSET (V's fp16 scale follows it),
+//   STRIDE_TOKEN (bytes from one token's slot to the next).
+// head_dim is 128: 32 code bytes per stream per (token, KV head); code i of byte b is head position 4 b + i, whose
+// value-lane-order index is 32 i + b.
+//
+// One block of 4 warps = (request, KV head, split-K segment).  Each warp walks 16-token steps of the segment (warp w
+// takes steps w, w + 4, ...) with its own online softmax, and the 4 warps merge in shared memory at the end.  Per step:
+//   scores  S [16 tokens x 8 heads] = K codes [16 tokens x 16 dims] . Q [16 dims x 8 heads], 8 mma over 128 dims;
+//   values  O^T [16 dims x 8 heads] += V codes^T [16 dims x 16 tokens] . P^T [16 tokens x 8 heads], 8 mma.
+// A code c in lane i of a byte, masked in place (c 4^i in bits 2i..2i+1), is the float16 subnormal c 4^i 2^-24, which
+// the tensor cores multiply exactly: one LOP3 per pair of values; the query's lane i is scaled by 4^-i and the sums are
+// turned back into grid units (g0 + step c) after the loop, as attention.py's _uniform_lane / _uniform_terms do.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define FULL_MASK 0xffffffffu
+#define HEAD_DIM 128
+#define CODE_BYTES 32
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float half_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u32 pack_half2(float lo, float hi) {  // round to nearest; lo in the low 16 bits
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float query_value(const u16* q, long long i) {
+#if Q_BF16
+    return __uint_as_float(((u32)q[i]) << 16);
+#else
+    return half_to_float(q[i]);
+#endif
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ u32 load_word(const u8* p) {  // read-only 32-bit load (4-byte aligned)
+    u32 r;
+    asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// c[0..3] += A [16 x 16] . B [16 x 8]: fp16 operands, fp32 accumulators (PTX m16n8k16 fragment layouts)
+__device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float warp_max_over_groups(float x) {  // max over the 8 lane groups (same lane % 4)
+    x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 4));
+    x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 8));
+    return fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 16));
+}
+
+__device__ __forceinline__ float warp_sum_over_groups(float x) {
+    x += __shfl_xor_sync(FULL_MASK, x, 4);
+    x += __shfl_xor_sync(FULL_MASK, x, 8);
+    return x + __shfl_xor_sync(FULL_MASK, x, 16);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL_MASK, x, o);
+    return x;
+}
+
+// key half2 number h (0..15) of a thread's 8 code bytes (words w0, w1): word h / 8, bytes (0, 2) or (1, 3) of it
+// (h / 4 % 2), code lane h % 4 in place.  Its low half is byte 4 (h / 8) + h / 4 % 2 of the thread's 8, the high half
+// two bytes further.
+__device__ __forceinline__ u32 key_pair(u32 w0, u32 w0_hi, u32 w1, u32 w1_hi, int h) {
+    u32 w = (h >> 3) ? (((h >> 2) & 1) ? w1_hi : w1) : (((h >> 2) & 1) ? w0_hi : w0);
+    return w & (0x00030003u << (2 * (h & 3)));
+}
+
+struct StepLoads {
+    u32 k[4];  // key code words: token g bytes 8t..8t+3, 8t+4..8t+7, then token g + 8's
+    u32 v[4];  // value code word g (bytes 4g..4g+3) of tokens 2t, 2t + 1, 2t + 8, 2t + 9
+    u32 s[2];  // fp16 key scale (low half) and value scale (high half) of tokens g and g + 8
+};
+
+// the step's slots start at p; kp = p + g ST + 8t, vp = p + V_CODE_OFFSET + 4g + 2t ST, sp = p + g ST + K_SCALE_OFFSET
+// (per-thread offsets fixed for the whole loop: every load is one of three pointers plus a constant)
+__device__ __forceinline__ StepLoads load_step(const u8* p, int k_off, int v_off, int s_off) {
+    StepLoads r;
+    const u8* kp = p + k_off;
+    r.k[0] = load_word(kp);
+    r.k[1] = load_word(kp + 4);
+    r.k[2] = load_word(kp + 8 * STRIDE_TOKEN);
+    r.k[3] = load_word(kp + 8 * STRIDE_TOKEN + 4);
+    const u8* vp = p + v_off;
+    r.v[0] = load_word(vp);
+    r.v[1] = load_word(vp + STRIDE_TOKEN);
+    r.v[2] = load_word(vp + 8 * STRIDE_TOKEN);
+    r.v[3] = load_word(vp + 9 * STRIDE_TOKEN);
+    const u8* sp = p + s_off;
+    r.s[0] = load_word(sp);
+    r.s[1] = load_word(sp + 8 * STRIDE_TOKEN);
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4) aquakv_decode_codes(
+    const u16* __restrict__ q, const u16* __restrict__ sign_k, const float* __restrict__ k_bias,
+    const float* __restrict__ k_dinv, const u8* __restrict__ cache, const int* __restrict__ block_table,
+    const int* __restrict__ seq_lens, const int* __restrict__ q_start, const float* __restrict__ k_terms,
+    const float* __restrict__ v_terms, float* __restrict__ m_out, float* __restrict__ l_out,
+    float* __restrict__ acc_v_out, const long long* __restrict__ tags, int num_segments, int num_tokens,
+    double logit_scale_arg, int stride_qn, int stride_qh, int stride_block, int stride_head, int stride_bt, int tile) {
+    __shared__ float q_rows[G][HEAD_DIM];       // queries (times 1 / D), then rotated and scaled
+    __shared__ float red[3][4][8];              // per-warp reductions: [quantity][warp][head]
+    __shared__ float acc_merge[4][G][HEAD_DIM];  // the warps' value sums, in value-lane order
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int seq = blockIdx.x, kv_head = blockIdx.y, segment = blockIdx.z;
+    const int q0 = q_start[seq];
+    if (q_start[seq + 1] - q0 <= 0) return;  // a CUDA-graph padding request: nothing to store
+    const int context = seq_lens[seq] - 1;    // position of the request's one query token
+#if HAS_WINDOW && WINDOW > 0
+    const int kv_end = context;  // the query's own key is read by the ring pass (RING_FIRST)
+#else
+    const int kv_end = context + 1;
+#endif
+    // this segment's key range, in tiles of `tile` tokens (the plan's) as _fused_attention_kernel splits it
+    const int num_tiles = (kv_end + tile - 1) / tile;
+    const int per_segment = (num_tiles + num_segments - 1) / num_segments;
+    const int lo = min(segment * per_segment, num_tiles) * tile;
+    const int hi = min(lo + per_segment * tile, kv_end);
+    const int num_steps = hi > lo ? (hi - lo + 15) / 16 : 0;
+
+    // --- the query: q A in lane order times logit_scale / h; q . b_k ---------------------------------------------
+    const float logit_scale = (float)logit_scale_arg;  // (torch's NVRTC launcher passes Python floats as doubles)
+    const float q_scale = logit_scale / HEAD_DIM;
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) {
+        float x = query_value(q, (long long)q0 * stride_qn + (long long)(kv_head * G + hd) * stride_qh + tid);
+        float b = 0.0f;
+#if HAS_K_BIAS
+        b = x * k_bias[kv_head * HEAD_DIM + tid];
+#endif
+#if HAS_K_SCALE
+        x *= k_dinv[kv_head * HEAD_DIM + tid];
+#endif
+        q_rows[hd][tid] = x;
+        b = warp_sum(b);
+        if (lane == 0) red[1][warp][hd] = b;
+    }
+    __syncthreads();
+    float rotated[G];
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) rotated[hd] = 0.0f;
+#pragma unroll 8
+    for (int d = 0; d < HEAD_DIM; ++d) {  // column tid of q diag(s) H (entries +-1)
+        const float s = half_to_float(sign_k[d * HEAD_DIM + tid]);
+#pragma unroll
+        for (int hd = 0; hd < G; ++hd) rotated[hd] += q_rows[hd][d] * s;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) {
+        const float x = rotated[hd] * q_scale;
+        q_rows[hd][tid] = x;
+        const float s = warp_sum(x);
+        if (lane == 0) red[0][warp][hd] = s;
+    }
+    __syncthreads();
+    const float k_g0 = k_terms[0], k_mul = k_terms[1] * 16777216.0f;  // code c is the subnormal c 2^-24
+    float q_sum[2], q_bias[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int hd = 2 * t + j;
+        q_sum[j] = 0.0f;
+        q_bias[j] = 0.0f;
+        if (hd < G) {
+            q_sum[j] = (red[0][0][hd] + red[0][1][hd] + red[0][2][hd] + red[0][3][hd]) * k_g0;
+#if HAS_K_BIAS
+            q_bias[j] = (red[1][0][hd] + red[1][1][hd] + red[1][2][hd] + red[1][3][hd]) * logit_scale;
+#endif
+        }
+    }
+    // B fragments of the scores' mma: head g, the dims of key half2 numbers 2 ks and 2 ks + 1 of thread t
+    u32 qb[8][2];
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int h = 2 * ks + r, i = h & 3;
+            const int pos = 32 * i + 8 * t + 4 * (h >> 3) + ((h >> 2) & 1);
+            const float lane_scale = i == 0 ? 1.0f : (i == 1 ? 0.25f : (i == 2 ? 0.0625f : 0.015625f));
+            float lo_v = 0.0f, hi_v = 0.0f;
+            if (g < G) {
+                lo_v = q_rows[g][pos] * lane_scale;
+                hi_v = q_rows[g][pos + 2] * lane_scale;
+            }
+            qb[ks][r] = pack_half2(lo_v, hi_v);
+        }
+    }
+
+    // --- the codes loop ------------------------------------------------------------------------------------------
+    float m[2] = {-1.0e30f, -1.0e30f}, l[2] = {0.0f, 0.0f}, w[2] = {0.0f, 0.0f};  // heads 2t, 2t + 1
+    float acc[8][4];
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+    const int* bt = block_table + (long long)seq * stride_bt;
+    const long long head_base = (long long)kv_head * stride_head;
+    // software pipeline: the next step's codes and the block of the one after are loaded before this step's math
+    const int k_off = g * STRIDE_TOKEN + 8 * t, v_off = V_CODE_OFFSET + 4 * g + 2 * t * STRIDE_TOKEN;
+    const int s_off = g * STRIDE_TOKEN + K_SCALE_OFFSET;
+    int step = warp;
+    int blk_next = 0;
+    StepLoads cur;
+    if (step < num_steps) {
+        const int tok0 = lo + 16 * step;
+        const long long blk = bt[(unsigned)tok0 / PAGE_BLOCK];
+        cur = load_step(cache + blk * stride_block + head_base + ((unsigned)tok0 % PAGE_BLOCK) * STRIDE_TOKEN, k_off, v_off,
+                        s_off);
+        if (step + 4 < num_steps) blk_next = bt[(unsigned)(tok0 + 64) / PAGE_BLOCK];
+    }
+    for (; step < num_steps; step += 4) {
+        const int tok0 = lo + 16 * step;
+        const int blk = bt[(unsigned)tok0 / PAGE_BLOCK];  // (an L1 hit: loaded as blk_next one step earlier)
+        StepLoads nxt;
+        if (step + 4 < num_steps) {
+            const int tok1 = tok0 + 64;
+            nxt = load_step(cache + (long long)blk_next * stride_block + head_base + ((unsigned)tok1 % PAGE_BLOCK) * STRIDE_TOKEN,
+                            k_off, v_off, s_off);
+            if (step + 8 < num_steps) blk_next = bt[(unsigned)(tok1 + 64) / PAGE_BLOCK];
+        }
+        // scores: 8 mma over the 128 dims (tokens g, g + 8 x heads 2t, 2t + 1 per thread)
+        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const u32 k0h = cur.k[0] >> 8, k1h = cur.k[1] >> 8, k2h = cur.k[2] >> 8, k3h = cur.k[3] >> 8;
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+            mma_16816(s, key_pair(cur.k[0], k0h, cur.k[1], k1h, 2 * ks), key_pair(cur.k[2], k2h, cur.k[3], k3h, 2 * ks),
+                      key_pair(cur.k[0], k0h, cur.k[1], k1h, 2 * ks + 1),
+                      key_pair(cur.k[2], k2h, cur.k[3], k3h, 2 * ks + 1), qb[ks][0], qb[ks][1]);
+        }
+        const int tg = tok0 + g, tg8 = tg + 8;
+        const bool valid_g = tg < hi, valid_g8 = tg8 < hi;
+        const float ks_g = valid_g ? half_to_float((u16)cur.s[0]) : 0.0f;
+        const float ks_g8 = valid_g8 ? half_to_float((u16)cur.s[1]) : 0.0f;
+        const float vs_g = valid_g ? half_to_float((u16)(cur.s[0] >> 16)) : 0.0f;
+        const float vs_g8 = valid_g8 ? half_to_float((u16)(cur.s[1] >> 16)) : 0.0f;
+        float sc[4];  // base-2 logits: (token g, head 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
+        sc[0] = (s[0] * k_mul + q_sum[0]) * ks_g + q_bias[0];
+        sc[1] = (s[1] * k_mul + q_sum[1]) * ks_g + q_bias[1];
+        sc[2] = (s[2] * k_mul + q_sum[0]) * ks_g8 + q_bias[0];
+        sc[3] = (s[3] * k_mul + q_sum[1]) * ks_g8 + q_bias[1];
+        bool keep_g = valid_g, keep_g8 = valid_g8;
+#if HAS_WINDOW
+        // sinks and recent keys whose 16-bit copy the ring holds are the ring pass's (vllm_aquakv.window)
+        if (tok0 < SINKS || tok0 + 16 > context - WINDOW) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int tk = r ? tg8 : tg;
+                if ((r ? keep_g8 : keep_g) && (tk < SINKS || context - tk < WINDOW)) {
+                    const int col = WINDOW > 0 ? (tk < SINKS ? tk : SINKS + tk % (WINDOW > 0 ? WINDOW : 1))
+                                               : min(tk, SINKS - 1);
+                    const long long tag = tags[(long long)seq * (SINKS + WINDOW) + col];
+                    if (tag == (long long)blk * PAGE_BLOCK + (unsigned)tk % PAGE_BLOCK) {
+                        if (r) keep_g8 = false; else keep_g = false;
+                    }
+                }
+            }
+        }
+#endif
+        if (!keep_g) sc[0] = sc[1] = NEG_INF;
+        if (!keep_g8) sc[2] = sc[3] = NEG_INF;
+        // online softmax per head over the warp's tokens; the sums are rescaled only when a running max grows
+        const float mx0 = fmaxf(m[0], warp_max_over_groups(fmaxf(sc[0], sc[2])));
+        const float mx1 = fmaxf(m[1], warp_max_over_groups(fmaxf(sc[1], sc[3])));
+        if (__any_sync(FULL_MASK, mx0 > m[0] || mx1 > m[1])) {
+            const float a0 = exp2_approx(m[0] - mx0), a1 = exp2_approx(m[1] - mx1);
+            m[0] = mx0;
+            m[1] = mx1;
+            l[0] *= a0;
+            l[1] *= a1;
+            w[0] *= a0;
+            w[1] *= a1;
+#pragma unroll
+            for (int mt = 0; mt < 8; ++mt) {
+                acc[mt][0] *= a0;
+                acc[mt][1] *= a1;
+                acc[mt][2] *= a0;
+                acc[mt][3] *= a1;
+            }
+        }
+        const float p0 = exp2_approx(sc[0] - m[0]), p1 = exp2_approx(sc[1] - m[1]);
+        const float p2 = exp2_approx(sc[2] - m[0]), p3 = exp2_approx(sc[3] - m[1]);
+        l[0] += p0 + p2;
+        l[1] += p1 + p3;
+        // value weights p * scale_v in fp16, (head 2t, head 2t + 1) pairs of tokens g and g + 8
+        const u32 pg = pack_half2(p0 * vs_g, p1 * vs_g), pg8 = pack_half2(p2 * vs_g8, p3 * vs_g8);
+        w[0] += half_to_float((u16)pg) + half_to_float((u16)pg8);
+        w[1] += half_to_float((u16)(pg >> 16)) + half_to_float((u16)(pg8 >> 16));
+        // P^T fragments (tokens 2t, 2t + 1 | 2t + 8, 2t + 9 of head g) from the threads that hold them
+        const int src = 8 * t + (g >> 1);
+        const u32 x0 = __shfl_sync(FULL_MASK, pg, src), x1 = __shfl_sync(FULL_MASK, pg, src + 4);
+        const u32 x2 = __shfl_sync(FULL_MASK, pg8, src), x3 = __shfl_sync(FULL_MASK, pg8, src + 4);
+        const u32 pick = (g & 1) ? 0x7632u : 0x5410u;
+        const u32 pb0 = __byte_perm(x0, x1, pick), pb1 = __byte_perm(x2, x3, pick);
+        // values: byte j of the 4 tokens' words, paired by token, code lanes in place; 8 mma over the 128 dims
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 sel = j | ((4 + j) << 8);
+            const u32 v01 = __byte_perm(cur.v[0], cur.v[1], sel), v89 = __byte_perm(cur.v[2], cur.v[3], sel);
+#pragma unroll
+            for (int ii = 0; ii < 2; ++ii) {
+                const u32 mask0 = 0x00030003u << (4 * ii), mask1 = 0x000c000cu << (4 * ii);
+                mma_16816(acc[2 * j + ii], v01 & mask0, v01 & mask1, v89 & mask0, v89 & mask1, pb0, pb1);
+            }
+        }
+        cur = nxt;
+    }
+
+    // --- merge the 4 warps and store the partials -----------------------------------------------------------------
+    __syncthreads();  // every warp has read q_sum / q_bias from red before it is reused
+    l[0] = warp_sum_over_groups(l[0]);
+    l[1] = warp_sum_over_groups(l[1]);
+    w[0] = warp_sum_over_groups(w[0]);
+    w[1] = warp_sum_over_groups(w[1]);
+    if (g == 0) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            red[0][warp][2 * t + j] = m[j];
+            red[1][warp][2 * t + j] = l[j];
+            red[2][warp][2 * t + j] = w[j];
+        }
+    }
+    __syncthreads();
+    float f[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int hd = 2 * t + j;
+        const float mm = fmaxf(fmaxf(red[0][0][hd], red[0][1][hd]), fmaxf(red[0][2][hd], red[0][3][hd]));
+        f[j] = exp2_approx(m[j] - mm);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt) {
+        const int j = mt >> 1, i0 = 2 * (mt & 1);
+        const int pos0 = 32 * i0 + 4 * g + j, pos1 = pos0 + 32;  // value-lane order of rows g and g + 8
+        if (2 * t < G) {
+            acc_merge[warp][2 * t][pos0] = acc[mt][0] * f[0];
+            acc_merge[warp][2 * t][pos1] = acc[mt][2] * f[0];
+        }
+        if (2 * t + 1 < G) {
+            acc_merge[warp][2 * t + 1][pos0] = acc[mt][1] * f[1];
+            acc_merge[warp][2 * t + 1][pos1] = acc[mt][3] * f[1];
+        }
+    }
+    __syncthreads();
+    const float v_g0 = v_terms[0], v_mul = v_terms[1] * 16777216.0f;
+    const int i = tid >> 5;
+    const float lane_mul = v_mul * (i == 0 ? 1.0f : (i == 1 ? 0.25f : (i == 2 ? 0.0625f : 0.015625f)));
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) {
+        const float mm = fmaxf(fmaxf(red[0][0][hd], red[0][1][hd]), fmaxf(red[0][2][hd], red[0][3][hd]));
+        float ll = 0.0f, ww = 0.0f, a = 0.0f;
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi) {
+            const float fw = exp2_approx(red[0][wi][hd] - mm);
+            ll += red[1][wi][hd] * fw;
+            ww += red[2][wi][hd] * fw;
+            a += acc_merge[wi][hd][tid];
+        }
+        const long long idx = ((long long)segment * num_tokens + q0) * NUM_Q_HEADS + kv_head * G + hd;
+        acc_v_out[idx * HEAD_DIM + tid] = a * lane_mul + v_g0 * ww;
+        if (tid == 0) {
+            m_out[idx] = mm;
+            l_out[idx] = ll;
+        }
+    }
+}
