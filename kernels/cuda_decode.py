@@ -23,6 +23,9 @@ import torch
 SOURCE = Path(__file__).with_name("decode_codes.cu")
 WARPS = 4
 MAX_GROUP = 8  # query heads per KV head: the scores' mma is 8 heads wide
+# 16-token steps per loop iteration of a warp: the slots of the next iteration are loaded before this one's math, so
+# this many steps of each warp are in flight (2: 128 registers, 1: 115; offline sm_90 compile, no spills)
+SUB_STEPS = 1
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,14 @@ class DecodeConfig:
     v_code_offset: int
     k_scale_offset: int
     stride_token: int
+    sub_steps: int = SUB_STEPS
 
     def defines(self) -> str:
         values = dict(G=self.group, NUM_Q_HEADS=self.num_q_heads, PAGE_BLOCK=self.page_block, SINKS=self.sinks,
                       WINDOW=self.window, HAS_WINDOW=int(self.has_window), HAS_K_BIAS=int(self.has_k_bias),
                       HAS_K_SCALE=int(self.has_k_scale), Q_BF16=int(self.q_bf16), V_CODE_OFFSET=self.v_code_offset,
-                      K_SCALE_OFFSET=self.k_scale_offset, STRIDE_TOKEN=self.stride_token)
+                      K_SCALE_OFFSET=self.k_scale_offset, STRIDE_TOKEN=self.stride_token,
+                      SUB_STEPS=self.sub_steps)
         return "".join(f"#define {k} {v}\n" for k, v in values.items())
 
 
@@ -98,7 +103,8 @@ def decode_config(layer, num_q_heads: int, num_kv_heads: int, page_block: int, s
     sinks, win = window or (0, 0)
     return DecodeConfig(num_q_heads // num_kv_heads, num_q_heads, page_block, sinks, win, window is not None,
                         layer.k_bias is not None, layer.k_dinv is not None, q_dtype == torch.bfloat16,
-                        layer.v_code_offset, layer.k_scale_offset, stride_token)
+                        layer.v_code_offset, layer.k_scale_offset, stride_token,
+                        SUB_STEPS)
 
 
 @functools.cache

@@ -5,7 +5,8 @@
 // (kernels/cuda_decode.py), one module per configuration given by the #defines it prepends:
 //   G (query heads per KV head, <= 8), NUM_Q_HEADS, PAGE_BLOCK (a multiple of 16), SINKS, WINDOW, HAS_WINDOW,
 //   HAS_K_BIAS, HAS_K_SCALE, Q_BF16, V_CODE_OFFSET, K_SCALE_OFFSET (V's fp16 scale follows it),
-//   STRIDE_TOKEN (bytes from one token's slot to the next).
+//   STRIDE_TOKEN (bytes from one token's slot to the next), SUB_STEPS (16-token steps per loop iteration and warp: the
+//   slots loaded ahead of the math).
 // head_dim is 128: 32 code bytes per stream per (token, KV head); code i of byte b is head position 4 b + i, whose
 // value-lane-order index is 32 i + b.
 //
@@ -118,6 +119,97 @@ __device__ __forceinline__ StepLoads load_step(const u8* p, int k_off, int v_off
     return r;
 }
 
+// one warp's 16-token step at tok0 (slots loaded in x): scores, online softmax, value sums
+__device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, int context, int seq, int blk,
+                                          const long long* __restrict__ tags, const u32 (&qb)[8][2],
+                                          const float (&q_sum)[2], const float (&q_bias)[2], float k_mul, int g,
+                                          int t, float (&m)[2], float (&l)[2], float (&w)[2], float (&acc)[8][4]) {
+    // scores: 8 mma over the 128 dims (tokens g, g + 8 x heads 2t, 2t + 1 per thread)
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const u32 k0h = x.k[0] >> 8, k1h = x.k[1] >> 8, k2h = x.k[2] >> 8, k3h = x.k[3] >> 8;
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+        mma_16816(s, key_pair(x.k[0], k0h, x.k[1], k1h, 2 * ks), key_pair(x.k[2], k2h, x.k[3], k3h, 2 * ks),
+                  key_pair(x.k[0], k0h, x.k[1], k1h, 2 * ks + 1),
+                  key_pair(x.k[2], k2h, x.k[3], k3h, 2 * ks + 1), qb[ks][0], qb[ks][1]);
+    }
+    const int tg = tok0 + g, tg8 = tg + 8;
+    const bool valid_g = tg < hi, valid_g8 = tg8 < hi;
+    const float ks_g = valid_g ? half_to_float((u16)x.s[0]) : 0.0f;
+    const float ks_g8 = valid_g8 ? half_to_float((u16)x.s[1]) : 0.0f;
+    const float vs_g = valid_g ? half_to_float((u16)(x.s[0] >> 16)) : 0.0f;
+    const float vs_g8 = valid_g8 ? half_to_float((u16)(x.s[1] >> 16)) : 0.0f;
+    float sc[4];  // base-2 logits: (token g, head 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
+    sc[0] = (s[0] * k_mul + q_sum[0]) * ks_g + q_bias[0];
+    sc[1] = (s[1] * k_mul + q_sum[1]) * ks_g + q_bias[1];
+    sc[2] = (s[2] * k_mul + q_sum[0]) * ks_g8 + q_bias[0];
+    sc[3] = (s[3] * k_mul + q_sum[1]) * ks_g8 + q_bias[1];
+    bool keep_g = valid_g, keep_g8 = valid_g8;
+#if HAS_WINDOW
+    // sinks and recent keys whose 16-bit copy the ring holds are the ring pass's (vllm_aquakv.window)
+    if (tok0 < SINKS || tok0 + 16 > context - WINDOW) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int tk = r ? tg8 : tg;
+            if ((r ? keep_g8 : keep_g) && (tk < SINKS || context - tk < WINDOW)) {
+                const int col = WINDOW > 0 ? (tk < SINKS ? tk : SINKS + tk % (WINDOW > 0 ? WINDOW : 1))
+                                           : min(tk, SINKS - 1);
+                const long long tag = tags[(long long)seq * (SINKS + WINDOW) + col];
+                if (tag == (long long)blk * PAGE_BLOCK + (unsigned)tk % PAGE_BLOCK) {
+                    if (r) keep_g8 = false; else keep_g = false;
+                }
+            }
+        }
+    }
+#endif
+    if (!keep_g) sc[0] = sc[1] = NEG_INF;
+    if (!keep_g8) sc[2] = sc[3] = NEG_INF;
+    // online softmax per head over the warp's tokens; the sums are rescaled only when a running max grows
+    const float mx0 = fmaxf(m[0], warp_max_over_groups(fmaxf(sc[0], sc[2])));
+    const float mx1 = fmaxf(m[1], warp_max_over_groups(fmaxf(sc[1], sc[3])));
+    if (__any_sync(FULL_MASK, mx0 > m[0] || mx1 > m[1])) {
+        const float a0 = exp2_approx(m[0] - mx0), a1 = exp2_approx(m[1] - mx1);
+        m[0] = mx0;
+        m[1] = mx1;
+        l[0] *= a0;
+        l[1] *= a1;
+        w[0] *= a0;
+        w[1] *= a1;
+#pragma unroll
+        for (int mt = 0; mt < 8; ++mt) {
+            acc[mt][0] *= a0;
+            acc[mt][1] *= a1;
+            acc[mt][2] *= a0;
+            acc[mt][3] *= a1;
+        }
+    }
+    const float p0 = exp2_approx(sc[0] - m[0]), p1 = exp2_approx(sc[1] - m[1]);
+    const float p2 = exp2_approx(sc[2] - m[0]), p3 = exp2_approx(sc[3] - m[1]);
+    l[0] += p0 + p2;
+    l[1] += p1 + p3;
+    // value weights p * scale_v in fp16, (head 2t, head 2t + 1) pairs of tokens g and g + 8
+    const u32 pg = pack_half2(p0 * vs_g, p1 * vs_g), pg8 = pack_half2(p2 * vs_g8, p3 * vs_g8);
+    w[0] += half_to_float((u16)pg) + half_to_float((u16)pg8);
+    w[1] += half_to_float((u16)(pg >> 16)) + half_to_float((u16)(pg8 >> 16));
+    // P^T fragments (tokens 2t, 2t + 1 | 2t + 8, 2t + 9 of head g) from the threads that hold them
+    const int src = 8 * t + (g >> 1);
+    const u32 x0 = __shfl_sync(FULL_MASK, pg, src), x1 = __shfl_sync(FULL_MASK, pg, src + 4);
+    const u32 x2 = __shfl_sync(FULL_MASK, pg8, src), x3 = __shfl_sync(FULL_MASK, pg8, src + 4);
+    const u32 pick = (g & 1) ? 0x7632u : 0x5410u;
+    const u32 pb0 = __byte_perm(x0, x1, pick), pb1 = __byte_perm(x2, x3, pick);
+    // values: byte j of the 4 tokens' words, paired by token, code lanes in place; 8 mma over the 128 dims
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32 sel = j | ((4 + j) << 8);
+        const u32 v01 = __byte_perm(x.v[0], x.v[1], sel), v89 = __byte_perm(x.v[2], x.v[3], sel);
+#pragma unroll
+        for (int ii = 0; ii < 2; ++ii) {
+            const u32 mask0 = 0x00030003u << (4 * ii), mask1 = 0x000c000cu << (4 * ii);
+            mma_16816(acc[2 * j + ii], v01 & mask0, v01 & mask1, v89 & mask0, v89 & mask1, pb0, pb1);
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128, 4) aquakv_decode_codes(
     const u16* __restrict__ q, const u16* __restrict__ sign_k, const float* __restrict__ k_bias,
     const float* __restrict__ k_dinv, const u8* __restrict__ cache, const int* __restrict__ block_table,
@@ -221,114 +313,48 @@ extern "C" __global__ void __launch_bounds__(128, 4) aquakv_decode_codes(
     for (int mt = 0; mt < 8; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
     const int* bt = block_table + (long long)seq * stride_bt;
     const long long head_base = (long long)kv_head * stride_head;
-    // software pipeline: the next step's codes and the block of the one after are loaded before this step's math
     const int k_off = g * STRIDE_TOKEN + 8 * t, v_off = V_CODE_OFFSET + 4 * g + 2 * t * STRIDE_TOKEN;
     const int s_off = g * STRIDE_TOKEN + K_SCALE_OFFSET;
-    int step = warp;
-    int blk_next = 0;
-    StepLoads cur;
-    if (step < num_steps) {
-        const int tok0 = lo + 16 * step;
-        const long long blk = bt[(unsigned)tok0 / PAGE_BLOCK];
-        cur = load_step(cache + blk * stride_block + head_base + ((unsigned)tok0 % PAGE_BLOCK) * STRIDE_TOKEN, k_off, v_off,
-                        s_off);
-        if (step + 4 < num_steps) blk_next = bt[(unsigned)(tok0 + 64) / PAGE_BLOCK];
+    // warp w takes iterations w, w + 4, ...; an iteration is SUB_STEPS 16-token steps.  Software pipeline: the next
+    // iteration's slots, and the blocks of the one after, are loaded before this iteration's math
+    const int span = 16 * SUB_STEPS;  // tokens per iteration
+    const int num_iters = (hi - lo + span - 1) / span;
+    int it = warp;
+    int blk_next[SUB_STEPS];
+    StepLoads cur[SUB_STEPS];
+    if (it < num_iters) {
+#pragma unroll
+        for (int u = 0; u < SUB_STEPS; ++u) {
+            const int tok = lo + span * it + 16 * u;
+            if (tok < hi) {
+                const long long blk = bt[(unsigned)tok / PAGE_BLOCK];
+                cur[u] = load_step(cache + blk * stride_block + head_base + ((unsigned)tok % PAGE_BLOCK) * STRIDE_TOKEN,
+                                   k_off, v_off, s_off);
+            }
+            if (tok + 4 * span < hi) blk_next[u] = bt[(unsigned)(tok + 4 * span) / PAGE_BLOCK];
+        }
     }
-    for (; step < num_steps; step += 4) {
-        const int tok0 = lo + 16 * step;
-        const int blk = bt[(unsigned)tok0 / PAGE_BLOCK];  // (an L1 hit: loaded as blk_next one step earlier)
-        StepLoads nxt;
-        if (step + 4 < num_steps) {
-            const int tok1 = tok0 + 64;
-            nxt = load_step(cache + (long long)blk_next * stride_block + head_base + ((unsigned)tok1 % PAGE_BLOCK) * STRIDE_TOKEN,
-                            k_off, v_off, s_off);
-            if (step + 8 < num_steps) blk_next = bt[(unsigned)(tok1 + 64) / PAGE_BLOCK];
-        }
-        // scores: 8 mma over the 128 dims (tokens g, g + 8 x heads 2t, 2t + 1 per thread)
-        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const u32 k0h = cur.k[0] >> 8, k1h = cur.k[1] >> 8, k2h = cur.k[2] >> 8, k3h = cur.k[3] >> 8;
+    for (; it < num_iters; it += 4) {
+        StepLoads nxt[SUB_STEPS];
 #pragma unroll
-        for (int ks = 0; ks < 8; ++ks) {
-            mma_16816(s, key_pair(cur.k[0], k0h, cur.k[1], k1h, 2 * ks), key_pair(cur.k[2], k2h, cur.k[3], k3h, 2 * ks),
-                      key_pair(cur.k[0], k0h, cur.k[1], k1h, 2 * ks + 1),
-                      key_pair(cur.k[2], k2h, cur.k[3], k3h, 2 * ks + 1), qb[ks][0], qb[ks][1]);
-        }
-        const int tg = tok0 + g, tg8 = tg + 8;
-        const bool valid_g = tg < hi, valid_g8 = tg8 < hi;
-        const float ks_g = valid_g ? half_to_float((u16)cur.s[0]) : 0.0f;
-        const float ks_g8 = valid_g8 ? half_to_float((u16)cur.s[1]) : 0.0f;
-        const float vs_g = valid_g ? half_to_float((u16)(cur.s[0] >> 16)) : 0.0f;
-        const float vs_g8 = valid_g8 ? half_to_float((u16)(cur.s[1] >> 16)) : 0.0f;
-        float sc[4];  // base-2 logits: (token g, head 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
-        sc[0] = (s[0] * k_mul + q_sum[0]) * ks_g + q_bias[0];
-        sc[1] = (s[1] * k_mul + q_sum[1]) * ks_g + q_bias[1];
-        sc[2] = (s[2] * k_mul + q_sum[0]) * ks_g8 + q_bias[0];
-        sc[3] = (s[3] * k_mul + q_sum[1]) * ks_g8 + q_bias[1];
-        bool keep_g = valid_g, keep_g8 = valid_g8;
-#if HAS_WINDOW
-        // sinks and recent keys whose 16-bit copy the ring holds are the ring pass's (vllm_aquakv.window)
-        if (tok0 < SINKS || tok0 + 16 > context - WINDOW) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int tk = r ? tg8 : tg;
-                if ((r ? keep_g8 : keep_g) && (tk < SINKS || context - tk < WINDOW)) {
-                    const int col = WINDOW > 0 ? (tk < SINKS ? tk : SINKS + tk % (WINDOW > 0 ? WINDOW : 1))
-                                               : min(tk, SINKS - 1);
-                    const long long tag = tags[(long long)seq * (SINKS + WINDOW) + col];
-                    if (tag == (long long)blk * PAGE_BLOCK + (unsigned)tk % PAGE_BLOCK) {
-                        if (r) keep_g8 = false; else keep_g = false;
-                    }
-                }
+        for (int u = 0; u < SUB_STEPS; ++u) {
+            const int tok1 = lo + span * (it + 4) + 16 * u;
+            if (tok1 < hi) {
+                nxt[u] = load_step(cache + (long long)blk_next[u] * stride_block + head_base +
+                                       ((unsigned)tok1 % PAGE_BLOCK) * STRIDE_TOKEN, k_off, v_off, s_off);
+                if (tok1 + 4 * span < hi) blk_next[u] = bt[(unsigned)(tok1 + 4 * span) / PAGE_BLOCK];
             }
         }
-#endif
-        if (!keep_g) sc[0] = sc[1] = NEG_INF;
-        if (!keep_g8) sc[2] = sc[3] = NEG_INF;
-        // online softmax per head over the warp's tokens; the sums are rescaled only when a running max grows
-        const float mx0 = fmaxf(m[0], warp_max_over_groups(fmaxf(sc[0], sc[2])));
-        const float mx1 = fmaxf(m[1], warp_max_over_groups(fmaxf(sc[1], sc[3])));
-        if (__any_sync(FULL_MASK, mx0 > m[0] || mx1 > m[1])) {
-            const float a0 = exp2_approx(m[0] - mx0), a1 = exp2_approx(m[1] - mx1);
-            m[0] = mx0;
-            m[1] = mx1;
-            l[0] *= a0;
-            l[1] *= a1;
-            w[0] *= a0;
-            w[1] *= a1;
 #pragma unroll
-            for (int mt = 0; mt < 8; ++mt) {
-                acc[mt][0] *= a0;
-                acc[mt][1] *= a1;
-                acc[mt][2] *= a0;
-                acc[mt][3] *= a1;
+        for (int u = 0; u < SUB_STEPS; ++u) {
+            const int tok0 = lo + span * it + 16 * u;
+            if (tok0 < hi) {  // (warp-uniform)
+                const int blk = HAS_WINDOW ? bt[(unsigned)tok0 / PAGE_BLOCK] : 0;  // (an L1 hit)
+                step_math(cur[u], tok0, hi, context, seq, blk, tags, qb, q_sum, q_bias, k_mul, g, t, m, l, w, acc);
             }
         }
-        const float p0 = exp2_approx(sc[0] - m[0]), p1 = exp2_approx(sc[1] - m[1]);
-        const float p2 = exp2_approx(sc[2] - m[0]), p3 = exp2_approx(sc[3] - m[1]);
-        l[0] += p0 + p2;
-        l[1] += p1 + p3;
-        // value weights p * scale_v in fp16, (head 2t, head 2t + 1) pairs of tokens g and g + 8
-        const u32 pg = pack_half2(p0 * vs_g, p1 * vs_g), pg8 = pack_half2(p2 * vs_g8, p3 * vs_g8);
-        w[0] += half_to_float((u16)pg) + half_to_float((u16)pg8);
-        w[1] += half_to_float((u16)(pg >> 16)) + half_to_float((u16)(pg8 >> 16));
-        // P^T fragments (tokens 2t, 2t + 1 | 2t + 8, 2t + 9 of head g) from the threads that hold them
-        const int src = 8 * t + (g >> 1);
-        const u32 x0 = __shfl_sync(FULL_MASK, pg, src), x1 = __shfl_sync(FULL_MASK, pg, src + 4);
-        const u32 x2 = __shfl_sync(FULL_MASK, pg8, src), x3 = __shfl_sync(FULL_MASK, pg8, src + 4);
-        const u32 pick = (g & 1) ? 0x7632u : 0x5410u;
-        const u32 pb0 = __byte_perm(x0, x1, pick), pb1 = __byte_perm(x2, x3, pick);
-        // values: byte j of the 4 tokens' words, paired by token, code lanes in place; 8 mma over the 128 dims
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const u32 sel = j | ((4 + j) << 8);
-            const u32 v01 = __byte_perm(cur.v[0], cur.v[1], sel), v89 = __byte_perm(cur.v[2], cur.v[3], sel);
-#pragma unroll
-            for (int ii = 0; ii < 2; ++ii) {
-                const u32 mask0 = 0x00030003u << (4 * ii), mask1 = 0x000c000cu << (4 * ii);
-                mma_16816(acc[2 * j + ii], v01 & mask0, v01 & mask1, v89 & mask0, v89 & mask1, pb0, pb1);
-            }
-        }
-        cur = nxt;
+        for (int u = 0; u < SUB_STEPS; ++u) cur[u] = nxt[u];
     }
 
     // --- merge the 4 warps and store the partials -----------------------------------------------------------------

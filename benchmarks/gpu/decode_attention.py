@@ -269,10 +269,13 @@ def main():
                     "many key tiles (comma list; plan_attention's min_segment_tiles, default MIN_SEGMENT_TILES)")
     ap.add_argument("--rows", default="", help="also each aquakv mode with decode programs of this many query rows "
                     "(comma list; plan_attention's decode_rows, default DECODE_MIN_ROWS)")
+    ap.add_argument("--cuda-sub-steps", default="", help="with --cuda-codes: also the CUDA loop with this many 16-token "
+                    "steps per warp iteration (comma list; kernels/cuda_decode.SUB_STEPS)")
     ap.add_argument("--maxnreg", default="", help="also each aquakv mode with the codes launch capped at this many "
                     "registers per thread (comma list; AttentionPlan.maxnreg; e.g. 96: 5 programs of 4 warps per SM "
                     "instead of 4)")
     OPTIONS = args = ap.parse_args()
+    default_sub = cuda_decode.SUB_STEPS
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     t0 = time.time()
     gpu, peak_bw = peak_bandwidth()
@@ -325,7 +328,9 @@ def main():
                 block_ms = [plan.block_m] + [plan_attention(qsl_list, ctx, HQ, H, "cuda", decode_rows=r).block_m
                                              for r in ints(args.rows)]
                 regs = [None] + ints(args.maxnreg)  # None: as fused_attention picks (the sweep's cap with a ring launch)
-                loops = [False] + ([True] if args.cuda_codes else [])  # AttentionPlan.cuda_decode
+                # AttentionPlan.cuda_decode: False, else the CUDA loop's SUB_STEPS
+                loops = [False] + ([default_sub] + [n for n in ints(args.cuda_sub_steps) if n != default_sub]
+                                   if args.cuda_codes else [])
                 variants = [(ring, segments, step, q8, bm, reg, cd) for segments in dict.fromkeys(counts)
                             for ring in rings for step in steps for q8 in qk for bm in dict.fromkeys(block_ms)
                             for reg in regs for cd in loops]
@@ -333,7 +338,8 @@ def main():
                     p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
                                             segments=segments,
                                             maxnreg=reg or (plan.maxnreg if ring_launch else None),
-                                            combine_step=step, qk_int8=q8, block_m=block_m, cuda_decode=cd)
+                                            combine_step=step, qk_int8=q8, block_m=block_m, cuda_decode=bool(cd))
+                    cuda_decode.SUB_STEPS = cd or default_sub
                     refusal = cuda_decode.decode_refusal(q, kv, p, fused, win)
                     if cd and refusal is not None:
                         continue  # the Triton loop runs anyway: the row without --cuda-codes has it
@@ -346,7 +352,8 @@ def main():
                                else f", {segments} segments") + ("" if step is None else f", combine step {step}")
                             + (", int8 scores" if q8 else "")
                             + ("" if block_m == plan.block_m else f", {block_m} rows")
-                            + ("" if reg is None else f", maxnreg {reg}") + (", CUDA codes loop" if cd else ""))
+                            + ("" if reg is None else f", maxnreg {reg}") + (", CUDA codes loop" if cd else "")
+                            + (f" ({cd} steps per iteration)" if cd and cd != loops[1] else ""))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "codes_loop": "cuda" if refusal is None else f"triton ({refusal})",
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
