@@ -871,8 +871,9 @@ class AttentionPlan:
     # Hadamard domain (``_int8_scores``); None: off
     qk_int8: bool | None = None
     # decode launches of uniform 2-bit codes on CUDA: the codes segments on the hand-written CUDA loop
-    # (``cuda_decode``; the Triton kernel where ``cuda_decode.decode_refusal`` says why not); False: always Triton
-    cuda_decode: bool = False
+    # (``cuda_decode``; the Triton kernel where ``cuda_decode.decode_refusal`` says why not); False: always Triton.
+    # (H100: 1.2-1.4x faster from 16 requests, benchmarks/results/decode_attention_h100_cuda_loop.md)
+    cuda_decode: bool = True
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,

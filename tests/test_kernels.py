@@ -128,7 +128,6 @@ def check_cuda_decode(query, kv, block_table, lens, qsl, scale, fused, window, w
         plan = plan_attention(qsl, max(lens), query.shape[1], kv.shape[1], DEVICE, window=window is not None,
                               min_programs=min_programs)
         plan.ring_launch = True  # (fewer requests read the ring in programs of the Triton codes launch)
-        plan.cuda_decode = True
         refusal = cuda_decode.decode_refusal(query, kv, plan, fused, window)
         assert (refusal is None) == expected, refusal
         if refusal is not None:

@@ -253,8 +253,8 @@ def main():
                        ("--profile", "GPU time per kernel of each decode call (kernel_us) and of the window's prefill"),
                        ("--one-segment", "also each aquakv mode with one split-K segment"),
                        ("--qk-int8", "also each aquakv mode with scores on int8 tensor cores (AttentionPlan.qk_int8)"),
-                       ("--cuda-codes", "also each aquakv mode with the CUDA decode codes loop where it applies "
-                                        "(AttentionPlan.cuda_decode=True, kernels/decode_codes.cu)"),
+                       ("--triton-codes", "also each aquakv mode with the Triton codes loop where the CUDA one "
+                                          "(kernels/decode_codes.cu, the default) runs: AttentionPlan.cuda_decode=False"),
                        ("--with-write", "modes with the window: also the decode layer step, cache write + attention, "
                                         "with the write before the attention and beside it on a second stream")):
         ap.add_argument(flag, action="store_true", help=text)
@@ -269,7 +269,7 @@ def main():
                     "many key tiles (comma list; plan_attention's min_segment_tiles, default MIN_SEGMENT_TILES)")
     ap.add_argument("--rows", default="", help="also each aquakv mode with decode programs of this many query rows "
                     "(comma list; plan_attention's decode_rows, default DECODE_MIN_ROWS)")
-    ap.add_argument("--cuda-sub-steps", default="", help="with --cuda-codes: also the CUDA loop with this many 16-token "
+    ap.add_argument("--cuda-sub-steps", default="", help="also the CUDA loop with this many 16-token "
                     "steps per warp iteration (comma list; kernels/cuda_decode.SUB_STEPS)")
     ap.add_argument("--maxnreg", default="", help="also each aquakv mode with the codes launch capped at this many "
                     "registers per thread (comma list; AttentionPlan.maxnreg; e.g. 96: 5 programs of 4 warps per SM "
@@ -328,9 +328,9 @@ def main():
                 block_ms = [plan.block_m] + [plan_attention(qsl_list, ctx, HQ, H, "cuda", decode_rows=r).block_m
                                              for r in ints(args.rows)]
                 regs = [None] + ints(args.maxnreg)  # None: as fused_attention picks (the sweep's cap with a ring launch)
-                # AttentionPlan.cuda_decode: False, else the CUDA loop's SUB_STEPS
-                loops = [False] + ([default_sub] + [n for n in ints(args.cuda_sub_steps) if n != default_sub]
-                                   if args.cuda_codes else [])
+                # AttentionPlan.cuda_decode: the CUDA loop's SUB_STEPS, or False (the Triton loop)
+                loops = ([default_sub] + [n for n in ints(args.cuda_sub_steps) if n != default_sub]
+                         + ([False] if args.triton_codes else []))
                 variants = [(ring, segments, step, q8, bm, reg, cd) for segments in dict.fromkeys(counts)
                             for ring in rings for step in steps for q8 in qk for bm in dict.fromkeys(block_ms)
                             for reg in regs for cd in loops]
@@ -341,8 +341,9 @@ def main():
                                             combine_step=step, qk_int8=q8, block_m=block_m, cuda_decode=bool(cd))
                     cuda_decode.SUB_STEPS = cd or default_sub
                     refusal = cuda_decode.decode_refusal(q, kv, p, fused, win)
-                    if cd and refusal is not None:
-                        continue  # the Triton loop runs anyway: the row without --cuda-codes has it
+                    if cd != default_sub and cuda_decode.decode_refusal(
+                            q, kv, dataclasses.replace(p, cuda_decode=True), fused, win) is not None:
+                        continue  # the Triton loop runs anyway: the plain row has it
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
                     nbytes = kv.numel()
@@ -352,8 +353,8 @@ def main():
                                else f", {segments} segments") + ("" if step is None else f", combine step {step}")
                             + (", int8 scores" if q8 else "")
                             + ("" if block_m == plan.block_m else f", {block_m} rows")
-                            + ("" if reg is None else f", maxnreg {reg}") + (", CUDA codes loop" if cd else "")
-                            + (f" ({cd} steps per iteration)" if cd and cd != loops[1] else ""))
+                            + ("" if reg is None else f", maxnreg {reg}") + ("" if cd else ", Triton codes loop")
+                            + (f", CUDA loop {cd} steps per iteration" if cd and cd != default_sub else ""))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "codes_loop": "cuda" if refusal is None else f"triton ({refusal})",
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
