@@ -26,6 +26,9 @@ MAX_GROUP = 8  # query heads per KV head: the scores' mma is 8 heads wide
 # 16-token steps per loop iteration of a warp: the slots of the next iteration are loaded before this one's math, so
 # this many steps of each warp are in flight (2: 128 registers, 1: 115; offline sm_90 compile, no spills)
 SUB_STEPS = 1
+# STAGES > 1: each 16-token step's slots (contiguous bytes) are staged in shared memory by 16-byte cp.async, STAGES - 1
+# steps ahead of the math, instead of scattered 4-byte loads into registers (0)
+STAGES = 4
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,15 @@ class DecodeConfig:
     k_scale_offset: int
     stride_token: int
     sub_steps: int = SUB_STEPS
+    stages: int = STAGES
 
     def defines(self) -> str:
         values = dict(G=self.group, NUM_Q_HEADS=self.num_q_heads, PAGE_BLOCK=self.page_block, SINKS=self.sinks,
                       WINDOW=self.window, HAS_WINDOW=int(self.has_window), HAS_K_BIAS=int(self.has_k_bias),
                       HAS_K_SCALE=int(self.has_k_scale), Q_BF16=int(self.q_bf16), V_CODE_OFFSET=self.v_code_offset,
                       K_SCALE_OFFSET=self.k_scale_offset, STRIDE_TOKEN=self.stride_token,
-                      SUB_STEPS=self.sub_steps)
+                      SUB_STEPS=self.sub_steps, STAGES=self.stages,
+                      MIN_BLOCKS=5 if self.stages else 4)  # (registers: 96 / 115 without spills, offline sm_90)
         return "".join(f"#define {k} {v}\n" for k, v in values.items())
 
 
@@ -89,6 +94,8 @@ def decode_refusal(query: torch.Tensor, kv_cache: torch.Tensor, plan, layer, win
         return "the 16-bit ring is read by programs of the Triton codes launch (fewer requests than its own launch)"
     if kv_cache.stride(-1) != 1 or any(s % 4 for s in kv_cache.stride()[:3]) or kv_cache.data_ptr() % 4:
         return "the cache's slots are not 4-byte aligned"
+    if STAGES > 0 and (kv_cache.stride(0) % 16 or kv_cache.stride(1) % 16 or kv_cache.data_ptr() % 16):
+        return "the cache's page blocks are not 16-byte aligned (cp.async staging)"
     if kv_cache.stride(0) >= 2 ** 31:
         return "the cache's block stride does not fit 32 bits"
     if query.stride(-1) != 1:
@@ -104,7 +111,7 @@ def decode_config(layer, num_q_heads: int, num_kv_heads: int, page_block: int, s
     return DecodeConfig(num_q_heads // num_kv_heads, num_q_heads, page_block, sinks, win, window is not None,
                         layer.k_bias is not None, layer.k_dinv is not None, q_dtype == torch.bfloat16,
                         layer.v_code_offset, layer.k_scale_offset, stride_token,
-                        SUB_STEPS)
+                        SUB_STEPS, STAGES)
 
 
 @functools.cache

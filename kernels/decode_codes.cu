@@ -6,7 +6,8 @@
 //   G (query heads per KV head, <= 8), NUM_Q_HEADS, PAGE_BLOCK (a multiple of 16), SINKS, WINDOW, HAS_WINDOW,
 //   HAS_K_BIAS, HAS_K_SCALE, Q_BF16, V_CODE_OFFSET, K_SCALE_OFFSET (V's fp16 scale follows it),
 //   STRIDE_TOKEN (bytes from one token's slot to the next), SUB_STEPS (16-token steps per loop iteration and warp: the
-//   slots loaded ahead of the math).
+//   slots loaded ahead of the math), STAGES (0: loads straight into registers; N > 1: each step's slots staged in
+//   shared memory by 16-byte cp.async, N - 1 steps ahead).
 // head_dim is 128: 32 code bytes per stream per (token, KV head); code i of byte b is head position 4 b + i, whose
 // value-lane-order index is 32 i + b.
 //
@@ -26,6 +27,9 @@ typedef unsigned char u8;
 #define HEAD_DIM 128
 #define CODE_BYTES 32
 #define NEG_INF __int_as_float(0xff800000)
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 4  // blocks per SM the register allocation must allow
+#endif
 
 __device__ __forceinline__ float half_to_float(u16 h) {
     float f;
@@ -119,6 +123,42 @@ __device__ __forceinline__ StepLoads load_step(const u8* p, int k_off, int v_off
     return r;
 }
 
+#if STAGES > 0
+// shared-memory staging: each 16-token step's slots (16 STRIDE_TOKEN contiguous bytes of one page block and KV head,
+// 16-byte aligned) are copied by the warp's lanes in 16-byte cp.async chunks, STAGES - 1 steps ahead of the math
+__device__ __forceinline__ u32 shared_address(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void stage_step(u32 dst, const u8* src, int lane) {
+#pragma unroll
+    for (int c = lane; c < STRIDE_TOKEN; c += 32)  // 16 slots = STRIDE_TOKEN chunks of 16 bytes
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + 16 * c), "l"(src + 16 * c));
+}
+
+__device__ __forceinline__ u32 shared_word(const u8* p) { return *reinterpret_cast<const u32*>(p); }
+
+__device__ __forceinline__ StepLoads read_step(const u8* p, int k_off, int v_off, int s_off) {
+    StepLoads r;
+    const u8* kp = p + k_off;
+    r.k[0] = shared_word(kp);
+    r.k[1] = shared_word(kp + 4);
+    r.k[2] = shared_word(kp + 8 * STRIDE_TOKEN);
+    r.k[3] = shared_word(kp + 8 * STRIDE_TOKEN + 4);
+    const u8* vp = p + v_off;
+    r.v[0] = shared_word(vp);
+    r.v[1] = shared_word(vp + STRIDE_TOKEN);
+    r.v[2] = shared_word(vp + 8 * STRIDE_TOKEN);
+    r.v[3] = shared_word(vp + 9 * STRIDE_TOKEN);
+    const u8* sp = p + s_off;
+    r.s[0] = shared_word(sp);
+    r.s[1] = shared_word(sp + 8 * STRIDE_TOKEN);
+    return r;
+}
+#endif
+
 // one warp's 16-token step at tok0 (slots loaded in x): scores, online softmax, value sums
 __device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, int context, int seq, int blk,
                                           const long long* __restrict__ tags, const u32 (&qb)[8][2],
@@ -210,7 +250,7 @@ __device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128, 4) aquakv_decode_codes(
+extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_codes(
     const u16* __restrict__ q, const u16* __restrict__ sign_k, const float* __restrict__ k_bias,
     const float* __restrict__ k_dinv, const u8* __restrict__ cache, const int* __restrict__ block_table,
     const int* __restrict__ seq_lens, const int* __restrict__ q_start, const float* __restrict__ k_terms,
@@ -315,10 +355,47 @@ extern "C" __global__ void __launch_bounds__(128, 4) aquakv_decode_codes(
     const long long head_base = (long long)kv_head * stride_head;
     const int k_off = g * STRIDE_TOKEN + 8 * t, v_off = V_CODE_OFFSET + 4 * g + 2 * t * STRIDE_TOKEN;
     const int s_off = g * STRIDE_TOKEN + K_SCALE_OFFSET;
+#if STAGES > 0
+    // warp w takes the steps w, w + 4, ...: its i-th step is staged in slot i % STAGES of its shared-memory ring,
+    // STAGES - 1 steps ahead of the math (one cp.async group per step; empty groups keep the count uniform)
+    __shared__ __align__(16) u8 staged[4][STAGES][16 * STRIDE_TOKEN];
+    const u32 ring0 = shared_address(&staged[warp][0][0]);
+    const int my_steps = warp < num_steps ? (num_steps - warp + 3) / 4 : 0;
+    int blk_ahead = 0;  // the block of the next step to stage
+    if (my_steps > 0) blk_ahead = bt[(unsigned)(lo + 16 * warp) / PAGE_BLOCK];
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+        if (i < my_steps) {
+            const int tok = lo + 16 * (warp + 4 * i);
+            stage_step(ring0 + i * 16 * STRIDE_TOKEN, cache + (long long)blk_ahead * stride_block + head_base +
+                                                          ((unsigned)tok % PAGE_BLOCK) * STRIDE_TOKEN, lane);
+            if (i + 1 < my_steps) blk_ahead = bt[(unsigned)(tok + 64) / PAGE_BLOCK];
+        }
+        asm volatile("cp.async.commit_group;");
+    }
+    for (int i = 0; i < my_steps; ++i) {
+        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));  // this lane's copies of step i have landed
+        __syncwarp();  // ... and every lane's; every lane has also read step i - 1's slot, which is staged next
+        const int j = i + STAGES - 1;
+        if (j < my_steps) {
+            const int tok = lo + 16 * (warp + 4 * j);
+            stage_step(ring0 + (j % STAGES) * 16 * STRIDE_TOKEN, cache + (long long)blk_ahead * stride_block +
+                                                                   head_base + ((unsigned)tok % PAGE_BLOCK) * STRIDE_TOKEN,
+                       lane);
+            if (j + 1 < my_steps) blk_ahead = bt[(unsigned)(tok + 64) / PAGE_BLOCK];
+        }
+        asm volatile("cp.async.commit_group;");
+        const int tok0 = lo + 16 * (warp + 4 * i);
+        const StepLoads x = read_step(&staged[warp][i % STAGES][0], k_off, v_off, s_off);
+        const int blk = HAS_WINDOW ? bt[(unsigned)tok0 / PAGE_BLOCK] : 0;  // (an L1 hit)
+        step_math(x, tok0, hi, context, seq, blk, tags, qb, q_sum, q_bias, k_mul, g, t, m, l, w, acc);
+    }
+    asm volatile("cp.async.wait_all;");
+#else
     // warp w takes iterations w, w + 4, ...; an iteration is SUB_STEPS 16-token steps.  Software pipeline: the next
     // iteration's slots, and the blocks of the one after, are loaded before this iteration's math
     const int span = 16 * SUB_STEPS;  // tokens per iteration
-    const int num_iters = (hi - lo + span - 1) / span;
+    const int num_iters = (num_steps + SUB_STEPS - 1) / SUB_STEPS;
     int it = warp;
     int blk_next[SUB_STEPS];
     StepLoads cur[SUB_STEPS];
@@ -357,6 +434,7 @@ extern "C" __global__ void __launch_bounds__(128, 4) aquakv_decode_codes(
         for (int u = 0; u < SUB_STEPS; ++u) cur[u] = nxt[u];
     }
 
+#endif
     // --- merge the 4 warps and store the partials -----------------------------------------------------------------
     __syncthreads();  // every warp has read q_sum / q_bias from red before it is reused
     l[0] = warp_sum_over_groups(l[0]);

@@ -865,16 +865,19 @@ def test_torch_path_through_flash_attention(window, residual_kernel, rng):
 
 
 @ON_GPU
-@pytest.mark.parametrize("window,beside,fused_ring", [(None, False, False), ((4, 128), False, False),
-                                                      ((4, 128), True, False), ((4, 128), True, True)])
-def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, rng):
+@pytest.mark.parametrize("window,beside,fused_ring,ring_launch", [
+    (None, False, False, False), ((4, 128), False, False, False), ((4, 128), True, False, False),
+    ((4, 128), True, True, False), ((4, 128), True, True, True)])
+def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, ring_launch, rng):
     """A decode step as the backend runs it (ring bookkeeping, fused cache write with the ring, fused attention),
     captured in a CUDA graph with a batch padded as vLLM pads FULL-graph batches (a request with no token, length 0,
     null block, slot -1), then replayed for two consecutive steps: outputs, paged cache and ring equal the same
     steps run eagerly without padding.  Fails if any input is baked into the graph (a host copy, a host-side size).
     ``beside``: the graph's steps write on the side stream beside the attention (``write_beside``, the backend's
     decode steps with the window), the eager ones before it.  ``fused_ring``: the graph's steps do the ring's
-    bookkeeping in one Triton launch (``aquakv_fused_ring_step``), the eager ones with its torch twin."""
+    bookkeeping in one Triton launch (``aquakv_fused_ring_step``), the eager ones with its torch twin.  Without the
+    window, or with the ring in its own launch (``ring_launch``, as from 16 requests), decodes run the CUDA codes
+    loop (``cuda_decode``)."""
     from vllm_aquakv.kernels.attention import WindowInputs, fused_attention, fused_layer_or_reason, plan_attention
     from vllm_aquakv.kernels.cache_write import write_beside, write_fused
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
@@ -915,6 +918,7 @@ def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, rng):
         else:
             write_fused(fused, kv, slot_mapping, key, value, ring=ring_args)
         plan = plan_attention(qsl_list, 4096, q_heads, heads, DEVICE)
+        plan.ring_launch = plan.ring_launch or ring_launch
         fused_attention(query, kv, block_table, seq_lens, qsl, plan, fused, h ** -0.5, out=out, window=win)
         if side:
             torch.cuda.current_stream().wait_stream(stream)

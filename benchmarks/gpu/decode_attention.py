@@ -269,13 +269,14 @@ def main():
                     "many key tiles (comma list; plan_attention's min_segment_tiles, default MIN_SEGMENT_TILES)")
     ap.add_argument("--rows", default="", help="also each aquakv mode with decode programs of this many query rows "
                     "(comma list; plan_attention's decode_rows, default DECODE_MIN_ROWS)")
-    ap.add_argument("--cuda-sub-steps", default="", help="also the CUDA loop with this many 16-token "
-                    "steps per warp iteration (comma list; kernels/cuda_decode.SUB_STEPS)")
+    ap.add_argument("--cuda-loops", default="", help="also the CUDA loop built as SxN: S 16-token steps per warp "
+                    "iteration, N shared-memory stages (0: loads into registers) (comma list, e.g. 1x0,2x0,1x3; "
+                    "kernels/cuda_decode.SUB_STEPS, STAGES)")
     ap.add_argument("--maxnreg", default="", help="also each aquakv mode with the codes launch capped at this many "
                     "registers per thread (comma list; AttentionPlan.maxnreg; e.g. 96: 5 programs of 4 warps per SM "
                     "instead of 4)")
     OPTIONS = args = ap.parse_args()
-    default_sub = cuda_decode.SUB_STEPS
+    default_sub = (cuda_decode.SUB_STEPS, cuda_decode.STAGES)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     t0 = time.time()
     gpu, peak_bw = peak_bandwidth()
@@ -329,7 +330,8 @@ def main():
                                              for r in ints(args.rows)]
                 regs = [None] + ints(args.maxnreg)  # None: as fused_attention picks (the sweep's cap with a ring launch)
                 # AttentionPlan.cuda_decode: the CUDA loop's SUB_STEPS, or False (the Triton loop)
-                loops = ([default_sub] + [n for n in ints(args.cuda_sub_steps) if n != default_sub]
+                loops = ([default_sub] + [v for v in (tuple(int(x) for x in text.split("x"))
+                                                      for text in args.cuda_loops.split(",") if text) if v != default_sub]
                          + ([False] if args.triton_codes else []))
                 variants = [(ring, segments, step, q8, bm, reg, cd) for segments in dict.fromkeys(counts)
                             for ring in rings for step in steps for q8 in qk for bm in dict.fromkeys(block_ms)
@@ -339,7 +341,7 @@ def main():
                                             segments=segments,
                                             maxnreg=reg or (plan.maxnreg if ring_launch else None),
                                             combine_step=step, qk_int8=q8, block_m=block_m, cuda_decode=bool(cd))
-                    cuda_decode.SUB_STEPS = cd or default_sub
+                    cuda_decode.SUB_STEPS, cuda_decode.STAGES = cd or default_sub
                     refusal = cuda_decode.decode_refusal(q, kv, p, fused, win)
                     if cd != default_sub and cuda_decode.decode_refusal(
                             q, kv, dataclasses.replace(p, cuda_decode=True), fused, win) is not None:
@@ -354,7 +356,7 @@ def main():
                             + (", int8 scores" if q8 else "")
                             + ("" if block_m == plan.block_m else f", {block_m} rows")
                             + ("" if reg is None else f", maxnreg {reg}") + ("" if cd else ", Triton codes loop")
-                            + (f", CUDA loop {cd} steps per iteration" if cd and cd != default_sub else ""))
+                            + (f", CUDA loop {cd[0]}x{cd[1]}" if cd and cd != default_sub else ""))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "codes_loop": "cuda" if refusal is None else f"triton ({refusal})",
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
