@@ -188,7 +188,9 @@ def earlier_line(path: str) -> str:
     else:
         shape = f"throughput {r0['input_len']}/{r0['output_len']} x {r0['num_prompts']}{memory_settings(r0)}"
         rows = [f"{r['kv_cache_dtype']} {_num(r.get('output_tokens_per_s'), ',.1f')} tok/s "
-                f"({_ratio(_vs(r, 'speed'))}), {_ratio(_vs(r, 'tokens'))} tokens" for r in d["rows"]]
+                f"({_ratio(_vs(r, 'speed'))}), {_ratio(_vs(r, 'tokens'))} tokens"
+                + ("" if r.get("output_tokens_per_s") is not None or r.get("rc") in (None, 0) else f" (rc {r['rc']})")
+                for r in d["rows"]]
     gpu = d["machine"].replace("NVIDIA ", "").split()[0]
     return f"- `{os.path.basename(path)}` ({gpu}, {d['date']}, {shape}): " + "; ".join(rows)
 

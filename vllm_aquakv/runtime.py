@@ -142,10 +142,10 @@ class ServingState:
             self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,
                                       extra.get("aquakv_flash_prefill", True), extra.get("aquakv_int8_scores", False),
-                                      extra.get("aquakv_cuda_decode", True))
+                                      extra.get("aquakv_cuda_decode", False))
         elif extra.get("aquakv_int8_scores"):
             raise UnsupportedModel("aquakv_int8_scores is an option of the fused Triton kernels (CUDA): drop it")
-        if extra.get("aquakv_cuda_decode") is True and not on_cuda:
+        if extra.get("aquakv_cuda_decode") and not on_cuda:
             raise UnsupportedModel("aquakv_cuda_decode runs a CUDA kernel (kernels/decode_codes.cu): drop it off CUDA")
         if not self.path.fused:
             if fused is not None:  # aquakv_kernels on, but the fused kernels cannot serve this artifact
@@ -234,7 +234,7 @@ class ServingState:
 
     def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,
                              block_size: int, compile_now: bool, flash_prefill: bool = True,
-                             int8_scores: bool = False, cuda_decode: bool = True) -> None:
+                             int8_scores: bool = False, cuda_decode: bool = False) -> None:
         """Serve all layers with the fused Triton attention kernel (kernels/attention.py) if every layer can take
         it, else all with the torch path; the startup log says which and why.  On CUDA, compile the kernel's
         variants now rather than during the first requests."""
