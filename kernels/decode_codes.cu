@@ -103,25 +103,29 @@ struct StepLoads {
     u32 s[2];  // fp16 key scale (low half) and value scale (high half) of tokens g and g + 8
 };
 
-// the step's slots start at p; kp = p + g ST + 8t, vp = p + V_CODE_OFFSET + 4g + 2t ST, sp = p + g ST + K_SCALE_OFFSET
-// (per-thread offsets fixed for the whole loop: every load is one of three pointers plus a constant)
-__device__ __forceinline__ StepLoads load_step(const u8* p, int k_off, int v_off, int s_off) {
+// a step's slots start at p; kp = p + g ST + 8t, vp = p + V_CODE_OFFSET + 4g + 2t ST, sp = p + g ST + K_SCALE_OFFSET
+// (per-thread offsets fixed for the whole loop: every word is one of three pointers plus a constant).  Word reads
+// from global memory (load_word) or from the step's shared-memory copy (shared_word).
+template <u32 (*word)(const u8*)>
+__device__ __forceinline__ StepLoads read_slots(const u8* p, int k_off, int v_off, int s_off) {
     StepLoads r;
     const u8* kp = p + k_off;
-    r.k[0] = load_word(kp);
-    r.k[1] = load_word(kp + 4);
-    r.k[2] = load_word(kp + 8 * STRIDE_TOKEN);
-    r.k[3] = load_word(kp + 8 * STRIDE_TOKEN + 4);
+    r.k[0] = word(kp);
+    r.k[1] = word(kp + 4);
+    r.k[2] = word(kp + 8 * STRIDE_TOKEN);
+    r.k[3] = word(kp + 8 * STRIDE_TOKEN + 4);
     const u8* vp = p + v_off;
-    r.v[0] = load_word(vp);
-    r.v[1] = load_word(vp + STRIDE_TOKEN);
-    r.v[2] = load_word(vp + 8 * STRIDE_TOKEN);
-    r.v[3] = load_word(vp + 9 * STRIDE_TOKEN);
+    r.v[0] = word(vp);
+    r.v[1] = word(vp + STRIDE_TOKEN);
+    r.v[2] = word(vp + 8 * STRIDE_TOKEN);
+    r.v[3] = word(vp + 9 * STRIDE_TOKEN);
     const u8* sp = p + s_off;
-    r.s[0] = load_word(sp);
-    r.s[1] = load_word(sp + 8 * STRIDE_TOKEN);
+    r.s[0] = word(sp);
+    r.s[1] = word(sp + 8 * STRIDE_TOKEN);
     return r;
 }
+
+__device__ __forceinline__ u32 shared_word(const u8* p) { return *reinterpret_cast<const u32*>(p); }
 
 #if STAGES > 0
 // shared-memory staging: each 16-token step's slots (16 STRIDE_TOKEN contiguous bytes of one page block and KV head,
@@ -138,25 +142,6 @@ __device__ __forceinline__ void stage_step(u32 dst, const u8* src, int lane) {
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + 16 * c), "l"(src + 16 * c));
 }
 
-__device__ __forceinline__ u32 shared_word(const u8* p) { return *reinterpret_cast<const u32*>(p); }
-
-__device__ __forceinline__ StepLoads read_step(const u8* p, int k_off, int v_off, int s_off) {
-    StepLoads r;
-    const u8* kp = p + k_off;
-    r.k[0] = shared_word(kp);
-    r.k[1] = shared_word(kp + 4);
-    r.k[2] = shared_word(kp + 8 * STRIDE_TOKEN);
-    r.k[3] = shared_word(kp + 8 * STRIDE_TOKEN + 4);
-    const u8* vp = p + v_off;
-    r.v[0] = shared_word(vp);
-    r.v[1] = shared_word(vp + STRIDE_TOKEN);
-    r.v[2] = shared_word(vp + 8 * STRIDE_TOKEN);
-    r.v[3] = shared_word(vp + 9 * STRIDE_TOKEN);
-    const u8* sp = p + s_off;
-    r.s[0] = shared_word(sp);
-    r.s[1] = shared_word(sp + 8 * STRIDE_TOKEN);
-    return r;
-}
 #endif
 
 // one warp's 16-token step at tok0 (slots loaded in x): scores, online softmax, value sums
@@ -386,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
         }
         asm volatile("cp.async.commit_group;");
         const int tok0 = lo + 16 * (warp + 4 * i);
-        const StepLoads x = read_step(&staged[warp][i % STAGES][0], k_off, v_off, s_off);
+        const StepLoads x = read_slots<shared_word>(&staged[warp][i % STAGES][0], k_off, v_off, s_off);
         const int blk = HAS_WINDOW ? bt[(unsigned)tok0 / PAGE_BLOCK] : 0;  // (an L1 hit)
         step_math(x, tok0, hi, context, seq, blk, tags, qb, q_sum, q_bias, k_mul, g, t, m, l, w, acc);
     }
@@ -405,7 +390,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
             const int tok = lo + span * it + 16 * u;
             if (tok < hi) {
                 const long long blk = bt[(unsigned)tok / PAGE_BLOCK];
-                cur[u] = load_step(cache + blk * stride_block + head_base + ((unsigned)tok % PAGE_BLOCK) * STRIDE_TOKEN,
+                cur[u] = read_slots<load_word>(cache + blk * stride_block + head_base + ((unsigned)tok % PAGE_BLOCK) * STRIDE_TOKEN,
                                    k_off, v_off, s_off);
             }
             if (tok + 4 * span < hi) blk_next[u] = bt[(unsigned)(tok + 4 * span) / PAGE_BLOCK];
@@ -417,7 +402,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
         for (int u = 0; u < SUB_STEPS; ++u) {
             const int tok1 = lo + span * (it + 4) + 16 * u;
             if (tok1 < hi) {
-                nxt[u] = load_step(cache + (long long)blk_next[u] * stride_block + head_base +
+                nxt[u] = read_slots<load_word>(cache + (long long)blk_next[u] * stride_block + head_base +
                                        ((unsigned)tok1 % PAGE_BLOCK) * STRIDE_TOKEN, k_off, v_off, s_off);
                 if (tok1 + 4 * span < hi) blk_next[u] = bt[(unsigned)(tok1 + 4 * span) / PAGE_BLOCK];
             }

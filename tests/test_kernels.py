@@ -274,13 +274,9 @@ def test_int8_scores_match_rounded_queries(head_dim, heads, q_heads, page_block,
     assert rounding > 3 * err, (err, rounding)
 
 
-@pytest.mark.parametrize("head_dim,grid,value_predictor,reason", [
-    (128, "u1n4", "none", None), (64, "u1n4", "none", "head_dim >= 128"), (128, "d2n16", "none", "uniform"),
-    (128, "u1n4", "per_head", "value predictor")])
-def test_int8_scores_refusals(head_dim, grid, value_predictor, reason, rng):
-    """Which layers can take int8 scores, and the reason given for those that cannot (the plugin refuses
-    aquakv_int8_scores at startup with it); a plan that asks anyway is refused at launch, not computed wrong."""
-    from vllm_aquakv.kernels.attention import fused_attention, fused_layer_or_reason, int8_scores_refusal, plan_attention
+def small_fused_layer(head_dim, grid, value_predictor, rng):
+    """A one-KV-head post-RoPE cache calibrated on 64 random tokens: (its TorchServingPath, layer 1's FusedLayer)."""
+    from vllm_aquakv.kernels.attention import fused_layer_or_reason
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
     from vllm_aquakv.serving import TorchServingPath
 
@@ -290,7 +286,18 @@ def test_int8_scores_refusals(head_dim, grid, value_predictor, reason, rng):
     k, v = torch.randn(64, 1, head_dim, generator=rng), torch.randn(64, 1, head_dim, generator=rng)
     cache = AquaKVCache.calibrate(config, [k, k], [v, v])
     path = TorchServingPath(cache, None)
-    fused = fused_layer_or_reason(cache, path.layouts[1], 1)
+    return path, fused_layer_or_reason(cache, path.layouts[1], 1)
+
+
+@pytest.mark.parametrize("head_dim,grid,value_predictor,reason", [
+    (128, "u1n4", "none", None), (64, "u1n4", "none", "head_dim >= 128"), (128, "d2n16", "none", "uniform"),
+    (128, "u1n4", "per_head", "value predictor")])
+def test_int8_scores_refusals(head_dim, grid, value_predictor, reason, rng):
+    """Which layers can take int8 scores, and the reason given for those that cannot (the plugin refuses
+    aquakv_int8_scores at startup with it); a plan that asks anyway is refused at launch, not computed wrong."""
+    from vllm_aquakv.kernels.attention import fused_attention, int8_scores_refusal, plan_attention
+
+    path, fused = small_fused_layer(head_dim, grid, value_predictor, rng)
     got = int8_scores_refusal(fused)
     assert got is None if reason is None else reason in got, got
     if reason is not None:
@@ -311,17 +318,9 @@ def test_cuda_decode_refusals(head_dim, grid, value_predictor, group, page_block
     """Which layers the CUDA decode codes loop (``cuda_decode``) takes, and the reason for the others (the server's
     startup log names it; their decodes run the Triton loop); off the GPU every launch is refused."""
     from vllm_aquakv.kernels import cuda_decode
-    from vllm_aquakv.kernels.attention import fused_layer_or_reason, plan_attention
-    from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
-    from vllm_aquakv.serving import TorchServingPath
+    from vllm_aquakv.kernels.attention import plan_attention
 
-    config = AquaKVConfig(key_rope="post", key_predictor="mean", value_predictor=value_predictor,
-                          value_topology="k_same" if value_predictor == "per_head" else "none", key_grid=grid,
-                          value_grid=grid, layer0_grid=grid)
-    k, v = torch.randn(64, 1, head_dim, generator=rng), torch.randn(64, 1, head_dim, generator=rng)
-    cache = AquaKVCache.calibrate(config, [k, k], [v, v])
-    path = TorchServingPath(cache, None)
-    fused = fused_layer_or_reason(cache, path.layouts[1], 1)
+    path, fused = small_fused_layer(head_dim, grid, value_predictor, rng)
     got = cuda_decode.layer_refusal(fused, group, page_block, dtype)
     assert got is None if reason is None else reason in got, got
     kv = torch.zeros(1, 1, page_block, path.slot_bytes(1), dtype=torch.uint8)
