@@ -14,7 +14,6 @@ Its torch twin is the same as the Triton kernel's, ``vllm_aquakv.serving.TorchSe
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,12 +113,22 @@ def decode_config(layer, num_q_heads: int, num_kv_heads: int, page_block: int, s
                         SUB_STEPS, STAGES)
 
 
-@functools.cache
-def compiled(config: DecodeConfig):
-    """The NVRTC-compiled kernel for ``config`` (compiled once per process; ~1 s)."""
-    from torch.cuda import _compile_kernel  # torch >= 2.8
+_COMPILED: dict[DecodeConfig, object] = {}
 
-    return _compile_kernel(config.defines() + SOURCE.read_text(), "aquakv_decode_codes")
+
+def compiled(config: DecodeConfig):
+    """The NVRTC-compiled kernel for ``config`` (compiled once per process; ~1 s).  Never inside a CUDA-graph
+    capture: a module a capture would need is refused there with the config it lacks (the server compiles its
+    layers' modules at startup, ``VllmRuntime._enable_cuda_decode``)."""
+    kernel = _COMPILED.get(config)
+    if kernel is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the CUDA decode loop was not compiled before this CUDA-graph capture for {config} "
+                               f"(compiled: {list(_COMPILED)})")
+        from torch.cuda import _compile_kernel  # torch >= 2.8
+
+        kernel = _COMPILED[config] = _compile_kernel(config.defines() + SOURCE.read_text(), "aquakv_decode_codes")
+    return kernel
 
 
 def launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc, plan, layer, scale: float,
