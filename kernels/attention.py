@@ -1030,8 +1030,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         **options,
     )
     if cuda_decode.decode_refusal(query, kv_cache, plan, layer, window) is None:  # (ring_programs is 0 there)
-        cuda_decode.launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc, plan, layer, scale,
-                                        m, l, acc_v, window)
+        cuda_decode.launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc, plan, layer,
+                                        scale * LOG2E, m, l, acc_v, window)
     else:
         launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
     if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)

@@ -131,7 +131,7 @@ def compiled(config: DecodeConfig):
     return kernel
 
 
-def launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc, plan, layer, scale: float,
+def launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc, plan, layer, logit_scale: float,
                         m, l, acc_v, window) -> None:
     """Write the split-K partials of the decode codes segments (what ``_fused_attention_kernel`` writes for
     ``plan.segments`` segments of a RING_FIRST decode launch) into m, l, acc_v [segments (+ ring), N, Hq(, h)]."""
@@ -146,8 +146,6 @@ def launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc,
     kernel(grid=(plan.q_seq.shape[0], heads, plan.segments), block=(32 * WARPS, 1, 1),
            args=[query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias,
                  dummy if layer.k_dinv is None else layer.k_dinv, kv_cache, block_table, seq_lens, query_start_loc,
-                 k_terms, v_terms, m, l, acc_v, tags, plan.segments, n, scale * LOG2E, query.stride(0),
+                 k_terms, v_terms, m, l, acc_v, tags, plan.segments, n, logit_scale, query.stride(0),
                  query.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), plan.tile])
 
-
-LOG2E = 1.4426950408889634
