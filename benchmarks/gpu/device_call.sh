@@ -5,6 +5,8 @@
 #   tp      benchmarks/gpu/throughput.py --formats "$FORMATS"     smoke   benchmarks/gpu/plugin_smoke.py $SM_ARGS
 #   serve   benchmarks/gpu/serve.py --formats "$FORMATS" $SV_ARGS tps     benchmarks/torch_path_step.py $TPS_ARGS
 #   cw      benchmarks/gpu/cache_write.py $CW_ARGS
+# WATCH=1: stall_dump.sh beside each stage ($OUT/stall_<stage>.txt once $OUT is idle for WATCH_IDLE s, default 40;
+# py-spy from .gpu-tools/py-spy when carried)
 # e.g. STAGE="tests tps" TESTK="torch_path_through_flash or fused_begin" bash benchmarks/gpu/device_call.sh
 # GPU_BUNDLE: the carried bundle folder (default .gpu-bundle); a two-part WITH_FA2=1 bundle (turboquant) comes as two
 # folders, one part each, over two calls on the warm machine: the first call's install.sh exits 3 (README)
@@ -18,6 +20,11 @@ R=$(pwd)
 cd /tmp  # not the checkout: its vllm_aquakv/ (without kernels/) would shadow the staged plugin for `python -m` helpers
 for s in ${STAGE:-tests decode}; do
   echo "=== stage $s $(date +%T)"
+  watcher=
+  if [ -n "${WATCH:-}" ]; then
+    PY_SPY=$([ -x $R/.gpu-tools/py-spy ] && echo $R/.gpu-tools/py-spy) bash $R/benchmarks/gpu/stall_dump.sh \
+      $OUT/stall_$s.txt $OUT ${WATCH_IDLE:-40} & watcher=$!
+  fi
   case $s in
     tests) (timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x $R/tests/test_kernels.py ${TESTK:+-k "$TESTK"} 2>&1 | tail -25) ;;
     decode) timeout ${DEC_TIMEOUT:-300} python3 $R/benchmarks/gpu/decode_attention.py $OUT/${DEC_DIR:-dq} --graphs --no-sweep --no-prefill \
@@ -31,5 +38,6 @@ for s in ${STAGE:-tests decode}; do
     serve) timeout ${SV_TIMEOUT:-400} python3 $R/benchmarks/gpu/serve.py $OUT/sv --formats ${FORMATS} ${SV_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore\|^(APIServer" | tail -25 ;;
     cw) timeout ${CW_TIMEOUT:-200} python3 $R/benchmarks/gpu/cache_write.py $OUT/cw ${CW_ARGS:---tokens 1,256,8192 --block-n 64 --warps 8} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
   esac
+  [ -n "$watcher" ] && kill $watcher 2>/dev/null
 done
 echo "=== done $(date +%T)"

@@ -10,7 +10,7 @@ the 3 short prompts only).  Run on the device machine (see
 benchmarks/gpu/README.md):
 
     python3 benchmarks/gpu/plugin_smoke.py $OUT [--short | --parity] [--fp32-model] [--profile] [--graphs]
-        [--decode-graphs | --overlap-write] [--model DIR]
+        [--decode-graphs | --overlap-write | --cuda-decode] [--model DIR]
 
 ``--parity``: the three short prompts through the fused kernels and the torch path only (no auto run).
 ``--from-json RUN.json --machine NAME --versions-from RESULTS.json``: rebuild the results table of an earlier run.
@@ -23,6 +23,9 @@ enforce_eager) beside the eager aquakv run, and compares their greedy tokens.
 kernels, so their greedy tokens and prompt logprobs must be equal.
 ``--overlap-write`` runs aquakv (FULL decode graphs) with each decode layer's cache write before its attention and
 beside it on a second stream (``aquakv_overlap_write``): the same arithmetic, so equal tokens and logprobs, or a race.
+``--cuda-decode`` runs aquakv (FULL decode graphs) with the decode codes loop in Triton and in CUDA
+(``aquakv_cuda_decode``, kernels/decode_codes.cu; steps of >= 16 requests): other arithmetic order (fp16 mma), so
+near-equal tokens and logprobs.
 """
 
 import argparse
@@ -81,6 +84,10 @@ def main(args):
         runs = {"aquakv-write-serial": ("aquakv", {**graphs, "additional_config": {"aquakv_overlap_write": False}}),
                 "aquakv-write-beside": ("aquakv", {**graphs, "additional_config": {"aquakv_overlap_write": True}})}
         pair = ("decode cache writes beside attention vs before it", "aquakv-write-beside", "aquakv-write-serial")
+    if args.cuda_decode:
+        runs = {"aquakv-triton-decode": ("aquakv", {**graphs, "additional_config": {"aquakv_cuda_decode": False}}),
+                "aquakv-cuda-decode": ("aquakv", {**graphs, "additional_config": {"aquakv_cuda_decode": True}})}
+        pair = ("decode codes loop in CUDA vs Triton", "aquakv-cuda-decode", "aquakv-triton-decode")
     if args.profile:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
         runs = {k: (d, {**e, "enable_prefix_caching": False}) for k, (d, e) in runs.items() if k != "aquakv-torch-path"}
     if args.parity:  # greedy tokens and prompt logprobs: fused kernels vs the torch path only
@@ -146,6 +153,9 @@ PAIR_RUNS = {  # what the two runs of a pair are, for the table's caption
     "decode cache writes beside attention vs before it": "aquakv-write-serial: each decode layer's cache write before "
                                                          "its attention (`aquakv_overlap_write` false); "
                                                          "aquakv-write-beside: on a second stream beside it (default).",
+    "decode codes loop in CUDA vs Triton": "aquakv-triton-decode: the decode codes loop in Triton (default); "
+                                           "aquakv-cuda-decode: in CUDA (`aquakv_cuda_decode`, steps of >= 16 "
+                                           "requests).",
 }
 
 
@@ -214,7 +224,8 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", nargs="?", default="/tmp/out")
     ap.add_argument("--model", default=None, help="an existing Llama-3.2-3B-shaped model folder instead of a new one")
-    for flag in ("--short", "--parity", "--fp32-model", "--profile", "--graphs", "--decode-graphs", "--overlap-write"):
+    for flag in ("--short", "--parity", "--fp32-model", "--profile", "--graphs", "--decode-graphs", "--overlap-write",
+                 "--cuda-decode"):
         ap.add_argument(flag, action="store_true")
     ap.add_argument("--from-json", default=None, help="rebuild the table of this earlier run (runs nothing)")
     ap.add_argument("--machine", default=None, help="with --from-json: the GPU the run was on")
