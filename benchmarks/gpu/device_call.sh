@@ -2,7 +2,7 @@
 # One device call (carry [".gpu-bundle"]): installs the vLLM bundle, stages the plugin, then runs the stages named
 # in STAGE (default "tests decode"), each with its own timeout; every stage reads its options from the environment:
 #   tests   pytest tests/test_kernels.py [-k "$TESTK"]            decode / decode2  benchmarks/gpu/decode_attention.py
-#   tp      benchmarks/gpu/throughput.py --formats "$FORMATS"     smoke   benchmarks/gpu/plugin_smoke.py $SM_ARGS
+#   tp      benchmarks/gpu/throughput.py --formats "$FORMATS" (GMU) smoke   benchmarks/gpu/plugin_smoke.py $SM_ARGS
 #   serve   benchmarks/gpu/serve.py --formats "$FORMATS" $SV_ARGS tps     benchmarks/torch_path_step.py $TPS_ARGS
 #   cw      benchmarks/gpu/cache_write.py $CW_ARGS
 # WATCH=1: stall_dump.sh beside each stage ($OUT/stall_<stage>.txt once $OUT is idle for WATCH_IDLE s, default 40;
@@ -32,7 +32,7 @@ for s in ${STAGE:-tests decode}; do
     decode2) timeout ${DEC2_TIMEOUT:-300} python3 $R/benchmarks/gpu/decode_attention.py $OUT/dq2 --graphs --no-sweep --no-prefill \
         --only "${ONLY2:-u1n4 (K mean,u1n4 + sinks}" ${DEC2_ARGS:-} --batches ${BATCHES2:-1,16,64} --contexts ${CONTEXTS2:-4096,16384,32768} 2>&1 | grep -v "^WARNING\|^INFO" | tail -${DEC_TAIL:-60} ;;
     tp) timeout ${TP_TIMEOUT:-560} python3 $R/benchmarks/gpu/throughput.py $OUT/tp --formats ${FORMATS} --input-len ${IN:-4096} --output-len ${OUTLEN:-1024} \
-        --num-prompts ${NP:-128} --gpu-memory-utilization 0.2 --max-num-seqs ${NP:-128} --timeout ${TPT:-250} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
+        --num-prompts ${NP:-128} --gpu-memory-utilization ${GMU:-0.2} --max-num-seqs ${NP:-128} --timeout ${TPT:-250} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
     smoke) timeout ${SM_TIMEOUT:-400} python3 $R/benchmarks/gpu/plugin_smoke.py $OUT/sm ${SM_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
     tps) timeout ${TPS_TIMEOUT:-300} python3 $R/benchmarks/torch_path_step.py $OUT/tps.json ${TPS_ARGS:---batches 1,16,64 --contexts 1024,4096} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
     serve) timeout ${SV_TIMEOUT:-400} python3 $R/benchmarks/gpu/serve.py $OUT/sv --formats ${FORMATS} ${SV_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore\|^(APIServer" | tail -25 ;;
