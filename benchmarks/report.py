@@ -145,6 +145,8 @@ def eval_table(d: dict) -> list[str]:
 HEADLINE = [
     ("Capacity and throughput, every vLLM KV format (GPU)", "throughput_h200_8192_512_all_formats.json",
      throughput_table),
+    ("Throughput on shared/BASELINES.md's workload, decode codes loop in CUDA and in Triton, one machine session (H100)",
+     "throughput_h100_8192_512_cuda_decode.json", throughput_table),
     ("Capacity and throughput, vLLM's KV formats and aquakv in one machine session (H100)",
      "throughput_h100_4096_1024_all_formats.json", throughput_table),
     ("Throughput, turboquant_k3v4_nc / bf16 / aquakv in one machine session (H100)",

@@ -370,12 +370,13 @@ def test_residual_kernel_in_vllm_matches_torch_path(smollm2_calibrated):
 @pytest.mark.parametrize("case,match", [("attention_backend", "remove --attention-backend"),
                                         ("rope_yarn", "rope types"), ("head_dim_96", "power of two"),
                                         ("sliding_window", "sliding window attention layers.*another --kv-cache-dtype"),
-                                        ("speculative", "remove --speculative-config")])
+                                        ("speculative", "remove --speculative-config"),
+                                        ("cuda_decode", "aquakv_cuda_decode runs a CUDA kernel.*drop it off CUDA")])
 def test_refuses_unservable_setups_at_startup(case, match, tmp_path):
     """Startup refusals through the real engine (predictor-free mode, so no artifact is involved, except for the
     rope case): another --attention-backend, a pre-RoPE artifact on a model whose RoPE the serving path cannot undo
     (YaRN), a head size the Hadamard rotation cannot take, a model with sliding-window layers, speculative decoding
-    (n-gram drafts)."""
+    (n-gram drafts), the CUDA decode loop asked for off CUDA."""
     from vllm_aquakv.calibration.models import make_tiny_llama
 
     head_dim = 96 if case == "head_dim_96" else 32
@@ -397,6 +398,8 @@ def test_refuses_unservable_setups_at_startup(case, match, tmp_path):
                                         "prompt_lookup_min": 1}
     if case == "attention_backend":
         engine["attention_backend"] = "CPU_ATTN"
+    if case == "cuda_decode":
+        engine["additional_config"]["aquakv_cuda_decode"] = True
     with pytest.raises(RuntimeError, match=match):
         run_vllm(model=model, kv_cache_dtype="aquakv", dtype="float32", engine=engine, prompt_token_ids=[[5, 6, 7]],
                  max_tokens=1)

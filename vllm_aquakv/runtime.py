@@ -142,7 +142,7 @@ class ServingState:
             self._enable_fused_kernel(fused, num_layers, text_cfg.num_attention_heads // tp, num_kv_heads,
                                       vllm_config.cache_config.block_size, on_cuda,
                                       extra.get("aquakv_flash_prefill", True), extra.get("aquakv_int8_scores", False),
-                                      extra.get("aquakv_cuda_decode", False))
+                                      extra.get("aquakv_cuda_decode"))
         elif extra.get("aquakv_int8_scores"):
             raise UnsupportedModel("aquakv_int8_scores is an option of the fused Triton kernels (CUDA): drop it")
         if extra.get("aquakv_cuda_decode") and not on_cuda:
@@ -205,10 +205,11 @@ class ServingState:
             return f"FlashAttention takes 16-bit models, this one is {str(self.model_dtype).replace('torch.', '')}"
         return "no FlashAttention in this vLLM build for this head size"
 
-    def _enable_cuda_decode(self, fused: dict, num_q_heads: int, num_kv_heads: int, block_size: int, exact) -> str:
+    def _enable_cuda_decode(self, fused: dict, num_q_heads: int, num_kv_heads: int, block_size: int, exact,
+                            asked: bool) -> str:
         """Compile the CUDA decode codes loop (``kernels/cuda_decode.py``) for every layer that can take it and turn
-        it on; returns what the startup log says.  A compile failure refuses the server (``aquakv_cuda_decode``
-        false serves with the Triton loop instead)."""
+        it on; returns what the startup log says.  A compile failure refuses the server when ``asked``
+        (``aquakv_cuda_decode`` true), else the Triton loop serves and a warning says why."""
         from .kernels import cuda_decode
 
         refusals = {layer: cuda_decode.layer_refusal(f, num_q_heads // num_kv_heads, block_size, self.model_dtype)
@@ -224,9 +225,13 @@ class ServingState:
             try:
                 cuda_decode.compiled(config)
             except Exception as e:  # NVRTC missing or failing: say so, never serve a half-built path
-                raise UnsupportedModel(f"the CUDA decode loop (kernels/decode_codes.cu) did not compile with NVRTC: "
-                                       f"{e}. Serve with --additional-config '{{\"aquakv_cuda_decode\": false}}' "
-                                       "for the Triton loop") from e
+                failed = f"the CUDA decode loop (kernels/decode_codes.cu) did not compile with NVRTC: {e}"
+                if asked:
+                    raise UnsupportedModel(f"{failed}. Serve with --additional-config "
+                                           "'{\"aquakv_cuda_decode\": false}' for the Triton loop") from e
+                _logger().warning("aquakv: %s; decode codes run in the Triton loop (~11%% lower output throughput on an "
+                                  "H100; --additional-config '{\"aquakv_cuda_decode\": false}' asks for it)", failed)
+                return "decode codes loop in Triton (the CUDA loop did not compile: see the warning above)"
         self.path.cuda_decode = True
         return (f"decode codes loop in CUDA on {len(takers)} of {len(fused)} layers"
                 + ("" if len(takers) == len(fused) else
@@ -234,10 +239,11 @@ class ServingState:
 
     def _enable_fused_kernel(self, fused: dict | str, num_layers: int, num_q_heads: int, num_kv_heads: int,
                              block_size: int, compile_now: bool, flash_prefill: bool = True,
-                             int8_scores: bool = False, cuda_decode: bool = False) -> None:
+                             int8_scores: bool = False, cuda_decode: bool | None = None) -> None:
         """Serve all layers with the fused Triton attention kernel (kernels/attention.py) if every layer can take
         it, else all with the torch path; the startup log says which and why.  On CUDA, compile the kernel's
-        variants now rather than during the first requests."""
+        variants now rather than during the first requests.  ``cuda_decode`` (``aquakv_cuda_decode``): the CUDA
+        decode codes loop; None, the default, takes it where it compiles."""
         import time
 
         from .kernels.attention import compiled_variants, warm_up
@@ -262,8 +268,9 @@ class ServingState:
                                        "--preset speed)")
             self.path.int8_scores = True
             self.kernel_note += "; decode scores on int8 tensor cores (aquakv_int8_scores: queries rounded to int8)"
-        if compile_now and cuda_decode and not int8_scores:  # decode codes loop of u1n4 layers: kernels/decode_codes.cu
-            self.kernel_note += "; " + self._enable_cuda_decode(fused, num_q_heads, num_kv_heads, block_size, exact)
+        if compile_now and cuda_decode is not False and not int8_scores:  # u1n4 decode codes: kernels/decode_codes.cu
+            self.kernel_note += "; " + self._enable_cuda_decode(fused, num_q_heads, num_kv_heads, block_size, exact,
+                                                                asked=bool(cuda_decode))
         if compile_now and flash_prefill:  # prefill: reconstruction + vLLM's FlashAttention (window: 2 calls)
             found = self._use_flash_attention()
             self.kernel_note += ("; prefill through reconstructed K/V + FlashAttention" if found else

@@ -153,9 +153,9 @@ PAIR_RUNS = {  # what the two runs of a pair are, for the table's caption
     "decode cache writes beside attention vs before it": "aquakv-write-serial: each decode layer's cache write before "
                                                          "its attention (`aquakv_overlap_write` false); "
                                                          "aquakv-write-beside: on a second stream beside it (default).",
-    "decode codes loop in CUDA vs Triton": "aquakv-triton-decode: the decode codes loop in Triton (default); "
-                                           "aquakv-cuda-decode: in CUDA (`aquakv_cuda_decode`, steps of >= 16 "
-                                           "requests).",
+    "decode codes loop in CUDA vs Triton": "aquakv-triton-decode: the decode codes loop in Triton "
+                                           "(`aquakv_cuda_decode` false); aquakv-cuda-decode: in CUDA (true, the "
+                                           "default on CUDA since 2026-12-06; steps of >= 16 requests).",
 }
 
 

@@ -70,10 +70,11 @@ AQUAKV_PRESETS = {
     "aquakv-window-fused-step": ("--preset speed", {"aquakv_window": True, "aquakv_fused_ring_step": True}),
     # the window with that bookkeeping as torch ops at the step's first layer (the default before 2026-12-06)
     "aquakv-window-torch-step": ("--preset speed", {"aquakv_window": True, "aquakv_fused_ring_step": False}),
-    # the window with the decode codes loop in Triton named explicitly (the default: aquakv_cuda_decode is off since
-    # 2026-12-06's run of the CUDA loop stalled in vLLM's warm-up; the name that run used)
+    # the window with the decode codes loop in Triton (aquakv_cuda_decode false; the default before 2026-12-06's
+    # throughput_h100_8192_512_cuda_decode / throughput_h100_4096_1024_cuda_decode runs)
     "aquakv-window-triton-decode": ("--preset speed", {"aquakv_window": True, "aquakv_cuda_decode": False}),
-    # the window with the decode codes loop in CUDA (kernels/decode_codes.cu; aquakv_cuda_decode, opt-in)
+    # the window with the decode codes loop in CUDA (kernels/decode_codes.cu) named explicitly: the default on CUDA
+    # since those runs (the name they used)
     "aquakv-window-cuda-decode": ("--preset speed", {"aquakv_window": True, "aquakv_cuda_decode": True}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
