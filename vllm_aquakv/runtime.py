@@ -261,6 +261,9 @@ class ServingState:
 
         self.path.fused.update(fused)
         self.kernel_note = f"fused Triton attention on all {num_layers} layers"
+        if int8_scores and cuda_decode:
+            raise UnsupportedModel("aquakv_int8_scores and aquakv_cuda_decode true exclude each other (int8 scores run "
+                                   "in the Triton kernel): drop one")
         if int8_scores:
             refusal = next((r for r in map(int8_scores_refusal, fused.values()) if r), None)
             if refusal:
