@@ -208,10 +208,15 @@ class ServingState:
     def _enable_cuda_decode(self, fused: dict, num_q_heads: int, num_kv_heads: int, block_size: int, exact,
                             asked: bool) -> str:
         """Compile the CUDA decode codes loop (``kernels/cuda_decode.py``) for every layer that can take it and turn
-        it on; returns what the startup log says.  A compile failure refuses the server when ``asked``
-        (``aquakv_cuda_decode`` true), else the Triton loop serves and a warning says why."""
+        it on; returns what the startup log says.  Unless ``asked`` (``aquakv_cuda_decode`` true), only on sm_90,
+        where it was tested.  A compile failure refuses the server when ``asked``, else the Triton loop serves and a
+        warning says why."""
         from .kernels import cuda_decode
 
+        major, minor = torch.cuda.get_device_capability()
+        if not asked and major != 9:  # (tested and measured on the H100 / H200 only)
+            return (f"decode codes loop in Triton (the CUDA loop is tested on sm_90 only; this GPU is sm_{major}{minor}: "
+                    "--additional-config '{\"aquakv_cuda_decode\": true}' asks for it)")
         refusals = {layer: cuda_decode.layer_refusal(f, num_q_heads // num_kv_heads, block_size, self.model_dtype)
                     for layer, f in fused.items()}
         takers = [layer for layer, r in refusals.items() if r is None]

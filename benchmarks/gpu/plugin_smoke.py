@@ -155,7 +155,7 @@ PAIR_RUNS = {  # what the two runs of a pair are, for the table's caption
                                                          "aquakv-write-beside: on a second stream beside it (default).",
     "decode codes loop in CUDA vs Triton": "aquakv-triton-decode: the decode codes loop in Triton "
                                            "(`aquakv_cuda_decode` false); aquakv-cuda-decode: in CUDA (true, the "
-                                           "default on CUDA since 2026-12-06; steps of >= 16 requests).",
+                                           "default on sm_90 since 2026-12-06; steps of >= 16 requests).",
 }
 
 

@@ -73,7 +73,7 @@ AQUAKV_PRESETS = {
     # the window with the decode codes loop in Triton (aquakv_cuda_decode false; the default before 2026-12-06's
     # throughput_h100_8192_512_cuda_decode / throughput_h100_4096_1024_cuda_decode runs)
     "aquakv-window-triton-decode": ("--preset speed", {"aquakv_window": True, "aquakv_cuda_decode": False}),
-    # the window with the decode codes loop in CUDA (kernels/decode_codes.cu) named explicitly: the default on CUDA
+    # the window with the decode codes loop in CUDA (kernels/decode_codes.cu) named explicitly: the default on sm_90
     # since those runs (the name they used)
     "aquakv-window-cuda-decode": ("--preset speed", {"aquakv_window": True, "aquakv_cuda_decode": True}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
