@@ -248,7 +248,7 @@ class ServingState:
         """Serve all layers with the fused Triton attention kernel (kernels/attention.py) if every layer can take
         it, else all with the torch path; the startup log says which and why.  On CUDA, compile the kernel's
         variants now rather than during the first requests.  ``cuda_decode`` (``aquakv_cuda_decode``): the CUDA
-        decode codes loop; None, the default, takes it where it compiles."""
+        decode codes loop; None, the default, takes it on sm_90 GPUs where it compiles."""
         import time
 
         from .kernels.attention import compiled_variants, warm_up

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Where a stalled GPU run waits: watches DIR (a stage's output folder), and once no file under it has changed for
 # IDLE seconds, appends to OUT_FILE the GPU's utilization (busy: a kernel that does not end; idle: the host waits) and,
-# for every python (and VLLM::*) process, its threads' kernel wait channels and a py-spy stack dump with native frames (PY_SPY: a
-# py-spy binary, e.g. carried in .gpu-tools/; without it the wait channels only).  At most DUMPS dumps, IDLE apart.
+# for every python (and VLLM::*) process, its threads' kernel wait channels and a py-spy stack dump with native frames
+# (PY_SPY: a py-spy binary, e.g. carried in .gpu-tools/; without it the wait channels only).  At most DUMPS dumps,
+# IDLE apart.
 #   usage: stall_dump.sh OUT_FILE DIR [IDLE=40] [DUMPS=4]     (device_call.sh runs it beside a stage when WATCH=1)
 set -u
 out=$1 dir=$2 idle=${3:-40} dumps=${4:-4}
