@@ -215,8 +215,8 @@ class ServingState:
 
         major, minor = torch.cuda.get_device_capability()
         if not asked and major != 9:  # (tested and measured on the H100 / H200 only)
-            return (f"decode codes loop in Triton (the CUDA loop is tested on sm_90 only; this GPU is sm_{major}{minor}: "
-                    "--additional-config '{\"aquakv_cuda_decode\": true}' asks for it)")
+            return (f"decode codes loop in Triton (the CUDA loop is tested on sm_90 only; this GPU is "
+                    f"sm_{major}{minor}: --additional-config '{{\"aquakv_cuda_decode\": true}}' asks for it)")
         refusals = {layer: cuda_decode.layer_refusal(f, num_q_heads // num_kv_heads, block_size, self.model_dtype)
                     for layer, f in fused.items()}
         takers = [layer for layer, r in refusals.items() if r is None]
@@ -234,8 +234,9 @@ class ServingState:
                 if asked:
                     raise UnsupportedModel(f"{failed}. Serve with --additional-config "
                                            "'{\"aquakv_cuda_decode\": false}' for the Triton loop") from e
-                _logger().warning("aquakv: %s; decode codes run in the Triton loop (~11%% lower output throughput on an "
-                                  "H100; --additional-config '{\"aquakv_cuda_decode\": false}' asks for it)", failed)
+                _logger().warning("aquakv: %s; decode codes run in the Triton loop (~11%% lower output throughput "
+                                  "on an H100; --additional-config '{\"aquakv_cuda_decode\": false}' asks for it)",
+                                  failed)
                 return "decode codes loop in Triton (the CUDA loop did not compile: see the warning above)"
         self.path.cuda_decode = True
         return (f"decode codes loop in CUDA on {len(takers)} of {len(fused)} layers"
