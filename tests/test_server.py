@@ -30,8 +30,12 @@ def test_completion(client, smollm2_calibrated):
 
 
 def test_chat(client, smollm2_calibrated):
-    out = client.chat.completions.create(model=smollm2_calibrated, max_tokens=24, temperature=0,
-                                         messages=[{"role": "user", "content": "What is the capital of France?"}])
+    """The chat endpoint end to end (the model's chat template, generation, the reply) with the demo's question.  The
+    bare "What is the capital of France?" sits on a knife's edge for this 135M model in bfloat16: on 2026-12-06's
+    machine (a CPU with AMX) vLLM's own bf16 server (kv-cache-dtype auto) answers it "L'Étoile, la Marseillaise, ..."
+    as aquakv does, while both answer the demo's question with Paris (and CI runs before passed the bare one)."""
+    out = client.chat.completions.create(model=smollm2_calibrated, max_tokens=24, temperature=0, messages=[
+        {"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
     assert "Paris" in out.choices[0].message.content
 
 
