@@ -873,8 +873,8 @@ class AttentionPlan:
     # decode launches of uniform 2-bit codes on CUDA: the codes segments on the hand-written CUDA loop
     # (``cuda_decode``; the Triton kernel where ``cuda_decode.decode_refusal`` says why not); False: always Triton.
     # H100: 1.2-1.7x faster from 16 requests (benchmarks/results/decode_attention_h100_cuda_staged.md).  On for direct
-    # calls; the backend sets it from ``aquakv_cuda_decode``, off by default: in its first vLLM run the engine stalled
-    # (benchmarks/results/throughput_h100_2048_256_cuda_decode.md)
+    # calls; the backend sets it from ``aquakv_cuda_decode`` (default: on for sm_90 GPUs, where the server compiled
+    # the loop at startup; benchmarks/results/throughput_h100_8192_512_cuda_decode.md)
     cuda_decode: bool = True
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
