@@ -876,6 +876,11 @@ class AttentionPlan:
     # calls; the backend sets it from ``aquakv_cuda_decode`` (default: on for sm_90 GPUs, where the server compiled
     # the loop at startup; benchmarks/results/throughput_h100_8192_512_cuda_decode.md)
     cuda_decode: bool = True
+    # True: the CUDA loop as the step's one launch, the 16-bit ring's pass and the combine in it
+    # (``cuda_decode.launch_decode_codes``); False: three launches (codes, the ring's own Triton launch,
+    # ``_combine_kernel``), the ring then read by programs of the Triton codes launch below RING_LAUNCH_MIN_REQUESTS
+    # requests
+    cuda_fused: bool = False
     _partials: tuple | None = None  # split-K partial buffers, shared by the step's layers (``partials``)
 
     def partials(self, num_tokens: int, num_q_heads: int, head_dim: int, key_sums: bool, exact_sums: bool,
@@ -1029,9 +1034,13 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         QK_INT8=qk_int8, HAS_K_SCALE=layer.k_dinv is not None, num_warps=plan.num_warps, num_stages=stages,
         **options,
     )
-    if cuda_decode.decode_refusal(query, kv_cache, plan, layer, window) is None:  # (ring_programs is 0 there)
+    if cuda_decode.decode_refusal(query, kv_cache, plan, layer, window, out) is None:
+        if out is None:
+            out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
         cuda_decode.launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc, plan, layer,
-                                        scale * LOG2E, m, l, acc_v, window)
+                                        scale * LOG2E, m, l, acc_v, window, acc_x, out)
+        if plan.cuda_fused:  # (the ring's pass, as partial number ``segments``, and the combine were in it)
+            return out
     else:
         launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
     if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)

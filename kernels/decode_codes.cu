@@ -8,6 +8,10 @@
 //   STRIDE_TOKEN (bytes from one token's slot to the next), SUB_STEPS (16-token steps per loop iteration and warp: the
 //   slots loaded ahead of the math), STAGES (0: loads straight into registers; N > 1: each step's slots staged in
 //   shared memory by 16-byte cp.async, N - 1 steps ahead).
+//   FUSED (1: the whole decode attention in this one launch: one more block per (request, KV head) with the window,
+//   z = num_segments, reads the 16-bit sinks / recent window; the last block of a (request, KV head) to finish merges
+//   the partials and writes the output, as _combine_kernel does; 0: the codes segments' partials only),
+//   HAS_V_BIAS, OUT_KIND (0 float32, 1 bfloat16, 2 float16), RING_BF16 (the ring's and the step's 16-bit K / V).
 // head_dim is 128: 32 code bytes per stream per (token, KV head); code i of byte b is head position 4 b + i, whose
 // value-lane-order index is 32 i + b.
 //
@@ -81,6 +85,12 @@ __device__ __forceinline__ float warp_sum_over_groups(float x) {
     x += __shfl_xor_sync(FULL_MASK, x, 4);
     x += __shfl_xor_sync(FULL_MASK, x, 8);
     return x + __shfl_xor_sync(FULL_MASK, x, 16);
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, o));
+    return x;
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -180,7 +190,8 @@ __device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, 
                 const int col = WINDOW > 0 ? (tk < SINKS ? tk : SINKS + tk % (WINDOW > 0 ? WINDOW : 1))
                                            : min(tk, SINKS - 1);
                 const long long tag = tags[(long long)seq * (SINKS + WINDOW) + col];
-                if (tag == (long long)blk * PAGE_BLOCK + (unsigned)tk % PAGE_BLOCK) {
+                // (the query's own key, read by the codes without a window, is the ring pass's from the step input)
+                if (tk >= context || tag == (long long)blk * PAGE_BLOCK + (unsigned)tk % PAGE_BLOCK) {
                     if (r) keep_g8 = false; else keep_g = false;
                 }
             }
@@ -235,13 +246,240 @@ __device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, 
     }
 }
 
+#if FUSED
+__device__ __forceinline__ float sixteen_bit(u16 x) {  // the ring's and the step's 16-bit keys and values
+#if RING_BF16
+    return __uint_as_float(((u32)x) << 16);
+#else
+    return half_to_float(x);
+#endif
+}
+
+// q_sh[hd] . the 16-bit key row k (128 values) for the G heads, added to s; VEC: 16-byte loads (an aligned ring row)
+template <bool VEC>
+__device__ __forceinline__ void row_scores(const u16* k, const float (*q_sh)[HEAD_DIM], float* s) {
+#pragma unroll 4
+    for (int c = 0; c < HEAD_DIM / 8; ++c) {
+        u32 w[4];
+        if (VEC) {
+            const uint4 x = *reinterpret_cast<const uint4*>(k + 8 * c);
+            w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) w[i] = (u32)k[8 * c + 2 * i] | ((u32)k[8 * c + 2 * i + 1] << 16);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float x = sixteen_bit((u16)(w[i >> 1] >> (16 * (i & 1))));
+#pragma unroll
+            for (int hd = 0; hd < G; ++hd) s[hd] += q_sh[hd][8 * c + i] * x;
+        }
+    }
+}
+
+#if HAS_WINDOW
+// The 16-bit sinks and recent window of one (request, KV head), _fused_attention_kernel's RING_ONLY pass, in chunks of
+// RING_CHUNK ring entries: thread tid scores entries tid and tid + 128 for the G heads (one 16-byte load per 8 key
+// values); then warp w sums the values of entries w, w + 4, ... (lane: 4 head dims, one 8-byte load per entry, 4
+// entries in flight).  m, l (the same in every thread) and ax (head dim tid, head order) are the partial's running max,
+// denominator and value sums; part_sh holds 4 x G x 128 floats (the chunk's probabilities, then the warps' sums).
+#define RING_CHUNK 256
+__device__ __forceinline__ void ring_partial(const u16* __restrict__ ring_k, const u16* __restrict__ ring_v,
+                                             const u16* k_own, const u16* v_own, const long long* __restrict__ tags,
+                                             const int* __restrict__ bt, int seq, int kv_head, int context,
+                                             float logit_scale, const float (*q_sh)[HEAD_DIM], float* part_sh,
+                                             const u16** v_rows, float (*red)[4][8], float* m, float* l, float* ax) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, num_kv_heads = gridDim.y;
+    const int entries = SINKS + WINDOW;
+    const int win_start = max(context - WINDOW + 1, SINKS);  // key position of the first window entry
+    float (*p_sh)[RING_CHUNK] = reinterpret_cast<float (*)[RING_CHUNK]>(part_sh);  // [G][RING_CHUNK]
+    float a[G][4];  // this warp's value sums of head dims 4 lane .. 4 lane + 3
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) {
+        m[hd] = -1.0e30f, l[hd] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) a[hd][k] = 0.0f;
+    }
+    for (int c0 = 0; c0 < entries; c0 += RING_CHUNK) {
+        float s[2][G];
+        bool ok[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int r = c0 + tid + HEAD_DIM * j;  // ring entry: the sinks, then the window's positions in order
+            const int t = r < SINKS ? r : win_start + r - SINKS;
+            const bool own = t >= context;
+            ok[j] = r < entries && t <= context;
+            const u16* krow = k_own;
+            const u16* vrow = v_own;  // the query's own token: this step's 16-bit input
+            if (ok[j] && !own) {  // an older token: its ring entry, if that was written from the slot the token is in
+                const int col = WINDOW > 0 ? (t < SINKS ? t : SINKS + t % (WINDOW > 0 ? WINDOW : 1)) : min(t, SINKS - 1);
+                const long long blk = bt[(unsigned)t / PAGE_BLOCK];
+                ok[j] = tags[(long long)seq * entries + col] == blk * PAGE_BLOCK + (unsigned)t % PAGE_BLOCK;
+                const long long row = (((long long)seq * entries + col) * num_kv_heads + kv_head) * HEAD_DIM;
+                krow = ring_k + row;
+                vrow = ring_v + row;
+            }
+            ok[j] = ok[j] && (t < SINKS || context - t < WINDOW);
+#pragma unroll
+            for (int hd = 0; hd < G; ++hd) s[j][hd] = 0.0f;
+            if (ok[j] && own) row_scores<false>(krow, q_sh, s[j]);
+            else if (ok[j]) row_scores<true>(krow, q_sh, s[j]);
+            v_rows[tid + HEAD_DIM * j] = ok[j] ? vrow : nullptr;
+        }
+#pragma unroll
+        for (int hd = 0; hd < G; ++hd) {
+            s[0][hd] = ok[0] ? s[0][hd] * logit_scale : NEG_INF;
+            s[1][hd] = ok[1] ? s[1][hd] * logit_scale : NEG_INF;
+            const float x = warp_max(fmaxf(s[0][hd], s[1][hd]));
+            if (lane == 0) red[0][warp][hd] = x;
+        }
+        __syncthreads();
+        float alpha[G];
+#pragma unroll
+        for (int hd = 0; hd < G; ++hd) {
+            const float mx = fmaxf(m[hd], fmaxf(fmaxf(red[0][0][hd], red[0][1][hd]), fmaxf(red[0][2][hd], red[0][3][hd])));
+            alpha[hd] = exp2_approx(m[hd] - mx);
+            m[hd] = mx;
+            const float p0 = ok[0] ? exp2_approx(s[0][hd] - mx) : 0.0f, p1 = ok[1] ? exp2_approx(s[1][hd] - mx) : 0.0f;
+            p_sh[hd][tid] = p0;
+            p_sh[hd][tid + HEAD_DIM] = p1;
+            const float ps = warp_sum(p0 + p1);
+            if (lane == 0) red[1][warp][hd] = ps;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int hd = 0; hd < G; ++hd) {
+            l[hd] = l[hd] * alpha[hd] + (red[1][0][hd] + red[1][1][hd] + red[1][2][hd] + red[1][3][hd]);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) a[hd][k] *= alpha[hd];
+        }
+        const int n = min(RING_CHUNK, entries - c0);
+#pragma unroll 4
+        for (int e = warp; e < n; e += 4) {
+            const u16* vr = v_rows[e];  // (warp-uniform)
+            if (vr == nullptr) continue;
+            u32 w0, w1;
+            if (vr == v_own) {  // (any alignment)
+                w0 = (u32)vr[4 * lane] | ((u32)vr[4 * lane + 1] << 16);
+                w1 = (u32)vr[4 * lane + 2] | ((u32)vr[4 * lane + 3] << 16);
+            } else {
+                const uint2 x = *reinterpret_cast<const uint2*>(vr + 4 * lane);
+                w0 = x.x, w1 = x.y;
+            }
+            const float v[4] = {sixteen_bit((u16)w0), sixteen_bit((u16)(w0 >> 16)), sixteen_bit((u16)w1),
+                                sixteen_bit((u16)(w1 >> 16))};
+#pragma unroll
+            for (int hd = 0; hd < G; ++hd) {
+                const float p = p_sh[hd][e];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) a[hd][k] += p * v[k];
+            }
+        }
+        __syncthreads();  // before the next chunk's p_sh, v_rows and red
+    }
+    // the 4 warps' sums: head dim tid of each head
+    float (*merge)[G][HEAD_DIM] = reinterpret_cast<float (*)[G][HEAD_DIM]>(part_sh);  // [4][G][128]
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) merge[warp][hd][4 * lane + k] = a[hd][k];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) ax[hd] = merge[0][hd][tid] + merge[1][hd][tid] + merge[2][hd][tid] + merge[3][hd][tid];
+}
+#endif
+// The last block of a (request, KV head) to finish: merge the partials of its parts (codes segments, then the ring's)
+// and write the output as _combine_kernel does: softmax normalization, the value sums rotated back from the Hadamard
+// domain (y S^T / h with S = diag(signs) H, rows of sign_v in value-lane order), the 16-bit values' sums, the value
+// mean.  Thread tid writes head dim tid of the G heads.
+__device__ __forceinline__ void combine_parts(const float* m_in, const float* l_in, const float* acc_v_in,
+                                              const float* acc_x_in, const u16* __restrict__ sign_v,
+                                              const float* __restrict__ v_bias, void* out, long long out_row,
+                                              int stride_oh, int num_segments, int num_tokens, int q0, int kv_head,
+                                              float (*y_sh)[HEAD_DIM], float* part_ml) {
+    const int tid = threadIdx.x, parts = num_segments + HAS_WINDOW;
+    const long long seg = (long long)num_tokens * NUM_Q_HEADS, row0 = (long long)q0 * NUM_Q_HEADS + kv_head * G;
+    // the parts' maxima and denominators [parts x G] in shared memory, loaded in parallel (part_ml: 2 x 65 x G floats)
+    float* part_m = part_ml;
+    float* part_l = part_ml + parts * G;
+    for (int i = tid; i < parts * G; i += blockDim.x) {
+        const long long at = (i / G) * seg + row0 + i % G;
+        part_m[i] = __ldcg(m_in + at);
+        part_l[i] = __ldcg(l_in + at);
+    }
+    __syncthreads();
+    float denom[G], yx[G];
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) {
+        float mm = -1.0e30f;
+        for (int s = 0; s < parts; ++s) mm = fmaxf(mm, part_m[s * G + hd]);
+        float dn = 0.0f, yv = 0.0f;
+        for (int s = 0; s < num_segments; ++s) {
+            const float f = exp2_approx(part_m[s * G + hd] - mm);
+            dn += f * part_l[s * G + hd];
+            yv += f * __ldcg(acc_v_in + (s * seg + row0 + hd) * HEAD_DIM + tid);
+        }
+        yx[hd] = 0.0f;
+#if HAS_WINDOW  // (the ring's partial has no code value sums)
+        const float f = exp2_approx(part_m[num_segments * G + hd] - mm);
+        dn += f * part_l[num_segments * G + hd];
+        yx[hd] = f * __ldcg(acc_x_in + (num_segments * seg + row0 + hd) * HEAD_DIM + tid);
+#endif
+        denom[hd] = dn;
+        y_sh[hd][tid] = yv;
+    }
+    __syncthreads();
+    float o[G];
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) o[hd] = 0.0f;
+    const uint4* srow = reinterpret_cast<const uint4*>(sign_v + tid * HEAD_DIM);  // S row tid, value-lane order
+#pragma unroll 4
+    for (int c = 0; c < HEAD_DIM / 8; ++c) {
+        const uint4 x = srow[c];
+        const u32 w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float sv = half_to_float((u16)(w[i >> 1] >> (16 * (i & 1))));
+#pragma unroll
+            for (int hd = 0; hd < G; ++hd) o[hd] += y_sh[hd][8 * c + i] * sv;
+        }
+    }
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) {
+        const float inv = 1.0f / denom[hd];
+        float y = o[hd] * inv * (1.0f / HEAD_DIM) + yx[hd] * inv;
+#if HAS_V_BIAS
+        y += v_bias[kv_head * HEAD_DIM + tid];
+#endif
+        const long long at = out_row + (long long)(kv_head * G + hd) * stride_oh + tid;
+#if OUT_KIND == 0
+        reinterpret_cast<float*>(out)[at] = y;
+#elif OUT_KIND == 1
+        const u32 b = __float_as_uint(y);  // bfloat16, round to nearest even
+        reinterpret_cast<u16*>(out)[at] = (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+#else
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(y));
+        reinterpret_cast<u16*>(out)[at] = h;
+#endif
+    }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_codes(
     const u16* __restrict__ q, const u16* __restrict__ sign_k, const float* __restrict__ k_bias,
     const float* __restrict__ k_dinv, const u8* __restrict__ cache, const int* __restrict__ block_table,
     const int* __restrict__ seq_lens, const int* __restrict__ q_start, const float* __restrict__ k_terms,
     const float* __restrict__ v_terms, float* __restrict__ m_out, float* __restrict__ l_out,
     float* __restrict__ acc_v_out, const long long* __restrict__ tags, int num_segments, int num_tokens,
-    double logit_scale_arg, int stride_qn, int stride_qh, int stride_block, int stride_head, int stride_bt, int tile) {
+    double logit_scale_arg, int stride_qn, int stride_qh, int stride_block, int stride_head, int stride_bt, int tile,
+    // FUSED only (else unread): the ring [rows, SINKS + WINDOW, H, 128] and this step's keys / values (16 bits), the
+    // ring's value sums, the rotation back, the value mean, the output [N, Hq, 128], and a zeroed int per
+    // (request, KV head) that counts its finished blocks
+    const u16* __restrict__ ring_k, const u16* __restrict__ ring_v, const u16* step_k, const u16* step_v,
+    int stride_kn, int stride_kh, int stride_vn, int stride_vh, float* acc_x_out, const u16* __restrict__ sign_v,
+    const float* __restrict__ v_bias, void* out, int stride_on, int stride_oh, int* counters) {
     __shared__ float q_rows[G][HEAD_DIM];       // queries (times 1 / D), then rotated and scaled
     __shared__ float red[3][4][8];              // per-warp reductions: [quantity][warp][head]
     __shared__ float acc_merge[4][G][HEAD_DIM];  // the warps' value sums, in value-lane order
@@ -251,6 +489,30 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
     const int q0 = q_start[seq];
     if (q_start[seq + 1] - q0 <= 0) return;  // a CUDA-graph padding request: nothing to store
     const int context = seq_lens[seq] - 1;    // position of the request's one query token
+#if FUSED && HAS_WINDOW
+    if (segment == num_segments) {  // the 16-bit sinks and window: the last part, after the codes segments
+        __shared__ const u16* v_rows[RING_CHUNK];
+#pragma unroll
+        for (int hd = 0; hd < G; ++hd)
+            q_rows[hd][tid] = query_value(q, (long long)q0 * stride_qn + (long long)(kv_head * G + hd) * stride_qh + tid);
+        __syncthreads();
+        float m[G], l[G], ax[G];
+        ring_partial(ring_k, ring_v, step_k + (long long)q0 * stride_kn + (long long)kv_head * stride_kh,
+                     step_v + (long long)q0 * stride_vn + (long long)kv_head * stride_vh, tags,
+                     block_table + (long long)seq * stride_bt, seq, kv_head, context, (float)logit_scale_arg, q_rows,
+                     &acc_merge[0][0][0], v_rows, red, m, l, ax);
+#pragma unroll
+        for (int hd = 0; hd < G; ++hd) {
+            const long long idx = ((long long)num_segments * num_tokens + q0) * NUM_Q_HEADS + kv_head * G + hd;
+            acc_x_out[idx * HEAD_DIM + tid] = ax[hd];
+            if (tid == 0) {
+                m_out[idx] = m[hd];
+                l_out[idx] = l[hd];
+            }
+        }
+    } else
+#endif
+    {  // a codes segment
 #if HAS_WINDOW && WINDOW > 0
     const int kv_end = context;  // the query's own key is read by the ring pass (RING_FIRST)
 #else
@@ -477,4 +739,24 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
             l_out[idx] = ll;
         }
     }
+    }  // (a codes segment)
+#if FUSED
+    // --- the last block of the (request, KV head) merges the parts (its own too) and writes the output -------------
+    __shared__ int last;
+    __syncthreads();  // every thread's partial stores are done, as this block sees them
+    if (tid == 0) {  // (one thread per block, its release / acquire cumulative over the barriers)
+        int* count = counters + (long long)seq * gridDim.y + kv_head;
+        int done;  // the block's partial is visible (release) before it counts as done
+        asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(count) : "memory");
+        last = done == num_segments + HAS_WINDOW - 1;
+        if (last) {
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");  // ... and the other blocks' before this one reads them
+            *count = 0;  // zero again for the next launch (the next layer's, a CUDA-graph replay)
+        }
+    }
+    __syncthreads();
+    if (!last) return;
+    combine_parts(m_out, l_out, acc_v_out, acc_x_out, sign_v, v_bias, out, (long long)q0 * stride_on, stride_oh,
+                  num_segments, num_tokens, q0, kv_head, q_rows, &acc_merge[0][0][0]);
+#endif
 }

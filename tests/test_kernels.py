@@ -118,29 +118,40 @@ def test_fused_attention_matches_torch_path(head_dim, heads, q_heads, page_block
 
 def check_cuda_decode(query, kv, block_table, lens, qsl, scale, fused, window, want, expected: bool):
     """The CUDA decode codes loop (``cuda_decode``) takes exactly the launches it should, and its output matches the
-    torch path and the Triton codes loop (``AttentionPlan.cuda_decode=False``), without and with split-K."""
+    torch path and the Triton codes loop (``AttentionPlan.cuda_decode=False``), without and with split-K, as the
+    step's one launch (``cuda_fused``: the ring's pass and the combine in it; output buffers start as NaN, so a
+    launch whose block counters were not zeroed again fails) and as three (``cuda_fused=False``)."""
     from vllm_aquakv.kernels import cuda_decode
     from vllm_aquakv.kernels.attention import fused_attention, plan_attention
 
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     qsl_dev = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
-    for min_programs in (1, 10_000):
+    for min_programs, one_launch in ((1, True), (10_000, True), (1, False), (10_000, False)):
         plan = plan_attention(qsl, max(lens), query.shape[1], kv.shape[1], DEVICE, window=window is not None,
                               min_programs=min_programs)
-        plan.ring_launch = True  # (fewer requests read the ring in programs of the Triton codes launch)
+        plan.cuda_fused = one_launch
+        if not one_launch:  # (fewer requests read the ring in programs of the Triton codes launch)
+            plan.ring_launch = True
         refusal = cuda_decode.decode_refusal(query, kv, plan, fused, window)
         assert (refusal is None) == expected, refusal
         if refusal is not None:
             continue
-        got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=window).cpu()
-        triton_plan = dataclasses.replace(plan, cuda_decode=False, _partials=None)
+        got = torch.full(query.shape, float("nan"), device=DEVICE)
+        fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, out=got, window=window)
+        got = got.cpu()
+        triton_plan = dataclasses.replace(plan, cuda_decode=False, _partials=None, ring_launch=True)
         assert cuda_decode.decode_refusal(query, kv, triton_plan, fused, window) is not None
         triton = fused_attention(query, kv, block_table, seq_lens, qsl_dev, triton_plan, fused, scale,
                                  window=window).cpu()
         for other in (want, triton):
             err = (got - other).norm() / other.norm()
-            assert err < 3e-3, (min_programs, plan.segments, err)
+            assert err < 3e-3, (min_programs, one_launch, plan.segments, err)
             assert torch.allclose(got, other, atol=0.015 * other.abs().max().item()), (got - other).abs().max()
+        # the model's dtype, as vLLM's output buffer (the fused launch converts)
+        low = torch.full(query.shape, float("nan"), dtype=query.dtype, device=DEVICE)
+        fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, out=low, window=window)
+        err = (low.cpu().float() - got).norm() / got.norm()
+        assert err < 1e-2, (min_programs, one_launch, err)
 
 
 def check_prefill_split(path, layer, fused, query, kv, block_table, lens, qsl, scale, want):
@@ -573,6 +584,7 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
         plan.ring_launch, plan.ring_programs, plan.combine_step = ring_launch, ring_programs, step
+        plan.cuda_fused = False  # (the CUDA loop's one launch would take them all: check_cuda_decode tests it)
         got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
         err = (got - want).norm() / want.norm()
         assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, step, err)
@@ -617,6 +629,8 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     (64, 2, 6, 16, "u1n4", 3, 0),  # sinks only
     pytest.param(128, 8, 24, 16, "u1n4", 4, 128, marks=ON_GPU),
     pytest.param(128, 8, 32, 64, "d2n16", 4, 128, marks=ON_GPU),
+    pytest.param(128, 8, 64, 32, "u1n4", 0, 64, marks=ON_GPU),  # the CUDA loop: window only, GQA 8:1
+    pytest.param(128, 4, 16, 16, "u1n4", 3, 0, marks=ON_GPU),  # the CUDA loop: sinks only
 ])
 def test_fused_window_decode_step(head_dim, heads, q_heads, page_block, grid, sinks, window, rng):
     """A decode step with 16-bit sinks/window: the ring's own pass before the codes loop (``RING_FIRST``), contexts
@@ -874,9 +888,9 @@ def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, ring_la
     steps run eagerly without padding.  Fails if any input is baked into the graph (a host copy, a host-side size).
     ``beside``: the graph's steps write on the side stream beside the attention (``write_beside``, the backend's
     decode steps with the window), the eager ones before it.  ``fused_ring``: the graph's steps do the ring's
-    bookkeeping in one Triton launch (``aquakv_fused_ring_step``), the eager ones with its torch twin.  Without the
-    window, or with the ring in its own launch (``ring_launch``, as from 16 requests), decodes run the CUDA codes
-    loop (``cuda_decode``)."""
+    bookkeeping in one Triton launch (``aquakv_fused_ring_step``), the eager ones with its torch twin.  Decodes run
+    the CUDA codes loop (``cuda_decode``) as the step's one launch (``cuda_fused``: its block counters must be zero
+    again after every replay), or with ``ring_launch`` as three (codes, the ring's own launch, the combine)."""
     from vllm_aquakv.kernels.attention import WindowInputs, fused_attention, fused_layer_or_reason, plan_attention
     from vllm_aquakv.kernels.cache_write import write_beside, write_fused
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
@@ -918,6 +932,7 @@ def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, ring_la
             write_fused(fused, kv, slot_mapping, key, value, ring=ring_args)
         plan = plan_attention(qsl_list, 4096, q_heads, heads, DEVICE)
         plan.ring_launch = plan.ring_launch or ring_launch
+        plan.cuda_fused = not ring_launch  # the ring's own launch: the CUDA loop's three-launch form
         fused_attention(query, kv, block_table, seq_lens, qsl, plan, fused, h ** -0.5, out=out, window=win)
         if side:
             torch.cuda.current_stream().wait_stream(stream)

@@ -212,6 +212,7 @@ class ServingState:
         where it was tested.  A compile failure refuses the server when ``asked``, else the Triton loop serves and a
         warning says why."""
         from .kernels import cuda_decode
+        from .kernels.attention import AttentionPlan
 
         major, minor = torch.cuda.get_device_capability()
         if not asked and major != 9:  # (tested and measured on the H100 / H200 only)
@@ -226,7 +227,7 @@ class ServingState:
         for layer in takers:
             stride_token = self.path.slot_bytes(layer)  # (vLLM's cache views keep each slot whole)
             config = cuda_decode.decode_config(fused[layer], num_q_heads, num_kv_heads, block_size, stride_token,
-                                               self.model_dtype, window)
+                                               self.model_dtype, window, AttentionPlan.cuda_fused)
             try:
                 cuda_decode.compiled(config)
             except Exception as e:  # NVRTC missing or failing: say so, never serve a half-built path
@@ -238,6 +239,7 @@ class ServingState:
                                   "on an H100; --additional-config '{\"aquakv_cuda_decode\": false}' asks for it)",
                                   failed)
                 return "decode codes loop in Triton (the CUDA loop did not compile: see the warning above)"
+        cuda_decode.counters(torch.cuda.current_device())  # (its fused launches' block counters, before any capture)
         self.path.cuda_decode = True
         return (f"decode codes loop in CUDA on {len(takers)} of {len(fused)} layers"
                 + ("" if len(takers) == len(fused) else

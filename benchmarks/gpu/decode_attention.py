@@ -255,6 +255,9 @@ def main():
                        ("--qk-int8", "also each aquakv mode with scores on int8 tensor cores (AttentionPlan.qk_int8)"),
                        ("--triton-codes", "also each aquakv mode with the Triton codes loop where the CUDA one "
                                           "(kernels/decode_codes.cu, the default) runs: AttentionPlan.cuda_decode=False"),
+                       ("--other-launches", "also each aquakv mode with the CUDA loop's other launch form "
+                                            "(AttentionPlan.cuda_fused flipped): one launch with the ring's pass and "
+                                            "the combine in it, or three (codes, the ring's own, the combine)"),
                        ("--with-write", "modes with the window: also the decode layer step, cache write + attention, "
                                         "with the write before the attention and beside it on a second stream")):
         ap.add_argument(flag, action="store_true", help=text)
@@ -333,16 +336,18 @@ def main():
                 loops = ([default_sub] + [v for v in (tuple(int(x) for x in text.split("x"))
                                                       for text in args.cuda_loops.split(",") if text) if v != default_sub]
                          + ([False] if args.triton_codes else []))
-                variants = [(ring, segments, step, q8, bm, reg, cd) for segments in dict.fromkeys(counts)
+                one_launch = [plan.cuda_fused] + ([not plan.cuda_fused] if args.other_launches else [])
+                variants = [(ring, segments, step, q8, bm, reg, cd, one) for segments in dict.fromkeys(counts)
                             for ring in rings for step in steps for q8 in qk for bm in dict.fromkeys(block_ms)
-                            for reg in regs for cd in loops]
-                for (ring_launch, ring_programs), segments, step, q8, block_m, reg, cd in variants:
+                            for reg in regs for cd in loops for one in (one_launch if cd else [plan.cuda_fused])]
+                for (ring_launch, ring_programs), segments, step, q8, block_m, reg, cd, one in variants:
                     p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
                                             segments=segments,
                                             maxnreg=reg or (plan.maxnreg if ring_launch else None),
-                                            combine_step=step, qk_int8=q8, block_m=block_m, cuda_decode=bool(cd))
+                                            combine_step=step, qk_int8=q8, block_m=block_m, cuda_decode=bool(cd),
+                                            cuda_fused=one)
                     cuda_decode.SUB_STEPS, cuda_decode.STAGES = cd or default_sub
-                    refusal = cuda_decode.decode_refusal(q, kv, p, fused, win)
+                    refusal = cuda_decode.decode_refusal(q, kv, p, fused, win, out)
                     if cd != default_sub and cuda_decode.decode_refusal(
                             q, kv, dataclasses.replace(p, cuda_decode=True), fused, win) is not None:
                         continue  # the Triton loop runs anyway: the plain row has it
@@ -356,11 +361,18 @@ def main():
                             + (", int8 scores" if q8 else "")
                             + ("" if block_m == plan.block_m else f", {block_m} rows")
                             + ("" if reg is None else f", maxnreg {reg}") + ("" if cd else ", Triton codes loop")
-                            + (f", CUDA loop {cd[0]}x{cd[1]}" if cd and cd != default_sub else ""))
+                            + (f", CUDA loop {cd[0]}x{cd[1]}" if cd and cd != default_sub else "")
+                            + ("" if one == plan.cuda_fused else ", one launch" if one else ", three launches"))
                     rows.append({**base, "kv_cache_dtype": name, "ms": ms, "bytes": nbytes,
                                  "codes_loop": "cuda" if refusal is None else f"triton ({refusal})",
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
+                    if refusal is None:  # the CUDA module's resources, as the driver reports them
+                        config = cuda_decode.decode_config(
+                            fused, HQ, H, PAGE, kv.stride(2), q.dtype,
+                            None if win is None else (win.sinks, win.window), one, out.dtype,
+                            None if win is None else win.ring_k.dtype)
+                        rows[-1]["cuda_kernel"] = cuda_decode.kernel_attributes(config)
                     if args.profile:  # which launch of the call takes the time (attention kernel, combine, ...)
                         rows[-1]["kernel_us"] = kernel_us(lambda kv=kv, p=p: fused_attention(
                             q, kv, block_table, seq_lens, qsl, p, fused, D ** -0.5, out=out, window=win))
@@ -376,7 +388,8 @@ def main():
                     r["vs_fa3"] = fa3_ms / r["ms"]
                 print(f"batch {batch:3d} ctx {ctx:6d} {r['kv_cache_dtype']:55s} {r['ms']:8.3f} ms  "
                       f"{r['vs_bf16']:5.2f}x bf16  {100 * r['fraction_of_floor']:5.1f}% of HBM floor"
-                      + (f"  kernels (us) {r['kernel_us']}" if "kernel_us" in r else ""), flush=True)
+                      + (f"  kernels (us) {r['kernel_us']}" if "kernel_us" in r else "")
+                      + (f"  {r['cuda_kernel']}" if "cuda_kernel" in r else ""), flush=True)
     prefill = {} if args.no_prefill else {n: prefill_overhead(setups, best, n) for n in (4096, 8192)}
     timer = "do_bench_cudagraph" if args.graphs else "do_bench"
     md = ["Decode attention, one layer, Llama-3.2-3B shape (24 q / 8 KV heads, head_dim 128), paged blocks of 16, "

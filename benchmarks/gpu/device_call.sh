@@ -26,7 +26,7 @@ for s in ${STAGE:-tests decode}; do
       $OUT/stall_$s.txt $OUT ${WATCH_IDLE:-40} & watcher=$!
   fi
   case $s in
-    tests) (timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x $R/tests/test_kernels.py ${TESTK:+-k "$TESTK"} 2>&1 | tail -25) ;;
+    tests) (timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x $R/tests/test_kernels.py ${TESTK:+-k "$TESTK"} 2>&1 | tee $OUT/tests.txt | tail -25) ;;
     decode) timeout ${DEC_TIMEOUT:-300} python3 $R/benchmarks/gpu/decode_attention.py $OUT/${DEC_DIR:-dq} --graphs --no-sweep --no-prefill \
         --only "${ONLY:-u1n4 (K mean,u1n4 + sinks}" ${DEC_ARGS:-} --batches ${BATCHES:-16,64,128} --contexts ${CONTEXTS:-8192,32768} 2>&1 | grep -v "^WARNING\|^INFO" | tail -${DEC_TAIL:-60} ;;
     decode2) timeout ${DEC2_TIMEOUT:-300} python3 $R/benchmarks/gpu/decode_attention.py $OUT/dq2 --graphs --no-sweep --no-prefill \
