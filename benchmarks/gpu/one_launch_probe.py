@@ -1,0 +1,41 @@
+"""Time the CUDA decode loop's one and three launches at 64 requests x 32k (Llama-3.2-3B attention shape, random
+codes, CUDA events over 20 eager calls) without and with the 16-bit window; with SMID=1 also how many of the launch's
+blocks ran on each SM (a build that records %smid in the counter buffer: benchmarks/gpu/one_launch_probe.sh)."""
+import collections, os, sys
+import torch
+R = os.environ["R"]
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.abspath(R)]
+sys.path.insert(0, R + "/benchmarks/gpu")
+import decode_attention as da  # noqa: E402
+from vllm_aquakv.kernels import cuda_decode  # noqa: E402
+from vllm_aquakv.kernels.attention import fused_attention, plan_attention  # noqa: E402
+
+for label in ["aquakv speed preset u1n4 (K mean, 2.25 b)", "aquakv speed preset u1n4 + sinks/window (16-bit 4 + 128)"]:
+    path, fused = da.fused_setup(da.MODES[label])
+    bt, sl, qsl_list, qsl, q = da.decode_batch(64, 32768)
+    kv = da.random_slots(64 * 32768 // 16, path.layouts[1])
+    win = da.window_inputs(fused, bt, 32768, q)
+    out = torch.empty_like(q)
+    for one in (False, True):
+        plan = plan_attention(qsl_list, 32768, 24, 8, "cuda", window=win is not None)
+        plan.cuda_fused = one
+        f = lambda: fused_attention(q, kv, bt, sl, qsl, plan, fused, 128 ** -0.5, out=out, window=win)  # noqa
+        f(); torch.cuda.synchronize()
+        info = ""
+        if os.environ.get("SMID"):
+            c = cuda_decode.counters(q.device)
+            c[32768:].fill_(-1)
+            f(); torch.cuda.synchronize()
+            sm = c[32768:32768 + 2048].cpu()
+            n = int((sm >= 0).sum())
+            smz = sm[:n]
+            hist = collections.Counter(smz.tolist())
+            per = sorted(collections.Counter(hist.values()).items())
+            first = collections.Counter(collections.Counter(smz[:512].tolist()).values())
+            info = f"blocks {n} SMs {len(hist)} (SMs with k blocks: {per}; first 512 blocks: {sorted(first.items())})"
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(20):
+            f()
+        e.record(); torch.cuda.synchronize()
+        print(f"{label[20:60]:40s} one_launch={one} {s.elapsed_time(e) / 20 * 1000:.1f} us {info}", flush=True)

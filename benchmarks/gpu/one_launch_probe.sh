@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Why the CUDA decode loop's one launch (AttentionPlan.cuda_fused) is slower than its three at 64 x 32k: one device call
+# (carry [".gpu-bundle"]) builds variants of kernels/decode_codes.cu in the device's copy of the checkout and times
+# each (benchmarks/gpu/one_launch_probe.py): smid (as committed, plus each block's SM id recorded: blocks per SM),
+# no_tail (one launch without the last-block merge: no counter, no combine; its output is not complete),
+# no_combine (the counter's atomic, no combine), no_ring (the ring's blocks return at once).  The source is restored
+# at the end.  e.g. `bash benchmarks/gpu/one_launch_probe.sh`; VARIANTS="smid no_tail" to choose.
+set -u
+B=.gpu-bundle
+GPU_VLLM_CHECK=quick bash $B/install.sh $B >/dev/null || exit $?
+export PYTHONPATH=/tmp/vllm-site:/tmp/aquakv-site PATH=/tmp/vllm-site/bin:$PATH HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1
+R=$(pwd)
+cp kernels/decode_codes.cu /tmp/orig.cu
+cp kernels/cuda_decode.py /tmp/orig.py
+for v in ${VARIANTS:-smid no_tail no_combine no_ring}; do
+  cp /tmp/orig.cu kernels/decode_codes.cu
+  cp /tmp/orig.py kernels/cuda_decode.py
+  V=$v python3 - <<'PY'
+import os
+v = os.environ["V"]
+p = 'kernels/decode_codes.cu'; s = open(p).read()
+def sub(a, b):
+    global s
+    assert a in s, a
+    s = s.replace(a, b)
+if v == "smid":
+    a = "    const int seq = blockIdx.x, kv_head = blockIdx.y, segment = blockIdx.z;\n"
+    sub(a, a + "    if (threadIdx.x == 0) { unsigned sm; asm volatile(\"mov.u32 %0, %%smid;\" : \"=r\"(sm)); counters[32768 + blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)] = (int)sm; }\n")
+    q = 'kernels/cuda_decode.py'; t = open(q).read(); a = "counters(query.device) if fused else seq_lens"; assert a in t
+    open(q, 'w').write(t.replace(a, "counters(query.device)"))
+elif v == "no_combine":
+    sub("    if (!last) return;\n    combine_parts(", "    return;\n    combine_parts(")
+elif v == "no_tail":
+    sub("#if FUSED\n    // --- the last block", "#if 0\n    // --- the last block")
+elif v == "no_ring":
+    sub("        float m[G], l[G], ax[G];\n        ring_partial(", "        float m[G], l[G], ax[G];\n        if (context >= 0) return;\n        ring_partial(")
+open(p, 'w').write(s)
+PY
+  bash benchmarks/gpu/stage_plugin.sh >/dev/null
+  echo "=== $v"
+  (cd /tmp && SMID=$([ $v = smid ] && echo 1) R=$R timeout 100 python3 $R/benchmarks/gpu/one_launch_probe.py 2>&1 | grep -v "^WARNING\|^INFO" | tail -6)
+done
+cp /tmp/orig.cu kernels/decode_codes.cu; cp /tmp/orig.py kernels/cuda_decode.py
