@@ -77,10 +77,10 @@ def main() -> None:
     lib = ctypes.CDLL(args.nvrtc)
     variants = {"three launches, window": dict(fused=False),
                 "three launches, no window": dict(fused=False, has_window=False, sinks=0, window=0),
-                "one launch, window": dict(out_kind=1),
-                "one launch, no window": dict(out_kind=1, has_window=False, sinks=0, window=0, has_v_bias=True),
-                "one launch, GQA 4:1": dict(group=4, num_q_heads=32, out_kind=1),
-                "one launch, GQA 8:1, fp16": dict(group=8, num_q_heads=64, q_bf16=False, ring_bf16=False,
+                "one launch, window": dict(fused=True, out_kind=1),
+                "one launch, no window": dict(fused=True, out_kind=1, has_window=False, sinks=0, window=0, has_v_bias=True),
+                "one launch, GQA 4:1": dict(fused=True, group=4, num_q_heads=32, out_kind=1),
+                "one launch, GQA 8:1, fp16": dict(fused=True, group=8, num_q_heads=64, q_bf16=False, ring_bf16=False,
                                                   out_kind=2)}
     for name, change in variants.items():
         print(report(lib, name, DecodeConfig(**{**LLAMA_3B, **change}), tools), flush=True)
