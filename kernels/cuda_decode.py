@@ -199,29 +199,35 @@ def kernel_attributes(config: DecodeConfig) -> dict[str, int]:
     return attrs
 
 
+def launch_config(query, kv_cache, plan, layer, window, out=None) -> DecodeConfig:
+    """The module ``launch_decode_codes`` runs for these arguments (``out``: needed with ``plan.cuda_fused``)."""
+    _, num_q_heads, _ = query.shape
+    _, heads, page_block, _ = kv_cache.shape
+    fused = plan.cuda_fused
+    return decode_config(layer, num_q_heads, heads, page_block, kv_cache.stride(2), query.dtype,
+                         None if window is None else (window.sinks, window.window), fused,
+                         out.dtype if fused else None, window.ring_k.dtype if fused and window is not None else None)
+
+
 def launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc, plan, layer, logit_scale: float,
                         m, l, acc_v, window, acc_x=None, out=None) -> None:
     """Write the split-K partials of the decode codes segments (what ``_fused_attention_kernel`` writes for
     ``plan.segments`` segments of a RING_FIRST decode launch) into m, l, acc_v [segments (+ ring), N, Hq(, h)];
     with ``plan.cuda_fused`` also the ring's partial (acc_x: its value sums) and, merged, the output ``out``
     [N, Hq, h]."""
-    n, num_q_heads, h = query.shape
-    _, heads, page_block, _ = kv_cache.shape
+    n = query.shape[0]
+    heads = kv_cache.shape[1]
     fused = plan.cuda_fused
     ring = window is not None and fused
-    config = decode_config(layer, num_q_heads, heads, page_block, kv_cache.stride(2), query.dtype,
-                           None if window is None else (window.sinks, window.window), fused,
-                           out.dtype if fused else None, window.ring_k.dtype if ring else None)
-    kernel = compiled(config)
+    kernel = compiled(launch_config(query, kv_cache, plan, layer, window, out))
     k_terms, v_terms = layer.k_lanes.table, layer.v_lanes.table  # (g0, step) float32 each
     dummy = layer.rot_k
     tags = window.tags if window is not None else block_table
-    w = window if ring else None
-    fused_args = [query if w is None else w.ring_k, query if w is None else w.ring_v,
-                  query if w is None else w.key, query if w is None else w.value,
-                  *((0, 0, 0, 0) if w is None else (w.key.stride(0), w.key.stride(1), w.value.stride(0),
-                                                    w.value.stride(1))),
-                  acc_v if acc_x is None else acc_x, layer.sign_v, dummy if layer.v_bias is None else layer.v_bias,
+    ring_args = ((window.ring_k, window.ring_v, window.key, window.value, window.key.stride(0), window.key.stride(1),
+                  window.value.stride(0), window.value.stride(1)) if ring
+                 else (query,) * 4 + (0,) * 4)  # (unread without the fused ring)
+    fused_args = [*ring_args, acc_v if acc_x is None else acc_x, layer.sign_v,
+                  dummy if layer.v_bias is None else layer.v_bias,
                   acc_v if out is None else out, *((0, 0) if out is None else (out.stride(0), out.stride(1))),
                   counters(query.device) if fused else seq_lens]
     kernel(grid=(plan.q_seq.shape[0], heads, plan.segments + int(ring)), block=(32 * WARPS, 1, 1),

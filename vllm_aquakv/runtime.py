@@ -239,7 +239,8 @@ class ServingState:
                                   "on an H100; --additional-config '{\"aquakv_cuda_decode\": false}' asks for it)",
                                   failed)
                 return "decode codes loop in Triton (the CUDA loop did not compile: see the warning above)"
-        cuda_decode.counters(torch.cuda.current_device())  # (its fused launches' block counters, before any capture)
+        if AttentionPlan.cuda_fused:  # the one launch's block counters, before any capture
+            cuda_decode.counters(torch.cuda.current_device())
         self.path.cuda_decode = True
         return (f"decode codes loop in CUDA on {len(takers)} of {len(fused)} layers"
                 + ("" if len(takers) == len(fused) else

@@ -368,11 +368,8 @@ def main():
                                  "segments": segments, "hbm_floor_ms": 1e3 * nbytes / peak_bw,
                                  "vs_bf16": ref_ms / ms})
                     if refusal is None:  # the CUDA module's resources, as the driver reports them
-                        config = cuda_decode.decode_config(
-                            fused, HQ, H, PAGE, kv.stride(2), q.dtype,
-                            None if win is None else (win.sinks, win.window), one, out.dtype,
-                            None if win is None else win.ring_k.dtype)
-                        rows[-1]["cuda_kernel"] = cuda_decode.kernel_attributes(config)
+                        rows[-1]["cuda_kernel"] = cuda_decode.kernel_attributes(
+                            cuda_decode.launch_config(q, kv, p, fused, win, out))
                     if args.profile:  # which launch of the call takes the time (attention kernel, combine, ...)
                         rows[-1]["kernel_us"] = kernel_us(lambda kv=kv, p=p: fused_attention(
                             q, kv, block_table, seq_lens, qsl, p, fused, D ** -0.5, out=out, window=win))
