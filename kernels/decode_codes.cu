@@ -8,9 +8,9 @@
 //   STRIDE_TOKEN (bytes from one token's slot to the next), SUB_STEPS (16-token steps per loop iteration and warp: the
 //   slots loaded ahead of the math), STAGES (0: loads straight into registers; N > 1: each step's slots staged in
 //   shared memory by 16-byte cp.async, N - 1 steps ahead).
-//   FUSED (1: the whole decode attention in this one launch: one more block per (request, KV head) with the window,
-//   z = num_segments, reads the 16-bit sinks / recent window; the last block of a (request, KV head) to finish merges
-//   the partials and writes the output, as _combine_kernel does; 0: the codes segments' partials only),
+//   FUSED (1: the whole decode attention in this one launch: with the window the last segment's block first reads the
+//   16-bit sinks / recent window into partial number num_segments; the last block of a (request, KV head) to finish
+//   merges the partials and writes the output, as _combine_kernel does; 0: the codes segments' partials only),
 //   HAS_V_BIAS, OUT_KIND (0 float32, 1 bfloat16, 2 float16), RING_BF16 (the ring's and the step's 16-bit K / V).
 // head_dim is 128: 32 code bytes per stream per (token, KV head); code i of byte b is head position 4 b + i, whose
 // value-lane-order index is 32 i + b.
@@ -490,7 +490,10 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
     if (q_start[seq + 1] - q0 <= 0) return;  // a CUDA-graph padding request: nothing to store
     const int context = seq_lens[seq] - 1;    // position of the request's one query token
 #if FUSED && HAS_WINDOW
-    if (segment == num_segments) {  // the 16-bit sinks and window: the last part, after the codes segments
+    // the 16-bit sinks and window, partial number num_segments: read by the last codes segment's block before its
+    // codes (a block of its own per (request, KV head) placed the codes blocks unevenly over the SMs:
+    // benchmarks/results/decode_attention_h100_one_launch_probe.md)
+    if (segment == num_segments - 1) {
         __shared__ const u16* v_rows[RING_CHUNK];
 #pragma unroll
         for (int hd = 0; hd < G; ++hd)
@@ -510,9 +513,10 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
                 l_out[idx] = l[hd];
             }
         }
-    } else
+        __syncthreads();  // (q_rows, acc_merge and red are the codes part's next)
+    }
 #endif
-    {  // a codes segment
+    {  // the codes segment
 #if HAS_WINDOW && WINDOW > 0
     const int kv_end = context;  // the query's own key is read by the ring pass (RING_FIRST)
 #else
@@ -739,7 +743,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
             l_out[idx] = ll;
         }
     }
-    }  // (a codes segment)
+    }  // (the codes segment)
 #if FUSED
     // --- the last block of the (request, KV head) merges the parts (its own too) and writes the output -------------
     __shared__ int last;
@@ -748,7 +752,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
         int* count = counters + (long long)seq * gridDim.y + kv_head;
         int done;  // the block's partial is visible (release) before it counts as done
         asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(count) : "memory");
-        last = done == num_segments + HAS_WINDOW - 1;
+        last = done == num_segments - 1;
         if (last) {
             asm volatile("fence.acq_rel.gpu;" ::: "memory");  // ... and the other blocks' before this one reads them
             *count = 0;  // zero again for the next launch (the next layer's, a CUDA-graph replay)
