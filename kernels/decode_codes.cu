@@ -427,24 +427,37 @@ __device__ __forceinline__ void combine_parts(const float* m_in, const float* l_
         yx[hd] = f * __ldcg(acc_x_in + (num_segments * seg + row0 + hd) * HEAD_DIM + tid);
 #endif
         denom[hd] = dn;
-        y_sh[hd][tid] = yv;
+        y_sh[hd][4 * (tid & 31) + (tid >> 5)] = yv;  // value-lane index 32 i + b -> head position 4 b + i
     }
     __syncthreads();
+    // y S^T = signs * (H y) with H the Sylvester Hadamard matrix (S = diag(signs) H, columns in value-lane order; the
+    // signs are S's first column): a Walsh-Hadamard transform of the head-order sums, butterflies of distance 1-16 by
+    // warp shuffles, 32 and 64 through shared memory (checked against y @ sign_v^T in float64 on the CPU)
     float o[G];
 #pragma unroll
-    for (int hd = 0; hd < G; ++hd) o[hd] = 0.0f;
-    const uint4* srow = reinterpret_cast<const uint4*>(sign_v + tid * HEAD_DIM);  // S row tid, value-lane order
-#pragma unroll 4
-    for (int c = 0; c < HEAD_DIM / 8; ++c) {
-        const uint4 x = srow[c];
-        const u32 w[4] = {x.x, x.y, x.z, x.w};
+    for (int hd = 0; hd < G; ++hd) {
+        o[hd] = y_sh[hd][tid];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const float sv = half_to_float((u16)(w[i >> 1] >> (16 * (i & 1))));
-#pragma unroll
-            for (int hd = 0; hd < G; ++hd) o[hd] += y_sh[hd][8 * c + i] * sv;
+        for (int d = 1; d < 32; d <<= 1) {
+            const float other = __shfl_xor_sync(FULL_MASK, o[hd], d);
+            o[hd] = (tid & d) ? other - o[hd] : o[hd] + other;
         }
     }
+#pragma unroll
+    for (int d = 32; d < HEAD_DIM; d <<= 1) {
+        __syncthreads();  // (every thread has read y_sh)
+#pragma unroll
+        for (int hd = 0; hd < G; ++hd) y_sh[hd][tid] = o[hd];
+        __syncthreads();
+#pragma unroll
+        for (int hd = 0; hd < G; ++hd) {
+            const float other = y_sh[hd][tid ^ d];
+            o[hd] = (tid & d) ? other - o[hd] : o[hd] + other;
+        }
+    }
+    const float sign = half_to_float(sign_v[tid * HEAD_DIM]);
+#pragma unroll
+    for (int hd = 0; hd < G; ++hd) o[hd] *= sign;
 #pragma unroll
     for (int hd = 0; hd < G; ++hd) {
         const float inv = 1.0f / denom[hd];
