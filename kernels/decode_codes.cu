@@ -10,7 +10,8 @@
 //   shared memory by 16-byte cp.async, N - 1 steps ahead).
 //   FUSED (1: the whole decode attention in this one launch: with the window the last segment's block first reads the
 //   16-bit sinks / recent window into partial number num_segments; the last block of a (request, KV head) to finish
-//   merges the partials and writes the output, as _combine_kernel does; 0: the codes segments' partials only),
+//   merges the partials and writes the output, as _combine_kernel does (with one segment, that block at once, no
+//   counter); 0: the codes segments' partials only),
 //   HAS_V_BIAS, OUT_KIND (0 float32, 1 bfloat16, 2 float16), RING_BF16 (the ring's and the step's 16-bit K / V).
 // head_dim is 128: 32 code bytes per stream per (token, KV head); code i of byte b is head position 4 b + i, whose
 // value-lane-order index is 32 i + b.
@@ -761,18 +762,20 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
     // --- the last block of the (request, KV head) merges the parts (its own too) and writes the output -------------
     __shared__ int last;
     __syncthreads();  // every thread's partial stores are done, as this block sees them
-    if (tid == 0) {  // (one thread per block, its release / acquire cumulative over the barriers)
-        int* count = counters + (long long)seq * gridDim.y + kv_head;
-        int done;  // the block's partial is visible (release) before it counts as done
-        asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(count) : "memory");
-        last = done == num_segments - 1;
-        if (last) {
-            asm volatile("fence.acq_rel.gpu;" ::: "memory");  // ... and the other blocks' before this one reads them
-            *count = 0;  // zero again for the next launch (the next layer's, a CUDA-graph replay)
+    if (num_segments > 1) {  // (one segment, as from 33 requests: this block is the only one, no counter)
+        if (tid == 0) {  // (one thread per block, its release / acquire cumulative over the barriers)
+            int* count = counters + (long long)seq * gridDim.y + kv_head;
+            int done;  // the block's partial is visible (release) before it counts as done
+            asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(count) : "memory");
+            last = done == num_segments - 1;
+            if (last) {
+                asm volatile("fence.acq_rel.gpu;" ::: "memory");  // ... and the other blocks' before this one reads
+                *count = 0;  // zero again for the next launch (the next layer's, a CUDA-graph replay)
+            }
         }
+        __syncthreads();
+        if (!last) return;
     }
-    __syncthreads();
-    if (!last) return;
     combine_parts(m_out, l_out, acc_v_out, acc_x_out, sign_v, v_bias, out, (long long)q0 * stride_on, stride_oh,
                   num_segments, num_tokens, q0, kv_head, q_rows, &acc_merge[0][0][0]);
 #endif
