@@ -6,9 +6,9 @@ H100).  ``decode_codes.cu`` does the same work on mma.sync with the codes masked
 LOP3 per pair of key values, one PRMT per 8 value codes, the P^T fragments by warp shuffles, and a rescale of the
 running sums only when a running max grows.  It writes the split-K partials of ``_fused_attention_kernel``'s codes
 segments (decode launches, RING_FIRST).  Fused (``AttentionPlan.cuda_fused``, opt-in) it is the step's one
-launch: the last codes segment's block first reads the 16-bit sinks and window, and the last block of each (request,
-KV head) to finish merges the partials into the output (what the ring's own launch and ``_combine_kernel`` do
-otherwise, each a launch of its own).  Its torch twin is the same as the Triton kernel's,
+launch: one more block per (request, KV head) reads the 16-bit sinks and window (with one codes segment, as from 33
+requests, the segment's block does first), and the last block of each (request, KV head) to finish merges the partials
+into the output (what the ring's own launch and ``_combine_kernel`` do otherwise, each a launch of its own).  Its torch twin is the same as the Triton kernel's,
 ``vllm_aquakv.serving.TorchServingPath.attend``.
 
 ``decode_refusal`` says why a launch cannot take it (the Triton kernel then runs the codes, as before this kernel);
@@ -230,7 +230,8 @@ def launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc,
                   dummy if layer.v_bias is None else layer.v_bias,
                   acc_v if out is None else out, *((0, 0) if out is None else (out.stride(0), out.stride(1))),
                   counters(query.device) if fused else seq_lens]
-    kernel(grid=(plan.q_seq.shape[0], heads, plan.segments), block=(32 * WARPS, 1, 1),
+    ring_block = ring and plan.segments > 1  # (with one segment, its block reads the ring first)
+    kernel(grid=(plan.q_seq.shape[0], heads, plan.segments + int(ring_block)), block=(32 * WARPS, 1, 1),
            args=[query, layer.sign_k, dummy if layer.k_bias is None else layer.k_bias,
                  dummy if layer.k_dinv is None else layer.k_dinv, kv_cache, block_table, seq_lens, query_start_loc,
                  k_terms, v_terms, m, l, acc_v, tags, plan.segments, n, logit_scale, query.stride(0),

@@ -8,10 +8,10 @@
 //   STRIDE_TOKEN (bytes from one token's slot to the next), SUB_STEPS (16-token steps per loop iteration and warp: the
 //   slots loaded ahead of the math), STAGES (0: loads straight into registers; N > 1: each step's slots staged in
 //   shared memory by 16-byte cp.async, N - 1 steps ahead).
-//   FUSED (1: the whole decode attention in this one launch: with the window the last segment's block first reads the
-//   16-bit sinks / recent window into partial number num_segments; the last block of a (request, KV head) to finish
-//   merges the partials and writes the output, as _combine_kernel does (with one segment, that block at once, no
-//   counter); 0: the codes segments' partials only),
+//   FUSED (1: the whole decode attention in this one launch: with the window a block of its own (with one segment,
+//   the segment's block first) reads the 16-bit sinks / recent window into partial number num_segments; the last
+//   block of a (request, KV head) to finish merges the partials and writes the output, as _combine_kernel does (with
+//   one segment, that block at once, no counter); 0: the codes segments' partials only),
 //   HAS_V_BIAS, OUT_KIND (0 float32, 1 bfloat16, 2 float16), RING_BF16 (the ring's and the step's 16-bit K / V).
 // head_dim is 128: 32 code bytes per stream per (token, KV head); code i of byte b is head position 4 b + i, whose
 // value-lane-order index is 32 i + b.
@@ -156,7 +156,7 @@ __device__ __forceinline__ void stage_step(u32 dst, const u8* src, int lane) {
 #endif
 
 // one warp's 16-token step at tok0 (slots loaded in x): scores, online softmax, value sums
-__device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, int context, int seq, int blk,
+__device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, int context, int seq, const int* __restrict__ bt,
                                           const long long* __restrict__ tags, const u32 (&qb)[8][2],
                                           const float (&q_sum)[2], const float (&q_bias)[2], float k_mul, int g,
                                           int t, float (&m)[2], float (&l)[2], float (&w)[2], float (&acc)[8][4]) {
@@ -183,7 +183,8 @@ __device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, 
     bool keep_g = valid_g, keep_g8 = valid_g8;
 #if HAS_WINDOW
     // sinks and recent keys whose 16-bit copy the ring holds are the ring pass's (vllm_aquakv.window)
-    if (tok0 < SINKS || tok0 + 16 > context - WINDOW) {
+    if (tok0 < SINKS || tok0 + 16 > context - WINDOW) {  // (a few steps: the block is read only here)
+        const long long blk = bt[(unsigned)tok0 / PAGE_BLOCK];  // (tokens tok0 .. tok0 + 15 share a page block)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int tk = r ? tg8 : tg;
@@ -192,7 +193,7 @@ __device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, 
                                            : min(tk, SINKS - 1);
                 const long long tag = tags[(long long)seq * (SINKS + WINDOW) + col];
                 // (the query's own key, read by the codes without a window, is the ring pass's from the step input)
-                if (tk >= context || tag == (long long)blk * PAGE_BLOCK + (unsigned)tk % PAGE_BLOCK) {
+                if (tk >= context || tag == blk * PAGE_BLOCK + (unsigned)tk % PAGE_BLOCK) {
                     if (r) keep_g8 = false; else keep_g = false;
                 }
             }
@@ -504,10 +505,12 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
     if (q_start[seq + 1] - q0 <= 0) return;  // a CUDA-graph padding request: nothing to store
     const int context = seq_lens[seq] - 1;    // position of the request's one query token
 #if FUSED && HAS_WINDOW
-    // the 16-bit sinks and window, partial number num_segments: read by the last codes segment's block before its
-    // codes (a block of its own per (request, KV head) placed the codes blocks unevenly over the SMs:
+    // the 16-bit sinks and window, partial number num_segments: a block of its own (segment == num_segments) while
+    // the launch has several codes segments; with one (from 33 requests), the segment's block reads them before its
+    // codes (blocks of their own there placed the codes blocks unevenly over the SMs:
     // benchmarks/results/decode_attention_h100_one_launch_probe.md)
-    if (segment == num_segments - 1) {
+    const bool ring_only = segment == num_segments;
+    if (ring_only || num_segments == 1) {
         __shared__ const u16* v_rows[RING_CHUNK];
 #pragma unroll
         for (int hd = 0; hd < G; ++hd)
@@ -529,6 +532,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
         }
         __syncthreads();  // (q_rows, acc_merge and red are the codes part's next)
     }
+    if (!ring_only)
 #endif
     {  // the codes segment
 #if HAS_WINDOW && WINDOW > 0
@@ -652,8 +656,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
         asm volatile("cp.async.commit_group;");
         const int tok0 = lo + 16 * (warp + 4 * i);
         const StepLoads x = read_slots<shared_word>(&staged[warp][i % STAGES][0], k_off, v_off, s_off);
-        const int blk = HAS_WINDOW ? bt[(unsigned)tok0 / PAGE_BLOCK] : 0;  // (an L1 hit)
-        step_math(x, tok0, hi, context, seq, blk, tags, qb, q_sum, q_bias, k_mul, g, t, m, l, w, acc);
+        step_math(x, tok0, hi, context, seq, bt, tags, qb, q_sum, q_bias, k_mul, g, t, m, l, w, acc);
     }
     asm volatile("cp.async.wait_all;");
 #else
@@ -691,8 +694,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
         for (int u = 0; u < SUB_STEPS; ++u) {
             const int tok0 = lo + span * it + 16 * u;
             if (tok0 < hi) {  // (warp-uniform)
-                const int blk = HAS_WINDOW ? bt[(unsigned)tok0 / PAGE_BLOCK] : 0;  // (an L1 hit)
-                step_math(cur[u], tok0, hi, context, seq, blk, tags, qb, q_sum, q_bias, k_mul, g, t, m, l, w, acc);
+                step_math(cur[u], tok0, hi, context, seq, bt, tags, qb, q_sum, q_bias, k_mul, g, t, m, l, w, acc);
             }
         }
 #pragma unroll
@@ -767,7 +769,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) aquakv_decode_code
             int* count = counters + (long long)seq * gridDim.y + kv_head;
             int done;  // the block's partial is visible (release) before it counts as done
             asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(count) : "memory");
-            last = done == num_segments - 1;
+            last = done == num_segments + HAS_WINDOW - 1;  // (the codes segments' blocks and the ring's)
             if (last) {
                 asm volatile("fence.acq_rel.gpu;" ::: "memory");  // ... and the other blocks' before this one reads
                 *count = 0;  // zero again for the next launch (the next layer's, a CUDA-graph replay)
