@@ -8,8 +8,8 @@ running sums only when a running max grows.  It writes the split-K partials of `
 segments (decode launches, RING_FIRST).  Fused (``AttentionPlan.cuda_fused``, opt-in) it is the step's one
 launch: one more block per (request, KV head) reads the 16-bit sinks and window (with one codes segment, as from 33
 requests, the segment's block does first), and the last block of each (request, KV head) to finish merges the partials
-into the output (what the ring's own launch and ``_combine_kernel`` do otherwise, each a launch of its own).  Its torch twin is the same as the Triton kernel's,
-``vllm_aquakv.serving.TorchServingPath.attend``.
+into the output (what the ring's own launch and ``_combine_kernel`` do otherwise, each a launch of its own).  Its
+torch twin is the same as the Triton kernel's, ``vllm_aquakv.serving.TorchServingPath.attend``.
 
 ``decode_refusal`` says why a launch cannot take it (the Triton kernel then runs the codes, as before this kernel);
 ``AttentionPlan.cuda_decode`` turns it off.

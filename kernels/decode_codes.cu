@@ -156,10 +156,11 @@ __device__ __forceinline__ void stage_step(u32 dst, const u8* src, int lane) {
 #endif
 
 // one warp's 16-token step at tok0 (slots loaded in x): scores, online softmax, value sums
-__device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, int context, int seq, const int* __restrict__ bt,
-                                          const long long* __restrict__ tags, const u32 (&qb)[8][2],
-                                          const float (&q_sum)[2], const float (&q_bias)[2], float k_mul, int g,
-                                          int t, float (&m)[2], float (&l)[2], float (&w)[2], float (&acc)[8][4]) {
+__device__ __forceinline__ void step_math(const StepLoads& x, int tok0, int hi, int context, int seq,
+                                          const int* __restrict__ bt, const long long* __restrict__ tags,
+                                          const u32 (&qb)[8][2], const float (&q_sum)[2], const float (&q_bias)[2],
+                                          float k_mul, int g, int t, float (&m)[2], float (&l)[2], float (&w)[2],
+                                          float (&acc)[8][4]) {
     // scores: 8 mma over the 128 dims (tokens g, g + 8 x heads 2t, 2t + 1 per thread)
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const u32 k0h = x.k[0] >> 8, k1h = x.k[1] >> 8, k2h = x.k[2] >> 8, k3h = x.k[3] >> 8;
