@@ -5,7 +5,8 @@
 # no_tail (one launch without the last-block merge: no counter, no combine; its output is not complete),
 # no_combine (the counter's atomic, no combine), no_ring (the ring's blocks return at once), times (each block's
 # start / codes end / end by %globaltimer: where the time goes), dead_tail (the merge compiled, skipped at run time),
-# no_wcheck (the codes loop without its sinks / window check).  The source is restored
+# no_wcheck (the codes loop without its sinks / window check); rows also go to $OUT/one_launch_probe.jsonl when $OUT is
+# set (the device call's).  The source is restored
 # at the end.  e.g. `bash benchmarks/gpu/one_launch_probe.sh`; VARIANTS="smid no_tail" to choose.
 set -u
 B=.gpu-bundle
@@ -56,6 +57,6 @@ open(p, 'w').write(s)
 PY
   bash benchmarks/gpu/stage_plugin.sh >/dev/null
   echo "=== $v"
-  (cd /tmp && SMID=$([ $v = smid ] && echo 1) TIMES=$([ $v = times ] && echo 1) R=$R timeout 100 python3 $R/benchmarks/gpu/one_launch_probe.py 2>&1 | grep -v "^WARNING\|^INFO" | tail -6)
+  (cd /tmp && SMID=$([ $v = smid ] && echo 1) TIMES=$([ $v = times ] && echo 1) VARIANT=$v PROBE_JSONL=${OUT:+$OUT/one_launch_probe.jsonl} R=$R timeout 100 python3 $R/benchmarks/gpu/one_launch_probe.py 2>&1 | grep -v "^WARNING\|^INFO" | tail -6)
 done
 cp /tmp/orig.cu kernels/decode_codes.cu; cp /tmp/orig.py kernels/cuda_decode.py
