@@ -865,6 +865,9 @@ class AttentionPlan:
     # RING_LAUNCH_MIN_REQUESTS requests), else in ``ring_programs`` programs of the codes launch after its segments
     ring_launch: bool = True
     ring_programs: int = RING_PROGRAMS
+    # the ring's own launch on a side stream (``side_stream(device, "ring")``), beside the codes launch and joined
+    # before the combine: its reads overlap the codes launch's instead of following them
+    ring_beside: bool = False
     combine_step: int | None = None  # partials per iteration of the combine (1, 2 or 4); None: COMBINE_STEP for
     # decode-sized steps, 1 for prefill (whose plans have few segments and twice the combine rows)
     # uniform key codes in decode launches: scores on int8 tensor cores, queries rounded to int8 per row in the
@@ -1034,7 +1037,14 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         QK_INT8=qk_int8, HAS_K_SCALE=layer.k_dinv is not None, num_warps=plan.num_warps, num_stages=stages,
         **options,
     )
-    if cuda_decode.decode_refusal(query, kv_cache, plan, layer, window, out) is None:
+    cuda_loop = cuda_decode.decode_refusal(query, kv_cache, plan, layer, window, out) is None
+    ring_stream = None  # (the one-launch CUDA loop, ``cuda_fused``, reads the ring in its own blocks)
+    if ring_launch and plan.ring_beside and not interpret and not (cuda_loop and plan.cuda_fused):
+        ring_stream = side_stream(query.device, "ring")  # the sinks/window pass beside the codes launch
+        ring_stream.wait_stream(torch.cuda.current_stream(query.device))
+        with torch.cuda.stream(ring_stream):
+            launch(1, True)
+    if cuda_loop:
         if out is None:
             out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
         cuda_decode.launch_decode_codes(query, kv_cache, block_table, seq_lens, query_start_loc, plan, layer,
@@ -1043,7 +1053,9 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
             return out
     else:
         launch(segments + ring_programs, False, **({"maxnreg": maxnreg} if maxnreg and not interpret else {}))
-    if ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)
+    if ring_stream is not None:  # (joined: the combine reads its partial)
+        torch.cuda.current_stream(query.device).wait_stream(ring_stream)
+    elif ring_launch:  # the sinks/window pass as partial number ``segments`` (``AttentionPlan.ring_rows``)
         launch(1, True)
     if out is None:
         out = torch.empty(n, num_q_heads, h, dtype=torch.float32, device=query.device)
@@ -1057,6 +1069,19 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         DOT_DTYPE=tl.float32 if interpret else tl.float16, HAS_K_SCALE=layer.k_dinv is not None, num_warps=8,
     )
     return out
+
+
+_SIDE_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device, role: str) -> torch.cuda.Stream:
+    """One extra CUDA stream of ``device`` per ``role``: "write" for decode steps' cache writes beside their layer's
+    attention (``cache_write.write_beside``), "ring" for the 16-bit sinks/window pass beside the codes launch
+    (``AttentionPlan.ring_beside``)."""
+    key = (torch.device(device), role)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key[0])
+    return _SIDE_STREAMS[key]
 
 
 def int8_scores_refusal(layer: FusedLayer) -> str | None:

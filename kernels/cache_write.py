@@ -32,7 +32,7 @@ import triton.language as tl
 
 from vllm_aquakv import codec
 
-from .attention import FusedLayer, times_lane
+from .attention import FusedLayer, side_stream, times_lane
 
 FP16_MAX = tl.constexpr(codec.FP16_MAX)  # largest float16, as the codec clamps scales
 PRECISION = tl.constexpr("tf32x3")  # three tf32 tensor-core products: float32 accuracy
@@ -336,26 +336,14 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
     )
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one extra CUDA stream of ``device`` on which decode steps' cache writes run beside their layer's attention
-    (``write_beside``)."""
-    device = torch.device(device)
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[device]
-
-
 def write_beside(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, ring: tuple) -> torch.cuda.Stream:
-    """``write_fused`` of a decode step with the 16-bit window on ``side_stream``, after the work queued so far on the
+    """``write_fused`` of a decode step with the 16-bit window on ``side_stream(device, "write")``, after the work queued so far on the
     current stream; returns the stream, which the caller joins (``current_stream().wait_stream``) after the layer's
     attention launches.  Safe only where that attention reads none of what the write stores: a decode step's own
     token comes from its 16-bit inputs (kernels/attention.py, RING_FIRST), older tokens from earlier steps' writes.
     Captured in a CUDA graph, the fork and join become graph edges."""
-    stream = side_stream(key.device)
+    stream = side_stream(key.device, "write")
     stream.wait_stream(torch.cuda.current_stream(key.device))
     with torch.cuda.stream(stream):
         write_fused(layer, kv_cache, slot_mapping, key, value, ring=ring)

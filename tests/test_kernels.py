@@ -120,16 +120,20 @@ def check_cuda_decode(query, kv, block_table, lens, qsl, scale, fused, window, w
     """The CUDA decode codes loop (``cuda_decode``) takes exactly the launches it should, and its output matches the
     torch path and the Triton codes loop (``AttentionPlan.cuda_decode=False``), without and with split-K, as the
     step's one launch (``cuda_fused``: the ring's pass and the combine in it; output buffers start as NaN, so a
-    launch whose block counters were not zeroed again fails) and as three (``cuda_fused=False``)."""
+    launch whose block counters were not zeroed again fails) and as three (``cuda_fused=False``; with the window also
+    with the ring's launch on a side stream beside the codes launch, ``ring_beside``)."""
     from vllm_aquakv.kernels import cuda_decode
     from vllm_aquakv.kernels.attention import fused_attention, plan_attention
 
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     qsl_dev = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
-    for min_programs, one_launch in ((1, True), (10_000, True), (1, False), (10_000, False)):
+    for min_programs, one_launch, beside in ((1, True, False), (10_000, True, False), (1, False, False),
+                                             (10_000, False, False), (10_000, False, True)):
         plan = plan_attention(qsl, max(lens), query.shape[1], kv.shape[1], DEVICE, window=window is not None,
                               min_programs=min_programs)
-        plan.cuda_fused = one_launch
+        if beside and window is None:
+            continue
+        plan.cuda_fused, plan.ring_beside = one_launch, beside
         if not one_launch:  # (fewer requests read the ring in programs of the Triton codes launch)
             plan.ring_launch = True
         refusal = cuda_decode.decode_refusal(query, kv, plan, fused, window)
@@ -145,7 +149,7 @@ def check_cuda_decode(query, kv, block_table, lens, qsl, scale, fused, window, w
                                  window=window).cpu()
         for other in (want, triton):
             err = (got - other).norm() / other.norm()
-            assert err < 3e-3, (min_programs, one_launch, plan.segments, err)
+            assert err < 3e-3, (min_programs, one_launch, beside, plan.segments, err)
             assert torch.allclose(got, other, atol=0.015 * other.abs().max().item()), (got - other).abs().max()
         # the model's dtype, as vLLM's output buffer (the fused launch converts)
         low = torch.full(query.shape, float("nan"), dtype=query.dtype, device=DEVICE)
@@ -576,18 +580,23 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     win = WindowInputs(path.exact.k[layer], path.exact.v[layer], path.exact.tags, key, value, sinks, window)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     qsl_dev = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
-    # no split and split-K; decodes read the ring in a launch of its own or in 1, 2 (the default) or 3 programs of
-    # the codes launch (slices of the ring); the combine walks 1, 2 or (the default) 4 partials per iteration
-    for min_programs, ring_launch, ring_programs, step in ((1, True, 0, None), (10_000, True, 0, None),
-                                                           (10_000, False, 2, None), (10_000, False, 1, 2),
-                                                           (10_000, False, 3, 1)):
+    # no split and split-K; decodes read the ring in a launch of its own (after the codes launch, or beside it on a
+    # side stream: GPU only) or in 1, 2 (the default) or 3 programs of the codes launch (slices of the ring); the
+    # combine walks 1, 2 or (the default) 4 partials per iteration
+    for min_programs, ring_launch, ring_programs, step, beside in (
+            (1, True, 0, None, False), (10_000, True, 0, None, False), (10_000, True, 0, None, True),
+            (10_000, False, 2, None, False), (10_000, False, 1, 2, False), (10_000, False, 3, 1, False)):
+        if beside and DEVICE == "cpu":
+            continue
         plan = plan_attention(qsl, max(lens), q_heads, heads, DEVICE, tile=16 if DEVICE == "cpu" else 64,
                               min_programs=min_programs)
         plan.ring_launch, plan.ring_programs, plan.combine_step = ring_launch, ring_programs, step
+        plan.ring_beside = beside
         plan.cuda_fused = False  # (the CUDA loop's one launch would take them all: check_cuda_decode tests it)
         got = fused_attention(query, kv, block_table, seq_lens, qsl_dev, plan, fused, scale, window=win).cpu()
         err = (got - want).norm() / want.norm()
-        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, step, err)
+        assert err < (1e-5 if DEVICE == "cpu" else 5e-3), (min_programs, ring_launch, ring_programs, step, beside,
+                                                           err)
     if decode_only and DEVICE == "cuda":  # the CUDA decode codes loop with the ring's own launch
         check_cuda_decode(query, kv, block_table, lens, qsl, scale, fused, win, want,
                           grid == "u1n4" and head_dim == 128)
@@ -880,7 +889,7 @@ def test_torch_path_through_flash_attention(window, residual_kernel, rng):
 @ON_GPU
 @pytest.mark.parametrize("window,beside,fused_ring,ring_launch", [
     (None, False, False, False), ((4, 128), False, False, False), ((4, 128), True, False, False),
-    ((4, 128), True, True, False), ((4, 128), True, True, True)])
+    ((4, 128), True, True, False), ((4, 128), True, True, True), ((4, 128), True, True, "beside")])
 def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, ring_launch, rng):
     """A decode step as the backend runs it (ring bookkeeping, fused cache write with the ring, fused attention),
     captured in a CUDA graph with a batch padded as vLLM pads FULL-graph batches (a request with no token, length 0,
@@ -890,7 +899,8 @@ def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, ring_la
     decode steps with the window), the eager ones before it.  ``fused_ring``: the graph's steps do the ring's
     bookkeeping in one Triton launch (``aquakv_fused_ring_step``), the eager ones with its torch twin.  Decodes run
     the CUDA codes loop (``cuda_decode``) as the step's one launch (``cuda_fused``: its block counters must be zero
-    again after every replay), or with ``ring_launch`` as three (codes, the ring's own launch, the combine)."""
+    again after every replay), or with ``ring_launch`` as three (codes, the ring's own launch, the combine; "beside":
+    that launch on a side stream beside the codes launch, ``ring_beside``)."""
     from vllm_aquakv.kernels.attention import WindowInputs, fused_attention, fused_layer_or_reason, plan_attention
     from vllm_aquakv.kernels.cache_write import write_beside, write_fused
     from vllm_aquakv.reference import AquaKVCache, AquaKVConfig
@@ -931,7 +941,8 @@ def test_decode_step_replays_in_a_cuda_graph(window, beside, fused_ring, ring_la
         else:
             write_fused(fused, kv, slot_mapping, key, value, ring=ring_args)
         plan = plan_attention(qsl_list, 4096, q_heads, heads, DEVICE)
-        plan.ring_launch = plan.ring_launch or ring_launch
+        plan.ring_launch = plan.ring_launch or bool(ring_launch)
+        plan.ring_beside = ring_launch == "beside"
         plan.cuda_fused = not ring_launch  # the ring's own launch: the CUDA loop's three-launch form
         fused_attention(query, kv, block_table, seq_lens, qsl, plan, fused, h ** -0.5, out=out, window=win)
         if side:

@@ -4,8 +4,8 @@ Llama-3.2-3B attention shape (24 query / 8 KV heads, head_dim 128), paged blocks
 order, one layer, every sequence at the full context; batch 1/16/64 x context 4k/16k/32k.  Times are
 triton.testing.do_bench medians of one eager call as the backend makes it (aquakv: kernel + split-K combine +
 epilogue in torch; vLLM: ``unified_attention`` with the TRITON_ATTN builder's 3-D split settings).  The HBM floor is
-the bytes the call must read (the context's K/V or codes + scales) over the GPU's peak (H100 3.35 TB/s, H200
-4.8 TB/s).  Also the
+the bytes the call must read (the context's K/V or codes + scales; with the 16-bit sinks/window, their 16-bit K/V
+and slot tags instead of their codes) over the GPU's peak (H100 3.35 TB/s, H200 4.8 TB/s).  Also the
 prefill side at 4k prompts: aquakv cache write (torch: quantize + pack + scatter) + fused prefill attention vs
 vLLM's bf16 prefill attention (cache write: the torch path and the Triton kernel).  Random codes and scales: timing
 only.
@@ -137,6 +137,16 @@ def window_inputs(fused, block_table, ctx, q):
     return WindowInputs(ring.k[0], ring.v[0], ring.tags, kv, kv, sinks, window)
 
 
+def window_bytes(win, slot_bytes: int) -> int:
+    """What the 16-bit sinks/window change in the bytes a decode step must read: each request's ring entries (16-bit
+    K and V of every KV head, and their slot tags) are read, and those tokens' codes are not."""
+    if win is None:
+        return 0
+    batch, entries = win.key.shape[0], win.sinks + win.window  # (the step's own token is one of the entries)
+    ring = batch * entries * (2 * H * D * win.ring_k.element_size() + win.tags.element_size())
+    return ring - batch * entries * H * slot_bytes
+
+
 def random_slots(num_blocks, layout):
     """Random codes with valid fp16 scales in every slot: uint8 [num_blocks, H, PAGE, slot]."""
     kv = torch.randint(0, 256, (num_blocks, H, PAGE, layout.slot_bytes), dtype=torch.uint8, device="cuda")
@@ -258,6 +268,8 @@ def main():
                        ("--other-launches", "also each aquakv mode with the CUDA loop's other launch form "
                                             "(AttentionPlan.cuda_fused flipped): one launch with the ring's pass and "
                                             "the combine in it, or three (codes, the ring's own, the combine)"),
+                       ("--ring-beside", "modes with the window: also the ring's own launch on a side stream, "
+                                         "beside the codes launch (AttentionPlan.ring_beside)"),
                        ("--with-write", "modes with the window: also the decode layer step, cache write + attention, "
                                         "with the write before the attention and beside it on a second stream")):
         ap.add_argument(flag, action="store_true", help=text)
@@ -314,10 +326,12 @@ def main():
                 out = torch.empty_like(q)  # the model dtype, as vLLM's output buffer
                 win = window_inputs(fused, block_table, ctx, q)
                 plan = plan_attention(qsl_list, ctx, HQ, H, "cuda", window=win is not None, **best)
-                # (ring_launch, ring_programs): the plan's, and with the window the ring's own launch and N programs
-                # of the codes launch (those without the sweep's register cap, as fused_attention picks it)
-                planned = (plan.ring_launch, plan.ring_programs)
-                rings = list(dict.fromkeys([planned] + ([(True, 0)] + [(False, r) for r in ints(args.ring_programs)]
+                # (ring_launch, ring_programs, ring_beside): the plan's, and with the window the ring's own launch
+                # (after the codes launch, and beside it with --ring-beside) and N programs of the codes launch (those
+                # without the sweep's register cap, as fused_attention picks it)
+                planned = (plan.ring_launch, 0 if plan.ring_launch else plan.ring_programs, plan.ring_beside)
+                rings = list(dict.fromkeys([planned] + ([(True, 0, False)] + [(True, 0, True)] * args.ring_beside
+                                                        + [(False, r, False) for r in ints(args.ring_programs)]
                                                         if win is not None else [])))
                 counts = [plan.segments] + ([1] if args.one_segment else [])
                 counts += [plan_attention(qsl_list, ctx, HQ, H, "cuda", window=win is not None,
@@ -340,8 +354,10 @@ def main():
                 variants = [(ring, segments, step, q8, bm, reg, cd, one) for segments in dict.fromkeys(counts)
                             for ring in rings for step in steps for q8 in qk for bm in dict.fromkeys(block_ms)
                             for reg in regs for cd in loops for one in (one_launch if cd else [plan.cuda_fused])]
-                for (ring_launch, ring_programs), segments, step, q8, block_m, reg, cd, one in variants:
-                    p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs, _partials=None,
+                for ring, segments, step, q8, block_m, reg, cd, one in variants:
+                    ring_launch, ring_programs, beside = ring
+                    p = dataclasses.replace(plan, ring_launch=ring_launch, ring_programs=ring_programs,
+                                            ring_beside=beside, _partials=None,
                                             segments=segments,
                                             maxnreg=reg or (plan.maxnreg if ring_launch else None),
                                             combine_step=step, qk_int8=q8, block_m=block_m, cuda_decode=bool(cd),
@@ -353,8 +369,9 @@ def main():
                         continue  # the Triton loop runs anyway: the plain row has it
                     ms = bench(lambda kv=kv, p=p: fused_attention(q, kv, block_table, seq_lens, qsl, p, fused,
                                                                   D ** -0.5, out=out, window=win))
-                    nbytes = kv.numel()
-                    name = (label + ("" if win is None or (ring_launch, ring_programs) == planned
+                    nbytes = kv.numel() + window_bytes(win, kv.shape[-1])
+                    name = (label + ("" if win is None or ring == planned
+                                     else ", ring launch beside" if beside
                                      else ", ring launch" if ring_launch else f", ring in {ring_programs} programs")
                             + ("" if segments == plan.segments else ", one segment" if segments == 1
                                else f", {segments} segments") + ("" if step is None else f", combine step {step}")
