@@ -4,7 +4,7 @@
 #   tests   pytest tests/test_kernels.py [-k "$TESTK"]            decode / decode2  benchmarks/gpu/decode_attention.py
 #   tp      benchmarks/gpu/throughput.py --formats "$FORMATS" (GMU) smoke   benchmarks/gpu/plugin_smoke.py $SM_ARGS
 #   serve   benchmarks/gpu/serve.py --formats "$FORMATS" $SV_ARGS tps     benchmarks/torch_path_step.py $TPS_ARGS
-#   cw      benchmarks/gpu/cache_write.py $CW_ARGS
+#   cw      benchmarks/gpu/cache_write.py $CW_ARGS         prefill  decode_attention.py --prefill-only $PF_ARGS
 # WATCH=1: stall_dump.sh beside each stage ($OUT/stall_<stage>.txt once $OUT is idle for WATCH_IDLE s, default 40;
 # py-spy from .gpu-tools/py-spy when carried)
 # e.g. STAGE="tests tps" TESTK="torch_path_through_flash or fused_begin" bash benchmarks/gpu/device_call.sh
@@ -36,6 +36,8 @@ for s in ${STAGE:-tests decode}; do
     smoke) timeout ${SM_TIMEOUT:-400} python3 $R/benchmarks/gpu/plugin_smoke.py $OUT/sm ${SM_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30 ;;
     tps) timeout ${TPS_TIMEOUT:-300} python3 $R/benchmarks/torch_path_step.py $OUT/tps.json ${TPS_ARGS:---batches 1,16,64 --contexts 1024,4096} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
     serve) timeout ${SV_TIMEOUT:-400} python3 $R/benchmarks/gpu/serve.py $OUT/sv --formats ${FORMATS} ${SV_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore\|^(APIServer" | tail -25 ;;
+    prefill) timeout ${PF_TIMEOUT:-200} python3 $R/benchmarks/gpu/decode_attention.py $OUT/pf --no-sweep --prefill-only \
+        --only "${ONLY_PF:-u1n4 + sinks/window (16}" ${PF_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO" | tail -${PF_TAIL:-70} ;;
     cw) timeout ${CW_TIMEOUT:-200} python3 $R/benchmarks/gpu/cache_write.py $OUT/cw ${CW_ARGS:---tokens 1,256,8192 --block-n 64 --warps 8} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
   esac
   [ -n "$watcher" ] && kill $watcher 2>/dev/null
