@@ -830,6 +830,13 @@ def fused_layers_or_reason(cache, layouts) -> dict[int, FusedLayer] | str:
 RING_LAUNCH_MIN_REQUESTS = 16
 RING_PROGRAMS = 2
 WINDOW_DECODE_PROGRAMS = 264
+# decode steps on the CUDA codes loop (``AttentionPlan.cuda_decode``) whose (request, KV head) programs already reach
+# WINDOW_DECODE_PROGRAMS: split-K aims at CUDA_LOOP_PROGRAMS programs (4 resident blocks on each of the H100's 132
+# SMs: 33-65 requests of 8 KV heads take 2 segments instead of 1); fewer programs: the ring's own launch runs beside
+# the codes launch on a side stream (``ring_beside``), at any request count.  H100, CUDA graphs, ms with the window
+# (benchmarks/results/decode_attention_h100_cuda_plan.md): 33 requests / 32k 0.292 instead of 0.345, 64 / 32k 0.536
+# instead of 0.566, 16 / 32k 0.152 instead of 0.163, 16 / 8k 0.053 instead of 0.062, 1 / 32k 0.027 instead of 0.031
+CUDA_LOOP_PROGRAMS = 528
 # split-K segments hold at least this many key tiles: shorter ones cost more in the combine than they save (1 request /
 # 8k with the window: 22 us in 33 segments of 2 tiles, 18 in 17 of 4; decode_attention_h200_window_programs.md)
 MIN_SEGMENT_TILES = 4
@@ -916,28 +923,42 @@ class AttentionPlan:
         return 1 if self.ring_launch else self.ring_programs
 
 
+def launch_choice(num_reqs: int, num_kv_heads: int, window: bool, cuda: bool, cuda_loop: bool) -> tuple[int, bool, bool]:
+    """``plan_attention``'s defaults for a step of ``num_reqs`` requests: (min_programs, ring_launch, ring_beside).
+    ``cuda_loop``: a decode step on the CUDA codes loop (CUDA_LOOP_PROGRAMS)."""
+    if not cuda:  # (the CPU interpreter runs programs one after another and copies the cache per launch)
+        return 1, False, False
+    few = num_reqs * num_kv_heads < WINDOW_DECODE_PROGRAMS  # (request, KV head) programs short of filling the GPU
+    # the ring's own launch relieves GPU registers, which pays from RING_LAUNCH_MIN_REQUESTS decodes on; below, ring
+    # programs in the codes launch; the CUDA loop's decodes that do not fill the GPU: the ring's launch beside theirs
+    ring_beside = cuda_loop and window and few
+    ring_launch = num_reqs >= RING_LAUNCH_MIN_REQUESTS or ring_beside
+    programs = (CUDA_LOOP_PROGRAMS if cuda_loop and not few
+                else WINDOW_DECODE_PROGRAMS if window and not ring_launch else 264)
+    return programs, ring_launch, ring_beside
+
+
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
                    num_stages: int | None = None, maxnreg: int | None = None, window: bool = False,
                    int8_scores: bool = False, decode_rows: int = DECODE_MIN_ROWS,
-                   min_segment_tiles: int = MIN_SEGMENT_TILES) -> AttentionPlan:
+                   min_segment_tiles: int = MIN_SEGMENT_TILES, cuda_loop: bool = True) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
-    the launch has ~``min_programs`` programs (default: 2 per H100 SM on CUDA, 1 per SM for decodes with the 16-bit
-    ``window`` below RING_LAUNCH_MIN_REQUESTS requests; 1, i.e. no split, in the CPU interpreter) when there are few
+    the launch has ~``min_programs`` programs (default: ``launch_choice``'s; 1, i.e. no split, in the CPU
+    interpreter) when there are few
     sequences (long decodes), each segment at least ``min_segment_tiles`` key tiles of the ``max_seq_len`` range.
     Key tiles: 128 tokens for decode-only steps, 64 with prefill rows (the fastest in
     benchmarks/results/decode_attention_h100's sweep).  ``int8_scores``: decode steps score on int8 tensor cores
     (``AttentionPlan.qk_int8``).  Decode programs hold the G query heads of one KV head, padded to a power of two of
-    at least ``decode_rows`` rows (``DECODE_MIN_ROWS``); prefill programs 64 rows."""
+    at least ``decode_rows`` rows (``DECODE_MIN_ROWS``); prefill programs 64 rows.  ``cuda_loop``: decode steps will
+    run the CUDA codes loop (``AttentionPlan.cuda_decode``), whose plans differ (CUDA_LOOP_PROGRAMS)."""
     cuda = torch.device(device).type == "cuda"
     num_reqs = len(query_start_loc) - 1
-    # the ring's own launch relieves GPU registers, which pays from RING_LAUNCH_MIN_REQUESTS decodes on; below, ring
-    # programs in the codes launch (the CPU interpreter has no registers and copies the cache per launch)
-    ring_launch = cuda and num_reqs >= RING_LAUNCH_MIN_REQUESTS
-    if min_programs is None:
-        min_programs = (WINDOW_DECODE_PROGRAMS if window and not ring_launch else 264) if cuda else 1
-    group = num_q_heads // num_kv_heads
     max_q = max(b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:]))
+    programs, ring_launch, ring_beside = launch_choice(num_reqs, num_kv_heads, window, cuda,
+                                                       cuda and cuda_loop and max_q == 1)
+    min_programs = min_programs or programs
+    group = num_q_heads // num_kv_heads
     tile = tile or (128 if max_q == 1 else 64)
     block_m = max(decode_rows if max_q == 1 else 64, triton.next_power_of_2(group))
     block_q = 1 if max_q == 1 else block_m // group
@@ -958,7 +979,7 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     # (the CPU interpreter runs programs one after another: one ring program, not RING_PROGRAMS slices)
     return AttentionPlan(q_seq, q_first, block_q, block_m, segments, tile, num_warps, maxnreg, num_stages,
                          ring_launch=ring_launch, ring_programs=RING_PROGRAMS if cuda else 1,
-                         qk_int8=int8_scores and max_q == 1)
+                         ring_beside=ring_beside, qk_int8=int8_scores and max_q == 1, cuda_decode=cuda_loop)
 
 
 @dataclass

@@ -217,6 +217,26 @@ def test_decode_programs_pad_query_heads_to_a_power_of_two(q_heads, kv_heads, ro
     assert prefill.block_m == max(64, rows) and prefill.block_q == prefill.block_m // (q_heads // kv_heads)
 
 
+@pytest.mark.parametrize("num_reqs,kv_heads,window,cuda,cuda_loop,want", [
+    (1, 8, True, True, True, (264, True, True)),  # CUDA loop, the GPU not filled: the ring's launch beside
+    (32, 8, True, True, True, (264, True, True)),
+    (33, 8, True, True, True, (528, True, False)),  # filled: 4 blocks per SM, the ring's launch after the codes
+    (64, 8, False, True, True, (528, True, False)),
+    (66, 4, True, True, True, (528, True, False)),
+    (65, 4, True, True, True, (264, True, True)),  # (fewer KV heads: more requests before the GPU is filled)
+    (8, 8, True, True, False, (264, False, False)),  # Triton loop: the ring in programs of the codes launch
+    (16, 8, True, True, False, (264, True, False)),  # ... from RING_LAUNCH_MIN_REQUESTS in its own launch
+    (16, 8, False, True, True, (264, True, False)),  # (no window: no ring)
+    (64, 8, True, False, False, (1, False, False)),  # the CPU interpreter
+])
+def test_launch_choice(num_reqs, kv_heads, window, cuda, cuda_loop, want):
+    """plan_attention's defaults per step: split-K width, and where the 16-bit ring's pass runs (the GPU tests
+    check every combination's output; benchmarks/results/decode_attention_h100_cuda_plan.md their speed)."""
+    from vllm_aquakv.kernels.attention import launch_choice
+
+    assert launch_choice(num_reqs, kv_heads, window, cuda, cuda_loop) == want
+
+
 @pytest.mark.parametrize("head_dim,heads,q_heads,page_block", [
     (128, 2, 6, 16),
     (128, 1, 4, 32),

@@ -186,8 +186,8 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
                     qsl = qsl[: md.split.decode_reqs + 1]
                 if len(qsl) > 1:
                     md.plan = plan_attention(qsl, md.max_seq_len, self.num_heads, self.num_kv_heads, query.device,
-                                             window=md.path.exact is not None, int8_scores=md.path.int8_scores)
-                    md.plan.cuda_decode = md.path.cuda_decode
+                                             window=md.path.exact is not None, int8_scores=md.path.int8_scores,
+                                             cuda_loop=md.path.cuda_decode)
                 md.planned = True
             exact = md.path.exact
             window = None if exact is None else WindowInputs(exact.k[index], exact.v[index], exact.tags, key[:n],
