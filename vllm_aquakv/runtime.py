@@ -165,6 +165,13 @@ class ServingState:
                                  "; attention eager between PIECEWISE CUDA graphs (aquakv_decode_graphs false)")
         if self.path.overlap_write:
             self.kernel_note += "; decode cache writes beside attention on a second CUDA stream (aquakv_overlap_write)"
+        # decode steps with the window whose codes launch does not fill the GPU: the ring's pass beside it
+        # (kernels/attention.py launch_choice; false: after it, the same arithmetic)
+        self.path.ring_beside = bool(on_cuda and self.path.fused and self.path.exact is not None
+                                     and extra.get("aquakv_ring_beside", True))
+        if self.path.ring_beside:
+            self.kernel_note += ("; small decode steps read the 16-bit ring beside their codes launch on a second "
+                                 "CUDA stream (aquakv_ring_beside)")
         self._log()
 
     def _torch_path_attention(self) -> None:

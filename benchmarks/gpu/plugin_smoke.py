@@ -10,7 +10,7 @@ the 3 short prompts only).  Run on the device machine (see
 benchmarks/gpu/README.md):
 
     python3 benchmarks/gpu/plugin_smoke.py $OUT [--short | --parity] [--fp32-model] [--profile] [--graphs]
-        [--decode-graphs | --overlap-write | --cuda-decode] [--model DIR]
+        [--decode-graphs | --overlap-write | --cuda-decode | --ring-beside] [--model DIR]
 
 ``--parity``: the three short prompts through the fused kernels and the torch path only (no auto run).
 ``--from-json RUN.json --machine NAME --versions-from RESULTS.json``: rebuild the results table of an earlier run.
@@ -23,6 +23,8 @@ enforce_eager) beside the eager aquakv run, and compares their greedy tokens.
 kernels, so their greedy tokens and prompt logprobs must be equal.
 ``--overlap-write`` runs aquakv (FULL decode graphs) with each decode layer's cache write before its attention and
 beside it on a second stream (``aquakv_overlap_write``): the same arithmetic, so equal tokens and logprobs, or a race.
+``--ring-beside`` runs aquakv (FULL decode graphs, 3 short prompts + 16 of 2,048 tokens) with the 16-bit ring's decode
+pass after the codes launch and beside it (``aquakv_ring_beside``): the same arithmetic, so equal tokens and logprobs.
 ``--cuda-decode`` runs aquakv (FULL decode graphs) with the decode codes loop in Triton and in CUDA
 (``aquakv_cuda_decode``, kernels/decode_codes.cu; steps of >= 16 requests): other arithmetic order (fp16 mma), so
 near-equal tokens and logprobs.
@@ -88,6 +90,12 @@ def main(args):
         runs = {"aquakv-triton-decode": ("aquakv", {**graphs, "additional_config": {"aquakv_cuda_decode": False}}),
                 "aquakv-cuda-decode": ("aquakv", {**graphs, "additional_config": {"aquakv_cuda_decode": True}})}
         pair = ("decode codes loop in CUDA vs Triton", "aquakv-cuda-decode", "aquakv-triton-decode")
+    if args.ring_beside:  # 3 + 16 prompts: decode-only steps of 19 and 3 requests, whose ring's pass runs beside
+        batch = batch[:16]
+        runs = {"aquakv-ring-after": ("aquakv", {**graphs, "additional_config": {"aquakv_ring_beside": False}}),
+                "aquakv-ring-beside": ("aquakv", {**graphs, "additional_config": {"aquakv_ring_beside": True}})}
+        pair = ("the ring's decode pass beside the codes launch vs after it", "aquakv-ring-beside",
+                "aquakv-ring-after")
     if args.profile:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
         runs = {k: (d, {**e, "enable_prefix_caching": False}) for k, (d, e) in runs.items() if k != "aquakv-torch-path"}
     if args.parity:  # greedy tokens and prompt logprobs: fused kernels vs the torch path only
@@ -96,6 +104,7 @@ def main(args):
     if args.fp32_model:  # float32 model: are fused-vs-torch gaps bf16 amplification of rounding noise?
         model_dtype = "float32"
         runs = {k: runs[k] for k in ("aquakv", "aquakv-torch-path")}
+    result["long_prompts"] = len(batch)
     for name, (dtype, extra) in runs.items():
         t = time.time()
         # the torch path is too slow for the batch: it runs the three short prompts only
@@ -153,6 +162,9 @@ PAIR_RUNS = {  # what the two runs of a pair are, for the table's caption
     "decode cache writes beside attention vs before it": "aquakv-write-serial: each decode layer's cache write before "
                                                          "its attention (`aquakv_overlap_write` false); "
                                                          "aquakv-write-beside: on a second stream beside it (default).",
+    "the ring's decode pass beside the codes launch vs after it": "aquakv-ring-after: the 16-bit ring's decode pass "
+        "after the codes launch (`aquakv_ring_beside` false); aquakv-ring-beside: on a second stream beside it "
+        "(default; decode steps whose codes launch does not fill the GPU: here 3 short prompts + 16 of 2,048 tokens).",
     "decode codes loop in CUDA vs Triton": "aquakv-triton-decode: the decode codes loop in Triton "
                                            "(`aquakv_cuda_decode` false); aquakv-cuda-decode: in CUDA (true, the "
                                            "default on sm_90 since 2026-12-06; steps of >= 16 requests).",
@@ -181,8 +193,8 @@ def finish(out_dir: str, result: dict, **extra) -> None:
                  "seconds_incl_engine_start": r["seconds"]} for name, r in result["runs"].items()]
         md = [f"{result['model']}, {result['model_dtype']}; artifact `aquakv-calibrate --preset speed` on random token "
               "text (plumbing, not quality), default 16-bit sinks/window; LLM(..., enforce_eager=False, block_size=16, "
-              "--gpu-memory-utilization 0.5): vLLM's default compilation and CUDA graphs; 3 short prompts + 32 of "
-              "2,048 tokens, 64 greedy tokens each. " + PAIR_RUNS[pair["label"]] + "\n",
+              "--gpu-memory-utilization 0.5): vLLM's default compilation and CUDA graphs; 3 short prompts + "
+              f"{result.get('long_prompts', 32)} of 2,048 tokens, 64 greedy tokens each. " + PAIR_RUNS[pair["label"]] + "\n",
               "| run | KV tokens | generate() s | s incl. engine start |", "| --- | --- | --- | --- |"]
         md += [f"| {r['kv_cache_dtype']} | {r['kv_tokens']:,} | {r['generate_s']:.2f} | "
                f"{r['seconds_incl_engine_start']:.1f} |" for r in rows]
@@ -225,7 +237,7 @@ def parse_args():
     ap.add_argument("out_dir", nargs="?", default="/tmp/out")
     ap.add_argument("--model", default=None, help="an existing Llama-3.2-3B-shaped model folder instead of a new one")
     for flag in ("--short", "--parity", "--fp32-model", "--profile", "--graphs", "--decode-graphs", "--overlap-write",
-                 "--cuda-decode"):
+                 "--cuda-decode", "--ring-beside"):
         ap.add_argument(flag, action="store_true")
     ap.add_argument("--from-json", default=None, help="rebuild the table of this earlier run (runs nothing)")
     ap.add_argument("--machine", default=None, help="with --from-json: the GPU the run was on")
