@@ -236,6 +236,7 @@ def peak_bandwidth() -> tuple[str, float]:
 
 # the command line's options that the helpers read (main() replaces the defaults)
 OPTIONS = argparse.Namespace(graphs=False, profile=False)
+PREFILL_KERNEL_US: dict[int, dict[str, float]] = {}  # --profile: the window's prefill, GPU us per call per kernel
 
 
 def bench(fn):
@@ -429,7 +430,7 @@ def main():
     name = f"prefill_attention_{gpu}.json" if args.prefill_only else f"decode_attention_{gpu}.json"
     write_results(os.path.join(args.out_dir, name), "decode_attention",
                   "Llama-3.2-3B attention shape (random data)", rows, "\n".join(md), prefill_ms=prefill,
-                  layer_step_ms=steps_ms,
+                  layer_step_ms=steps_ms, **({"prefill_kernel_us": PREFILL_KERNEL_US} if PREFILL_KERNEL_US else {}),
                   tile_sweep_batch64_ctx16k=sweep, seconds=round(time.time() - t0))
 
 
@@ -547,13 +548,11 @@ def prefill_overhead(setups, best, n: int) -> dict:
                                                    D ** -0.5, o, flash, win, merge)
         out["aquakv prefill attention with sinks/window: reconstruct + 2 FlashAttention + merge"] = bench(
             window_prefill)
-        if OPTIONS.profile:  # where the window's prefill time goes, per GPU kernel
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    window_prefill()
-                torch.cuda.synchronize()
-            print(f"window prefill, {n} tokens, 5 calls:\n"
-                  + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
+        if OPTIONS.profile:  # where the window's prefill time goes, per GPU kernel (also in the JSON)
+            PREFILL_KERNEL_US[n] = dict(sorted(kernel_us(window_prefill, 5).items(), key=lambda kv: -kv[1]))
+            print(f"window prefill, {n} tokens, us per call:", flush=True)
+            for name, us in PREFILL_KERNEL_US[n].items():
+                print(f"  {us:9.1f}  {name[:150]}", flush=True)
     return out
 
 
