@@ -868,8 +868,9 @@ class AttentionPlan:
     num_warps: int = 4
     maxnreg: int | None = None  # register cap per thread; None: ``fused_attention`` picks (as num_stages)
     num_stages: int | None = None  # software pipelining; None: ``fused_attention`` picks the fastest measured
-    # decode with the window: the ring in a launch of its own (``ring_rows``; ``plan_attention``: on CUDA, from
-    # RING_LAUNCH_MIN_REQUESTS requests), else in ``ring_programs`` programs of the codes launch after its segments
+    # decode with the window: the ring in a launch of its own (``ring_rows``; ``launch_choice``: on CUDA from
+    # RING_LAUNCH_MIN_REQUESTS requests, and with ``ring_beside``), else in ``ring_programs`` programs of the codes
+    # launch after its segments
     ring_launch: bool = True
     ring_programs: int = RING_PROGRAMS
     # the ring's own launch on a side stream (``side_stream(device, "ring")``), beside the codes launch and joined
@@ -923,7 +924,8 @@ class AttentionPlan:
         return 1 if self.ring_launch else self.ring_programs
 
 
-def launch_choice(num_reqs: int, num_kv_heads: int, window: bool, cuda: bool, cuda_loop: bool) -> tuple[int, bool, bool]:
+def launch_choice(num_reqs: int, num_kv_heads: int, window: bool, cuda: bool,
+                  cuda_loop: bool) -> tuple[int, bool, bool]:
     """``plan_attention``'s defaults for a step of ``num_reqs`` requests: (min_programs, ring_launch, ring_beside).
     ``cuda_loop``: a decode step on the CUDA codes loop (CUDA_LOOP_PROGRAMS)."""
     if not cuda:  # (the CPU interpreter runs programs one after another and copies the cache per launch)

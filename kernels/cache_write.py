@@ -338,11 +338,11 @@ def write_fused(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.T
 
 def write_beside(layer: FusedLayer, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, ring: tuple) -> torch.cuda.Stream:
-    """``write_fused`` of a decode step with the 16-bit window on ``side_stream(device, "write")``, after the work queued so far on the
-    current stream; returns the stream, which the caller joins (``current_stream().wait_stream``) after the layer's
-    attention launches.  Safe only where that attention reads none of what the write stores: a decode step's own
-    token comes from its 16-bit inputs (kernels/attention.py, RING_FIRST), older tokens from earlier steps' writes.
-    Captured in a CUDA graph, the fork and join become graph edges."""
+    """``write_fused`` of a decode step with the 16-bit window on ``side_stream(device, "write")``, after the work
+    queued so far on the current stream; returns the stream, which the caller joins (``current_stream().wait_stream``)
+    after the layer's attention launches.  Safe only where that attention reads none of what the write stores: a
+    decode step's own token comes from its 16-bit inputs (kernels/attention.py, RING_FIRST), older tokens from earlier
+    steps' writes.  Captured in a CUDA graph, the fork and join become graph edges."""
     stream = side_stream(key.device, "write")
     stream.wait_stream(torch.cuda.current_stream(key.device))
     with torch.cuda.stream(stream):

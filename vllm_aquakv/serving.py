@@ -124,7 +124,7 @@ class TorchServingPath:
         self.int8_scores = False  # fused decode steps score on int8 tensor cores (``aquakv_int8_scores``)
         self.cuda_decode = False  # fused decode steps of u1n4 codes run the CUDA codes loop (``aquakv_cuda_decode``)
         self.overlap_write = False  # fused decode steps with the window write beside attention (``aquakv_overlap_write``)
-        self.ring_beside = False  # small fused decode steps read the ring beside their codes (``aquakv_ring_beside``)
+        self.ring_beside = False  # small fused decodes read the ring beside their codes (``aquakv_ring_beside``)
         self.slice_tokens: int | None = None  # context tokens per slice of ``attend``'s reconstruction (None: by device)
         self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (aquakv_window; runtime sets the default)
         # compat.flash_attention's function: prefill steps of the fused kernels, and every step of this path, attend

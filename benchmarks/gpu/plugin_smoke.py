@@ -194,7 +194,8 @@ def finish(out_dir: str, result: dict, **extra) -> None:
         md = [f"{result['model']}, {result['model_dtype']}; artifact `aquakv-calibrate --preset speed` on random token "
               "text (plumbing, not quality), default 16-bit sinks/window; LLM(..., enforce_eager=False, block_size=16, "
               "--gpu-memory-utilization 0.5): vLLM's default compilation and CUDA graphs; 3 short prompts + "
-              f"{result.get('long_prompts', 32)} of 2,048 tokens, 64 greedy tokens each. " + PAIR_RUNS[pair["label"]] + "\n",
+              f"{result.get('long_prompts', 32)} of 2,048 tokens, 64 greedy tokens each. "
+              + PAIR_RUNS[pair["label"]] + "\n",
               "| run | KV tokens | generate() s | s incl. engine start |", "| --- | --- | --- | --- |"]
         md += [f"| {r['kv_cache_dtype']} | {r['kv_tokens']:,} | {r['generate_s']:.2f} | "
                f"{r['seconds_incl_engine_start']:.1f} |" for r in rows]
