@@ -32,7 +32,7 @@ import triton.language as tl
 
 from vllm_aquakv.window import ring_column
 
-from .attention import FusedLayer, LaneTable, WindowInputs, _load_lanes, launch_lanes
+from .attention import LOG2E, FusedLayer, LaneTable, WindowInputs, _load_lanes, launch_lanes
 
 BLOCK_T = 64  # tokens per program
 
@@ -235,6 +235,8 @@ class PrefillSplit:
     codes_k: torch.Tensor | None = None
     sink_rows: ExactRows | None = None
     window_rows: ExactRows | None = None
+    # [B, 2] int32 (split request, first query) of each WINDOW_BLOCK_M-query block (``window_attention_merge``)
+    window_blocks: torch.Tensor | None = None
     _scratch: tuple | None = None  # (k, v) [total_k, H, h], shared by the step's layers
 
     def scratch(self, heads: int, head_dim: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,14 +299,17 @@ def _split_from(d: int, query_start_loc: list[int], seq_lens: list[int], device,
         n = (cu_k[i + 1] - cu_k[i]) // PAGE
         pages += [*range(cu_k[i] // PAGE, cu_k[i] // PAGE + n), *[0] * (max_pages - n)]
     codes_k = [] if exact is None else [max(seq_lens[r] - exact[1], 0) for r in rest]
+    blocks = [] if exact is None else [x for i, r in enumerate(rest) for q0 in range(0, q_lens[r], WINDOW_BLOCK_M)
+                                       for x in (i, q0)]
     # every int32 field in one host tensor and one copy (built from Python lists: no torch CPU op, whose thread pool
     # cost up to 6 ms per step inside vLLM's engine, serve_profile_h200_8192_256_split.md)
-    rows, cu_q_dev, cu_k_dev, pages_dev, seq_k, codes_k_dev = _on_device(
-        [list(rest), cu_q, cu_k, pages, seq_lens[d:], codes_k], torch.int32, device)
+    rows, cu_q_dev, cu_k_dev, pages_dev, seq_k, codes_k_dev, blocks_dev = _on_device(
+        [list(rest), cu_q, cu_k, pages, seq_lens[d:], codes_k, blocks], torch.int32, device)
     split = PrefillSplit(d, query_start_loc[d], rows, cu_q_dev, cu_k_dev, pages_dev.view(len(rest), max_pages), seq_k,
                          max(q_lens[d:]), max_k, cu_k[-1])
     if exact is not None:
         split.codes_k = codes_k_dev
+        split.window_blocks = blocks_dev.view(-1, 2)
         split.sink_rows, split.window_rows = _exact_rows(query_start_loc, seq_lens, q_lens, rest, cu_k, *exact, device)
     return split
 
@@ -351,6 +356,91 @@ def _on_device(fields: list[list[int]], dtype: torch.dtype, device) -> list[torc
     return [on_device[a:a + len(f)] for a, f in zip(starts, fields)]
 
 
+WINDOW_BLOCK_M = 32  # queries per program of ``_window_merge_kernel`` (x the group's query heads: its rows)
+WINDOW_BLOCK_N = 64  # keys per step
+
+
+@triton.jit
+def _window_merge_kernel(q_ptr, k_ptr, v_ptr, oc_ptr, lc_ptr, out_ptr, blocks_ptr, cu_q_ptr, cu_k_ptr, seq_k_ptr,
+                         qk_scale, stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh, stride_ln,
+                         stride_lh, stride_outn, stride_outh,
+                         G: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """One block of BLOCK_M queries of one request x one KV head's G query heads (ROWS = BLOCK_M * G padded to a
+    power of two): attention over the keys (p - WINDOW, p] of each query p from the 16-bit rows k, v [rows, H, h]
+    (bottom-right causal alignment, as FlashAttention's window call), merged with the codes part's output oc and
+    natural-log LSE lc [Hq, N] (non-finite: no keys there) into out."""
+    blk = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = tl.load(blocks_ptr + 2 * blk)
+    i0 = tl.load(blocks_ptr + 2 * blk + 1)
+    q0 = tl.load(cu_q_ptr + r)
+    q_len = tl.load(cu_q_ptr + r + 1) - q0
+    k0 = tl.load(cu_k_ptr + r)
+    k_len = tl.load(seq_k_ptr + r)
+    m = tl.arange(0, ROWS)
+    i = i0 + m // G  # query of each row, head kvh * G + m % G
+    head = kvh * G + m % G
+    ok = (m < BLOCK_M * G) & (i < q_len)
+    p = k_len - q_len + i  # its key position
+    d = tl.arange(0, HEAD_DIM)
+    qv = tl.load(q_ptr + (q0 + i)[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :], mask=ok[:, None],
+                 other=0.0).to(DOT_DTYPE)  # [ROWS, h]
+    lo = tl.maximum(k_len - q_len + i0 - WINDOW + 1, 0)  # the block's first and one-past-last key
+    hi = k_len - q_len + tl.minimum(i0 + BLOCK_M, q_len)
+    m_i = tl.full([ROWS], -1.0e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for t0 in range(lo, hi, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        rows = (k0 + t)[:, None] * stride_kn + kvh * stride_kh + d[None, :]
+        kt = tl.load(k_ptr + rows, mask=(t < hi)[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, h]
+        vt = tl.load(v_ptr + rows, mask=(t < hi)[:, None], other=0.0).to(DOT_DTYPE)
+        s = tl.dot(qv, tl.trans(kt)) * qk_scale  # [ROWS, BLOCK_N], log2 units
+        seen = (t[None, :] <= p[:, None]) & (t[None, :] > p[:, None] - WINDOW) & (t[None, :] < hi)
+        s = tl.where(seen, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        pr = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(DOT_DTYPE), vt)
+        m_i = m_new
+    lse_w = m_i + tl.log2(l_i)  # every query sees its own key here: finite
+    lse_c = tl.load(lc_ptr + head * stride_lh + (q0 + i) * stride_ln, mask=ok, other=float("-inf")) * 1.4426950408889634
+    lse_c = tl.where((lse_c > -1.0e38) & (lse_c < 1.0e38), lse_c, float("-inf"))  # (NaN, +-inf: no codes keys)
+    top = tl.maximum(lse_w, lse_c)
+    w_w = tl.exp2(lse_w - top)
+    w_c = tl.exp2(lse_c - top)
+    o_c = tl.load(oc_ptr + (q0 + i)[:, None] * stride_on + head[:, None] * stride_oh + d[None, :],
+                  mask=ok[:, None] & (w_c > 0)[:, None], other=0.0).to(tl.float32)
+    o = (acc / l_i[:, None] * w_w[:, None] + o_c * w_c[:, None]) / (w_w + w_c)[:, None]
+    tl.store(out_ptr + (q0 + i)[:, None] * stride_outn + head[:, None] * stride_outh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split: PrefillSplit, scale: float,
+                           window: int, o_codes: torch.Tensor, lse_codes: torch.Tensor, out: torch.Tensor) -> None:
+    """``attend_rows``' window part and merge in one launch: out [N, Hq, h] = the split's queries q [N, Hq, h] over
+    the keys (p - window, p] of the 16-bit rows k, v [total_k, H, h] merged with the codes part (o_codes [N, Hq, h],
+    natural-log LSE [Hq, N]).  Its twin: FlashAttention's window call (``flash_twin``) + ``merge_partials``."""
+    heads, h = k.shape[1:]
+    group = q.shape[1] // heads
+    if split.window_blocks is None:
+        raise ValueError("the window's fused merge needs a split made with exact=(sinks, window) (split_prefills)")
+    if h & (h - 1) or h < 16:
+        raise ValueError(f"the window's fused merge needs a power-of-two head_dim >= 16, got {h}")
+    interpret = q.device.type != "cuda"
+    _window_merge_kernel[(split.window_blocks.shape[0], heads)](
+        q, k, v, o_codes, lse_codes, out, split.window_blocks, split.cu_q, split.cu_k, split.seq_k, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), o_codes.stride(0), o_codes.stride(1),
+        lse_codes.stride(1), lse_codes.stride(0), out.stride(0), out.stride(1),
+        G=group, WINDOW=window, BLOCK_M=WINDOW_BLOCK_M, BLOCK_N=WINDOW_BLOCK_N,
+        ROWS=max(16, triton.next_power_of_2(WINDOW_BLOCK_M * group)), HEAD_DIM=h,
+        DOT_DTYPE=tl.float32 if interpret else tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
+        num_warps=8,
+    )
+
+
 def merge_partials(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
                    lse_b: torch.Tensor) -> None:
     """out [N, Hq, h] = attention over the union of two disjoint key sets from their partial outputs o [N, Hq, h]
@@ -392,7 +482,8 @@ def flash_twin(q, k, v, out, cu_q, max_q, seqused_k, max_k, scale, block_table, 
 
 def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, split: PrefillSplit, layer: FusedLayer, scale: float,
-                      out: torch.Tensor, flash, window: WindowInputs | None = None, merge=None) -> None:
+                      out: torch.Tensor, flash, window: WindowInputs | None = None, merge=None,
+                      fused_window: bool = False) -> None:
     """Causal attention of the split's non-decode queries (query [N, Hq, h] rows decode_tokens..N) over their
     reconstructed contexts, written to the same rows of ``out`` [N, Hq, h]; ``flash`` is
     ``compat.flash_attention``'s function (or any with its signature: ``flash_twin``).  With ``window``
@@ -401,12 +492,12 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: 
     ~0.37 ms per layer at 4k tokens on the H200, most of the window's prefill cost)."""
     k, v = split.scratch(kv_cache.shape[1], query.shape[-1], query.dtype, query.device)
     reconstruct(kv_cache, block_table, seq_lens, split.rows, split.cu_k, split.max_k, layer, k, v)
-    attend_rows(query, k, v, block_table, kv_cache.shape[2], split, scale, out, flash, window, merge)
+    attend_rows(query, k, v, block_table, kv_cache.shape[2], split, scale, out, flash, window, merge, fused_window)
 
 
 def attend_rows(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, page_block: int,
                 split: PrefillSplit, scale: float, out: torch.Tensor, flash, window: WindowInputs | None = None,
-                merge=None) -> None:
+                merge=None, fused_window: bool = False) -> None:
     """The attention half of ``prefill_attention``: the split's queries (query rows decode_tokens..N) over its
     reconstructed K/V rows k, v [total_k, H, h] (``split.scratch``), written to the same rows of ``out``; the 16-bit
     sinks and window (``window``) put into those rows here (vLLM's pages hold ``page_block`` tokens)."""
@@ -428,9 +519,12 @@ def attend_rows(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tab
     if window.window == 0:  # sinks only: every other key from its codes
         attend(out[d:], split.seq_k)
         return
-    o_codes, o_window = torch.empty_like(q), torch.empty_like(q)
+    o_codes, o_window = torch.empty_like(q), (None if fused_window else torch.empty_like(q))
     lse_codes = attend(o_codes, split.codes_k, return_lse=True)
     split.window_rows.put(k, v, window, block_table, page_block)
+    if fused_window:  # the window part and the merge in one launch
+        window_attention_merge(q, k, v, split, scale, window.window, o_codes, lse_codes, out[d:])
+        return
     lse_window = attend(o_window, split.seq_k, window_left=window.window - 1, return_lse=True)
     (merge or merge_partials)(out[d:], o_window, lse_window, o_codes, lse_codes)
 

@@ -650,6 +650,14 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     err = (got.float().cpu() - want).norm() / want.norm()
     # GPU: bfloat16 reconstructed K/V rows and output (2^-9 relative rounding each; 0.0052 seen on the H200 once)
     assert err < (1e-5 if DEVICE == "cpu" else 1e-2), err
+    if window > 0:  # the window part and the merge in one Triton launch (fused_window) instead of FlashAttention's
+        # sliding-window call + merge_partials
+        fused_got = torch.full(query.shape, float("nan"), dtype=query.dtype, device=DEVICE)
+        fused_got[:1] = got[:1]
+        prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, fused_got, flash_twin, window=win,
+                          fused_window=True)
+        err = (fused_got.float().cpu() - want).norm() / want.norm()
+        assert err < (1e-5 if DEVICE == "cpu" else 1e-2), err
 
 
 @pytest.mark.parametrize("head_dim,heads,q_heads,page_block,grid,sinks,window", [

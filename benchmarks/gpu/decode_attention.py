@@ -548,6 +548,9 @@ def prefill_overhead(setups, best, n: int) -> dict:
                                                    D ** -0.5, o, flash, win, merge)
         out["aquakv prefill attention with sinks/window: reconstruct + 2 FlashAttention + merge"] = bench(
             window_prefill)
+        out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge"] = bench(
+            lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused, D ** -0.5, o, flash, win, merge,
+                                      fused_window=True))
         if OPTIONS.profile:  # where the window's prefill time goes, per GPU kernel (also in the JSON)
             PREFILL_KERNEL_US[n] = dict(sorted(kernel_us(window_prefill, 5).items(), key=lambda kv: -kv[1]))
             print(f"window prefill, {n} tokens, us per call:", flush=True)
