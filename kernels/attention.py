@@ -924,27 +924,29 @@ class AttentionPlan:
         return 1 if self.ring_launch else self.ring_programs
 
 
-def launch_choice(num_reqs: int, num_kv_heads: int, window: bool, cuda: bool,
-                  cuda_loop: bool) -> tuple[int, bool, bool]:
+def launch_choice(num_reqs: int, num_kv_heads: int, window: bool, cuda: bool, cuda_loop: bool,
+                  beside: bool = True) -> tuple[int, bool, bool]:
     """``plan_attention``'s defaults for a step of ``num_reqs`` requests: (min_programs, ring_launch, ring_beside).
-    ``cuda_loop``: a decode step on the CUDA codes loop (CUDA_LOOP_PROGRAMS)."""
+    ``cuda_loop``: a decode step on the CUDA codes loop (CUDA_LOOP_PROGRAMS); ``beside`` False: where the ring's
+    launch would run beside the codes launch, it runs after it (``aquakv_ring_beside`` false)."""
     if not cuda:  # (the CPU interpreter runs programs one after another and copies the cache per launch)
         return 1, False, False
     few = num_reqs * num_kv_heads < WINDOW_DECODE_PROGRAMS  # (request, KV head) programs short of filling the GPU
     # the ring's own launch relieves GPU registers, which pays from RING_LAUNCH_MIN_REQUESTS decodes on; below, ring
     # programs in the codes launch; the CUDA loop's decodes that do not fill the GPU: the ring's launch beside theirs
-    ring_beside = cuda_loop and window and few
-    ring_launch = num_reqs >= RING_LAUNCH_MIN_REQUESTS or ring_beside
+    own_launch = cuda_loop and window and few
+    ring_launch = num_reqs >= RING_LAUNCH_MIN_REQUESTS or own_launch
     programs = (CUDA_LOOP_PROGRAMS if cuda_loop and not few
                 else WINDOW_DECODE_PROGRAMS if window and not ring_launch else 264)
-    return programs, ring_launch, ring_beside
+    return programs, ring_launch, own_launch and beside
 
 
 def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: int, num_kv_heads: int, device,
                    tile: int | None = None, min_programs: int | None = None, num_warps: int = 4,
                    num_stages: int | None = None, maxnreg: int | None = None, window: bool = False,
                    int8_scores: bool = False, decode_rows: int = DECODE_MIN_ROWS,
-                   min_segment_tiles: int = MIN_SEGMENT_TILES, cuda_loop: bool = True) -> AttentionPlan:
+                   min_segment_tiles: int = MIN_SEGMENT_TILES, cuda_loop: bool = True,
+                   ring_beside: bool = True) -> AttentionPlan:
     """Cut each sequence's query tokens into blocks; split the key range of each block into enough segments that
     the launch has ~``min_programs`` programs (default: ``launch_choice``'s; 1, i.e. no split, in the CPU
     interpreter) when there are few
@@ -953,12 +955,13 @@ def plan_attention(query_start_loc: list[int], max_seq_len: int, num_q_heads: in
     benchmarks/results/decode_attention_h100's sweep).  ``int8_scores``: decode steps score on int8 tensor cores
     (``AttentionPlan.qk_int8``).  Decode programs hold the G query heads of one KV head, padded to a power of two of
     at least ``decode_rows`` rows (``DECODE_MIN_ROWS``); prefill programs 64 rows.  ``cuda_loop``: decode steps will
-    run the CUDA codes loop (``AttentionPlan.cuda_decode``), whose plans differ (CUDA_LOOP_PROGRAMS)."""
+    run the CUDA codes loop (``AttentionPlan.cuda_decode``), whose plans differ (CUDA_LOOP_PROGRAMS);
+    ``ring_beside`` False keeps their ring's launch after the codes launch (``launch_choice``)."""
     cuda = torch.device(device).type == "cuda"
     num_reqs = len(query_start_loc) - 1
     max_q = max(b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:]))
     programs, ring_launch, ring_beside = launch_choice(num_reqs, num_kv_heads, window, cuda,
-                                                       cuda and cuda_loop and max_q == 1)
+                                                       cuda and cuda_loop and max_q == 1, ring_beside)
     min_programs = min_programs or programs
     group = num_q_heads // num_kv_heads
     tile = tile or (128 if max_q == 1 else 64)

@@ -356,6 +356,7 @@ def _on_device(fields: list[list[int]], dtype: torch.dtype, device) -> list[torc
     return [on_device[a:a + len(f)] for a, f in zip(starts, fields)]
 
 
+LOG2E_C = tl.constexpr(LOG2E)  # (in kernels)
 WINDOW_BLOCK_M = 32  # queries per program of ``_window_merge_kernel`` (x the group's query heads: its rows)
 WINDOW_BLOCK_N = 64  # keys per step
 
@@ -406,7 +407,7 @@ def _window_merge_kernel(q_ptr, k_ptr, v_ptr, oc_ptr, lc_ptr, out_ptr, blocks_pt
         acc = acc * alpha[:, None] + tl.dot(pr.to(DOT_DTYPE), vt)
         m_i = m_new
     lse_w = m_i + tl.log2(l_i)  # every query sees its own key here: finite
-    lse_c = tl.load(lc_ptr + head * stride_lh + (q0 + i) * stride_ln, mask=ok, other=float("-inf")) * 1.4426950408889634
+    lse_c = tl.load(lc_ptr + head * stride_lh + (q0 + i) * stride_ln, mask=ok, other=float("-inf")) * LOG2E_C
     lse_c = tl.where((lse_c > -1.0e38) & (lse_c < 1.0e38), lse_c, float("-inf"))  # (NaN, +-inf: no codes keys)
     top = tl.maximum(lse_w, lse_c)
     w_w = tl.exp2(lse_w - top)

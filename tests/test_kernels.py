@@ -235,6 +235,8 @@ def test_launch_choice(num_reqs, kv_heads, window, cuda, cuda_loop, want):
     from vllm_aquakv.kernels.attention import launch_choice
 
     assert launch_choice(num_reqs, kv_heads, window, cuda, cuda_loop) == want
+    # aquakv_ring_beside false: the same launches, the ring's after the codes launch
+    assert launch_choice(num_reqs, kv_heads, window, cuda, cuda_loop, beside=False) == (*want[:2], False)
 
 
 @pytest.mark.parametrize("head_dim,heads,q_heads,page_block", [

@@ -187,8 +187,7 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
                 if len(qsl) > 1:
                     md.plan = plan_attention(qsl, md.max_seq_len, self.num_heads, self.num_kv_heads, query.device,
                                              window=md.path.exact is not None, int8_scores=md.path.int8_scores,
-                                             cuda_loop=md.path.cuda_decode)
-                    md.plan.ring_beside = md.plan.ring_beside and md.path.ring_beside
+                                             cuda_loop=md.path.cuda_decode, ring_beside=md.path.ring_beside)
                 md.planned = True
             exact = md.path.exact
             window = None if exact is None else WindowInputs(exact.k[index], exact.v[index], exact.tags, key[:n],
