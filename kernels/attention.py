@@ -1126,9 +1126,11 @@ def compiled_variants() -> int | None:
     """How many compiled variants the fused kernels hold in this process (None if this Triton does not say): the
     same number before and after serving means no request waited for Triton's JIT."""
     from .cache_write import _cache_write_kernel
+    from .reconstruct import _window_merge_kernel
 
     try:
-        return sum(len(c[0]) for k in (_fused_attention_kernel, _combine_kernel, _cache_write_kernel)
+        return sum(len(c[0]) for k in (_fused_attention_kernel, _combine_kernel, _cache_write_kernel,
+                                       _window_merge_kernel)
                    for c in k.device_caches.values())
     except (AttributeError, TypeError, IndexError):
         return None

@@ -357,24 +357,28 @@ def _on_device(fields: list[list[int]], dtype: torch.dtype, device) -> list[torc
 
 
 LOG2E_C = tl.constexpr(LOG2E)  # (in kernels)
-WINDOW_BLOCK_M = 32  # queries per program of ``_window_merge_kernel`` (x the group's query heads: its rows)
-WINDOW_BLOCK_N = 64  # keys per step
+WINDOW_BLOCK_M = 32  # queries per block of ``PrefillSplit.window_blocks`` (host side)
+# (queries per program, keys per step, warps) of ``_window_merge_kernel``: a program takes part of a block
+WINDOW_MERGE_LAUNCH = (16, 32, 4)
 
 
-@triton.jit
+# (the LSE's strides follow the step's token count: specialized, a count divisible by 16 would compile another variant
+# mid-serving, after warm_up_window_merge's)
+@triton.jit(do_not_specialize=["stride_ln", "stride_lh"])
 def _window_merge_kernel(q_ptr, k_ptr, v_ptr, oc_ptr, lc_ptr, out_ptr, blocks_ptr, cu_q_ptr, cu_k_ptr, seq_k_ptr,
                          qk_scale, stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh, stride_ln,
                          stride_lh, stride_outn, stride_outh,
-                         G: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """One block of BLOCK_M queries of one request x one KV head's G query heads (ROWS = BLOCK_M * G padded to a
-    power of two): attention over the keys (p - WINDOW, p] of each query p from the 16-bit rows k, v [rows, H, h]
-    (bottom-right causal alignment, as FlashAttention's window call), merged with the codes part's output oc and
-    natural-log LSE lc [Hq, N] (non-finite: no keys there) into out."""
-    blk = tl.program_id(0)
+                         G: tl.constexpr, WINDOW: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """BLOCK_M queries (one of the SUB parts of a window block: program_id(0) = block * SUB + part) of one request x
+    one KV head's G query heads (ROWS = BLOCK_M * G padded to a power of two): attention over the keys (p - WINDOW, p]
+    of each query p from the 16-bit rows k, v [rows, H, h] (bottom-right causal alignment, as FlashAttention's window
+    call), merged with the codes part's output oc and natural-log LSE lc [Hq, N] (non-finite: no keys there) into
+    out."""
+    blk = tl.program_id(0) // SUB
     kvh = tl.program_id(1)
     r = tl.load(blocks_ptr + 2 * blk)
-    i0 = tl.load(blocks_ptr + 2 * blk + 1)
+    i0 = tl.load(blocks_ptr + 2 * blk + 1) + (tl.program_id(0) % SUB) * BLOCK_M
     q0 = tl.load(cu_q_ptr + r)
     q_len = tl.load(cu_q_ptr + r + 1) - q0
     k0 = tl.load(cu_k_ptr + r)
@@ -420,10 +424,16 @@ def _window_merge_kernel(q_ptr, k_ptr, v_ptr, oc_ptr, lc_ptr, out_ptr, blocks_pt
 
 
 def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split: PrefillSplit, scale: float,
-                           window: int, o_codes: torch.Tensor, lse_codes: torch.Tensor, out: torch.Tensor) -> None:
+                           window: int, o_codes: torch.Tensor, lse_codes: torch.Tensor, out: torch.Tensor,
+                           launch: tuple[int, int, int] | None = None) -> None:
     """``attend_rows``' window part and merge in one launch: out [N, Hq, h] = the split's queries q [N, Hq, h] over
     the keys (p - window, p] of the 16-bit rows k, v [total_k, H, h] merged with the codes part (o_codes [N, Hq, h],
-    natural-log LSE [Hq, N]).  Its twin: FlashAttention's window call (``flash_twin``) + ``merge_partials``."""
+    natural-log LSE [Hq, N]).  Its twin: FlashAttention's window call (``flash_twin``) + ``merge_partials``.
+    ``launch``: (queries per program, a power of two dividing WINDOW_BLOCK_M; keys per step; warps), default
+    WINDOW_MERGE_LAUNCH (read at each call)."""
+    block_m, block_n, warps = launch or WINDOW_MERGE_LAUNCH
+    if WINDOW_BLOCK_M % block_m:
+        raise ValueError(f"queries per program must divide WINDOW_BLOCK_M={WINDOW_BLOCK_M}, got {block_m}")
     heads, h = k.shape[1:]
     group = q.shape[1] // heads
     if split.window_blocks is None:
@@ -431,15 +441,28 @@ def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     if h & (h - 1) or h < 16:
         raise ValueError(f"the window's fused merge needs a power-of-two head_dim >= 16, got {h}")
     interpret = q.device.type != "cuda"
-    _window_merge_kernel[(split.window_blocks.shape[0], heads)](
+    sub = WINDOW_BLOCK_M // block_m
+    _window_merge_kernel[(split.window_blocks.shape[0] * sub, heads)](
         q, k, v, o_codes, lse_codes, out, split.window_blocks, split.cu_q, split.cu_k, split.seq_k, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o_codes.stride(0), o_codes.stride(1),
         lse_codes.stride(1), lse_codes.stride(0), out.stride(0), out.stride(1),
-        G=group, WINDOW=window, BLOCK_M=WINDOW_BLOCK_M, BLOCK_N=WINDOW_BLOCK_N,
-        ROWS=max(16, triton.next_power_of_2(WINDOW_BLOCK_M * group)), HEAD_DIM=h,
+        G=group, WINDOW=window, SUB=sub, BLOCK_M=block_m, BLOCK_N=block_n,
+        ROWS=max(16, triton.next_power_of_2(block_m * group)), HEAD_DIM=h,
         DOT_DTYPE=tl.float32 if interpret else tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
-        num_warps=8,
+        num_warps=warps,
     )
+
+
+def warm_up_window_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, sinks: int, window: int,
+                         dtype: torch.dtype, device) -> None:
+    """Compile ``_window_merge_kernel`` for the served shape at startup on one small prompt (otherwise ~1-2.6 s of JIT
+    in the first prefills with the window, H100: plugin_smoke_h100_fused_window.md)."""
+    n = FUSED_QUERY_TOKENS + 1  # a prompt long enough for split_prefills
+    split = split_prefills([0, n], [n], device, exact=(sinks, window))
+    q = torch.randn(n, num_q_heads, head_dim, dtype=dtype, device=device)
+    k, v = split.scratch(num_kv_heads, head_dim, dtype, device)
+    lse = torch.zeros(num_q_heads, n, dtype=torch.float32, device=device)
+    window_attention_merge(q, k, v, split, head_dim ** -0.5, window, q.clone(), lse, torch.empty_like(q))
 
 
 def merge_partials(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,

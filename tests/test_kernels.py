@@ -474,7 +474,8 @@ def test_cache_write_matches_torch_path(head_dim, heads, page_block, key_predict
         # values: the same, wherever the key codes are equal (a flipped key code changes that token's value
         # prediction)
         same_key = (got_w[:, :k_code] == want_w[:, :k_code]).all(1)
-        assert same_key.float().mean() > 0.98, same_key.float().mean()
+        # (at most 2% of the slots, or one: a 9-token step has 9 slots per head, one near-tie there is 11%)
+        assert (~same_key).sum() <= max(1, 0.02 * len(same_key)), same_key.float().mean()
         got_v, want_v = got_w[same_key], want_w[same_key]
         v_differ = (got_v[:, k_code:k_code + v_code] != want_v[:, k_code:k_code + v_code]).float().mean().item()
         assert v_differ <= 5e-3, v_differ
@@ -653,13 +654,55 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
     # GPU: bfloat16 reconstructed K/V rows and output (2^-9 relative rounding each; 0.0052 seen on the H200 once)
     assert err < (1e-5 if DEVICE == "cpu" else 1e-2), err
     if window > 0:  # the window part and the merge in one Triton launch (fused_window) instead of FlashAttention's
-        # sliding-window call + merge_partials
-        fused_got = torch.full(query.shape, float("nan"), dtype=query.dtype, device=DEVICE)
-        fused_got[:1] = got[:1]
-        prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, fused_got, flash_twin, window=win,
-                          fused_window=True)
-        err = (fused_got.float().cpu() - want).norm() / want.norm()
-        assert err < (1e-5 if DEVICE == "cpu" else 1e-2), err
+        # sliding-window call + merge_partials; the served launch and others (queries per program, keys, warps)
+        from vllm_aquakv import compat
+        from vllm_aquakv.kernels import reconstruct
+
+        flash = compat.flash_attention(head_dim) if DEVICE == "cuda" else None
+        if flash is not None:  # GPU: vLLM's FlashAttention + merge kernel (served before): an error not to exceed
+            served_got = got.clone()
+            prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, served_got, flash, window=win,
+                              merge=compat.merge_attention_states())
+            err = (served_got.float().cpu() - want).norm() / want.norm()
+        served = reconstruct.WINDOW_MERGE_LAUNCH
+        try:
+            for launch in (served, (32, 64, 4), (8, 16, 4)):
+                reconstruct.WINDOW_MERGE_LAUNCH = launch
+                fused_got = torch.full(query.shape, float("nan"), dtype=query.dtype, device=DEVICE)
+                fused_got[:1] = got[:1]
+                prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, fused_got, flash or flash_twin,
+                                  window=win, fused_window=True)
+                fused_err = (fused_got.float().cpu() - want).norm() / want.norm()
+                assert fused_err < (1e-5 if DEVICE == "cpu" else 1e-2), (launch, fused_err)
+                if flash is not None:  # (it rounds neither the window part's output nor a merge input to bf16)
+                    assert fused_err < 1.25 * err, (launch, fused_err, err)
+        finally:
+            reconstruct.WINDOW_MERGE_LAUNCH = served
+
+
+@ON_GPU
+def test_window_merge_compiles_once_at_startup():
+    """The startup warm-up (``warm_up_window_merge``) compiles the one variant of ``_window_merge_kernel`` that every
+    later prefill step uses: token counts odd, divisible by 16, after decodes (no JIT mid-serving)."""
+    from vllm_aquakv.kernels.reconstruct import (_window_merge_kernel, split_prefills, warm_up_window_merge,
+                                                 window_attention_merge)
+
+    Hq, H, h, dtype = 24, 8, 128, torch.bfloat16
+    warm_up_window_merge(Hq, H, h, 4, 128, dtype, DEVICE)
+    variants = lambda: sum(len(c[0]) for c in _window_merge_kernel.device_caches.values())  # noqa: E731
+    compiled = variants()
+    for q_lens, seq_lens in (([16384], [16384]), ([1, 1, 300, 37], [900, 40, 300, 2085]), ([1, 4096], [77, 8192])):
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        split = split_prefills(qsl, seq_lens, DEVICE, exact=(4, 128))
+        query = torch.randn(qsl[-1], Hq, h, dtype=dtype, device=DEVICE)
+        q = query[split.decode_tokens:]
+        k, v = split.scratch(H, h, dtype, DEVICE)
+        lse = torch.randn(Hq, q.shape[0], device=DEVICE)
+        out = torch.empty_like(query)
+        window_attention_merge(q, k, v, split, h ** -0.5, 128, torch.randn_like(q), lse, out[split.decode_tokens:])
+        assert variants() == compiled, (q_lens, variants(), compiled)
 
 
 @pytest.mark.parametrize("head_dim,heads,q_heads,page_block,grid,sinks,window", [

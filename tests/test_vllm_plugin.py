@@ -201,6 +201,13 @@ def test_refuses_missing_artifact_with_the_command(smollm2_calibrated, tmp_path)
     assert "ArtifactError: no aquakv artifact at" in root_error(log_errors(str(failed.value))), str(failed.value)
 
 
+def test_refuses_unknown_option(smollm2_calibrated):
+    """A misspelt aquakv option in --additional-config stops the start with its name instead of leaving the default."""
+    with pytest.raises(RuntimeError, match="unknown aquakv option.*aquakv_windw"):
+        run_vllm(model=smollm2_calibrated, kv_cache_dtype="aquakv", prompt_token_ids=[[1, 2, 3]], max_tokens=1,
+                 engine={"additional_config": {"aquakv_windw": False}})
+
+
 def test_refuses_artifact_of_another_model(smollm2_calibrated, tmp_path):
     from vllm_aquakv.calibration.models import make_tiny_llama
 

@@ -201,7 +201,7 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
                 md.write_stream = None
             if md.split is not None:
                 prefill_attention(query, kv_cache, md.block_table, md.seq_lens_dev, md.split, fused, self.scale, out,
-                                  md.path.flash, window, md.path.merge)
+                                  md.path.flash, window, md.path.merge, md.path.fused_window_prefill)
             return output
         out = md.path.attend(index, query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
                              compat.step_scratch(StepState), key[:n], value[:n])

@@ -32,9 +32,22 @@ def _logger():
     return init_logger("vllm.aquakv")
 
 
+# the --additional-config keys aquakv reads (README's options table)
+OPTIONS = ("aquakv_artifact", "aquakv_no_predictor", "aquakv_kernels", "aquakv_window", "aquakv_fused_ring_step",
+           "aquakv_flash_prefill", "aquakv_int8_scores", "aquakv_cuda_decode", "aquakv_decode_graphs",
+           "aquakv_overlap_write", "aquakv_ring_beside", "aquakv_fused_window_prefill")
+
+
 def _additional(vllm_config) -> dict:
+    """vLLM's --additional-config; an ``aquakv_`` key aquakv does not read is refused (a typo would otherwise leave
+    the default silently in place)."""
     extra = getattr(vllm_config, "additional_config", None) or {}
-    return extra if isinstance(extra, dict) else {}
+    extra = extra if isinstance(extra, dict) else {}
+    unknown = sorted(k for k in extra if str(k).startswith("aquakv_") and k not in OPTIONS)
+    if unknown:
+        raise UnsupportedModel(f"unknown aquakv option(s) in --additional-config: {', '.join(unknown)}; aquakv reads "
+                               f"{', '.join(OPTIONS)} (README: Options)")
+    return extra
 
 
 class ServingState:
@@ -172,6 +185,20 @@ class ServingState:
         if self.path.ring_beside:
             self.kernel_note += ("; small decode steps read the 16-bit ring beside their codes launch on a second "
                                  "CUDA stream (aquakv_ring_beside)")
+        # prefills with the window: its attention and the LSE merge in one Triton launch (kernels/reconstruct.py
+        # window_attention_merge) instead of FlashAttention's sliding-window call + vLLM's merge kernel
+        self.path.fused_window_prefill = bool(on_cuda and self.path.fused and self.path.flash is not None
+                                              and self.path.exact is not None and self.path.exact.window > 0
+                                              and extra.get("aquakv_fused_window_prefill", True))
+        if self.path.fused_window_prefill:
+            from .kernels.attention import compiled_variants
+            from .kernels.reconstruct import warm_up_window_merge
+
+            warm_up_window_merge(text_cfg.num_attention_heads // tp, num_kv_heads, head_dim, self.path.exact.sinks,
+                                 self.path.exact.window, self.model_dtype, device)
+            self.compiled_at_startup = compiled_variants()
+            self.kernel_note += ("; prefills read the 16-bit window and merge it in one Triton launch "
+                                 "(aquakv_fused_window_prefill)")
         self._log()
 
     def _torch_path_attention(self) -> None:

@@ -125,6 +125,8 @@ class TorchServingPath:
         self.cuda_decode = False  # fused decode steps of u1n4 codes run the CUDA codes loop (``aquakv_cuda_decode``)
         self.overlap_write = False  # fused decode steps with the window write beside attention (``aquakv_overlap_write``)
         self.ring_beside = False  # small fused decodes read the ring beside their codes (``aquakv_ring_beside``)
+        # fused prefills with the window: its part and the merge in one Triton launch (``aquakv_fused_window_prefill``)
+        self.fused_window_prefill = False
         self.slice_tokens: int | None = None  # context tokens per slice of ``attend``'s reconstruction (None: by device)
         self.exact = None  # window.ExactTokens: 16-bit sinks + recent window (aquakv_window; runtime sets the default)
         # compat.flash_attention's function: prefill steps of the fused kernels, and every step of this path, attend

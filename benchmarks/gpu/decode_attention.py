@@ -236,6 +236,8 @@ def peak_bandwidth() -> tuple[str, float]:
 
 # the command line's options that the helpers read (main() replaces the defaults)
 OPTIONS = argparse.Namespace(graphs=False, profile=False)
+# window_attention_merge launches timed besides the served one (queries per program, keys per step, warps)
+WINDOW_MERGE_LAUNCHES = [(32, 64, 8), (32, 32, 8), (16, 32, 8), (16, 32, 4), (16, 16, 4), (8, 32, 4)]
 PREFILL_KERNEL_US: dict[int, dict[str, float]] = {}  # --profile: the window's prefill, GPU us per call per kernel
 
 
@@ -548,11 +550,20 @@ def prefill_overhead(setups, best, n: int) -> dict:
                                                    D ** -0.5, o, flash, win, merge)
         out["aquakv prefill attention with sinks/window: reconstruct + 2 FlashAttention + merge"] = bench(
             window_prefill)
-        out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge"] = bench(
-            lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused, D ** -0.5, o, flash, win, merge,
-                                      fused_window=True))
+        from vllm_aquakv.kernels import reconstruct as rc
+
+        fused_window_prefill = lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused,  # noqa: E731
+                                                         D ** -0.5, o, flash, win, merge, fused_window=True)
+        served = rc.WINDOW_MERGE_LAUNCH  # (queries per program, keys per step, warps), read at each call
+        for launch in [served] + [x for x in WINDOW_MERGE_LAUNCHES if x != served]:
+            rc.WINDOW_MERGE_LAUNCH = launch
+            out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge"
+                + ("" if launch == served else f", launch {launch}")] = bench(fused_window_prefill)
+        rc.WINDOW_MERGE_LAUNCH = served
         if OPTIONS.profile:  # where the window's prefill time goes, per GPU kernel (also in the JSON)
             PREFILL_KERNEL_US[n] = dict(sorted(kernel_us(window_prefill, 5).items(), key=lambda kv: -kv[1]))
+            PREFILL_KERNEL_US[n].update({f"fused window/merge: {k}": us for k, us in sorted(
+                kernel_us(fused_window_prefill, 5).items(), key=lambda kv: -kv[1])})
             print(f"window prefill, {n} tokens, us per call:", flush=True)
             for name, us in PREFILL_KERNEL_US[n].items():
                 print(f"  {us:9.1f}  {name[:150]}", flush=True)

@@ -10,7 +10,7 @@ the 3 short prompts only).  Run on the device machine (see
 benchmarks/gpu/README.md):
 
     python3 benchmarks/gpu/plugin_smoke.py $OUT [--short | --parity] [--fp32-model] [--profile] [--graphs]
-        [--decode-graphs | --overlap-write | --cuda-decode | --ring-beside] [--model DIR]
+        [--decode-graphs | --overlap-write | --cuda-decode | --ring-beside | --fused-window] [--model DIR]
 
 ``--parity``: the three short prompts through the fused kernels and the torch path only (no auto run).
 ``--from-json RUN.json --machine NAME --versions-from RESULTS.json``: rebuild the results table of an earlier run.
@@ -28,6 +28,10 @@ pass after the codes launch and beside it (``aquakv_ring_beside``): the same ari
 ``--cuda-decode`` runs aquakv (FULL decode graphs) with the decode codes loop in Triton and in CUDA
 (``aquakv_cuda_decode``, kernels/decode_codes.cu; steps of >= 16 requests): other arithmetic order (fp16 mma), so
 near-equal tokens and logprobs.
+``--fused-window`` runs aquakv (FULL decode graphs, 3 short prompts + 16 of 2,048 tokens) with the 16-bit window's
+prefill part through FlashAttention's sliding-window call + vLLM's merge kernel and through one Triton launch
+(``aquakv_fused_window_prefill``, kernels/reconstruct.py window_attention_merge): other summation order, so near-equal
+tokens and logprobs.
 """
 
 import argparse
@@ -96,6 +100,14 @@ def main(args):
                 "aquakv-ring-beside": ("aquakv", {**graphs, "additional_config": {"aquakv_ring_beside": True}})}
         pair = ("the ring's decode pass beside the codes launch vs after it", "aquakv-ring-beside",
                 "aquakv-ring-after")
+    if args.fused_window:  # prefill chunks of 200-2,048 tokens with the window, both ways
+        batch = batch[:16]
+        runs = {"aquakv-window-flash": ("aquakv", {**graphs, "additional_config": {
+                    "aquakv_fused_window_prefill": False}}),
+                "aquakv-window-fused": ("aquakv", {**graphs, "additional_config": {
+                    "aquakv_fused_window_prefill": True}})}
+        pair = ("the window's prefill in one Triton launch vs FlashAttention + merge", "aquakv-window-fused",
+                "aquakv-window-flash")
     if args.profile:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
         runs = {k: (d, {**e, "enable_prefix_caching": False}) for k, (d, e) in runs.items() if k != "aquakv-torch-path"}
     if args.parity:  # greedy tokens and prompt logprobs: fused kernels vs the torch path only
@@ -165,6 +177,10 @@ PAIR_RUNS = {  # what the two runs of a pair are, for the table's caption
     "the ring's decode pass beside the codes launch vs after it": "aquakv-ring-after: the 16-bit ring's decode pass "
         "after the codes launch (`aquakv_ring_beside` false); aquakv-ring-beside: on a second stream beside it "
         "(default; decode steps whose codes launch does not fill the GPU: here 3 short prompts + 16 of 2,048 tokens).",
+    "the window's prefill in one Triton launch vs FlashAttention + merge": "aquakv-window-flash: the 16-bit window's "
+        "prefill part through FlashAttention's sliding-window call + vLLM's merge kernel "
+        "(`aquakv_fused_window_prefill` false); aquakv-window-fused: in one Triton launch (default; "
+        "kernels/reconstruct.py window_attention_merge).",
     "decode codes loop in CUDA vs Triton": "aquakv-triton-decode: the decode codes loop in Triton "
                                            "(`aquakv_cuda_decode` false); aquakv-cuda-decode: in CUDA (true, the "
                                            "default on sm_90 since 2026-12-06; steps of >= 16 requests).",
@@ -238,7 +254,7 @@ def parse_args():
     ap.add_argument("out_dir", nargs="?", default="/tmp/out")
     ap.add_argument("--model", default=None, help="an existing Llama-3.2-3B-shaped model folder instead of a new one")
     for flag in ("--short", "--parity", "--fp32-model", "--profile", "--graphs", "--decode-graphs", "--overlap-write",
-                 "--cuda-decode", "--ring-beside"):
+                 "--cuda-decode", "--ring-beside", "--fused-window"):
         ap.add_argument(flag, action="store_true")
     ap.add_argument("--from-json", default=None, help="rebuild the table of this earlier run (runs nothing)")
     ap.add_argument("--machine", default=None, help="with --from-json: the GPU the run was on")

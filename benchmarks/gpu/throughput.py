@@ -76,6 +76,10 @@ AQUAKV_PRESETS = {
     # the window with the decode codes loop in CUDA (kernels/decode_codes.cu) named explicitly: the default on sm_90
     # since those runs (the name they used)
     "aquakv-window-cuda-decode": ("--preset speed", {"aquakv_window": True, "aquakv_cuda_decode": True}),
+    # the window's prefill part through FlashAttention's sliding-window call + vLLM's merge kernel
+    # (aquakv_fused_window_prefill false: the default before 2026-12-07), and in one Triton launch named explicitly
+    "aquakv-window-flash-merge": ("--preset speed", {"aquakv_window": True, "aquakv_fused_window_prefill": False}),
+    "aquakv-window-fused-merge": ("--preset speed", {"aquakv_window": True, "aquakv_fused_window_prefill": True}),
     # the speed preset before 2026-12-02: d2n16 codes through nibble lookup tables
     "aquakv-d2n16": ("--preset speed --key-grid d2n16 --value-grid d2n16 --layer0 d2n16", {"aquakv_window": False}),
 }
@@ -88,7 +92,8 @@ AQUAKV_PRESETS = {
 NEUTRAL_CWD = "/tmp"
 ARTIFACT_OF = {"aquakv-window-int8": "aquakv-window", "aquakv-window-serial": "aquakv-window",
                "aquakv-window-fused-step": "aquakv-window", "aquakv-window-torch-step": "aquakv-window",
-               "aquakv-window-triton-decode": "aquakv-window", "aquakv-window-cuda-decode": "aquakv-window"}
+               "aquakv-window-triton-decode": "aquakv-window", "aquakv-window-cuda-decode": "aquakv-window",
+               "aquakv-window-flash-merge": "aquakv-window", "aquakv-window-fused-merge": "aquakv-window"}
 
 
 def ensure_artifact(model: str, fmt: str = "aquakv") -> tuple[str, float]:
