@@ -31,7 +31,7 @@ near-equal tokens and logprobs.
 ``--fused-window`` runs aquakv (FULL decode graphs, 3 short prompts + 16 of 2,048 tokens) with the 16-bit window's
 prefill part through FlashAttention's sliding-window call + vLLM's merge kernel and through one Triton launch
 (``aquakv_fused_window_prefill``, kernels/reconstruct.py window_attention_merge): other summation order, so near-equal
-tokens and logprobs.
+tokens and logprobs; both are also compared with the torch path on the 3 short prompts.
 """
 
 import argparse
@@ -100,12 +100,14 @@ def main(args):
                 "aquakv-ring-beside": ("aquakv", {**graphs, "additional_config": {"aquakv_ring_beside": True}})}
         pair = ("the ring's decode pass beside the codes launch vs after it", "aquakv-ring-beside",
                 "aquakv-ring-after")
-    if args.fused_window:  # prefill chunks of 200-2,048 tokens with the window, both ways
+    if args.fused_window:  # prefill chunks of 200-2,048 tokens with the window, both ways, and the torch path (the
+        # three short prompts) as the reference both are compared with
         batch = batch[:16]
         runs = {"aquakv-window-flash": ("aquakv", {**graphs, "additional_config": {
                     "aquakv_fused_window_prefill": False}}),
                 "aquakv-window-fused": ("aquakv", {**graphs, "additional_config": {
-                    "aquakv_fused_window_prefill": True}})}
+                    "aquakv_fused_window_prefill": True}}),
+                "aquakv-torch-path": runs["aquakv-torch-path"]}
         pair = ("the window's prefill in one Triton launch vs FlashAttention + merge", "aquakv-window-fused",
                 "aquakv-window-flash")
     if args.profile:  # where the end-to-end time goes: aquakv vs auto, prefix caching off
@@ -145,6 +147,13 @@ def main(args):
                                                                                                 a["outputs"]),
                           "prompt_logprob_mean_abs_diff": mean_abs(b["prompt_logprobs"], a["prompt_logprobs"]),
                           "generate_s": [b["generate_seconds"], a["generate_seconds"]]}
+        torch_path = result["runs"].get("aquakv-torch-path")
+        if torch_path is not None:  # each run of the pair against the torch path, on the three short prompts
+            result["pair"]["vs_torch_path"] = {
+                name: {"first_divergence": first_divergence(result["runs"][name]["outputs"], torch_path["outputs"]),
+                       "prompt_logprob_mean_abs_diff": mean_abs(result["runs"][name]["prompt_logprobs"][:3],
+                                                                torch_path["prompt_logprobs"][:3])}
+                for name in pair[1:]}
         finish(out_dir, result)
         return
     if args.graphs:
@@ -180,7 +189,8 @@ PAIR_RUNS = {  # what the two runs of a pair are, for the table's caption
     "the window's prefill in one Triton launch vs FlashAttention + merge": "aquakv-window-flash: the 16-bit window's "
         "prefill part through FlashAttention's sliding-window call + vLLM's merge kernel "
         "(`aquakv_fused_window_prefill` false); aquakv-window-fused: in one Triton launch (default; "
-        "kernels/reconstruct.py window_attention_merge).",
+        "kernels/reconstruct.py window_attention_merge); aquakv-torch-path (where run: the 3 short prompts, eager): "
+        "the reference both are compared with.",
     "decode codes loop in CUDA vs Triton": "aquakv-triton-decode: the decode codes loop in Triton "
                                            "(`aquakv_cuda_decode` false); aquakv-cuda-decode: in CUDA (true, the "
                                            "default on sm_90 since 2026-12-06; steps of >= 16 requests).",
@@ -218,6 +228,9 @@ def finish(out_dir: str, result: dict, **extra) -> None:
         md += [f"\n{pair['label'][0].upper() + pair['label'][1:]}: first differing generated token per short prompt "
                f"{pair['first_divergence']} (64 = none), prompt logprobs mean abs diff "
                f"{pair['prompt_logprob_mean_abs_diff']:.4f} nats."]
+        md += [f"Against the torch path (3 short prompts), {name}: first differing generated token "
+               f"{v['first_divergence']}, prompt logprobs mean abs diff {v['prompt_logprob_mean_abs_diff']:.4f} nats."
+               for name, v in pair.get("vs_torch_path", {}).items()]
         write_results(path, "plugin_smoke", result["model"], rows, "\n".join(md), **extra)
         return
     diverge = result.get("fused_vs_torch_path_first_divergence")
