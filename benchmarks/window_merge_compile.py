@@ -1,7 +1,7 @@
 """Offline sm_90a build of ``kernels/reconstruct.py``'s ``_window_merge_kernel`` for each launch (queries per program,
 keys per step, warps): registers, spills and shared memory per program from ptxas, on a machine without a GPU.
 
-    python benchmarks/window_merge_compile.py [--group 3] [--launches 16x32x4,32x64x8]
+    python benchmarks/window_merge_compile.py [--group 3] [--launches 16x32x4,32x64x8]  (served launch first)
 
 Pointers and strides are marked divisible by 16, as Triton specializes them at run time (the LSE's strides are not
 specialized: ``do_not_specialize``); without those hints every load compiles scalar and the counts are wrong.
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from vllm_aquakv.kernels.reconstruct import WINDOW_BLOCK_M, WINDOW_MERGE_LAUNCH, _window_merge_kernel
+from vllm_aquakv.kernels.reconstruct import WINDOW_BLOCK_M, _window_merge_kernel, window_merge_launch
 
 POINTERS = ("q_ptr", "k_ptr", "v_ptr", "oc_ptr", "lc_ptr", "out_ptr", "blocks_ptr", "cu_q_ptr", "cu_k_ptr",
             "seq_k_ptr")
@@ -62,13 +62,14 @@ def build(group: int, block_m: int, block_n: int, warps: int, window: int = 128,
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--group", type=int, default=3, help="query heads per KV head (Llama-3.2-3B: 3)")
-    ap.add_argument("--launches", default="16x32x4,32x64x8,32x32x8,16x32x8,16x16x4,8x32x4",
-                    help="queries x keys x warps per program, comma-separated")
+    ap.add_argument("--launches", default=None, help="queries x keys x warps per program, comma-separated (default: "
+                    "the served launch for the group, then 32x64x8,32x32x8,16x32x8,16x16x4,8x32x4)")
     args = ap.parse_args()
-    print(f"_window_merge_kernel, sm_90a, G={args.group}, head_dim 128, window 128 (served launch: "
-          f"{'x'.join(map(str, WINDOW_MERGE_LAUNCH))})")
+    served = "x".join(map(str, window_merge_launch(args.group)))
+    launches = args.launches or ",".join(dict.fromkeys([served, "32x64x8", "32x32x8", "16x32x8", "16x16x4", "8x32x4"]))
+    print(f"_window_merge_kernel, sm_90a, G={args.group}, head_dim 128, window 128 (served launch: {served})")
     print("| launch | registers | spill stores (bytes) | shared memory (KiB) |\n| --- | --- | --- | --- |")
-    for launch in args.launches.split(","):
+    for launch in launches.split(","):
         block_m, block_n, warps = map(int, launch.split("x"))
         r = build(args.group, block_m, block_n, warps)
         print(f"| {launch} | {r['registers']} | {r['spill_store_bytes']} | {r['shared_bytes'] / 1024:.0f} |",

@@ -358,8 +358,19 @@ def _on_device(fields: list[list[int]], dtype: torch.dtype, device) -> list[torc
 
 LOG2E_C = tl.constexpr(LOG2E)  # (in kernels)
 WINDOW_BLOCK_M = 32  # queries per block of ``PrefillSplit.window_blocks`` (host side)
-# (queries per program, keys per step, warps) of ``_window_merge_kernel``: a program takes part of a block
-WINDOW_MERGE_LAUNCH = (16, 32, 4)
+# rows per program of ``_window_merge_kernel`` (its queries x the group's query heads, padded to a power of two)
+WINDOW_MERGE_ROWS = 64
+WINDOW_MERGE_LAUNCH = None  # (queries per program, keys per step, warps) for every group; None: window_merge_launch
+
+
+def window_merge_launch(group: int) -> tuple[int, int, int]:
+    """The served launch of ``_window_merge_kernel`` for ``group`` query heads per KV head: (queries per program, a
+    part of a WINDOW_BLOCK_M-query block, filling WINDOW_MERGE_ROWS rows; 32 keys per step; 4 warps).  H100, group 3:
+    0.878 vs 0.916 ms per layer at 8k for FlashAttention + merge, larger programs slower
+    (prefill_attention_h100_window_merge_launch.md); 16 queries for group 8 (128 rows) spill registers offline
+    (benchmarks/window_merge_compile.py)."""
+    queries = WINDOW_MERGE_ROWS // triton.next_power_of_2(group)
+    return max(1, min(WINDOW_BLOCK_M, queries)), 32, 4
 
 
 # (the LSE's strides follow the step's token count: specialized, a count divisible by 16 would compile another variant
@@ -430,12 +441,12 @@ def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     the keys (p - window, p] of the 16-bit rows k, v [total_k, H, h] merged with the codes part (o_codes [N, Hq, h],
     natural-log LSE [Hq, N]).  Its twin: FlashAttention's window call (``flash_twin``) + ``merge_partials``.
     ``launch``: (queries per program, a power of two dividing WINDOW_BLOCK_M; keys per step; warps), default
-    WINDOW_MERGE_LAUNCH (read at each call)."""
-    block_m, block_n, warps = launch or WINDOW_MERGE_LAUNCH
-    if WINDOW_BLOCK_M % block_m:
-        raise ValueError(f"queries per program must divide WINDOW_BLOCK_M={WINDOW_BLOCK_M}, got {block_m}")
+    WINDOW_MERGE_LAUNCH (read at each call), else ``window_merge_launch``'s for the group."""
     heads, h = k.shape[1:]
     group = q.shape[1] // heads
+    block_m, block_n, warps = launch or WINDOW_MERGE_LAUNCH or window_merge_launch(group)
+    if WINDOW_BLOCK_M % block_m:
+        raise ValueError(f"queries per program must divide WINDOW_BLOCK_M={WINDOW_BLOCK_M}, got {block_m}")
     if split.window_blocks is None:
         raise ValueError("the window's fused merge needs a split made with exact=(sinks, window) (split_prefills)")
     if h & (h - 1) or h < 16:

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import os
+import sys
 
 import pytest
 import torch
@@ -538,6 +539,7 @@ def test_cache_write_stores_the_ring(heads, head_dim, sinks, window, rng):
     (64, 2, 6, 16, "d2n16", 4, 24),  # a prefill chunk longer than the window overwrites ring columns
     (64, 1, 4, 32, "d1n16", 0, 40),
     (64, 2, 6, 16, "d2n16", 3, 0),  # sinks only
+    (64, 1, 8, 16, "d2n16", 2, 24),  # GQA 8:1 (the window's prefill kernel takes 8 queries per program)
     pytest.param(128, 8, 24, 16, "d2n16", 4, 128, marks=ON_GPU),
     pytest.param(128, 8, 32, 64, "d1n4", 4, 128, marks=ON_GPU),
 ])
@@ -678,6 +680,28 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
                     assert fused_err < 1.25 * err, (launch, fused_err, err)
         finally:
             reconstruct.WINDOW_MERGE_LAUNCH = served
+
+
+def test_window_merge_served_launch_builds_for_hopper_without_spills():
+    """The served launch of ``_window_merge_kernel`` (``window_merge_launch``) builds for sm_90a offline (this Triton,
+    its ptxas) without register spills and within an H100 SM's shared memory, for GQA groups 1, 3, 4 and 8 (16
+    queries per program spill at group 8); the first build ran one block per SM on the GPU and was slower
+    (prefill_attention_h100_fused_window.md)."""
+    import subprocess
+
+    from vllm_aquakv.kernels.reconstruct import window_merge_launch
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "window_merge_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (a compiled build, not the interpreter)
+    for group in (1, 3, 4, 8):
+        launch = "x".join(map(str, window_merge_launch(group)))
+        out = subprocess.run([sys.executable, script, "--group", str(group), "--launches", launch], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        row = next(line for line in out.splitlines() if line.startswith(f"| {launch} |"))
+        registers, spills, shared_kib = (float(x) for x in row.strip("| ").split(" | ")[1:])
+        assert spills == 0 and registers <= 255, (group, row)
+        assert shared_kib <= 227, (group, row)
 
 
 @ON_GPU
