@@ -55,8 +55,13 @@ def test_kivi_matches_float64(rng):
         lo = g.amin(dim, keepdim=True).half().double()
         hi = g.amax(dim, keepdim=True).half().double()
         scale = (hi - lo) / 3
-        want = (((g - lo) / scale).round().clamp(0, 3) * scale + lo).reshape(x.shape)
-        assert torch.allclose(got.double(), want, atol=1e-4)
+        u = (g - lo) / scale  # each value's position on the 4-level grid
+        level = lambda n: (n.clamp(0, 3) * scale + lo).reshape(x.shape)  # noqa: E731
+        close = lambda want: (got.double() - want).abs() <= 1e-4  # noqa: E731
+        # a position within 1e-4 of a half step may round either way in float32 (15 of 3,000 seeds did)
+        tie = ((u - u.floor() - 0.5).abs() < 1e-4).reshape(x.shape)
+        ok = close(level(u.round())) | (tie & (close(level(u.floor())) | close(level(u.ceil()))))
+        assert ok.all() and tie.float().mean() < 0.01, (~ok).sum()
         assert len(torch.unique(got[:, 0, 0] if stream == "k" else got[0, 0])) <= 4 * (2 if stream == "k" else 1)
 
 
