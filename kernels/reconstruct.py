@@ -373,6 +373,18 @@ def window_merge_launch(group: int) -> tuple[int, int, int]:
     return max(1, min(WINDOW_BLOCK_M, queries)), 32, 4
 
 
+def window_merge_meta(group: int, window: int, head_dim: int, launch: tuple[int, int, int], dot_dtype) -> dict:
+    """``_window_merge_kernel``'s constexprs and ``num_warps`` for ``launch`` (queries per program, a power of two
+    dividing WINDOW_BLOCK_M; keys per step; warps): what ``window_attention_merge`` launches and
+    benchmarks/window_merge_compile.py builds offline."""
+    block_m, block_n, warps = launch
+    if WINDOW_BLOCK_M % block_m:
+        raise ValueError(f"queries per program must divide WINDOW_BLOCK_M={WINDOW_BLOCK_M}, got {block_m}")
+    return dict(G=group, WINDOW=window, SUB=WINDOW_BLOCK_M // block_m, BLOCK_M=block_m, BLOCK_N=block_n,
+                ROWS=max(16, triton.next_power_of_2(block_m * group)), HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype,
+                num_warps=warps)
+
+
 # (the LSE's strides follow the step's token count: specialized, a count divisible by 16 would compile another variant
 # mid-serving, after warm_up_window_merge's)
 @triton.jit(do_not_specialize=["stride_ln", "stride_lh"])
@@ -440,27 +452,21 @@ def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     """``attend_rows``' window part and merge in one launch: out [N, Hq, h] = the split's queries q [N, Hq, h] over
     the keys (p - window, p] of the 16-bit rows k, v [total_k, H, h] merged with the codes part (o_codes [N, Hq, h],
     natural-log LSE [Hq, N]).  Its twin: FlashAttention's window call (``flash_twin``) + ``merge_partials``.
-    ``launch``: (queries per program, a power of two dividing WINDOW_BLOCK_M; keys per step; warps), default
-    WINDOW_MERGE_LAUNCH (read at each call), else ``window_merge_launch``'s for the group."""
+    ``launch`` (``window_merge_meta``): default WINDOW_MERGE_LAUNCH (read at each call), else
+    ``window_merge_launch``'s for the group."""
     heads, h = k.shape[1:]
     group = q.shape[1] // heads
-    block_m, block_n, warps = launch or WINDOW_MERGE_LAUNCH or window_merge_launch(group)
-    if WINDOW_BLOCK_M % block_m:
-        raise ValueError(f"queries per program must divide WINDOW_BLOCK_M={WINDOW_BLOCK_M}, got {block_m}")
+    interpret = q.device.type != "cuda"
+    meta = window_merge_meta(group, window, h, launch or WINDOW_MERGE_LAUNCH or window_merge_launch(group),
+                             tl.float32 if interpret else tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
     if split.window_blocks is None:
         raise ValueError("the window's fused merge needs a split made with exact=(sinks, window) (split_prefills)")
     if h & (h - 1) or h < 16:
         raise ValueError(f"the window's fused merge needs a power-of-two head_dim >= 16, got {h}")
-    interpret = q.device.type != "cuda"
-    sub = WINDOW_BLOCK_M // block_m
-    _window_merge_kernel[(split.window_blocks.shape[0] * sub, heads)](
+    _window_merge_kernel[(split.window_blocks.shape[0] * meta["SUB"], heads)](
         q, k, v, o_codes, lse_codes, out, split.window_blocks, split.cu_q, split.cu_k, split.seq_k, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o_codes.stride(0), o_codes.stride(1),
-        lse_codes.stride(1), lse_codes.stride(0), out.stride(0), out.stride(1),
-        G=group, WINDOW=window, SUB=sub, BLOCK_M=block_m, BLOCK_N=block_n,
-        ROWS=max(16, triton.next_power_of_2(block_m * group)), HEAD_DIM=h,
-        DOT_DTYPE=tl.float32 if interpret else tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
-        num_warps=warps,
+        lse_codes.stride(1), lse_codes.stride(0), out.stride(0), out.stride(1), **meta,
     )
 
 

@@ -554,7 +554,7 @@ def prefill_overhead(setups, best, n: int) -> dict:
 
         fused_window_prefill = lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused,  # noqa: E731
                                                          D ** -0.5, o, flash, win, merge, fused_window=True)
-        served = rc.WINDOW_MERGE_LAUNCH  # (queries per program, keys per step, warps), read at each call
+        served = rc.WINDOW_MERGE_LAUNCH  # None: window_merge_launch's for the group (an override, read at each call)
         for launch in [served] + [x for x in WINDOW_MERGE_LAUNCHES if x != served]:
             rc.WINDOW_MERGE_LAUNCH = launch
             out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge"
