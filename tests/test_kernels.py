@@ -725,7 +725,10 @@ def test_window_merge_compiles_once_at_startup():
         k, v = split.scratch(H, h, dtype, DEVICE)
         lse = torch.randn(Hq, q.shape[0], device=DEVICE)
         out = torch.empty_like(query)
-        window_attention_merge(q, k, v, split, h ** -0.5, 128, torch.randn_like(q), lse, out[split.decode_tokens:])
+        qkv = torch.randn(q.shape[0], (Hq + 2 * H) * h, dtype=dtype, device=DEVICE)  # the step's keys/values as vLLM
+        step_k, step_v = (qkv[:, a * h:(a + H) * h].view(-1, H, h) for a in (Hq, Hq + H))  # hands them: qkv views
+        window_attention_merge(q, k, v, split, h ** -0.5, 128, torch.randn_like(q), lse, out[split.decode_tokens:],
+                               step_k=step_k, step_v=step_v)
         assert variants() == compiled, (q_lens, variants(), compiled)
 
 
