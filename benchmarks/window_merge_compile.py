@@ -21,8 +21,8 @@ from vllm_aquakv.kernels.reconstruct import _window_merge_kernel, window_merge_l
 
 POINTERS = ("q_ptr", "k_ptr", "v_ptr", "sk_ptr", "sv_ptr", "oc_ptr", "lc_ptr", "out_ptr", "blocks_ptr", "cu_q_ptr",
             "cu_k_ptr", "seq_k_ptr")
-STRIDES = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_skn", "stride_skh", "stride_on", "stride_oh",
-           "stride_ln", "stride_lh", "stride_outn", "stride_outh")
+STRIDES = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_skn", "stride_skh", "stride_svn", "stride_svh",
+           "stride_on", "stride_oh", "stride_ln", "stride_lh", "stride_outn", "stride_outh")
 UNSPECIALIZED = ("stride_ln", "stride_lh")
 
 

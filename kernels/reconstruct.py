@@ -392,7 +392,8 @@ def window_merge_meta(group: int, window: int, head_dim: int, launch: tuple[int,
 @triton.jit(do_not_specialize=["stride_ln", "stride_lh"])
 def _window_merge_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, oc_ptr, lc_ptr, out_ptr, blocks_ptr, cu_q_ptr,
                          cu_k_ptr, seq_k_ptr, qk_scale, stride_qn, stride_qh, stride_kn, stride_kh, stride_skn,
-                         stride_skh, stride_on, stride_oh, stride_ln, stride_lh, stride_outn, stride_outh,
+                         stride_skh, stride_svn, stride_svh, stride_on, stride_oh, stride_ln, stride_lh, stride_outn,
+                         stride_outh,
                          G: tl.constexpr, WINDOW: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          STEP_KV: tl.constexpr):
@@ -430,9 +431,9 @@ def _window_merge_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, oc_ptr, lc_ptr, ou
         k_at, v_at = k_ptr + rows, v_ptr + rows  # [BLOCK_N, h] pointers
         if STEP_KV:
             own = (t >= context)[:, None]
-            step_rows = (q0 + t - context)[:, None] * stride_skn + kvh * stride_skh + d[None, :]
-            k_at = tl.where(own, sk_ptr + step_rows, k_at)
-            v_at = tl.where(own, sv_ptr + step_rows, v_at)
+            step_row = (q0 + t - context)[:, None]
+            k_at = tl.where(own, sk_ptr + step_row * stride_skn + kvh * stride_skh + d[None, :], k_at)
+            v_at = tl.where(own, sv_ptr + step_row * stride_svn + kvh * stride_svh + d[None, :], v_at)
         kt = tl.load(k_at, mask=(t < hi)[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, h]
         vt = tl.load(v_at, mask=(t < hi)[:, None], other=0.0).to(DOT_DTYPE)
         s = tl.dot(qv, tl.trans(kt)) * qk_scale  # [ROWS, BLOCK_N], log2 units
@@ -464,7 +465,7 @@ def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     """``attend_rows``' window part and merge in one launch: out [N, Hq, h] = the split's queries q [N, Hq, h] over
     the keys (p - window, p] of the 16-bit rows k, v [total_k, H, h] merged with the codes part (o_codes [N, Hq, h],
     natural-log LSE [Hq, N]).  Its twin: FlashAttention's window call (``flash_twin``) + ``merge_partials``.
-    ``step_k`` / ``step_v`` [N, H, h] (any strides, contiguous last dim): this step's own keys/values, one row per
+    ``step_k`` / ``step_v`` [N, H, h] (any strides, a contiguous last dim): this step's own keys/values, one row per
     query row, read for their positions instead of those rows of k, v (which then need not hold the step's copies:
     ``ExactRows.put(step=False)``, ~26 us per layer of copies at 8k tokens on the H100).  ``launch``
     (``window_merge_meta``): default WINDOW_MERGE_LAUNCH (read at each call), else ``window_merge_launch``'s."""
@@ -480,16 +481,14 @@ def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     if (step_k is None) != (step_v is None):
         raise ValueError("step_k and step_v come together")
     step = step_k is not None
-    if step and (step_k.shape != (q.shape[0], heads, h) or step_v.shape != step_k.shape
-                 or step_k.stride(-1) != 1 or step_v.stride(-1) != 1 or step_k.stride() != step_v.stride()):
-        raise ValueError(f"step_k / step_v must be [{q.shape[0]}, {heads}, {h}] with the same strides and a "
-                         f"contiguous last dim, got {tuple(step_k.shape)} {step_k.stride()} / "
-                         f"{tuple(step_v.shape)} {step_v.stride()}")
+    if step and any(x.shape != (q.shape[0], heads, h) or x.stride(-1) != 1 for x in (step_k, step_v)):
+        raise ValueError(f"step_k / step_v must be [{q.shape[0]}, {heads}, {h}] with a contiguous last dim, got "
+                         f"{tuple(step_k.shape)} {step_k.stride()} / {tuple(step_v.shape)} {step_v.stride()}")
     sk, sv = (step_k, step_v) if step else (k, v)
     _window_merge_kernel[(split.window_blocks.shape[0] * meta["SUB"], heads)](
         q, k, v, sk, sv, o_codes, lse_codes, out, split.window_blocks, split.cu_q, split.cu_k, split.seq_k,
-        scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), sk.stride(0), sk.stride(1),
-        o_codes.stride(0), o_codes.stride(1), lse_codes.stride(1), lse_codes.stride(0), out.stride(0), out.stride(1),
+        scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), sk.stride(0), sk.stride(1), sv.stride(0),
+        sv.stride(1), o_codes.stride(0), o_codes.stride(1), lse_codes.stride(1), lse_codes.stride(0), out.stride(0), out.stride(1),
         STEP_KV=step, **meta,
     )
 
