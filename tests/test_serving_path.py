@@ -453,3 +453,25 @@ def test_torch_path_memory_refusal_names_limits_that_fit():
     assert "Serve at most" not in torch_path_memory_refusal(per_token, 1, 524288, gpu, total, "DIR")  # not one
     gpu.kv_cache_memory_bytes = 8 * 2 ** 30  # what is left over is not known here
     assert torch_path_memory_refusal(per_token, 256, 8512, gpu, total, "DIR") is None
+
+
+def test_options_refuse_unknown_keys_and_non_boolean_switches():
+    """``--additional-config`` as vLLM hands it: a misspelt key, a switch given as a string (``"false"`` would read
+    as on) or a number, and an artifact path that is not a string stop the start with the key's name; booleans and
+    null (the default) pass, and keys of other plugins are left alone."""
+    from types import SimpleNamespace
+
+    from vllm_aquakv.rope import UnsupportedModel
+    from vllm_aquakv.runtime import OPTIONS, _additional
+
+    config = lambda **extra: SimpleNamespace(additional_config=extra)  # noqa: E731
+    ok = {"aquakv_window": False, "aquakv_cuda_decode": None, "aquakv_artifact": "/tmp/a", "other_plugin": "x"}
+    assert _additional(config(**ok)) == ok
+    for bad, word in (({"aquakv_windw": False}, "aquakv_windw"), ({"aquakv_window": "false"}, "aquakv_window"),
+                      ({"aquakv_fused_window_prefill": 0}, "aquakv_fused_window_prefill"),
+                      ({"aquakv_artifact": 3}, "aquakv_artifact")):
+        with pytest.raises(UnsupportedModel, match=word):
+            _additional(config(**bad))
+    for key in OPTIONS:  # every option has a type check: true / false or a string
+        with pytest.raises(UnsupportedModel, match=key):
+            _additional(config(**{key: 1.5}))

@@ -201,11 +201,16 @@ def test_refuses_missing_artifact_with_the_command(smollm2_calibrated, tmp_path)
     assert "ArtifactError: no aquakv artifact at" in root_error(log_errors(str(failed.value))), str(failed.value)
 
 
-def test_refuses_unknown_option(smollm2_calibrated):
-    """A misspelt aquakv option in --additional-config stops the start with its name instead of leaving the default."""
-    with pytest.raises(RuntimeError, match="unknown aquakv option.*aquakv_windw"):
+@pytest.mark.parametrize("options,message", [
+    ({"aquakv_windw": False}, "unknown aquakv option.*aquakv_windw"),
+    ({"aquakv_fused_window_prefill": True}, "aquakv_fused_window_prefill true needs CUDA"),
+])
+def test_refuses_unknown_or_inapplicable_option(smollm2_calibrated, options, message):
+    """A misspelt aquakv option in --additional-config stops the start with its name instead of leaving the default;
+    so does a CUDA switch set to true on this CPU server, where ignoring it would hide that it is off."""
+    with pytest.raises(RuntimeError, match=message):
         run_vllm(model=smollm2_calibrated, kv_cache_dtype="aquakv", prompt_token_ids=[[1, 2, 3]], max_tokens=1,
-                 engine={"additional_config": {"aquakv_windw": False}})
+                 engine={"additional_config": options})
 
 
 def test_refuses_artifact_of_another_model(smollm2_calibrated, tmp_path):

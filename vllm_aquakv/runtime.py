@@ -40,14 +40,28 @@ OPTIONS = ("aquakv_artifact", "aquakv_no_predictor", "aquakv_kernels", "aquakv_w
 
 def _additional(vllm_config) -> dict:
     """vLLM's --additional-config; an ``aquakv_`` key aquakv does not read is refused (a typo would otherwise leave
-    the default silently in place)."""
+    the default silently in place), and so is a switch that is not a JSON boolean (the string "false" would read as
+    on) or null (its default)."""
     extra = getattr(vllm_config, "additional_config", None) or {}
     extra = extra if isinstance(extra, dict) else {}
     unknown = sorted(k for k in extra if str(k).startswith("aquakv_") and k not in OPTIONS)
     if unknown:
         raise UnsupportedModel(f"unknown aquakv option(s) in --additional-config: {', '.join(unknown)}; aquakv reads "
                                f"{', '.join(OPTIONS)} (README: Options)")
+    for key in OPTIONS:
+        value = extra.get(key)
+        wanted = str if key == "aquakv_artifact" else bool
+        if value is not None and not isinstance(value, wanted):
+            kind = "a string" if wanted is str else "true or false"
+            raise UnsupportedModel(f"{key} in --additional-config must be JSON {kind} (or null for its default), "
+                                   f"got {value!r}")
     return extra
+
+
+def _refuse_unmet(extra: dict, key: str, applies: bool, needs: str) -> None:
+    """A switch the user set to true where it cannot apply stops the start: ignoring it would hide that it is off."""
+    if extra.get(key) is True and not applies:
+        raise UnsupportedModel(f"{key} true needs {needs}, which this server does not have; drop it (README: Options)")
 
 
 class ServingState:
@@ -169,10 +183,20 @@ class ServingState:
         # kernels' decode path has no host sync and sizes everything by the batch alone; the torch path syncs.
         # Checked on the H200: tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph (the step itself) and
         # plugin_smoke.py --decode-graphs (greedy tokens and prompt logprobs equal to PIECEWISE inside vLLM)
-        self.decode_graphs = bool(on_cuda and self.path.fused and extra.get("aquakv_decode_graphs", True))
+        fused_on_cuda = bool(on_cuda and self.path.fused)
+        fused_needs = "CUDA and the fused kernels (a post-RoPE artifact, aquakv_kernels not false)"
+        has_window = self.path.exact is not None and self.path.exact.window > 0
+        _refuse_unmet(extra, "aquakv_decode_graphs", fused_on_cuda, fused_needs)
+        _refuse_unmet(extra, "aquakv_overlap_write", fused_on_cuda and has_window, fused_needs + " with the 16-bit window")
+        _refuse_unmet(extra, "aquakv_ring_beside", fused_on_cuda and self.path.exact is not None,
+                      fused_needs + " with 16-bit sinks/window")
+        _refuse_unmet(extra, "aquakv_flash_prefill", fused_on_cuda and self.path.flash is not None,
+                      fused_needs + " and a FlashAttention this vLLM build can run for the model's dtype (16-bit)")
+        _refuse_unmet(extra, "aquakv_fused_window_prefill", fused_on_cuda and self.path.flash is not None and has_window,
+                      fused_needs + ", FlashAttention prefill (aquakv_flash_prefill) and the 16-bit window")
+        self.decode_graphs = bool(fused_on_cuda and extra.get("aquakv_decode_graphs", True))
         # decode steps with the 16-bit window: each layer's cache write on a second stream beside its attention
-        self.path.overlap_write = bool(on_cuda and self.path.fused and self.path.exact is not None
-                                       and self.path.exact.window > 0 and extra.get("aquakv_overlap_write", True))
+        self.path.overlap_write = bool(fused_on_cuda and has_window and extra.get("aquakv_overlap_write", True))
         if self.path.fused and on_cuda:
             self.kernel_note += ("; decode-only steps in FULL CUDA graphs" if self.decode_graphs else
                                  "; attention eager between PIECEWISE CUDA graphs (aquakv_decode_graphs false)")
@@ -180,15 +204,14 @@ class ServingState:
             self.kernel_note += "; decode cache writes beside attention on a second CUDA stream (aquakv_overlap_write)"
         # decode steps with the window whose codes launch does not fill the GPU: the ring's pass beside it
         # (kernels/attention.py launch_choice; false: after it, the same arithmetic)
-        self.path.ring_beside = bool(on_cuda and self.path.fused and self.path.exact is not None
+        self.path.ring_beside = bool(fused_on_cuda and self.path.exact is not None
                                      and extra.get("aquakv_ring_beside", True))
         if self.path.ring_beside:
             self.kernel_note += ("; small decode steps read the 16-bit ring beside their codes launch on a second "
                                  "CUDA stream (aquakv_ring_beside)")
         # prefills with the window: its attention and the LSE merge in one Triton launch (kernels/reconstruct.py
         # window_attention_merge) instead of FlashAttention's sliding-window call + vLLM's merge kernel
-        self.path.fused_window_prefill = bool(on_cuda and self.path.fused and self.path.flash is not None
-                                              and self.path.exact is not None and self.path.exact.window > 0
+        self.path.fused_window_prefill = bool(fused_on_cuda and self.path.flash is not None and has_window
                                               and extra.get("aquakv_fused_window_prefill", True))
         if self.path.fused_window_prefill:
             from .kernels.attention import compiled_variants
