@@ -18,8 +18,9 @@ calls over the same rows, merged by their log-sum-exps (``merge_partials``):
   first.
 - window part: the rows of positions [context - window + 1, len) then take their 16-bit copies too (the ring's, and
   the step's own keys/values), and a sliding-window call (``window_left = window - 1``) gives query p the keys
-  (p - window, p].  Served on CUDA, one Triton launch does the window part and the merge (``window_attention_merge``)
-  and reads the step's own keys/values where vLLM hands them, so only the ring's copies go into the rows.
+  (p - window, p].  Served on CUDA, one Triton launch does the window part and the merge (``window_attention_merge``;
+  with WINDOW_STEP_FROM_INPUT it reads the step's own keys/values where vLLM hands them, so only the ring's copies go
+  into the rows).
 """
 
 from __future__ import annotations
@@ -363,6 +364,10 @@ WINDOW_BLOCK_M = 32  # queries per block of ``PrefillSplit.window_blocks`` (host
 # rows per program of ``_window_merge_kernel`` (its queries x the group's query heads, padded to a power of two)
 WINDOW_MERGE_ROWS = 64
 WINDOW_MERGE_LAUNCH = None  # (queries per program, keys per step, warps) for every group; None: window_merge_launch
+# the window's fused launch reads the step's own keys/values where vLLM hands them (``window_attention_merge``
+# step_k / step_v) instead of their copies in the reconstructed rows (~26 us per layer at 8k on the H100); off until it
+# has run on a GPU (so far the CPU interpreter and an offline sm_90a build only: docs/fused-kernels.md)
+WINDOW_STEP_FROM_INPUT = False
 
 
 def window_merge_launch(group: int) -> tuple[int, int, int]:
@@ -502,7 +507,9 @@ def warm_up_window_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, sin
     q = torch.randn(n, num_q_heads, head_dim, dtype=dtype, device=device)
     k, v = split.scratch(num_kv_heads, head_dim, dtype, device)
     lse = torch.zeros(num_q_heads, n, dtype=torch.float32, device=device)
-    step_kv = torch.randn(2, n, num_kv_heads, head_dim, dtype=dtype, device=device)  # (as attend_rows: the step's own)
+    step_kv = [None, None]  # (as attend_rows: the step's own keys/values where WINDOW_STEP_FROM_INPUT)
+    if WINDOW_STEP_FROM_INPUT:
+        step_kv = torch.randn(2, n, num_kv_heads, head_dim, dtype=dtype, device=device)
     window_attention_merge(q, k, v, split, head_dim ** -0.5, window, q.clone(), lse, torch.empty_like(q),
                            step_k=step_kv[0], step_v=step_kv[1])
 
@@ -587,11 +594,14 @@ def attend_rows(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tab
         return
     o_codes, o_window = torch.empty_like(q), (None if fused_window else torch.empty_like(q))
     lse_codes = attend(o_codes, split.codes_k, return_lse=True)
-    # (the fused launch reads the step's own keys/values where vLLM hands them: only the ring's copies go into rows)
-    split.window_rows.put(k, v, window, block_table, page_block, step=not fused_window)
+    # (the fused launch may read the step's own keys/values where vLLM hands them: then only the ring's copies go
+    # into the rows)
+    from_input = fused_window and WINDOW_STEP_FROM_INPUT
+    split.window_rows.put(k, v, window, block_table, page_block, step=not from_input)
     if fused_window:  # the window part and the merge in one launch
         window_attention_merge(q, k, v, split, scale, window.window, o_codes, lse_codes, out[d:],
-                               step_k=window.key[d:], step_v=window.value[d:])
+                               step_k=window.key[d:] if from_input else None,
+                               step_v=window.value[d:] if from_input else None)
         return
     lse_window = attend(o_window, split.seq_k, window_left=window.window - 1, return_lse=True)
     (merge or merge_partials)(out[d:], o_window, lse_window, o_codes, lse_codes)
