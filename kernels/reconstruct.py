@@ -493,8 +493,8 @@ def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     _window_merge_kernel[(split.window_blocks.shape[0] * meta["SUB"], heads)](
         q, k, v, sk, sv, o_codes, lse_codes, out, split.window_blocks, split.cu_q, split.cu_k, split.seq_k,
         scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), sk.stride(0), sk.stride(1), sv.stride(0),
-        sv.stride(1), o_codes.stride(0), o_codes.stride(1), lse_codes.stride(1), lse_codes.stride(0), out.stride(0), out.stride(1),
-        STEP_KV=step, **meta,
+        sv.stride(1), o_codes.stride(0), o_codes.stride(1), lse_codes.stride(1), lse_codes.stride(0), out.stride(0),
+        out.stride(1), STEP_KV=step, **meta,
     )
 
 

@@ -668,8 +668,8 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
             err = (served_got.float().cpu() - want).norm() / want.norm()
         # the fused launch reads the step's own keys/values where vLLM hands them: here views with other strides
         n_tok = key.shape[0]
-        key_view = torch.zeros(n_tok, 3 * heads * head_dim, dtype=key.dtype, device=DEVICE)[:, heads * head_dim:]
-        key_view = key_view[:, :heads * head_dim].view(n_tok, heads, head_dim)
+        key_view = torch.zeros(n_tok, 3 * heads * head_dim, dtype=key.dtype, device=DEVICE)
+        key_view = key_view[:, heads * head_dim:2 * heads * head_dim].view(n_tok, heads, head_dim)
         value_view = torch.zeros(n_tok, heads + 1, head_dim, dtype=value.dtype, device=DEVICE)[:, 1:]
         key_view.copy_(key)
         value_view.copy_(value)

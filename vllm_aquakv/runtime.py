@@ -58,10 +58,12 @@ def _additional(vllm_config) -> dict:
     return extra
 
 
-def _refuse_unmet(extra: dict, key: str, applies: bool, needs: str) -> None:
-    """A switch the user set to true where it cannot apply stops the start: ignoring it would hide that it is off."""
+def _switch(extra: dict, key: str, applies: bool, needs: str) -> bool:
+    """Whether the switch ``key`` (default on) is on: where it cannot apply it is off, and a user who set it to true
+    there stops the start (ignoring it would hide that it is off)."""
     if extra.get(key) is True and not applies:
         raise UnsupportedModel(f"{key} true needs {needs}, which this server does not have; drop it (README: Options)")
+    return bool(applies and extra.get(key, True))
 
 
 class ServingState:
@@ -179,40 +181,37 @@ class ServingState:
                 self.kernel_note += "; " + self.path.use_residual_kernel()
             if on_cuda:
                 self._torch_path_attention()
+        fused_on_cuda = bool(on_cuda and self.path.fused)
+        fused_needs = "CUDA and the fused kernels (a post-RoPE artifact, aquakv_kernels not false)"
+        has_window = self.path.exact is not None and self.path.exact.window > 0
+        # (aquakv_flash_prefill took effect in _enable_fused_kernel: here only its refusal)
+        _switch(extra, "aquakv_flash_prefill", fused_on_cuda and self.path.flash is not None,
+                fused_needs + " and a FlashAttention this vLLM build can run for the model's dtype (16-bit)")
         # decode-only steps in vLLM's FULL CUDA graphs (AquaKVMetadataBuilder.get_cudagraph_support): the fused
         # kernels' decode path has no host sync and sizes everything by the batch alone; the torch path syncs.
         # Checked on the H200: tests/test_kernels.py::test_decode_step_replays_in_a_cuda_graph (the step itself) and
         # plugin_smoke.py --decode-graphs (greedy tokens and prompt logprobs equal to PIECEWISE inside vLLM)
-        fused_on_cuda = bool(on_cuda and self.path.fused)
-        fused_needs = "CUDA and the fused kernels (a post-RoPE artifact, aquakv_kernels not false)"
-        has_window = self.path.exact is not None and self.path.exact.window > 0
-        _refuse_unmet(extra, "aquakv_decode_graphs", fused_on_cuda, fused_needs)
-        _refuse_unmet(extra, "aquakv_overlap_write", fused_on_cuda and has_window, fused_needs + " with the 16-bit window")
-        _refuse_unmet(extra, "aquakv_ring_beside", fused_on_cuda and self.path.exact is not None,
-                      fused_needs + " with 16-bit sinks/window")
-        _refuse_unmet(extra, "aquakv_flash_prefill", fused_on_cuda and self.path.flash is not None,
-                      fused_needs + " and a FlashAttention this vLLM build can run for the model's dtype (16-bit)")
-        _refuse_unmet(extra, "aquakv_fused_window_prefill", fused_on_cuda and self.path.flash is not None and has_window,
-                      fused_needs + ", FlashAttention prefill (aquakv_flash_prefill) and the 16-bit window")
-        self.decode_graphs = bool(fused_on_cuda and extra.get("aquakv_decode_graphs", True))
+        self.decode_graphs = _switch(extra, "aquakv_decode_graphs", fused_on_cuda, fused_needs)
         # decode steps with the 16-bit window: each layer's cache write on a second stream beside its attention
-        self.path.overlap_write = bool(fused_on_cuda and has_window and extra.get("aquakv_overlap_write", True))
-        if self.path.fused and on_cuda:
+        self.path.overlap_write = _switch(extra, "aquakv_overlap_write", fused_on_cuda and has_window,
+                                          fused_needs + " with the 16-bit window")
+        if fused_on_cuda:
             self.kernel_note += ("; decode-only steps in FULL CUDA graphs" if self.decode_graphs else
                                  "; attention eager between PIECEWISE CUDA graphs (aquakv_decode_graphs false)")
         if self.path.overlap_write:
             self.kernel_note += "; decode cache writes beside attention on a second CUDA stream (aquakv_overlap_write)"
         # decode steps with the window whose codes launch does not fill the GPU: the ring's pass beside it
         # (kernels/attention.py launch_choice; false: after it, the same arithmetic)
-        self.path.ring_beside = bool(fused_on_cuda and self.path.exact is not None
-                                     and extra.get("aquakv_ring_beside", True))
+        self.path.ring_beside = _switch(extra, "aquakv_ring_beside", fused_on_cuda and self.path.exact is not None,
+                                        fused_needs + " with 16-bit sinks/window")
         if self.path.ring_beside:
             self.kernel_note += ("; small decode steps read the 16-bit ring beside their codes launch on a second "
                                  "CUDA stream (aquakv_ring_beside)")
         # prefills with the window: its attention and the LSE merge in one Triton launch (kernels/reconstruct.py
         # window_attention_merge) instead of FlashAttention's sliding-window call + vLLM's merge kernel
-        self.path.fused_window_prefill = bool(fused_on_cuda and self.path.flash is not None and has_window
-                                              and extra.get("aquakv_fused_window_prefill", True))
+        self.path.fused_window_prefill = _switch(
+            extra, "aquakv_fused_window_prefill", fused_on_cuda and self.path.flash is not None and has_window,
+            fused_needs + ", FlashAttention prefill (aquakv_flash_prefill) and the 16-bit window")
         if self.path.fused_window_prefill:
             from .kernels.attention import compiled_variants
             from .kernels.reconstruct import warm_up_window_merge
