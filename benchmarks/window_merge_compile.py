@@ -17,13 +17,12 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from vllm_aquakv.kernels.reconstruct import (WINDOW_STEP_FROM_INPUT, _window_merge_kernel, window_merge_launch,
-                                             window_merge_meta)
+from vllm_aquakv.kernels.reconstruct import _window_merge_kernel, window_merge_launch, window_merge_meta
 
-POINTERS = ("q_ptr", "k_ptr", "v_ptr", "sk_ptr", "sv_ptr", "oc_ptr", "lc_ptr", "out_ptr", "blocks_ptr", "cu_q_ptr",
-            "cu_k_ptr", "seq_k_ptr")
-STRIDES = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_skn", "stride_skh", "stride_svn", "stride_svh",
-           "stride_on", "stride_oh", "stride_ln", "stride_lh", "stride_outn", "stride_outh")
+POINTERS = ("q_ptr", "k_ptr", "v_ptr", "oc_ptr", "lc_ptr", "out_ptr", "blocks_ptr", "cu_q_ptr", "cu_k_ptr",
+            "seq_k_ptr")
+STRIDES = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_on", "stride_oh", "stride_ln", "stride_lh",
+           "stride_outn", "stride_outh")
 UNSPECIALIZED = ("stride_ln", "stride_lh")
 
 
@@ -33,13 +32,10 @@ def build(group: int, block_m: int, block_n: int, warps: int, window: int = 128,
     signature = {n: types.get(n, "*bf16") for n in POINTERS}
     signature["qk_scale"] = "fp32"
     signature.update({n: "i32" for n in STRIDES})
-    # (as served: the step's own keys/values read where vLLM hands them where WINDOW_STEP_FROM_INPUT, attend_rows)
-    constants = {**window_merge_meta(group, window, head_dim, (block_m, block_n, warps), tl.bfloat16),
-                 "STEP_KV": WINDOW_STEP_FROM_INPUT}
+    constants = window_merge_meta(group, window, head_dim, (block_m, block_n, warps), tl.bfloat16)
     warps = constants.pop("num_warps")
     signature.update({n: "constexpr" for n in constants})
-    names = _window_merge_kernel.arg_names
-    signature = {n: signature[n] for n in names}  # (the kernel's parameter order)
+    names = list(signature)
     hinted = [n for n in POINTERS + STRIDES if n not in UNSPECIALIZED]
     source = triton.compiler.ASTSource(fn=_window_merge_kernel, signature=signature,
                                        constexprs={(names.index(n),): v for n, v in constants.items()},

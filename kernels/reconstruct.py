@@ -18,9 +18,7 @@ calls over the same rows, merged by their log-sum-exps (``merge_partials``):
   first.
 - window part: the rows of positions [context - window + 1, len) then take their 16-bit copies too (the ring's, and
   the step's own keys/values), and a sliding-window call (``window_left = window - 1``) gives query p the keys
-  (p - window, p].  Served on CUDA, one Triton launch does the window part and the merge (``window_attention_merge``;
-  with WINDOW_STEP_FROM_INPUT it reads the step's own keys/values where vLLM hands them, so only the ring's copies go
-  into the rows).
+  (p - window, p].
 """
 
 from __future__ import annotations
@@ -199,11 +197,10 @@ class ExactRows:
     _ring: tuple | None = None  # (ring columns [E], entry holds its position [E, 1, 1]): the same for every layer
 
     def put(self, k: torch.Tensor, v: torch.Tensor, window: WindowInputs, block_table: torch.Tensor,
-            page: int, step: bool = True) -> None:
+            page: int) -> None:
         """Overwrite those rows of k/v [total_k, H, h] with their 16-bit copies: a ring entry where its tag is the
         slot its position lives in (pages of ``page`` tokens; else the reconstruction stays), this step's tokens
-        unless ``step`` is False (a reader that takes them from ``window.key`` / ``window.value`` itself).  The tag
-        check runs once per step (the step's first layer has written the tags by then)."""
+        always.  The tag check runs once per step (the step's first layer has written the tags by then)."""
         if self.ring_dst.numel():
             if self._ring is None:
                 col = ring_column(self.ring_pos, window.sinks, window.window)
@@ -212,7 +209,7 @@ class ExactRows:
             col, there = self._ring
             for rows, ring in ((k, window.ring_k), (v, window.ring_v)):
                 rows[self.ring_dst] = torch.where(there, ring[self.ring_req, col].to(rows.dtype), rows[self.ring_dst])
-        for dst, tok, count in (self.step_runs if step else ()):  # one slice copy per request, not an index scatter
+        for dst, tok, count in self.step_runs:  # one slice copy per request, not an index scatter
             k[dst:dst + count] = window.key[tok:tok + count]
             v[dst:dst + count] = window.value[tok:tok + count]
 
@@ -364,10 +361,6 @@ WINDOW_BLOCK_M = 32  # queries per block of ``PrefillSplit.window_blocks`` (host
 # rows per program of ``_window_merge_kernel`` (its queries x the group's query heads, padded to a power of two)
 WINDOW_MERGE_ROWS = 64
 WINDOW_MERGE_LAUNCH = None  # (queries per program, keys per step, warps) for every group; None: window_merge_launch
-# the window's fused launch reads the step's own keys/values where vLLM hands them (``window_attention_merge``
-# step_k / step_v) instead of their copies in the reconstructed rows (~26 us per layer at 8k on the H100); off until it
-# has run on a GPU (so far the CPU interpreter and an offline sm_90a build only: docs/fused-kernels.md)
-WINDOW_STEP_FROM_INPUT = False
 
 
 def window_merge_launch(group: int) -> tuple[int, int, int]:
@@ -395,19 +388,16 @@ def window_merge_meta(group: int, window: int, head_dim: int, launch: tuple[int,
 # (the LSE's strides follow the step's token count: specialized, a count divisible by 16 would compile another variant
 # mid-serving, after warm_up_window_merge's)
 @triton.jit(do_not_specialize=["stride_ln", "stride_lh"])
-def _window_merge_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, oc_ptr, lc_ptr, out_ptr, blocks_ptr, cu_q_ptr,
-                         cu_k_ptr, seq_k_ptr, qk_scale, stride_qn, stride_qh, stride_kn, stride_kh, stride_skn,
-                         stride_skh, stride_svn, stride_svh, stride_on, stride_oh, stride_ln, stride_lh, stride_outn,
-                         stride_outh,
+def _window_merge_kernel(q_ptr, k_ptr, v_ptr, oc_ptr, lc_ptr, out_ptr, blocks_ptr, cu_q_ptr, cu_k_ptr, seq_k_ptr,
+                         qk_scale, stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh, stride_ln,
+                         stride_lh, stride_outn, stride_outh,
                          G: tl.constexpr, WINDOW: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                         STEP_KV: tl.constexpr):
+                         BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """BLOCK_M queries (one of the SUB parts of a window block: program_id(0) = block * SUB + part) of one request x
     one KV head's G query heads (ROWS = BLOCK_M * G padded to a power of two): attention over the keys (p - WINDOW, p]
     of each query p from the 16-bit rows k, v [rows, H, h] (bottom-right causal alignment, as FlashAttention's window
     call), merged with the codes part's output oc and natural-log LSE lc [Hq, N] (non-finite: no keys there) into
-    out.  STEP_KV: the keys of this step's own tokens (positions >= the context) come from sk, sv [N, H, h] (row =
-    the query row of the same token) instead of k, v, which then need not hold their copies."""
+    out."""
     blk = tl.program_id(0) // SUB
     kvh = tl.program_id(1)
     r = tl.load(blocks_ptr + 2 * blk)
@@ -426,21 +416,14 @@ def _window_merge_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, oc_ptr, lc_ptr, ou
                  other=0.0).to(DOT_DTYPE)  # [ROWS, h]
     lo = tl.maximum(k_len - q_len + i0 - WINDOW + 1, 0)  # the block's first and one-past-last key
     hi = k_len - q_len + tl.minimum(i0 + BLOCK_M, q_len)
-    context = k_len - q_len  # the first key position of this step's tokens
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     for t0 in range(lo, hi, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         rows = (k0 + t)[:, None] * stride_kn + kvh * stride_kh + d[None, :]
-        k_at, v_at = k_ptr + rows, v_ptr + rows  # [BLOCK_N, h] pointers
-        if STEP_KV:
-            own = (t >= context)[:, None]
-            step_row = (q0 + t - context)[:, None]
-            k_at = tl.where(own, sk_ptr + step_row * stride_skn + kvh * stride_skh + d[None, :], k_at)
-            v_at = tl.where(own, sv_ptr + step_row * stride_svn + kvh * stride_svh + d[None, :], v_at)
-        kt = tl.load(k_at, mask=(t < hi)[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, h]
-        vt = tl.load(v_at, mask=(t < hi)[:, None], other=0.0).to(DOT_DTYPE)
+        kt = tl.load(k_ptr + rows, mask=(t < hi)[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, h]
+        vt = tl.load(v_ptr + rows, mask=(t < hi)[:, None], other=0.0).to(DOT_DTYPE)
         s = tl.dot(qv, tl.trans(kt)) * qk_scale  # [ROWS, BLOCK_N], log2 units
         seen = (t[None, :] <= p[:, None]) & (t[None, :] > p[:, None] - WINDOW) & (t[None, :] < hi)
         s = tl.where(seen, s, -1.0e30)
@@ -465,15 +448,12 @@ def _window_merge_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, oc_ptr, lc_ptr, ou
 
 def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split: PrefillSplit, scale: float,
                            window: int, o_codes: torch.Tensor, lse_codes: torch.Tensor, out: torch.Tensor,
-                           launch: tuple[int, int, int] | None = None, step_k: torch.Tensor | None = None,
-                           step_v: torch.Tensor | None = None) -> None:
+                           launch: tuple[int, int, int] | None = None) -> None:
     """``attend_rows``' window part and merge in one launch: out [N, Hq, h] = the split's queries q [N, Hq, h] over
     the keys (p - window, p] of the 16-bit rows k, v [total_k, H, h] merged with the codes part (o_codes [N, Hq, h],
     natural-log LSE [Hq, N]).  Its twin: FlashAttention's window call (``flash_twin``) + ``merge_partials``.
-    ``step_k`` / ``step_v`` [N, H, h] (any strides, a contiguous last dim): this step's own keys/values, one row per
-    query row, read for their positions instead of those rows of k, v (which then need not hold the step's copies:
-    ``ExactRows.put(step=False)``, ~26 us per layer of copies at 8k tokens on the H100).  ``launch``
-    (``window_merge_meta``): default WINDOW_MERGE_LAUNCH (read at each call), else ``window_merge_launch``'s."""
+    ``launch`` (``window_merge_meta``): default WINDOW_MERGE_LAUNCH (read at each call), else
+    ``window_merge_launch``'s for the group."""
     heads, h = k.shape[1:]
     group = q.shape[1] // heads
     interpret = q.device.type != "cuda"
@@ -483,18 +463,10 @@ def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
         raise ValueError("the window's fused merge needs a split made with exact=(sinks, window) (split_prefills)")
     if h & (h - 1) or h < 16:
         raise ValueError(f"the window's fused merge needs a power-of-two head_dim >= 16, got {h}")
-    if (step_k is None) != (step_v is None):
-        raise ValueError("step_k and step_v come together")
-    step = step_k is not None
-    if step and any(x.shape != (q.shape[0], heads, h) or x.stride(-1) != 1 for x in (step_k, step_v)):
-        raise ValueError(f"step_k / step_v must be [{q.shape[0]}, {heads}, {h}] with a contiguous last dim, got "
-                         f"{tuple(step_k.shape)} {step_k.stride()} / {tuple(step_v.shape)} {step_v.stride()}")
-    sk, sv = (step_k, step_v) if step else (k, v)
     _window_merge_kernel[(split.window_blocks.shape[0] * meta["SUB"], heads)](
-        q, k, v, sk, sv, o_codes, lse_codes, out, split.window_blocks, split.cu_q, split.cu_k, split.seq_k,
-        scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), sk.stride(0), sk.stride(1), sv.stride(0),
-        sv.stride(1), o_codes.stride(0), o_codes.stride(1), lse_codes.stride(1), lse_codes.stride(0), out.stride(0),
-        out.stride(1), STEP_KV=step, **meta,
+        q, k, v, o_codes, lse_codes, out, split.window_blocks, split.cu_q, split.cu_k, split.seq_k, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), o_codes.stride(0), o_codes.stride(1),
+        lse_codes.stride(1), lse_codes.stride(0), out.stride(0), out.stride(1), **meta,
     )
 
 
@@ -507,11 +479,7 @@ def warm_up_window_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, sin
     q = torch.randn(n, num_q_heads, head_dim, dtype=dtype, device=device)
     k, v = split.scratch(num_kv_heads, head_dim, dtype, device)
     lse = torch.zeros(num_q_heads, n, dtype=torch.float32, device=device)
-    step_kv = [None, None]  # (as attend_rows: the step's own keys/values where WINDOW_STEP_FROM_INPUT)
-    if WINDOW_STEP_FROM_INPUT:
-        step_kv = torch.randn(2, n, num_kv_heads, head_dim, dtype=dtype, device=device)
-    window_attention_merge(q, k, v, split, head_dim ** -0.5, window, q.clone(), lse, torch.empty_like(q),
-                           step_k=step_kv[0], step_v=step_kv[1])
+    window_attention_merge(q, k, v, split, head_dim ** -0.5, window, q.clone(), lse, torch.empty_like(q))
 
 
 def merge_partials(out: torch.Tensor, o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
@@ -594,14 +562,9 @@ def attend_rows(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tab
         return
     o_codes, o_window = torch.empty_like(q), (None if fused_window else torch.empty_like(q))
     lse_codes = attend(o_codes, split.codes_k, return_lse=True)
-    # (the fused launch may read the step's own keys/values where vLLM hands them: then only the ring's copies go
-    # into the rows)
-    from_input = fused_window and WINDOW_STEP_FROM_INPUT
-    split.window_rows.put(k, v, window, block_table, page_block, step=not from_input)
+    split.window_rows.put(k, v, window, block_table, page_block)
     if fused_window:  # the window part and the merge in one launch
-        window_attention_merge(q, k, v, split, scale, window.window, o_codes, lse_codes, out[d:],
-                               step_k=window.key[d:] if from_input else None,
-                               step_v=window.value[d:] if from_input else None)
+        window_attention_merge(q, k, v, split, scale, window.window, o_codes, lse_codes, out[d:])
         return
     lse_window = attend(o_window, split.seq_k, window_left=window.window - 1, return_lse=True)
     (merge or merge_partials)(out[d:], o_window, lse_window, o_codes, lse_codes)

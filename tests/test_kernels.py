@@ -666,18 +666,9 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
             prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, served_got, flash, window=win,
                               merge=compat.merge_attention_states())
             err = (served_got.float().cpu() - want).norm() / want.norm()
-        # the fused launch reads the step's own keys/values where vLLM hands them: here views with other strides
-        n_tok = key.shape[0]
-        key_view = torch.zeros(n_tok, 3 * heads * head_dim, dtype=key.dtype, device=DEVICE)
-        key_view = key_view[:, heads * head_dim:2 * heads * head_dim].view(n_tok, heads, head_dim)
-        value_view = torch.zeros(n_tok, heads + 1, head_dim, dtype=value.dtype, device=DEVICE)[:, 1:]
-        key_view.copy_(key)
-        value_view.copy_(value)
-        win = dataclasses.replace(win, key=key_view, value=value_view)
-        served, from_input = reconstruct.WINDOW_MERGE_LAUNCH, reconstruct.WINDOW_STEP_FROM_INPUT
-        try:  # (the step's own keys/values from their copies in the rows, and from vLLM's tensors)
-            for launch, reconstruct.WINDOW_STEP_FROM_INPUT in ((served, False), (served, True), ((32, 64, 4), True),
-                                                               ((8, 16, 4), False)):
+        served = reconstruct.WINDOW_MERGE_LAUNCH
+        try:
+            for launch in (served, (32, 64, 4), (8, 16, 4)):
                 reconstruct.WINDOW_MERGE_LAUNCH = launch
                 fused_got = torch.full(query.shape, float("nan"), dtype=query.dtype, device=DEVICE)
                 fused_got[:1] = got[:1]
@@ -688,7 +679,7 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
                 if flash is not None:  # (it rounds neither the window part's output nor a merge input to bf16)
                     assert fused_err < 1.25 * err, (launch, fused_err, err)
         finally:
-            reconstruct.WINDOW_MERGE_LAUNCH, reconstruct.WINDOW_STEP_FROM_INPUT = served, from_input
+            reconstruct.WINDOW_MERGE_LAUNCH = served
 
 
 def test_window_merge_served_launch_builds_for_hopper_without_spills():
@@ -717,7 +708,6 @@ def test_window_merge_served_launch_builds_for_hopper_without_spills():
 def test_window_merge_compiles_once_at_startup():
     """The startup warm-up (``warm_up_window_merge``) compiles the one variant of ``_window_merge_kernel`` that every
     later prefill step uses: token counts odd, divisible by 16, after decodes (no JIT mid-serving)."""
-    from vllm_aquakv.kernels import reconstruct
     from vllm_aquakv.kernels.reconstruct import (_window_merge_kernel, split_prefills, warm_up_window_merge,
                                                  window_attention_merge)
 
@@ -735,12 +725,7 @@ def test_window_merge_compiles_once_at_startup():
         k, v = split.scratch(H, h, dtype, DEVICE)
         lse = torch.randn(Hq, q.shape[0], device=DEVICE)
         out = torch.empty_like(query)
-        step_k = step_v = None
-        if reconstruct.WINDOW_STEP_FROM_INPUT:  # the step's keys/values as vLLM hands them: views of qkv
-            qkv = torch.randn(q.shape[0], (Hq + 2 * H) * h, dtype=dtype, device=DEVICE)
-            step_k, step_v = (qkv[:, a * h:(a + H) * h].view(-1, H, h) for a in (Hq, Hq + H))
-        window_attention_merge(q, k, v, split, h ** -0.5, 128, torch.randn_like(q), lse, out[split.decode_tokens:],
-                               step_k=step_k, step_v=step_v)
+        window_attention_merge(q, k, v, split, h ** -0.5, 128, torch.randn_like(q), lse, out[split.decode_tokens:])
         assert variants() == compiled, (q_lens, variants(), compiled)
 
 

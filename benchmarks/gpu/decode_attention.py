@@ -560,11 +560,6 @@ def prefill_overhead(setups, best, n: int) -> dict:
             out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge"
                 + ("" if launch == served else f", launch {launch}")] = bench(fused_window_prefill)
         rc.WINDOW_MERGE_LAUNCH = served
-        rc.WINDOW_STEP_FROM_INPUT = not rc.WINDOW_STEP_FROM_INPUT  # the served launch, the step's rows the other way
-        out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge, step K/V "
-            + ("from vLLM's tensors" if rc.WINDOW_STEP_FROM_INPUT else "copied into the rows")] = bench(
-            fused_window_prefill)
-        rc.WINDOW_STEP_FROM_INPUT = not rc.WINDOW_STEP_FROM_INPUT
         if OPTIONS.profile:  # where the window's prefill time goes, per GPU kernel (also in the JSON)
             PREFILL_KERNEL_US[n] = dict(sorted(kernel_us(window_prefill, 5).items(), key=lambda kv: -kv[1]))
             PREFILL_KERNEL_US[n].update({f"fused window/merge: {k}": us for k, us in sorted(
