@@ -220,14 +220,16 @@ def test_decode_programs_pad_query_heads_to_a_power_of_two(q_heads, kv_heads, ro
 
 @pytest.mark.parametrize("num_reqs,kv_heads,window,cuda,cuda_loop,want", [
     (1, 8, True, True, True, (264, True, True)),  # CUDA loop, the GPU not filled: the ring's launch beside
-    (32, 8, True, True, True, (264, True, True)),
-    (33, 8, True, True, True, (528, True, False)),  # filled: 4 blocks per SM, the ring's launch after the codes
-    (64, 8, False, True, True, (528, True, False)),
-    (66, 4, True, True, True, (528, True, False)),
-    (65, 4, True, True, True, (264, True, True)),  # (fewer KV heads: more requests before the GPU is filled)
+    (15, 8, True, True, True, (264, True, True)),
+    (16, 8, True, True, True, (528, True, True)),  # ... from RING_LAUNCH_MIN_REQUESTS: more split-K programs
+    (32, 8, True, True, True, (528, True, True)),
+    (33, 8, True, True, True, (1056, True, False)),  # filled: 8 blocks per SM, the ring's launch after the codes
+    (64, 8, False, True, True, (1056, True, False)),
+    (66, 4, True, True, True, (1056, True, False)),
+    (65, 4, True, True, True, (528, True, True)),  # (fewer KV heads: more requests before the GPU is filled)
     (8, 8, True, True, False, (264, False, False)),  # Triton loop: the ring in programs of the codes launch
     (16, 8, True, True, False, (264, True, False)),  # ... from RING_LAUNCH_MIN_REQUESTS in its own launch
-    (16, 8, False, True, True, (264, True, False)),  # (no window: no ring)
+    (16, 8, False, True, True, (528, True, False)),  # (no window: no ring)
     (64, 8, True, False, False, (1, False, False)),  # the CPU interpreter
 ])
 def test_launch_choice(num_reqs, kv_heads, window, cuda, cuda_loop, want):
