@@ -462,11 +462,14 @@ def test_options_refuse_unknown_keys_and_non_boolean_switches():
     from types import SimpleNamespace
 
     from vllm_aquakv.rope import UnsupportedModel
-    from vllm_aquakv.runtime import OPTIONS, _additional
+    from vllm_aquakv.runtime import OPTIONS, _additional, _switch
 
     config = lambda **extra: SimpleNamespace(additional_config=extra)  # noqa: E731
-    ok = {"aquakv_window": False, "aquakv_cuda_decode": None, "aquakv_artifact": "/tmp/a", "other_plugin": "x"}
-    assert _additional(config(**ok)) == ok
+    ok = {"aquakv_window": False, "aquakv_artifact": "/tmp/a", "other_plugin": "x"}
+    assert _additional(config(**ok, aquakv_cuda_decode=None)) == ok  # null: as if not given
+    for key in ("aquakv_ring_beside", "aquakv_decode_graphs", "aquakv_fused_window_prefill"):  # default-on switches
+        assert _switch(_additional(config(**{key: None})), key, True, "")
+        assert not _switch(_additional(config(**{key: False})), key, True, "")
     for bad, word in (({"aquakv_windw": False}, "aquakv_windw"), ({"aquakv_window": "false"}, "aquakv_window"),
                       ({"aquakv_fused_window_prefill": 0}, "aquakv_fused_window_prefill"),
                       ({"aquakv_artifact": 3}, "aquakv_artifact")):

@@ -41,7 +41,7 @@ OPTIONS = ("aquakv_artifact", "aquakv_no_predictor", "aquakv_kernels", "aquakv_w
 def _additional(vllm_config) -> dict:
     """vLLM's --additional-config; an ``aquakv_`` key aquakv does not read is refused (a typo would otherwise leave
     the default silently in place), and so is a switch that is not a JSON boolean (the string "false" would read as
-    on) or null (its default)."""
+    on) or null (its default: null keys are dropped here, so every reader's default applies)."""
     extra = getattr(vllm_config, "additional_config", None) or {}
     extra = extra if isinstance(extra, dict) else {}
     unknown = sorted(k for k in extra if str(k).startswith("aquakv_") and k not in OPTIONS)
@@ -55,7 +55,7 @@ def _additional(vllm_config) -> dict:
             kind = "a string" if wanted is str else "true or false"
             raise UnsupportedModel(f"{key} in --additional-config must be JSON {kind} (or null for its default), "
                                    f"got {value!r}")
-    return extra
+    return {k: v for k, v in extra.items() if not (k in OPTIONS and v is None)}
 
 
 def _switch(extra: dict, key: str, applies: bool, needs: str) -> bool:
