@@ -5,6 +5,7 @@
 #   tp      benchmarks/gpu/throughput.py --formats "$FORMATS" (GMU) smoke   benchmarks/gpu/plugin_smoke.py $SM_ARGS
 #   serve   benchmarks/gpu/serve.py --formats "$FORMATS" $SV_ARGS tps     benchmarks/torch_path_step.py $TPS_ARGS
 #   cw      benchmarks/gpu/cache_write.py $CW_ARGS         prefill  decode_attention.py --prefill-only $PF_ARGS
+# (the logs go into $OUT/logs.tar.gz where $OUT would hold more than the 8 files the device tool brings back)
 # WATCH=1: stall_dump.sh beside each stage ($OUT/stall_<stage>.txt once $OUT is idle for WATCH_IDLE s, default 40;
 # py-spy from .gpu-tools/py-spy when carried)
 # e.g. STAGE="tests tps" TESTK="torch_path_through_flash or fused_begin" bash benchmarks/gpu/device_call.sh
@@ -42,4 +43,9 @@ for s in ${STAGE:-tests decode}; do
   esac
   [ -n "$watcher" ] && kill $watcher 2>/dev/null
 done
+# the device tool brings back at most 8 files from $OUT: past that, the logs (log_*, stall_*) travel as one tarball
+if [ "$(find $OUT -type f | wc -l)" -gt 8 ]; then
+  (cd $OUT && find . -type f \( -name 'log_*' -o -name 'stall_*' \) -print0 | tar -czf logs.tar.gz --null -T - --remove-files)
+  echo "more than 8 files under \$OUT: logs packed into logs.tar.gz ($(find $OUT -type f | wc -l) files now)"
+fi
 echo "=== done $(date +%T)"
