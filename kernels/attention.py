@@ -831,17 +831,17 @@ RING_LAUNCH_MIN_REQUESTS = 16
 RING_PROGRAMS = 2
 WINDOW_DECODE_PROGRAMS = 264
 # decode steps on the CUDA codes loop (``AttentionPlan.cuda_decode``) whose (request, KV head) programs already reach
-# WINDOW_DECODE_PROGRAMS: split-K aims at CUDA_LOOP_PROGRAMS programs (33-65 requests of 8 KV heads take 3-4
-# segments, 66-131 take 2); from RING_LAUNCH_MIN_REQUESTS requests short of that at CUDA_LOOP_FEW_PROGRAMS (16
-# requests: 5 segments, 32: 3); fewer programs: the ring's own launch runs beside the codes launch on a side stream
-# (``ring_beside``), at any request count.  H100, CUDA graphs, ms with the window, this rule / the one before (528 /
-# 264 programs), in two runs each (benchmarks/results/decode_attention_h100_cuda_segments.md; the rule before served
-# and this one as variants: its _variants (32-128 requests) and _16_48 twins; the row timed first in a group came out
-# 1-5% slower in both runs, and each run timed the other rule first): 32 requests /
-# 32k 0.288, 0.287 instead of 0.341, 0.340; 48 / 32k 0.405, 0.408 instead of 0.429, 0.430; 96 / 32k 0.779, 0.776
-# instead of 0.836, 0.841; 128 / 32k 1.018, 1.025 instead of 1.036, 1.072; 16 / 32k 0.149, 0.148 instead of 0.154,
-# 0.153; 8k: 32 requests 0.093, 0.092 instead of 0.104, others within 3% either way.  Without the window 32 requests
-# came out 4-5% slower (0.269 / 0.081 instead of 0.260 / 0.078 ms at 32k / 8k)
+# WINDOW_DECODE_PROGRAMS: split-K aims at CUDA_LOOP_PROGRAMS programs (33-65 requests of 8 KV heads take 3-4 segments,
+# 66-131 take 2); from RING_LAUNCH_MIN_REQUESTS requests short of that at CUDA_LOOP_FEW_PROGRAMS (16 requests: 5
+# segments, 32: 3); fewer programs: the ring's own launch runs beside the codes launch on a side stream
+# (``ring_beside``), at any request count.  H100, CUDA graphs, ms with the window, this rule / the one before (528 / 264
+# programs), in two runs each (benchmarks/results/decode_attention_h100_cuda_segments.md; the rule before served and
+# this one as variants: its _variants (32-128 requests) and _16_48 twins; the row timed first in a group came out 1-5%
+# slower in both runs, and each run timed the other rule first): 32 requests / 32k 0.288, 0.287 instead of 0.341, 0.340;
+# 48 / 32k 0.405, 0.408 instead of 0.429, 0.430; 96 / 32k 0.779, 0.776 instead of 0.836, 0.841; 128 / 32k 1.018, 1.025
+# instead of 1.036, 1.072; 16 / 32k 0.149, 0.148 instead of 0.154, 0.153; 8k: 32 requests 0.093, 0.092 instead of 0.104,
+# others within 3% either way.  Without the window 32 requests came out 4-5% slower (0.269 / 0.081 instead of 0.260 /
+# 0.078 ms at 32k / 8k)
 CUDA_LOOP_PROGRAMS = 1056
 CUDA_LOOP_FEW_PROGRAMS = 528
 # split-K segments hold at least this many key tiles: shorter ones cost more in the combine than they save (1 request /
