@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from vllm_aquakv.kernels.reconstruct import _window_merge_kernel, window_merge_launch, window_merge_meta
+from vllm_aquakv.kernels.reconstruct import (WINDOW_BLOCK_M, _window_merge_kernel, window_merge_launch,
+                                             window_merge_meta)
 
 POINTERS = ("q_ptr", "k_ptr", "v_ptr", "oc_ptr", "lc_ptr", "out_ptr", "blocks_ptr", "cu_q_ptr", "cu_k_ptr",
             "seq_k_ptr")
@@ -32,7 +33,9 @@ def build(group: int, block_m: int, block_n: int, warps: int, window: int = 128,
     signature = {n: types.get(n, "*bf16") for n in POINTERS}
     signature["qk_scale"] = "fp32"
     signature.update({n: "i32" for n in STRIDES})
-    constants = window_merge_meta(group, window, head_dim, (block_m, block_n, warps), tl.bfloat16)
+    block = WINDOW_BLOCK_M if WINDOW_BLOCK_M % block_m == 0 else block_m  # (other queries per program: their own
+    # window blocks, split_prefills' window_block)
+    constants = window_merge_meta(group, window, head_dim, (block_m, block_n, warps), tl.bfloat16, block)
     warps = constants.pop("num_warps")
     signature.update({n: "constexpr" for n in constants})
     names = list(signature)

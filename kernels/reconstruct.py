@@ -235,8 +235,9 @@ class PrefillSplit:
     codes_k: torch.Tensor | None = None
     sink_rows: ExactRows | None = None
     window_rows: ExactRows | None = None
-    # [B, 2] int32 (split request, first query) of each WINDOW_BLOCK_M-query block (``window_attention_merge``)
+    # [B, 2] int32 (split request, first query) of each window_block-query block (``window_attention_merge``)
     window_blocks: torch.Tensor | None = None
+    window_block: int = 0  # queries per block of window_blocks (WINDOW_BLOCK_M unless split_prefills was told)
     _scratch: tuple | None = None  # (k, v) [total_k, H, h], shared by the step's layers
 
     def scratch(self, heads: int, head_dim: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,20 +261,21 @@ def prefills_need_flash(query_start_loc: list[int]) -> bool:
     return max((b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])), default=0) > FUSED_QUERY_TOKENS
 
 
-def split_prefills(query_start_loc: list[int], seq_lens: list[int], device,
-                   exact: tuple[int, int] | None = None) -> PrefillSplit | None:
+def split_prefills(query_start_loc: list[int], seq_lens: list[int], device, exact: tuple[int, int] | None = None,
+                   window_block: int | None = None) -> PrefillSplit | None:
     """The step's split, or None when the fused kernel alone is faster: every request decodes one token, or the others
     have at most FUSED_QUERY_TOKENS tokens each (e.g. the last tokens of a prompt that vLLM's token budget cut, over
     its whole context: reconstruction + FlashAttention would rebuild that context and run ~20 host-side ops per
     layer for them, benchmarks/results/serve_profile_h200_8192_256_write.md).  ``exact`` = (sinks, window): where
-    their 16-bit copies go (``ExactRows``)."""
+    their 16-bit copies go (``ExactRows``), and the window's query blocks of ``window_block`` queries (default
+    WINDOW_BLOCK_M; ``window_attention_merge``'s launch divides each into parts)."""
     if not prefills_need_flash(query_start_loc):
         return None
     q_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
     d = 0
     while q_lens[d] == 1:
         d += 1
-    return _split_from(d, query_start_loc, seq_lens, device, exact)
+    return _split_from(d, query_start_loc, seq_lens, device, exact, window_block)
 
 
 def context_rows(query_start_loc: list[int], seq_lens: list[int], device,
@@ -284,7 +286,7 @@ def context_rows(query_start_loc: list[int], seq_lens: list[int], device,
 
 
 def _split_from(d: int, query_start_loc: list[int], seq_lens: list[int], device,
-                exact: tuple[int, int] | None) -> PrefillSplit:
+                exact: tuple[int, int] | None, window_block: int | None = None) -> PrefillSplit:
     """The PrefillSplit whose reconstructed requests are d.. of the step (``split_prefills``, ``context_rows``)."""
     q_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
     rest = range(d, len(q_lens))
@@ -299,7 +301,8 @@ def _split_from(d: int, query_start_loc: list[int], seq_lens: list[int], device,
         n = (cu_k[i + 1] - cu_k[i]) // PAGE
         pages += [*range(cu_k[i] // PAGE, cu_k[i] // PAGE + n), *[0] * (max_pages - n)]
     codes_k = [] if exact is None else [max(seq_lens[r] - exact[1], 0) for r in rest]
-    blocks = [] if exact is None else [x for i, r in enumerate(rest) for q0 in range(0, q_lens[r], WINDOW_BLOCK_M)
+    window_block = window_block or WINDOW_BLOCK_M
+    blocks = [] if exact is None else [x for i, r in enumerate(rest) for q0 in range(0, q_lens[r], window_block)
                                        for x in (i, q0)]
     # every int32 field in one host tensor and one copy (built from Python lists: no torch CPU op, whose thread pool
     # cost up to 6 ms per step inside vLLM's engine, serve_profile_h200_8192_256_split.md)
@@ -309,7 +312,7 @@ def _split_from(d: int, query_start_loc: list[int], seq_lens: list[int], device,
                          max(q_lens[d:]), max_k, cu_k[-1])
     if exact is not None:
         split.codes_k = codes_k_dev
-        split.window_blocks = blocks_dev.view(-1, 2)
+        split.window_blocks, split.window_block = blocks_dev.view(-1, 2), window_block
         split.sink_rows, split.window_rows = _exact_rows(query_start_loc, seq_lens, q_lens, rest, cu_k, *exact, device)
     return split
 
@@ -373,14 +376,16 @@ def window_merge_launch(group: int) -> tuple[int, int, int]:
     return max(1, min(WINDOW_BLOCK_M, queries)), 32, 4
 
 
-def window_merge_meta(group: int, window: int, head_dim: int, launch: tuple[int, int, int], dot_dtype) -> dict:
-    """``_window_merge_kernel``'s constexprs and ``num_warps`` for ``launch`` (queries per program, a power of two
-    dividing WINDOW_BLOCK_M; keys per step; warps): what ``window_attention_merge`` launches and
+def window_merge_meta(group: int, window: int, head_dim: int, launch: tuple[int, int, int], dot_dtype,
+                      block: int = WINDOW_BLOCK_M) -> dict:
+    """``_window_merge_kernel``'s constexprs and ``num_warps`` for ``launch`` (queries per program, dividing the
+    split's ``block`` queries per window block; keys per step; warps): what ``window_attention_merge`` launches and
     benchmarks/window_merge_compile.py builds offline."""
     block_m, block_n, warps = launch
-    if WINDOW_BLOCK_M % block_m:
-        raise ValueError(f"queries per program must divide WINDOW_BLOCK_M={WINDOW_BLOCK_M}, got {block_m}")
-    return dict(G=group, WINDOW=window, SUB=WINDOW_BLOCK_M // block_m, BLOCK_M=block_m, BLOCK_N=block_n,
+    if block % block_m:
+        raise ValueError(f"queries per program must divide the split's {block} queries per window block, got "
+                         f"{block_m}")
+    return dict(G=group, WINDOW=window, SUB=block // block_m, BLOCK_M=block_m, BLOCK_N=block_n,
                 ROWS=max(16, triton.next_power_of_2(block_m * group)), HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype,
                 num_warps=warps)
 
@@ -457,10 +462,11 @@ def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     heads, h = k.shape[1:]
     group = q.shape[1] // heads
     interpret = q.device.type != "cuda"
-    meta = window_merge_meta(group, window, h, launch or WINDOW_MERGE_LAUNCH or window_merge_launch(group),
-                             tl.float32 if interpret else tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
     if split.window_blocks is None:
         raise ValueError("the window's fused merge needs a split made with exact=(sinks, window) (split_prefills)")
+    meta = window_merge_meta(group, window, h, launch or WINDOW_MERGE_LAUNCH or window_merge_launch(group),
+                             tl.float32 if interpret else tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
+                             split.window_block)
     if h & (h - 1) or h < 16:
         raise ValueError(f"the window's fused merge needs a power-of-two head_dim >= 16, got {h}")
     _window_merge_kernel[(split.window_blocks.shape[0] * meta["SUB"], heads)](

@@ -669,13 +669,15 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
                               merge=compat.merge_attention_states())
             err = (served_got.float().cpu() - want).norm() / want.norm()
         served = reconstruct.WINDOW_MERGE_LAUNCH
-        try:
-            for launch in (served, (32, 64, 4), (8, 16, 4)):
+        try:  # (21 queries per program: window blocks of 42, not a power of two; the 80-token chunk ends mid-block)
+            for launch, block in ((served, None), ((32, 64, 4), None), ((8, 16, 4), None), ((21, 32, 4), 42)):
                 reconstruct.WINDOW_MERGE_LAUNCH = launch
+                split_l = split if block is None else split_prefills(qsl, lens, DEVICE, exact=(sinks, window),
+                                                                     window_block=block)
                 fused_got = torch.full(query.shape, float("nan"), dtype=query.dtype, device=DEVICE)
                 fused_got[:1] = got[:1]
-                prefill_attention(query, kv, block_table, seq_lens, split, fused, scale, fused_got, flash or flash_twin,
-                                  window=win, fused_window=True)
+                prefill_attention(query, kv, block_table, seq_lens, split_l, fused, scale, fused_got,
+                                  flash or flash_twin, window=win, fused_window=True)
                 fused_err = (fused_got.float().cpu() - want).norm() / want.norm()
                 assert fused_err < (1e-5 if DEVICE == "cpu" else 1e-2), (launch, fused_err)
                 if flash is not None:  # (it rounds neither the window part's output nor a merge input to bf16)

@@ -238,6 +238,9 @@ def peak_bandwidth() -> tuple[str, float]:
 OPTIONS = argparse.Namespace(graphs=False, profile=False)
 # window_attention_merge launches timed besides the served one (queries per program, keys per step, warps)
 WINDOW_MERGE_LAUNCHES = [(32, 64, 8), (32, 32, 8), (16, 32, 8), (16, 32, 4), (16, 16, 4), (8, 32, 4)]
+# ... and with window blocks of another size (split_prefills' window_block): 21 queries x 3 heads fill 63 of 64 rows
+# where 16 fill 48 (Llama-3.2-3B's group of 3)
+WINDOW_MERGE_BLOCK_LAUNCHES = [((21, 32, 4), 42), ((21, 16, 4), 42), ((21, 32, 8), 42), ((42, 32, 8), 42)]
 PREFILL_KERNEL_US: dict[int, dict[str, float]] = {}  # --profile: the window's prefill, GPU us per call per kernel
 
 
@@ -559,6 +562,13 @@ def prefill_overhead(setups, best, n: int) -> dict:
             rc.WINDOW_MERGE_LAUNCH = launch
             out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge"
                 + ("" if launch == served else f", launch {launch}")] = bench(fused_window_prefill)
+        for launch, block in WINDOW_MERGE_BLOCK_LAUNCHES:
+            rc.WINDOW_MERGE_LAUNCH = launch
+            split_b = split_prefills(qsl_list, [n], "cuda", exact=(4, 128), window_block=block)
+            out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge, launch "
+                f"{launch}, window blocks of {block}"] = bench(
+                lambda: prefill_attention(q, kv, block_table, seq_lens, split_b, fused, D ** -0.5, o, flash, win,
+                                          merge, fused_window=True))  # noqa: B023 (timed before the next launch)
         rc.WINDOW_MERGE_LAUNCH = served
         if OPTIONS.profile:  # where the window's prefill time goes, per GPU kernel (also in the JSON)
             PREFILL_KERNEL_US[n] = dict(sorted(kernel_us(window_prefill, 5).items(), key=lambda kv: -kv[1]))
