@@ -360,7 +360,7 @@ def _on_device(fields: list[list[int]], dtype: torch.dtype, device) -> list[torc
 
 
 LOG2E_C = tl.constexpr(LOG2E)  # (in kernels)
-WINDOW_BLOCK_M = 32  # queries per block of ``PrefillSplit.window_blocks`` (host side)
+WINDOW_BLOCK_M = 32  # queries per block of ``PrefillSplit.window_blocks`` (host side; split_prefills' default)
 # rows per program of ``_window_merge_kernel`` (its queries x the group's query heads, padded to a power of two)
 WINDOW_MERGE_ROWS = 64
 WINDOW_MERGE_LAUNCH = None  # (queries per program, keys per step, warps) for every group; None: window_merge_launch
