@@ -686,6 +686,22 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
             reconstruct.WINDOW_MERGE_LAUNCH = served
 
 
+def test_window_merge_meta_divides_the_splits_block():
+    """A window launch's queries per program must divide the split's queries per window block (``split_prefills``'
+    ``window_block``): parts per block (SUB) from both, and a launch that does not divide is refused, not run with
+    queries left out."""
+    import triton.language as tl
+
+    from vllm_aquakv.kernels.reconstruct import WINDOW_BLOCK_M, split_prefills, window_merge_meta
+
+    assert window_merge_meta(3, 128, 128, (16, 32, 4), tl.float32)["SUB"] == WINDOW_BLOCK_M // 16
+    assert window_merge_meta(3, 128, 128, (21, 32, 4), tl.float32, 42)["SUB"] == 2
+    with pytest.raises(ValueError, match="divide"):
+        window_merge_meta(3, 128, 128, (21, 32, 4), tl.float32)  # blocks of WINDOW_BLOCK_M = 32
+    split = split_prefills([0, 1, 101], [40, 300], "cpu", exact=(4, 128), window_block=42)
+    assert split.window_block == 42 and split.window_blocks.tolist() == [[0, 0], [0, 42], [0, 84]]
+
+
 def test_window_merge_served_launch_builds_for_hopper_without_spills():
     """The served launch of ``_window_merge_kernel`` (``window_merge_launch``) builds for sm_90a offline (this Triton,
     its ptxas) without register spills and within an H100 SM's shared memory, for GQA groups 1, 3, 4 and 8 (16
