@@ -18,7 +18,8 @@ calls over the same rows, merged by their log-sum-exps (``merge_partials``):
   first.
 - window part: the rows of positions [context - window + 1, len) then take their 16-bit copies too (the ring's, and
   the step's own keys/values), and a sliding-window call (``window_left = window - 1``) gives query p the keys
-  (p - window, p].
+  (p - window, p].  Served on CUDA, one Triton launch does the window part and the merge (``window_attention_merge``,
+  ``aquakv_fused_window_prefill``).
 """
 
 from __future__ import annotations
