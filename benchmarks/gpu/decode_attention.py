@@ -561,8 +561,8 @@ def prefill_overhead(setups, best, n: int) -> dict:
             window_prefill)
         from vllm_aquakv.kernels import reconstruct as rc
 
-        fused_window_prefill = lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused,  # noqa: E731
-                                                         D ** -0.5, o, flash, win, merge, fused_window=True)
+        fused_window_prefill = lambda split=split_w: prefill_attention(  # noqa: E731
+            q, kv, block_table, seq_lens, split, fused, D ** -0.5, o, flash, win, merge, fused_window=True)
         served = rc.WINDOW_MERGE_LAUNCH  # None: window_merge_launch's for the group (an override, read at each call)
         for launch in [served] + [x for x in WINDOW_MERGE_LAUNCHES if x != served]:
             rc.WINDOW_MERGE_LAUNCH = launch
@@ -572,9 +572,7 @@ def prefill_overhead(setups, best, n: int) -> dict:
             rc.WINDOW_MERGE_LAUNCH = launch
             split_b = split_prefills(qsl_list, [n], "cuda", exact=(4, 128), window_block=block)
             out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge, launch "
-                f"{launch}, window blocks of {block}"] = bench(
-                lambda: prefill_attention(q, kv, block_table, seq_lens, split_b, fused, D ** -0.5, o, flash, win,
-                                          merge, fused_window=True))  # noqa: B023 (timed before the next launch)
+                f"{launch}, window blocks of {block}"] = bench(lambda split=split_b: fused_window_prefill(split))
         rc.WINDOW_MERGE_LAUNCH = served
         if OPTIONS.profile:  # where the window's prefill time goes, per GPU kernel (also in the JSON)
             PREFILL_KERNEL_US[n] = dict(sorted(kernel_us(window_prefill, 5).items(), key=lambda kv: -kv[1]))
