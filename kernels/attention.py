@@ -572,9 +572,8 @@ def _combine_kernel(
     predictor ((b_k + y_k A^T) W), written in the output's dtype.  Several tokens per program share the loads of
     the [h, h] matrices (prefill steps have thousands of tokens).  One walk over the partials with a running
     maximum (faster than a first pass for the maximum: benchmarks/results/decode_attention_h200_combine.md, and
-    than reading the maxima as one tile: decode_attention_h200_ring_programs.md), STEP (a power of two, at most 16)
-    partials per iteration: their loads are independent, so a decode step's ~19 partials take ~5 dependent memory
-    round trips at STEP 4."""
+    than reading the maxima as one tile: decode_attention_h200_ring_programs.md), STEP (1, 2 or 4) partials per
+    iteration: their loads are independent, so a decode step's ~19 partials take ~5 dependent memory round trips."""
     kv_head = tl.program_id(1)
     r = tl.arange(0, ROWS)
     tok = tl.program_id(0) * (ROWS // G) + r // G
@@ -589,21 +588,35 @@ def _combine_kernel(
     y_k = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     y_x = tl.zeros([ROWS, HEAD_DIM], tl.float32)  # 16-bit sinks/window values, head order
     for s in range(0, num_segments, STEP):
-        for i in tl.static_range(STEP):  # (unrolled: no load's address depends on a loaded value, so the STEP
-            # partials' loads can all issue before the first is used)
-            m_s, l_s, v_s, k_s, x_s = _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s + i,
-                                                    num_segments, seg, idx, j, row_mask, HEAD_DIM, V_FROM_K,
-                                                    HAS_WINDOW, RING_ROWS)
-            m_new = tl.maximum(m_max, m_s)
-            alpha = tl.exp2(m_max - m_new)  # the sums so far are rescaled when the maximum grows
-            m_max = m_new
-            denom *= alpha
-            y_v *= alpha[:, None]
-            if V_FROM_K:
-                y_k *= alpha[:, None]
-            if HAS_WINDOW:
-                y_x *= alpha[:, None]
-            denom, y_v, y_k, y_x = _add_partial(denom, y_v, y_k, y_x, m_s, l_s, v_s, k_s, x_s, m_new, V_FROM_K,
+        m0, l0, v0, k0, x0 = _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s, num_segments, seg, idx,
+                                           j, row_mask, HEAD_DIM, V_FROM_K, HAS_WINDOW, RING_ROWS)
+        m_new = tl.maximum(m_max, m0)
+        if STEP > 1:
+            m1, l1, v1, k1, x1 = _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s + 1, num_segments,
+                                               seg, idx, j, row_mask, HEAD_DIM, V_FROM_K, HAS_WINDOW, RING_ROWS)
+            m_new = tl.maximum(m_new, m1)
+        if STEP > 2:
+            m2, l2, v2, k2, x2 = _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s + 2, num_segments,
+                                               seg, idx, j, row_mask, HEAD_DIM, V_FROM_K, HAS_WINDOW, RING_ROWS)
+            m3, l3, v3, k3, x3 = _load_partial(m_ptr, l_ptr, acc_v_ptr, acc_k_ptr, acc_x_ptr, s + 3, num_segments,
+                                               seg, idx, j, row_mask, HEAD_DIM, V_FROM_K, HAS_WINDOW, RING_ROWS)
+            m_new = tl.maximum(m_new, tl.maximum(m2, m3))
+        alpha = tl.exp2(m_max - m_new)  # the sums so far are rescaled when the maximum grows
+        m_max = m_new
+        denom *= alpha
+        y_v *= alpha[:, None]
+        if V_FROM_K:
+            y_k *= alpha[:, None]
+        if HAS_WINDOW:
+            y_x *= alpha[:, None]
+        denom, y_v, y_k, y_x = _add_partial(denom, y_v, y_k, y_x, m0, l0, v0, k0, x0, m_new, V_FROM_K, HAS_WINDOW)
+        if STEP > 1:
+            denom, y_v, y_k, y_x = _add_partial(denom, y_v, y_k, y_x, m1, l1, v1, k1, x1, m_new, V_FROM_K,
+                                                HAS_WINDOW)
+        if STEP > 2:
+            denom, y_v, y_k, y_x = _add_partial(denom, y_v, y_k, y_x, m2, l2, v2, k2, x2, m_new, V_FROM_K,
+                                                HAS_WINDOW)
+            denom, y_v, y_k, y_x = _add_partial(denom, y_v, y_k, y_x, m3, l3, v3, k3, x3, m_new, V_FROM_K,
                                                 HAS_WINDOW)
     inv = 1.0 / (tl.where(row_mask, denom, 1.0) * tl.sqrt(HEAD_DIM * 1.0))  # y = z * scale / sqrt(h)
     # A^T = S^T / sqrt(h) with S = diag(signs) H: the +-1 matrix in 16 bits (exact), 1 / sqrt(h) after the dot
@@ -841,7 +854,6 @@ RING_TILE = 32  # ring entries per step of a ring pass
 # scores, 1,039 -> 791 without; benchmarks/gpu/offline_compile.py --rows)
 DECODE_MIN_ROWS = 4
 COMBINE_STEP = 4  # split-K partials per iteration of a decode step's combine (``_combine_kernel``)
-COMBINE_STEPS = (1, 2, 4, 8, 16)  # the values ``AttentionPlan.combine_step`` may take
 
 
 def ring_chunk(entries: int, programs: int) -> int:
@@ -871,7 +883,7 @@ class AttentionPlan:
     # the ring's own launch on a side stream (``side_stream(device, "ring")``), beside the codes launch and joined
     # before the combine: its reads overlap the codes launch's instead of following them
     ring_beside: bool = False
-    combine_step: int | None = None  # partials per iteration of the combine (COMBINE_STEPS); None: COMBINE_STEP for
+    combine_step: int | None = None  # partials per iteration of the combine (1, 2 or 4); None: COMBINE_STEP for
     # decode-sized steps, 1 for prefill (whose plans have few segments and twice the combine rows)
     # uniform key codes in decode launches: scores on int8 tensor cores, queries rounded to int8 per row in the
     # Hadamard domain (``_int8_scores``); None: off
@@ -1013,8 +1025,8 @@ def fused_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     segments = plan.segments
     rows = _combine_rows(n, group)  # the combine's launch
     step = plan.combine_step or (COMBINE_STEP if rows <= 16 else 1)
-    if step not in COMBINE_STEPS:  # (the kernel unrolls STEP partials)
-        raise ValueError(f"combine_step must be one of {COMBINE_STEPS}, got {step}")
+    if step not in (1, 2, 4):  # (the kernel unrolls exactly these)
+        raise ValueError(f"combine_step must be 1, 2 or 4, got {step}")
     m, l, acc_v, acc_k, acc_x = plan.partials(n, num_q_heads, h, layer.v_weight is not None, window is not None,
                                               query.device)
     interpret = query.device.type != "cuda"  # the interpreter takes float32 dots: the torch twin's arithmetic

@@ -285,7 +285,7 @@ def main():
     ap.add_argument("--ring-programs", default="", help="with the window: also the ring read by this many programs "
                     "of the codes launch (comma list; AttentionPlan.ring_programs)")
     ap.add_argument("--combine-steps", default="", help="also each aquakv mode with the combine walking this many "
-                    "split-K partials per iteration (comma list of attention.COMBINE_STEPS; AttentionPlan.combine_step)")
+                    "split-K partials per iteration (comma list of 1, 2, 4; AttentionPlan.combine_step)")
     ap.add_argument("--segment-tiles", default="", help="also each aquakv mode split with segments of at least this "
                     "many key tiles (comma list; plan_attention's min_segment_tiles, default MIN_SEGMENT_TILES)")
     ap.add_argument("--rows", default="", help="also each aquakv mode with decode programs of this many query rows "
