@@ -33,8 +33,8 @@ def build(group: int, block_m: int, block_n: int, warps: int, window: int = 128,
     signature = {n: types.get(n, "*bf16") for n in POINTERS}
     signature["qk_scale"] = "fp32"
     signature.update({n: "i32" for n in STRIDES})
-    block = WINDOW_BLOCK_M if WINDOW_BLOCK_M % block_m == 0 else block_m  # (other queries per program: their own
-    # window blocks, split_prefills' window_block)
+    block = block_m * triton.cdiv(WINDOW_BLOCK_M, block_m)  # the window blocks the backend makes for such a launch
+    # (window_merge_block)
     constants = window_merge_meta(group, window, head_dim, (block_m, block_n, warps), tl.bfloat16, block)
     warps = constants.pop("num_warps")
     signature.update({n: "constexpr" for n in constants})

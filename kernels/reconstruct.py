@@ -368,13 +368,21 @@ WINDOW_MERGE_LAUNCH = None  # (queries per program, keys per step, warps) for ev
 
 
 def window_merge_launch(group: int) -> tuple[int, int, int]:
-    """The served launch of ``_window_merge_kernel`` for ``group`` query heads per KV head: (queries per program, a
-    part of a WINDOW_BLOCK_M-query block, filling WINDOW_MERGE_ROWS rows; 32 keys per step; 4 warps).  H100, group 3:
-    0.878 vs 0.916 ms per layer at 8k for FlashAttention + merge, larger programs slower
-    (prefill_attention_h100_window_merge_launch.md); 16 queries for group 8 (128 rows) spill registers offline
+    """The served launch of ``_window_merge_kernel`` for ``group`` query heads per KV head: (queries per program, as
+    many as fill WINDOW_MERGE_ROWS rows, at most WINDOW_BLOCK_M; 32 keys per step; 4 warps).  H100, group 3: 16
+    queries (48 of 64 rows) 0.878 vs 0.916 ms per layer at 8k for FlashAttention + merge, larger programs slower
+    (prefill_attention_h100_window_merge_launch.md); 21 (63 rows) 0.842 vs 0.881 for 16
+    (prefill_attention_h100_window_block_42.md); 16 queries for group 8 (128 rows) spill registers offline
     (benchmarks/window_merge_compile.py)."""
-    queries = WINDOW_MERGE_ROWS // triton.next_power_of_2(group)
-    return max(1, min(WINDOW_BLOCK_M, queries)), 32, 4
+    return max(1, min(WINDOW_BLOCK_M, WINDOW_MERGE_ROWS // group)), 32, 4
+
+
+def window_merge_block(group: int) -> int:
+    """Queries per window block (``split_prefills``' ``window_block``) for the launch ``window_attention_merge`` takes
+    for ``group`` (WINDOW_MERGE_LAUNCH, else ``window_merge_launch``): the fewest whole programs of its queries that
+    reach WINDOW_BLOCK_M (42 for 21-query programs, WINDOW_BLOCK_M for powers of two)."""
+    queries = (WINDOW_MERGE_LAUNCH or window_merge_launch(group))[0]
+    return queries * triton.cdiv(WINDOW_BLOCK_M, queries)
 
 
 def window_merge_meta(group: int, window: int, head_dim: int, launch: tuple[int, int, int], dot_dtype,
@@ -459,7 +467,8 @@ def window_attention_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     the keys (p - window, p] of the 16-bit rows k, v [total_k, H, h] merged with the codes part (o_codes [N, Hq, h],
     natural-log LSE [Hq, N]).  Its twin: FlashAttention's window call (``flash_twin``) + ``merge_partials``.
     ``launch`` (``window_merge_meta``): default WINDOW_MERGE_LAUNCH (read at each call), else
-    ``window_merge_launch``'s for the group."""
+    ``window_merge_launch``'s for the group; its queries per program must divide the split's window blocks (made with
+    ``window_merge_block``'s size for the same launch)."""
     heads, h = k.shape[1:]
     group = q.shape[1] // heads
     interpret = q.device.type != "cuda"
@@ -482,7 +491,8 @@ def warm_up_window_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, sin
     """Compile ``_window_merge_kernel`` for the served shape at startup on one small prompt (otherwise ~1-2.6 s of JIT
     in the first prefills with the window, H100: plugin_smoke_h100_fused_window.md)."""
     n = FUSED_QUERY_TOKENS + 1  # a prompt long enough for split_prefills
-    split = split_prefills([0, n], [n], device, exact=(sinks, window))
+    split = split_prefills([0, n], [n], device, exact=(sinks, window),
+                           window_block=window_merge_block(num_q_heads // num_kv_heads))
     q = torch.randn(n, num_q_heads, head_dim, dtype=dtype, device=device)
     k, v = split.scratch(num_kv_heads, head_dim, dtype, device)
     lse = torch.zeros(num_q_heads, n, dtype=torch.float32, device=device)

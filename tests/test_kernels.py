@@ -669,11 +669,12 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
                               merge=compat.merge_attention_states())
             err = (served_got.float().cpu() - want).norm() / want.norm()
         served = reconstruct.WINDOW_MERGE_LAUNCH
-        try:  # (21 queries per program: window blocks of 42, not a power of two; the 80-token chunk ends mid-block)
-            for launch, block in ((served, None), ((32, 64, 4), None), ((8, 16, 4), None), ((21, 32, 4), 42)):
+        try:  # (the split's window blocks as the backend makes them for each launch, window_merge_block: 42 queries
+            # for 21-query programs, not a power of two; the 80-token chunk ends mid-block)
+            for launch in (served, (32, 64, 4), (8, 16, 4), (21, 32, 4), (16, 32, 4)):
                 reconstruct.WINDOW_MERGE_LAUNCH = launch
-                split_l = split if block is None else split_prefills(qsl, lens, DEVICE, exact=(sinks, window),
-                                                                     window_block=block)
+                split_l = split_prefills(qsl, lens, DEVICE, exact=(sinks, window),
+                                         window_block=reconstruct.window_merge_block(q_heads // heads))
                 fused_got = torch.full(query.shape, float("nan"), dtype=query.dtype, device=DEVICE)
                 fused_got[:1] = got[:1]
                 prefill_attention(query, kv, block_table, seq_lens, split_l, fused, scale, fused_got,
@@ -692,7 +693,8 @@ def test_window_merge_meta_divides_the_splits_block():
     queries left out."""
     import triton.language as tl
 
-    from vllm_aquakv.kernels.reconstruct import WINDOW_BLOCK_M, split_prefills, window_merge_meta
+    from vllm_aquakv.kernels.reconstruct import (WINDOW_BLOCK_M, WINDOW_MERGE_ROWS, split_prefills, window_merge_block,
+                                                 window_merge_launch, window_merge_meta)
 
     assert window_merge_meta(3, 128, 128, (16, 32, 4), tl.float32)["SUB"] == WINDOW_BLOCK_M // 16
     assert window_merge_meta(3, 128, 128, (21, 32, 4), tl.float32, 42)["SUB"] == 2
@@ -700,6 +702,15 @@ def test_window_merge_meta_divides_the_splits_block():
         window_merge_meta(3, 128, 128, (21, 32, 4), tl.float32)  # blocks of WINDOW_BLOCK_M = 32
     split = split_prefills([0, 1, 101], [40, 300], "cpu", exact=(4, 128), window_block=42)
     assert split.window_block == 42 and split.window_blocks.tolist() == [[0, 0], [0, 42], [0, 84]]
+    # the served launch per GQA group: as many queries as fill WINDOW_MERGE_ROWS rows, in blocks the backend makes
+    # for it (window_merge_block) that it divides
+    for group, queries, block in ((1, 32, 32), (2, 32, 32), (3, 21, 42), (4, 16, 32), (5, 12, 36), (6, 10, 40),
+                                  (7, 9, 36), (8, 8, 32)):
+        launch = window_merge_launch(group)
+        assert launch[0] == queries and queries * group <= WINDOW_MERGE_ROWS, group
+        assert window_merge_block(group) == block, group
+        meta = window_merge_meta(group, 128, 128, launch, tl.float32, window_merge_block(group))
+        assert meta["SUB"] * queries == block and meta["ROWS"] <= WINDOW_MERGE_ROWS, group
 
 
 def test_window_merge_served_launch_builds_for_hopper_without_spills():

@@ -26,7 +26,8 @@ from . import compat
 from .codec import head_dim_supported
 from .kernels.attention import AttentionPlan, WindowInputs, fused_attention, plan_attention
 from .kernels.cache_write import write_beside, write_fused
-from .kernels.reconstruct import PrefillSplit, prefill_attention, prefills_need_flash, split_prefills
+from .kernels.reconstruct import (PrefillSplit, prefill_attention, prefills_need_flash, split_prefills,
+                                  window_merge_block)
 from .runtime import refuse_impl_features, serving_state
 from .serving import StepState, TorchServingPath
 
@@ -182,7 +183,8 @@ class AquaKVImpl(AttentionImpl[AquaKVMetadata]):
                 if md.path.flash is not None and prefills_need_flash(qsl):  # the rest after the leading decodes
                     ring = md.path.exact
                     md.split = split_prefills(qsl, md.seq_lens, query.device,
-                                              None if ring is None else (ring.sinks, ring.window))
+                                              None if ring is None else (ring.sinks, ring.window),
+                                              window_merge_block(self.num_heads // self.num_kv_heads))
                     qsl = qsl[: md.split.decode_reqs + 1]
                 if len(qsl) > 1:
                     md.plan = plan_attention(qsl, md.max_seq_len, self.num_heads, self.num_kv_heads, query.device,

@@ -236,11 +236,10 @@ def peak_bandwidth() -> tuple[str, float]:
 
 # the command line's options that the helpers read (main() replaces the defaults)
 OPTIONS = argparse.Namespace(graphs=False, profile=False)
-# window_attention_merge launches timed besides the served one (queries per program, keys per step, warps)
-WINDOW_MERGE_LAUNCHES = [(32, 64, 8), (32, 32, 8), (16, 32, 8), (16, 32, 4), (16, 16, 4), (8, 32, 4)]
-# ... and with window blocks of another size (split_prefills' window_block): 21 queries x 3 heads fill 63 of 64 rows
-# where 16 fill 48 (Llama-3.2-3B's group of 3)
-WINDOW_MERGE_BLOCK_LAUNCHES = [((21, 32, 4), 42), ((21, 16, 4), 42), ((21, 32, 8), 42), ((42, 32, 8), 42)]
+# window_attention_merge launches timed after the served one (queries per program, keys per step, warps), each on the
+# window blocks window_merge_block makes for it (42 queries for 21-query programs: 21 x 3 heads fill 63 of 64 rows
+# where 16 fill 48, Llama-3.2-3B's group of 3; the served launch for that group since 2026-12-07 night)
+WINDOW_MERGE_LAUNCHES = [(16, 32, 4), (21, 32, 4), (32, 32, 8), (16, 16, 4), (21, 32, 8), (42, 32, 8)]
 PREFILL_KERNEL_US: dict[int, dict[str, float]] = {}  # --profile: the window's prefill, GPU us per call per kernel
 
 
@@ -553,7 +552,7 @@ def prefill_overhead(setups, best, n: int) -> dict:
 
         ring = ExactTokens(4, 128, 1, 1, H, D, torch.bfloat16, "cuda")
         win = WindowInputs(ring.k[0], ring.v[0], ring.tags, key, value, 4, 128)
-        split_w = split_prefills(qsl_list, [n], "cuda", exact=(4, 128))
+        split_w = split_prefills(qsl_list, [n], "cuda", exact=(4, 128))  # (FlashAttention's window call: any blocks)
         merge = compat.merge_attention_states()
         window_prefill = lambda: prefill_attention(q, kv, block_table, seq_lens, split_w, fused,  # noqa: E731
                                                    D ** -0.5, o, flash, win, merge)
@@ -561,23 +560,25 @@ def prefill_overhead(setups, best, n: int) -> dict:
             window_prefill)
         from vllm_aquakv.kernels import reconstruct as rc
 
-        fused_window_prefill = lambda split=split_w: prefill_attention(  # noqa: E731
-            q, kv, block_table, seq_lens, split, fused, D ** -0.5, o, flash, win, merge, fused_window=True)
+        def fused_window_prefill():  # the split's window blocks as the backend makes them for the launch
+            split = split_prefills(qsl_list, [n], "cuda", exact=(4, 128), window_block=rc.window_merge_block(HQ // H))
+            return lambda: prefill_attention(q, kv, block_table, seq_lens, split, fused, D ** -0.5, o, flash, win,
+                                             merge, fused_window=True)
+
         served = rc.WINDOW_MERGE_LAUNCH  # None: window_merge_launch's for the group (an override, read at each call)
-        for launch in [served] + [x for x in WINDOW_MERGE_LAUNCHES if x != served]:
+        others = [x for x in WINDOW_MERGE_LAUNCHES if x != rc.window_merge_launch(HQ // H)]
+        for i, launch in enumerate([served] + others + [served]):  # (the served launch also last: eager timings of
+            # one launch drift by up to ~15% within a call, prefill_attention_h100_window_block_42.md)
             rc.WINDOW_MERGE_LAUNCH = launch
+            label = ("" if i == 0 else ", served launch timed again" if i > len(others)
+                     else f", launch {launch}, window blocks of {rc.window_merge_block(HQ // H)}")
             out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge"
-                + ("" if launch == served else f", launch {launch}")] = bench(fused_window_prefill)
-        for launch, block in WINDOW_MERGE_BLOCK_LAUNCHES:
-            rc.WINDOW_MERGE_LAUNCH = launch
-            split_b = split_prefills(qsl_list, [n], "cuda", exact=(4, 128), window_block=block)
-            out["aquakv prefill attention with sinks/window: reconstruct + FlashAttention + fused window/merge, launch "
-                f"{launch}, window blocks of {block}"] = bench(lambda split=split_b: fused_window_prefill(split))
+                + label] = bench(fused_window_prefill())
         rc.WINDOW_MERGE_LAUNCH = served
         if OPTIONS.profile:  # where the window's prefill time goes, per GPU kernel (also in the JSON)
             PREFILL_KERNEL_US[n] = dict(sorted(kernel_us(window_prefill, 5).items(), key=lambda kv: -kv[1]))
             PREFILL_KERNEL_US[n].update({f"fused window/merge: {k}": us for k, us in sorted(
-                kernel_us(fused_window_prefill, 5).items(), key=lambda kv: -kv[1])})
+                kernel_us(fused_window_prefill(), 5).items(), key=lambda kv: -kv[1])})
             print(f"window prefill, {n} tokens, us per call:", flush=True)
             for name, us in PREFILL_KERNEL_US[n].items():
                 print(f"  {us:9.1f}  {name[:150]}", flush=True)
