@@ -368,13 +368,15 @@ WINDOW_MERGE_LAUNCH = None  # (queries per program, keys per step, warps) for ev
 
 
 def window_merge_launch(group: int) -> tuple[int, int, int]:
-    """The served launch of ``_window_merge_kernel`` for ``group`` query heads per KV head: (queries per program, as
-    many as fill WINDOW_MERGE_ROWS rows, at most WINDOW_BLOCK_M; 32 keys per step; 4 warps).  H100, group 3: 16
-    queries (48 of 64 rows) 0.878 vs 0.916 ms per layer at 8k for FlashAttention + merge, larger programs slower
-    (prefill_attention_h100_window_merge_launch.md); 21 (63 rows) 0.842 vs 0.881 for 16
-    (prefill_attention_h100_window_block_42.md); 16 queries for group 8 (128 rows) spill registers offline
-    (benchmarks/window_merge_compile.py)."""
-    return max(1, min(WINDOW_BLOCK_M, WINDOW_MERGE_ROWS // group)), 32, 4
+    """The served launch of ``_window_merge_kernel`` for ``group`` query heads per KV head: (queries per program, a
+    part of a WINDOW_BLOCK_M-query block, filling WINDOW_MERGE_ROWS rows at the group padded to a power of two; 32 keys
+    per step; 4 warps).  H100, group 3: 0.878 vs 0.916 ms per layer at 8k for FlashAttention + merge, larger programs
+    slower (prefill_attention_h100_window_merge_launch.md); 16 queries for group 8 (128 rows) spill registers offline
+    (benchmarks/window_merge_compile.py).  Not yet served: 21 queries at group 3 (63 of the 64 rows where 16 fill 48,
+    on window blocks of 42, ``window_merge_block``) took 0.842 vs 0.881 ms at 8k in one H100 call
+    (prefill_attention_h100_window_block_42.md), but its GPU correctness test has not run yet."""
+    queries = WINDOW_MERGE_ROWS // triton.next_power_of_2(group)
+    return max(1, min(WINDOW_BLOCK_M, queries)), 32, 4
 
 
 def window_merge_block(group: int) -> int:

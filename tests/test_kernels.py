@@ -670,7 +670,7 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
             err = (served_got.float().cpu() - want).norm() / want.norm()
         served = reconstruct.WINDOW_MERGE_LAUNCH
         try:  # (the split's window blocks as the backend makes them for each launch, window_merge_block: 42 queries
-            # for 21-query programs, not a power of two; the 80-token chunk ends mid-block)
+            # for 21-query programs, not a power of two, a candidate for group 3; the 80-token chunk ends mid-block)
             for launch in (served, (32, 64, 4), (8, 16, 4), (21, 32, 4), (16, 32, 4)):
                 reconstruct.WINDOW_MERGE_LAUNCH = launch
                 split_l = split_prefills(qsl, lens, DEVICE, exact=(sinks, window),
@@ -702,15 +702,23 @@ def test_window_merge_meta_divides_the_splits_block():
         window_merge_meta(3, 128, 128, (21, 32, 4), tl.float32)  # blocks of WINDOW_BLOCK_M = 32
     split = split_prefills([0, 1, 101], [40, 300], "cpu", exact=(4, 128), window_block=42)
     assert split.window_block == 42 and split.window_blocks.tolist() == [[0, 0], [0, 42], [0, 84]]
-    # the served launch per GQA group: as many queries as fill WINDOW_MERGE_ROWS rows, in blocks the backend makes
-    # for it (window_merge_block) that it divides
-    for group, queries, block in ((1, 32, 32), (2, 32, 32), (3, 21, 42), (4, 16, 32), (5, 12, 36), (6, 10, 40),
-                                  (7, 9, 36), (8, 8, 32)):
+    # the served launch per GQA group, and the window blocks the backend makes for it (window_merge_block), which it
+    # divides; under an override (WINDOW_MERGE_LAUNCH) the blocks follow the override: 42 for 21-query programs
+    from vllm_aquakv.kernels import reconstruct
+
+    for group, queries in ((1, 32), (2, 32), (3, 16), (4, 16), (5, 8), (6, 8), (7, 8), (8, 8)):
         launch = window_merge_launch(group)
         assert launch[0] == queries and queries * group <= WINDOW_MERGE_ROWS, group
-        assert window_merge_block(group) == block, group
         meta = window_merge_meta(group, 128, 128, launch, tl.float32, window_merge_block(group))
-        assert meta["SUB"] * queries == block and meta["ROWS"] <= WINDOW_MERGE_ROWS, group
+        assert meta["SUB"] * queries == window_merge_block(group) == WINDOW_BLOCK_M, group
+    served = reconstruct.WINDOW_MERGE_LAUNCH
+    try:
+        for launch, block in (((21, 32, 4), 42), ((12, 32, 4), 36), ((10, 32, 4), 40), ((32, 64, 8), 32)):
+            reconstruct.WINDOW_MERGE_LAUNCH = launch
+            assert window_merge_block(3) == block, launch
+            assert window_merge_meta(3, 128, 128, launch, tl.float32, block)["SUB"] * launch[0] == block
+    finally:
+        reconstruct.WINDOW_MERGE_LAUNCH = served
 
 
 def test_window_merge_served_launch_builds_for_hopper_without_spills():

@@ -238,7 +238,7 @@ def peak_bandwidth() -> tuple[str, float]:
 OPTIONS = argparse.Namespace(graphs=False, profile=False)
 # window_attention_merge launches timed after the served one (queries per program, keys per step, warps), each on the
 # window blocks window_merge_block makes for it (42 queries for 21-query programs: 21 x 3 heads fill 63 of 64 rows
-# where 16 fill 48, Llama-3.2-3B's group of 3; the served launch for that group since 2026-12-07 night)
+# where 16 fill 48, Llama-3.2-3B's group of 3: prefill_attention_h100_window_block_42.md)
 WINDOW_MERGE_LAUNCHES = [(16, 32, 4), (21, 32, 4), (32, 32, 8), (16, 16, 4), (21, 32, 8), (42, 32, 8)]
 PREFILL_KERNEL_US: dict[int, dict[str, float]] = {}  # --profile: the window's prefill, GPU us per call per kernel
 
