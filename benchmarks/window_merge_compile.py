@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from vllm_aquakv.kernels.reconstruct import (WINDOW_BLOCK_M, _window_merge_kernel, window_merge_launch,
+from vllm_aquakv.kernels.reconstruct import (_window_merge_kernel, window_block_for, window_merge_launch,
                                              window_merge_meta)
 
 POINTERS = ("q_ptr", "k_ptr", "v_ptr", "oc_ptr", "lc_ptr", "out_ptr", "blocks_ptr", "cu_q_ptr", "cu_k_ptr",
@@ -33,8 +33,7 @@ def build(group: int, block_m: int, block_n: int, warps: int, window: int = 128,
     signature = {n: types.get(n, "*bf16") for n in POINTERS}
     signature["qk_scale"] = "fp32"
     signature.update({n: "i32" for n in STRIDES})
-    block = block_m * triton.cdiv(WINDOW_BLOCK_M, block_m)  # the window blocks the backend makes for such a launch
-    # (window_merge_block)
+    block = window_block_for(block_m)  # the window blocks the backend makes for such a launch
     constants = window_merge_meta(group, window, head_dim, (block_m, block_n, warps), tl.bfloat16, block)
     warps = constants.pop("num_warps")
     signature.update({n: "constexpr" for n in constants})

@@ -379,12 +379,16 @@ def window_merge_launch(group: int) -> tuple[int, int, int]:
     return max(1, min(WINDOW_BLOCK_M, queries)), 32, 4
 
 
+def window_block_for(queries: int) -> int:
+    """Queries per window block for a launch of ``queries`` queries per program: the fewest whole programs that reach
+    WINDOW_BLOCK_M (42 for 21-query programs, WINDOW_BLOCK_M for powers of two)."""
+    return queries * triton.cdiv(WINDOW_BLOCK_M, queries)
+
+
 def window_merge_block(group: int) -> int:
     """Queries per window block (``split_prefills``' ``window_block``) for the launch ``window_attention_merge`` takes
-    for ``group`` (WINDOW_MERGE_LAUNCH, else ``window_merge_launch``): the fewest whole programs of its queries that
-    reach WINDOW_BLOCK_M (42 for 21-query programs, WINDOW_BLOCK_M for powers of two)."""
-    queries = (WINDOW_MERGE_LAUNCH or window_merge_launch(group))[0]
-    return queries * triton.cdiv(WINDOW_BLOCK_M, queries)
+    for ``group`` (WINDOW_MERGE_LAUNCH, else ``window_merge_launch``; ``window_block_for``)."""
+    return window_block_for((WINDOW_MERGE_LAUNCH or window_merge_launch(group))[0])
 
 
 def window_merge_meta(group: int, window: int, head_dim: int, launch: tuple[int, int, int], dot_dtype,

@@ -669,9 +669,11 @@ def test_fused_window_matches_torch_path(head_dim, heads, q_heads, page_block, g
                               merge=compat.merge_attention_states())
             err = (served_got.float().cpu() - want).norm() / want.norm()
         served = reconstruct.WINDOW_MERGE_LAUNCH
+        served_launch = served or reconstruct.window_merge_launch(q_heads // heads)
+        others = [(32, 64, 4), (8, 16, 4), (21, 32, 4), (16, 32, 4)]
         try:  # (the split's window blocks as the backend makes them for each launch, window_merge_block: 42 queries
             # for 21-query programs, not a power of two, a candidate for group 3; the 80-token chunk ends mid-block)
-            for launch in (served, (32, 64, 4), (8, 16, 4), (21, 32, 4), (16, 32, 4)):
+            for launch in [served_launch] + [other for other in others if other != served_launch]:
                 reconstruct.WINDOW_MERGE_LAUNCH = launch
                 split_l = split_prefills(qsl, lens, DEVICE, exact=(sinks, window),
                                          window_block=reconstruct.window_merge_block(q_heads // heads))
