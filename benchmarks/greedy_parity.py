@@ -10,9 +10,15 @@ both machines score the very same tokens and their logprobs can be compared posi
     python benchmarks/greedy_parity.py MODEL --out table.json --compare gpu.json cpu.json      # or: two recordings
 
 Formats: ``auto`` (no quantization: the machines' own float differences), ``aquakv`` (MODEL/aquakv, the quality
-default: pre-RoPE chain, torch path on both machines), ``aquakv-window`` (``--window-artifact``, a post-RoPE
-artifact without value predictor served with 16-bit sinks/window: the fused Triton kernels on the GPU, the torch
-path on CPU).  Every format runs in its own process, eager (no CUDA graphs), bf16, greedy, ``ignore_eos``.
+default: pre-RoPE chain, torch path on both machines), ``aquakv-window`` (``--post-artifact``, a post-RoPE
+artifact without value predictor served with 16-bit sinks/window: the fused kernels on the GPU, the torch
+path on CPU), ``aquakv-window-torch`` (the same through the torch path on every machine).
+
+One machine, two formats: ``--pair aquakv-window,aquakv-window-torch`` compares the fused kernels with the torch
+path on the same GPU (same weights, same artifact, same bf16 model arithmetic outside attention).  Prompts of
+``--prompt-tokens N`` (the first N tokens of held-out Wikipedia articles, ``calibration.texts``) put most of each
+context in 2-bit codes; the default short prompts stay inside the 16-bit window.  ``--dump-prompts F`` writes the
+prompts' token ids and exits, ``--prompt-ids F`` reads them (for a machine without the text packages).  Every format runs in its own process, eager (no CUDA graphs), bf16, greedy, ``ignore_eos``.
 
 Why not just count identical tokens: at 2 bits a last-bit float difference between machines can flip a code, and a
 flipped code changes the next token where the model is nearly tied; the continuation then differs for good.  So
@@ -40,14 +46,19 @@ def run_format(model: str, fmt: str, prompts: list[list[int]], tokens: int, dtyp
     by its greedy tokens), one engine."""
     from vllm_runner import run_vllm
 
-    engine = {} if fmt == "auto" else {"additional_config": {"aquakv_window": fmt == "aquakv-window"}}
-    if fmt in ("aquakv-post", "aquakv-window"):
+    window = fmt in ("aquakv-window", "aquakv-window-torch")
+    engine = {} if fmt == "auto" else {"additional_config": {"aquakv_window": window}}
+    if fmt in ("aquakv-post", "aquakv-window", "aquakv-window-torch"):
         if not post_artifact:
             raise SystemExit(f"{fmt} needs --post-artifact (a post-RoPE artifact without value predictor)")
         engine["additional_config"]["aquakv_artifact"] = post_artifact
+    if fmt == "aquakv-window-torch":  # the same artifact and window through the torch path (the kernels' twin)
+        engine["additional_config"]["aquakv_kernels"] = False
     kv = "auto" if fmt == "auto" else "aquakv"
+    longest = max(len(p) for p in (score or prompts)) + (0 if score else tokens)
     res = run_vllm(model=model, kv_cache_dtype=kv, dtype=dtype, prompt_token_ids=prompts, max_tokens=tokens,
-                   max_model_len=1024, engine=engine, score_token_ids=score, score_outputs=score is None)
+                   max_model_len=max(1024, -(-(longest + 1) // 256) * 256), engine=engine, score_token_ids=score,
+                   score_outputs=score is None)
     return {"outputs": res["outputs"], "scored_logprobs": res["scored_logprobs"], "kv_tokens": res["kv_tokens"]}
 
 
@@ -118,7 +129,17 @@ def main():
     ap.add_argument("--post-artifact", help="post-RoPE artifact without value predictor for aquakv-window")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prompt-tokens", type=int, default=0,
+                    help="prompts of this many held-out Wikipedia tokens instead of the short built-in ones")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--prompt-ids", help="JSON list of prompts' token ids (from --dump-prompts) instead")
+    ap.add_argument("--dump-prompts", help="write the prompts' token ids to this JSON file and exit")
+    ap.add_argument("--pair", help="A,B: two formats of this run to compare with each other (e.g. "
+                                   "aquakv-window,aquakv-window-torch)")
     args = ap.parse_args()
+    if args.pair and (len(args.pair.split(",")) != 2 or not set(args.pair.split(",")) <= set(args.formats.split(","))):
+        raise SystemExit("--pair takes two formats that --formats runs, e.g. --formats aquakv-window,aquakv-window-torch "
+                         "--pair aquakv-window,aquakv-window-torch")
     if args.compare:
         return compare_files(*args.compare, args.out)
     from transformers import AutoTokenizer
@@ -126,7 +147,23 @@ def main():
     from vllm_aquakv.results import machine, write_results
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    if args.prompt_ids:  # token ids made elsewhere (--dump-prompts; the GPU machine has no text packages)
+        with open(args.prompt_ids) as f:
+            prompts = json.load(f)[:args.num_prompts]
+    elif args.prompt_tokens:  # long prompts: the first N tokens of held-out articles long enough for them
+        from vllm_aquakv.calibration.texts import load_texts
+
+        ids = [tok(a)["input_ids"] for a in load_texts("wiki-heldout")]
+        prompts = [x[:args.prompt_tokens] for x in ids if len(x) >= args.prompt_tokens][:args.num_prompts]
+        if len(prompts) < args.num_prompts:
+            raise SystemExit(f"only {len(prompts)} held-out articles have {args.prompt_tokens} tokens")
+    else:
+        prompts = [tok(p)["input_ids"] for p in PROMPTS][:args.num_prompts]
+    if args.dump_prompts:
+        with open(args.dump_prompts, "w") as f:
+            json.dump(prompts, f)
+        return print(f"[parity] {len(prompts)} prompts of {sorted({len(p) for p in prompts})} tokens -> "
+                     f"{args.dump_prompts}")
     theirs = None
     if args.against:
         with open(args.against) as f:
@@ -152,7 +189,18 @@ def main():
             row["scored_logprobs"] = res["scored_logprobs"]
         rows.append(row)
         print(f"[parity] {fmt}: {row.get('vs_other', 'recorded')}", flush=True)
-    md = f"{len(prompts)} prompts x {args.tokens} greedy tokens, {args.dtype}, eager.\n\n"
+    md = (f"{len(prompts)} prompts of {sorted({len(p) for p in prompts})} tokens x {args.tokens} greedy tokens, "
+          f"{args.dtype}, eager.\n\n")
+    if args.pair:  # two formats of this run, e.g. the fused kernels against the torch path on this GPU
+        a, b = (next(r for r in rows if r["format"] == f) for f in args.pair.split(","))
+        c = compare_recorded(a, b, prompts)
+        a["vs_pair"] = c
+        md += (f"{a['format']} against {b['format']}, this machine: greedy tokens equal before the first difference "
+               f"{c['equal_prefix_total']} / {c['tokens']} (per prompt {c['equal_prefix']}), equal positions "
+               f"{c['equal_positions']} / {c['tokens']}; own prompt + greedy logprobs on the {c['scored_positions']} "
+               f"positions both scored alike: mean abs diff {c['mean_abs_logprob_diff']:.4f} nats, max "
+               f"{c['max_abs_logprob_diff']:.3f}.\n\n")
+        print(md, flush=True)
     if theirs:
         md += (f"This machine ({machine()}) against {theirs['machine']} "
                f"({', '.join(f'{k} {v}' for k, v in theirs['versions'].items())}), same model files and artifacts."

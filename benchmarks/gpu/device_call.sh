@@ -5,6 +5,7 @@
 #   tp      benchmarks/gpu/throughput.py --formats "$FORMATS" (GMU) smoke   benchmarks/gpu/plugin_smoke.py $SM_ARGS
 #   serve   benchmarks/gpu/serve.py --formats "$FORMATS" $SV_ARGS tps     benchmarks/torch_path_step.py $TPS_ARGS
 #   cw      benchmarks/gpu/cache_write.py $CW_ARGS         prefill  decode_attention.py --prefill-only $PF_ARGS
+#   parity  benchmarks/greedy_parity.py $PAR_MODEL --out $OUT/parity.json $PAR_ARGS (the carried .xfer is /tmp/xfer)
 # (the logs go into $OUT/logs.tar.gz where $OUT would hold more than the 8 files the device tool brings back)
 # WATCH=1: stall_dump.sh beside each stage ($OUT/stall_<stage>.txt once $OUT is idle for WATCH_IDLE s, default 40;
 # py-spy from .gpu-tools/py-spy when carried)
@@ -39,6 +40,7 @@ for s in ${STAGE:-tests decode}; do
     serve) timeout ${SV_TIMEOUT:-400} python3 $R/benchmarks/gpu/serve.py $OUT/sv --formats ${FORMATS} ${SV_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore\|^(APIServer" | tail -25 ;;
     prefill) timeout ${PF_TIMEOUT:-200} python3 $R/benchmarks/gpu/decode_attention.py $OUT/pf --no-sweep --prefill-only \
         --only "${ONLY_PF:-u1n4 + sinks/window (16}" ${PF_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO" | tail -${PF_TAIL:-70} ;;
+    parity) ln -sfn $R/.xfer /tmp/xfer; timeout ${PAR_TIMEOUT:-300} python3 $R/benchmarks/greedy_parity.py $PAR_MODEL --out $OUT/parity.json ${PAR_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -40 ;;
     cw) timeout ${CW_TIMEOUT:-200} python3 $R/benchmarks/gpu/cache_write.py $OUT/cw ${CW_ARGS:---tokens 1,256,8192 --block-n 64 --warps 8} 2>&1 | grep -v "^WARNING\|^INFO" | tail -20 ;;
   esac
   [ -n "$watcher" ] && kill $watcher 2>/dev/null
