@@ -18,7 +18,8 @@ One machine, two formats: ``--pair aquakv-window,aquakv-window-torch`` compares 
 path on the same GPU (same weights, same artifact, same bf16 model arithmetic outside attention).  Prompts of
 ``--prompt-tokens N`` (the first N tokens of held-out Wikipedia articles, ``calibration.texts``) put most of each
 context in 2-bit codes; the default short prompts stay inside the 16-bit window.  ``--dump-prompts F`` writes the
-prompts' token ids and exits, ``--prompt-ids F`` reads them (for a machine without the text packages).  Every format runs in its own process, eager (no CUDA graphs), bf16, greedy, ``ignore_eos``.
+prompts' token ids and exits, ``--prompt-ids F`` reads them (for a machine without the text packages).  Every
+format runs in its own process, eager (no CUDA graphs), bf16, greedy, ``ignore_eos``.
 
 Why not just count identical tokens: at 2 bits a last-bit float difference between machines can flip a code, and a
 flipped code changes the next token where the model is nearly tied; the continuation then differs for good.  So
@@ -137,9 +138,10 @@ def main():
     ap.add_argument("--pair", help="A,B: two formats of this run to compare with each other (e.g. "
                                    "aquakv-window,aquakv-window-torch)")
     args = ap.parse_args()
-    if args.pair and (len(args.pair.split(",")) != 2 or not set(args.pair.split(",")) <= set(args.formats.split(","))):
-        raise SystemExit("--pair takes two formats that --formats runs, e.g. --formats aquakv-window,aquakv-window-torch "
-                         "--pair aquakv-window,aquakv-window-torch")
+    pair = args.pair.split(",") if args.pair else []
+    if pair and (len(pair) != 2 or not set(pair) <= set(args.formats.split(","))):
+        raise SystemExit("--pair takes two formats that --formats runs, e.g. --formats "
+                         "aquakv-window,aquakv-window-torch --pair aquakv-window,aquakv-window-torch")
     if args.compare:
         return compare_files(*args.compare, args.out)
     from transformers import AutoTokenizer
@@ -191,8 +193,8 @@ def main():
         print(f"[parity] {fmt}: {row.get('vs_other', 'recorded')}", flush=True)
     md = (f"{len(prompts)} prompts of {sorted({len(p) for p in prompts})} tokens x {args.tokens} greedy tokens, "
           f"{args.dtype}, eager.\n\n")
-    if args.pair:  # two formats of this run, e.g. the fused kernels against the torch path on this GPU
-        a, b = (next(r for r in rows if r["format"] == f) for f in args.pair.split(","))
+    if pair:  # two formats of this run, e.g. the fused kernels against the torch path on this GPU
+        a, b = (next(r for r in rows if r["format"] == f) for f in pair)
         c = compare_recorded(a, b, prompts)
         a["vs_pair"] = c
         md += (f"{a['format']} against {b['format']}, this machine: greedy tokens equal before the first difference "

@@ -25,21 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def train_tokenizer(docs: list[str], vocab: int):
-    """A byte-level BPE tokenizer of ``vocab`` tokens trained on ``docs`` (transformers' fast tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(docs, trainer)
-    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", chat_template=template)
-
-
 def token_stream(tok, docs: list[str]) -> torch.Tensor:
     """Every document's tokens, each followed by end-of-text, as one 1-D int64 tensor."""
     ids = []
@@ -77,11 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from calibration.models import byte_bpe_tokenizer
     from calibration.texts import load_texts
 
     torch.manual_seed(args.seed)
     train_docs, held_docs = load_texts("wiki-train"), load_texts("wiki-heldout")
-    tok = train_tokenizer(train_docs, args.vocab)
+    tok = byte_bpe_tokenizer(train_docs, args.vocab, show_progress=False)
     train, held = token_stream(tok, train_docs), token_stream(tok, held_docs)
     print(f"[train] tokens: train {len(train):,}, held-out {len(held):,}", flush=True)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.ffn,

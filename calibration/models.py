@@ -75,9 +75,7 @@ def make_tiny_llama(out_dir: str, num_layers: int = 2, hidden: int = 128, heads:
     tokenizer (512 tokens), for plumbing tests and kernel shapes (no quality meaning).  ``vocab`` may exceed the
     tokenizer's: feed token ids then."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
-                              Qwen3Config, Qwen3ForCausalLM)
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn or 2 * hidden,
@@ -94,12 +92,22 @@ def make_tiny_llama(out_dir: str, num_layers: int = 2, hidden: int = 128, heads:
     with torch.device(device):
         model = cls(config).to(torch.bfloat16)
     model.save_pretrained(out_dir)
+    byte_bpe_tokenizer(["The quick brown fox jumps over the lazy dog. " * 4, "Hello world, AQUA-KV cache."],
+                       vocab).save_pretrained(out_dir)
+    return out_dir
+
+
+def byte_bpe_tokenizer(texts: list[str], vocab: int, show_progress: bool = True):
+    """A byte-level BPE tokenizer of at most ``vocab`` tokens trained on ``texts``, with an end-of-text token and a
+    plain chat template (transformers' fast tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 4, "Hello world, AQUA-KV cache."], trainer)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+    tok.train_from_iterator(texts, trainer)
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", chat_template=template).save_pretrained(out_dir)
-    return out_dir
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", chat_template=template)
